@@ -1,0 +1,95 @@
+"""Per-sequence log-probabilities of completions, from hidden states, in bounded memory.
+
+The last step of a causal LM maps each hidden state to V logits. With Llama-3's 128,256-token
+vocabulary, float32 logits for 16 sequences of 4,096 tokens take 34 GB, and their log-softmax and
+backward more. Here the projection, log-softmax and target gather run over chunks of the time
+axis under ``jax.checkpoint``: the forward keeps only the per-token results of a chunk and the
+backward recomputes each chunk's logits, so memory grows with the chunk, not with T.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def shift_targets(input_ids_BxT: Array, completion_mask_BxT: Array) -> tuple[Array, Array]:
+    """Targets and mask for next-token prediction: position t predicts token t + 1."""
+    zeros_Bx1 = jnp.zeros_like(input_ids_BxT[:, :1])
+    targets_BxT = jnp.concatenate([input_ids_BxT[:, 1:], zeros_Bx1], axis=1)
+    mask_BxT = jnp.concatenate(
+        [completion_mask_BxT[:, 1:], jnp.zeros_like(completion_mask_BxT[:, :1])], axis=1
+    )
+    return targets_BxT, mask_BxT.astype(jnp.float32)
+
+
+def _token_logps(hidden_BxCxD: Array, unembed_DxV: Array, targets_BxC: Array) -> Array:
+    """log softmax(h W)[target] for one chunk, in float32."""
+    logits_BxCxV = jnp.einsum(
+        "bcd,dv->bcv",
+        hidden_BxCxD,
+        unembed_DxV.astype(hidden_BxCxD.dtype),
+        preferred_element_type=jnp.float32,
+    )
+    lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
+    target_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
+    return target_BxC - lse_BxC
+
+
+def sequence_logps(
+    hidden_BxTxD: Array,
+    unembed_DxV: Array,
+    input_ids_BxT: Array,
+    completion_mask_BxT: Array,
+    *,
+    chunk_size: int = 256,
+) -> tuple[Array, Array]:
+    """Summed log-probs of the completion tokens of each row.
+
+    ``logps[b] = sum_t completion_mask[b, t] * log p(input_ids[b, t] | hidden[b, t - 1])``. The
+    shift happens here, so the mask is given in ``input_ids`` coordinates (1 on completion
+    tokens, 0 on prompt and padding).
+
+    Args:
+      hidden_BxTxD: final-norm hidden states (any float dtype; the matmul accumulates in f32).
+      unembed_DxV: output projection.
+      input_ids_BxT: token ids of each row.
+      completion_mask_BxT: 1 where the token's log-prob counts.
+      chunk_size: time steps per chunk; logits exist for ``B x chunk_size x V`` at a time.
+
+    Returns:
+      ``(logps_B, counts_B)``, float32 sums and token counts.
+    """
+    B, T, D = hidden_BxTxD.shape
+    targets_BxT, mask_BxT = shift_targets(input_ids_BxT, completion_mask_BxT)
+    C = max(1, min(chunk_size, T))
+    pad = -T % C
+    if pad:
+        hidden_BxTxD = jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0)))
+        targets_BxT = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
+        mask_BxT = jnp.pad(mask_BxT, ((0, 0), (0, pad)))
+    n = (T + pad) // C
+    hidden_NxBxCxD = hidden_BxTxD.reshape(B, n, C, D).swapaxes(0, 1)
+    targets_NxBxC = targets_BxT.reshape(B, n, C).swapaxes(0, 1)
+    mask_NxBxC = mask_BxT.reshape(B, n, C).swapaxes(0, 1)
+    chunk_fn = jax.checkpoint(_token_logps)
+
+    def body(acc_B, xs):
+        h_BxCxD, t_BxC, m_BxC = xs
+        return acc_B + jnp.sum(chunk_fn(h_BxCxD, unembed_DxV, t_BxC) * m_BxC, axis=-1), None
+
+    logps_B, _ = jax.lax.scan(
+        body, jnp.zeros((B,), jnp.float32), (hidden_NxBxCxD, targets_NxBxC, mask_NxBxC)
+    )
+    return logps_B, jnp.sum(mask_BxT, axis=-1)
+
+
+def naive_sequence_logps(
+    hidden_BxTxD: Array, unembed_DxV: Array, input_ids_BxT: Array, completion_mask_BxT: Array
+) -> tuple[Array, Array]:
+    """The same sums through full [B, T, V] float32 logits: the reference for tests and benchmarks."""
+    targets_BxT, mask_BxT = shift_targets(input_ids_BxT, completion_mask_BxT)
+    logps_BxT = _token_logps(hidden_BxTxD, unembed_DxV, targets_BxT)
+    return jnp.sum(logps_BxT * mask_BxT, axis=-1), jnp.sum(mask_BxT, axis=-1)

@@ -1,0 +1,125 @@
+"""A :class:`~apo_jax.data.clair_client.Backend` that samples from a local checkpoint in Flax.
+
+The chats are rendered with the checkpoint's chat template, sampled with
+``apo_jax.models.generate.generate`` (imported lazily, so the HTTP path needs no JAX), and
+decoded. Finished batches are appended to the same request cache as the HTTP backend, so a
+rerun resumes here too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from apo_jax.data.clair_cache import RequestCache, Usage, request_key
+from apo_jax.data.clair_client import RequestError
+from apo_jax.data.clair_prompts import Messages
+
+
+def _load_checkpoint(path: str) -> tuple[Any, Any]:
+    """Loads (model, tokenizer) from a Hugging Face style directory of safetensors."""
+    from transformers import AutoTokenizer
+
+    from apo_jax.models import hf
+
+    loaded = hf.load_hf(path)
+    model = loaded[0] if isinstance(loaded, tuple) else loaded
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def _default_generate() -> Callable[..., Any]:
+    from apo_jax.models.generate import generate
+
+    return generate
+
+
+class LocalBackend:
+    """Answers chats with the project's own sampler on a local checkpoint.
+
+    Args:
+      checkpoint: directory with the safetensors weights, config and tokenizer.
+      name: model name recorded in outputs and cache keys (default: the checkpoint path).
+      batch_size: prompts per ``generate`` call.
+      cache: optional request cache shared with reruns.
+      loader: ``path -> (model, tokenizer)``; defaults to ``apo_jax.models.hf`` + transformers.
+      generate_fn: ``generate(model, prompts, **kw)``; defaults to ``apo_jax.models.generate``.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str,
+        *,
+        name: str | None = None,
+        batch_size: int = 8,
+        cache: RequestCache | None = None,
+        loader: Callable[[str], tuple[Any, Any]] | None = None,
+        generate_fn: Callable[..., Any] | None = None,
+    ):
+        self.checkpoint = checkpoint
+        self.model = name or checkpoint
+        self.batch_size = max(1, batch_size)
+        self.cache = cache
+        self.usage = Usage()
+        self._loader = loader or _load_checkpoint
+        self._generate_fn = generate_fn
+        self._loaded: tuple[Any, Any] | None = None
+
+    def complete(
+        self, messages_list: Sequence[Messages], params: Mapping[str, Any]
+    ) -> list[str | RequestError]:
+        """Samples an answer to every chat, batch by batch, skipping cached ones."""
+        keys = [request_key(self.model, m, params) for m in messages_list]
+        results: list[str | RequestError | None] = [None] * len(keys)
+        todo = []
+        for i, key in enumerate(keys):
+            hit = self.cache.get(key) if self.cache else None
+            if hit is not None:
+                results[i] = hit["content"]
+                self.usage.add(cache_hits=1)
+            else:
+                todo.append(i)
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start : start + self.batch_size]
+            texts = self._sample([messages_list[i] for i in chunk], params)
+            for i, text in zip(chunk, texts, strict=True):
+                results[i] = text
+                if self.cache is not None:
+                    self.cache.put(keys[i], {"model": self.model, "content": text})
+        return results  # type: ignore[return-value]
+
+    def _sample(self, chats: list[Messages], params: Mapping[str, Any]) -> list[str]:
+        if self._loaded is None:
+            self._loaded = self._loader(self.checkpoint)
+        if self._generate_fn is None:
+            self._generate_fn = _default_generate()
+        model, tokenizer = self._loaded
+        rendered = [
+            tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+            for c in chats
+        ]
+        prompts = [tokenizer.encode(text, add_special_tokens=False) for text in rendered]
+        outputs = self._generate_fn(
+            model,
+            prompts,
+            max_new_tokens=int(params.get("max_tokens", 512)),
+            temperature=float(params.get("temperature", 1.0)),
+            top_p=float(params.get("top_p", 1.0)),
+            seed=int(params.get("seed", 0)),
+        )
+        texts = []
+        for prompt_ids, out in zip(prompts, outputs, strict=True):
+            if isinstance(out, str):
+                texts.append(out)
+                continue
+            ids = list(out)
+            if ids[: len(prompt_ids)] == list(prompt_ids):  # sampler returned prompt + completion
+                ids = ids[len(prompt_ids) :]
+            texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+        self.usage.add(
+            completed=len(chats),
+            prompt_tokens=sum(len(p) for p in prompts),
+            completion_tokens=sum(
+                len(tokenizer.encode(t, add_special_tokens=False)) for t in texts
+            ),
+        )
+        return texts

@@ -133,6 +133,7 @@ class OpenAIChatBackend:
         self._limiter = RateLimiter(rpm)
         self._budget_lock = threading.Lock()
         self._budget_used = 0
+        self._stop = threading.Event()
 
     def __repr__(self) -> str:
         key = "set" if self._api_key else "unset"
@@ -171,6 +172,7 @@ class OpenAIChatBackend:
     def _run(self, keys, pending, messages_list, params, results) -> None:
         if not keys:
             return
+        self._stop.clear()
         bar = tqdm(total=len(keys), desc=self.model, unit="req", disable=not self.progress)
         pool = cf.ThreadPoolExecutor(self.concurrency, thread_name_prefix="clair")
         try:
@@ -183,6 +185,9 @@ class OpenAIChatBackend:
                 for i in pending[futures[fut]]:
                     results[i] = result
                 bar.update(1)
+        except BaseException:
+            self._stop.set()  # workers waiting to retry give up instead of sleeping on
+            raise
         finally:
             # On Ctrl-C: drop queued requests, let in-flight ones finish and reach the cache.
             pool.shutdown(wait=True, cancel_futures=True)
@@ -199,7 +204,8 @@ class OpenAIChatBackend:
                     self.usage.add(failed=1)
                     return RequestError(f"gave up after {attempt + 1} attempts: {err}")
                 self.usage.add(retries=1)
-                time.sleep(self._delay(attempt, err.wait))
+                if self._stop.wait(self._delay(attempt, err.wait)):
+                    return RequestError("cancelled")
             except RequestError as err:
                 self.usage.add(failed=1)
                 return err

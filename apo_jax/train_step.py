@@ -1,0 +1,226 @@
+"""The train state and the pure train and eval steps.
+
+The model is split once into a static graphdef and a state of parameters; the step is a pure
+function of (state, batch[, reference params]) that `jax.jit` compiles once over the mesh.
+Chosen and rejected rows run in one forward pass, so the weights stream once per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from apo_jax import losses
+from apo_jax.logprobs import sequence_logps
+
+Array = jax.Array
+Batch = Mapping[str, Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes; a checkpoint saves exactly this."""
+
+    step: Array  # int32 scalar: optimizer updates applied or skipped so far
+    params: nnx.State  # trainable parameters (float32 master weights)
+    opt_state: optax.OptState
+    rng: Array  # PRNG key, split once per step
+    bad_steps: Array  # int32: consecutive steps skipped for non-finite loss or gradients
+    skipped: Array  # int32: all skipped steps
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """The static settings of a step (hashable, so the step compiles once per setting)."""
+
+    loss: Any = "apo_down"  # a loss name or mixture, see losses.parse_spec
+    beta: float = 0.1
+    loss_hparams: tuple[tuple[str, float], ...] = ()  # other losses.HParams fields
+    logprob_chunk: int = 256  # time steps per chunk of the log-prob head
+    grad_accum: int = 1  # micro-batches per step
+    reference: str = "precomputed"  # 'precomputed' (from the batch) | 'online' | 'none'
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, params) of a model whose only state is its parameters."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise ValueError("the model holds non-parameter state; the train step does not carry it")
+    return graphdef, params
+
+
+def init_state(params: nnx.State, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """A fresh state: step 0, optimizer initialized on `params`."""
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(
+        step=zero,
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(jax.random.key(seed)),
+        bad_steps=zero,
+        skipped=zero,
+    )
+
+
+def row_logps(
+    graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, chunk: int
+) -> tuple[Array, Array]:
+    """Summed completion log-probs and token counts of every row of the batch."""
+    model = nnx.merge(graphdef, params)
+    attn_mask = batch.get("attn_mask")
+    hidden_BxTxD = model(
+        batch["input_ids"],
+        positions_BxT=batch["positions"],
+        segment_ids_BxT=None if attn_mask is not None else batch["segment_ids"],
+        attn_mask_BxTxT=attn_mask,
+        return_hidden=True,
+    )
+    return sequence_logps(
+        hidden_BxTxD,
+        model.unembedding(),
+        batch["input_ids"],
+        batch["completion_mask"],
+        chunk_size=chunk,
+    )
+
+
+def pair_logps(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    batch: Batch,
+    cfg: StepConfig,
+    ref_params: nnx.State | None = None,
+) -> losses.PairLogps:
+    """Policy (and reference) log-probs of the N pairs of a 'concat' batch of 2N rows."""
+    logps_R, counts_R = row_logps(graphdef, params, batch, cfg.logprob_chunk)
+    n = logps_R.shape[0] // 2
+    if cfg.reference == "online":
+        ref_R, _ = row_logps(graphdef, ref_params, batch, cfg.logprob_chunk)
+        ref_R = jax.lax.stop_gradient(ref_R)
+        ref_w, ref_l = ref_R[:n], ref_R[n:]
+    elif cfg.reference == "precomputed":
+        ref_w, ref_l = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+    else:
+        ref_w = ref_l = None
+    return losses.PairLogps(
+        chosen=logps_R[:n],
+        rejected=logps_R[n:],
+        ref_chosen=ref_w,
+        ref_rejected=ref_l,
+        chosen_tokens=counts_R[:n],
+        rejected_tokens=counts_R[n:],
+    )
+
+
+def loss_fn(params, graphdef, batch, cfg: StepConfig, ref_params=None):
+    """Mean preference loss of a batch and its metrics."""
+    logps = pair_logps(graphdef, params, batch, cfg, ref_params)
+    loss_N, metrics = losses.preference_loss(
+        cfg.loss, logps, beta=cfg.beta, **dict(cfg.loss_hparams)
+    )
+    return jnp.mean(loss_N), metrics
+
+
+def micro_batches(batch: Batch, k: int) -> dict[str, Array]:
+    """Splits a 'concat' batch of N pairs into k micro-batches of N/k pairs, stacked on axis 0.
+
+    Row arrays hold chosen rows then rejected rows; each micro-batch keeps that order.
+    """
+    n = batch["index"].shape[0]
+    if n % k:
+        raise ValueError(f"{n} pairs per step do not split into {k} micro-batches")
+    out = {}
+    for key, x in batch.items():
+        if x.shape[0] == 2 * n:  # rows: chosen block then rejected block
+            halves = x.reshape(2, k, n // k, *x.shape[1:])
+            out[key] = jnp.concatenate([halves[0], halves[1]], axis=1)
+        else:  # one value per pair
+            out[key] = x.reshape(k, n // k, *x.shape[1:])
+    return out
+
+
+def _grads(state: TrainState, graphdef, batch: Batch, cfg: StepConfig, ref_params):
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if cfg.grad_accum == 1:
+        (_, metrics), grads = grad_fn(state.params, graphdef, batch, cfg, ref_params)
+        return grads, metrics
+
+    def body(acc, micro):
+        (_, m), g = grad_fn(state.params, graphdef, micro, cfg, ref_params)
+        return jax.tree.map(jnp.add, acc, g), m
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, metrics_K = jax.lax.scan(body, zeros, micro_batches(batch, cfg.grad_accum))
+    grads = jax.tree.map(lambda g: g / cfg.grad_accum, grads)
+    return grads, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics_K)
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    ref_params: nnx.State | None = None,
+    *,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    cfg: StepConfig,
+    schedule: Callable[[Array], Array] | None = None,
+) -> tuple[TrainState, dict[str, Array]]:
+    """One optimizer update, skipped (and counted) when the loss or gradients are not finite.
+
+    Args:
+      state: the TrainState (donated by the caller's jit).
+      batch: a 'concat' batch of N pairs (2N rows).
+      ref_params: frozen reference parameters, for ``cfg.reference == 'online'``.
+      graphdef: the model's static graph.
+      tx: the optax transformation (clipping included).
+      cfg: the StepConfig.
+      schedule: the learning-rate schedule, only to report it.
+
+    Returns:
+      (new state, metrics): the loss metrics plus ``grad_norm``, ``learning_rate``,
+      ``skipped`` (1 when this update was skipped) and ``tokens``.
+    """
+    grads, metrics = _grads(state, graphdef, batch, cfg, ref_params)
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
+    bad = jnp.where(ok, 0, state.bad_steps + 1)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt, state.opt_state),
+        rng=jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0]),
+        bad_steps=bad,
+        skipped=state.skipped + (1 - ok.astype(jnp.int32)),
+    )
+    metrics = dict(metrics)
+    metrics["grad_norm"] = grad_norm
+    metrics["skipped"] = 1 - ok.astype(jnp.int32)
+    metrics["bad_steps"] = bad
+    metrics["tokens"] = jnp.sum(batch["segment_ids"] > 0)
+    if schedule is not None:
+        metrics["learning_rate"] = schedule(state.step)
+    return new_state, metrics
+
+
+def eval_step(
+    params: nnx.State,
+    batch: Batch,
+    ref_params: nnx.State | None = None,
+    *,
+    graphdef: nnx.GraphDef,
+    cfg: StepConfig,
+) -> dict[str, Array]:
+    """Loss and metrics of a held-out batch (no update)."""
+    _, metrics = loss_fn(params, graphdef, batch, cfg, ref_params)
+    return metrics

@@ -1,0 +1,142 @@
+"""Turning tokenized pairs into fixed-shape batches: the "concat" and "prefix" layouts.
+
+concat (docs/architecture.md): rows 0..N-1 are prompt+chosen, rows N..2N-1 prompt+rejected,
+right-padded to T. prefix: one row per pair, prompt + chosen + rejected, with positions of the
+rejected part restarting at the prompt end and ``branch_ids`` (0 prompt, 1 chosen, 2 rejected) so
+that each completion attends to the prompt and to itself only (:func:`prefix_attention_mask`).
+
+A padding pair (used when ``drop_remainder=False`` fills the last batch) has ``index == -1`` and
+all-zero masks and segment ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from apo_jax.data import shards
+
+LAYOUTS = ("concat", "prefix")
+
+
+def pick_length(needed: int, seq_len: int, buckets: Sequence[int] | None) -> int:
+    """Returns the smallest bucket >= needed (or seq_len without buckets); raises when none fits."""
+    for t in sorted(buckets or ()) + [seq_len]:
+        if needed <= t:
+            return t
+    raise ValueError(
+        f"a row of {needed} tokens does not fit seq_len {seq_len}; raise seq_len or re-prepare "
+        "with a smaller max_length"
+    )
+
+
+@dataclasses.dataclass
+class Collate:
+    """grain ``batch_fn``: a list of ``(record_index, record_bytes)`` -> dict of numpy arrays.
+
+    Picklable (plain fields), so grain worker processes can run it.
+    """
+
+    layout: str
+    seq_len: int
+    pad_id: int
+    buckets: tuple[int, ...] | None = None
+    ref_chosen_R: np.ndarray | None = None
+    ref_rejected_R: np.ndarray | None = None
+
+    def __call__(self, items: Sequence[tuple[int, bytes]]) -> dict[str, np.ndarray]:
+        """Decodes the records and lays them out as one batch."""
+        recs = [shards.deserialize(b) if b else None for _, b in items]
+        index_N = np.array(
+            [i if r is not None else -1 for (i, _), r in zip(items, recs, strict=True)], np.int64
+        )
+        fn = _concat if self.layout == "concat" else _prefix
+        batch = fn(recs, self.seq_len, self.buckets, self.pad_id)
+        batch["index"] = index_N
+        if self.ref_chosen_R is not None:
+            real = index_N >= 0
+            for key, ref_R in (
+                ("ref_chosen_logps", self.ref_chosen_R),
+                ("ref_rejected_logps", self.ref_rejected_R),
+            ):
+                batch[key] = np.where(real, ref_R[np.maximum(index_N, 0)], 0.0).astype(np.float32)
+        return batch
+
+
+def _concat(
+    recs: list[shards.PairRecord | None], seq_len: int, buckets: Any, pad_id: int
+) -> dict[str, np.ndarray]:
+    n = len(recs)
+    sides = [(r.prompt, r.chosen) if r else None for r in recs] + [
+        (r.prompt, r.rejected) if r else None for r in recs
+    ]
+    needed = max([len(p) + len(c) for p, c in filter(None, sides)], default=1)
+    t = pick_length(needed, seq_len, buckets)
+    ids = np.full((2 * n, t), pad_id, np.int32)
+    completion = np.zeros((2 * n, t), np.int32)
+    positions = np.zeros((2 * n, t), np.int32)
+    segments = np.zeros((2 * n, t), np.int32)
+    for row, side in enumerate(sides):
+        if side is None:
+            continue
+        p, c = side
+        L = len(p) + len(c)
+        ids[row, : len(p)], ids[row, len(p) : L] = p, c
+        completion[row, len(p) : L] = 1
+        positions[row, :L] = np.arange(L)
+        segments[row, :L] = 1
+    return {
+        "input_ids": ids,
+        "completion_mask": completion,
+        "positions": positions,
+        "segment_ids": segments,
+    }
+
+
+def _prefix(
+    recs: list[shards.PairRecord | None], seq_len: int, buckets: Any, pad_id: int
+) -> dict[str, np.ndarray]:
+    n = len(recs)
+    needed = max([len(r.prompt) + len(r.chosen) + len(r.rejected) for r in recs if r], default=1)
+    t = pick_length(needed, seq_len, buckets)
+    out = {
+        k: np.zeros((n, t), np.int32)
+        for k in ("chosen_mask", "rejected_mask", "positions", "segment_ids", "branch_ids")
+    }
+    out["input_ids"] = np.full((n, t), pad_id, np.int32)
+    out["prompt_length"] = np.zeros(n, np.int32)
+    out["chosen_length"] = np.zeros(n, np.int32)
+    for row, r in enumerate(recs):
+        if r is None:
+            continue
+        p, c, j = len(r.prompt), len(r.chosen), len(r.rejected)
+        L = p + c + j
+        out["input_ids"][row, :L] = np.concatenate([r.prompt, r.chosen, r.rejected])
+        out["chosen_mask"][row, p : p + c] = 1
+        out["rejected_mask"][row, p + c : L] = 1
+        out["branch_ids"][row, p : p + c], out["branch_ids"][row, p + c : L] = 1, 2
+        out["positions"][row, : p + c] = np.arange(p + c)
+        out["positions"][row, p + c : L] = np.arange(p, p + j)
+        out["segment_ids"][row, :L] = 1
+        out["prompt_length"][row], out["chosen_length"][row] = p, c
+    return out
+
+
+def prefix_attention_mask(branch_ids_NxT: Any, segment_ids_NxT: Any) -> Any:
+    """Returns the bool ``[N, T, T]`` mask (True = query may attend key) for the prefix layout.
+
+    mask[q, k] = k <= q  and  segment[q] == segment[k]  and  (branch[k] == 0 or branch[k] == branch[q]):
+    the prompt is seen by both completions, a completion never sees the other one, and padding
+    (segment 0) only sees padding. Works on numpy and on jax arrays.
+    """
+    import jax.numpy as jnp
+
+    xp = np if isinstance(branch_ids_NxT, np.ndarray) else jnp
+    t = branch_ids_NxT.shape[-1]
+    causal_TxT = xp.tril(xp.ones((t, t), dtype=bool))
+    bq, bk = branch_ids_NxT[:, :, None], branch_ids_NxT[:, None, :]
+    same_segment = segment_ids_NxT[:, :, None] == segment_ids_NxT[:, None, :]
+    return causal_TxT[None] & same_segment & ((bk == 0) | (bk == bq))

@@ -1,0 +1,221 @@
+"""Chat-template tokenization: split a pair into prompt ids and completion ids.
+
+The prompt is the conversation rendered with ``add_generation_prompt=True``; each full
+conversation (prompt + final assistant answer) is rendered without it. The split is valid only
+when the prompt render is a prefix of the full render, both as text and as token ids, and the
+template appends something (the end-of-turn token, ``<|eot_id|>`` for Llama-3) after the answer;
+the completion ids then hold the answer and that end-of-turn marker.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from typing import Any
+
+import numpy as np
+
+from apo_jax.data import schema
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+class TokenizerError(Exception):
+    """The tokenizer directory is missing or unusable; the message says what to fix."""
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(tokenizer_dir: str) -> Any:
+    """Loads a Hugging Face tokenizer from a local directory (no hub access) and checks it has a chat template."""
+    if not os.path.isdir(tokenizer_dir):
+        raise TokenizerError(
+            f"tokenizer directory {tokenizer_dir!r} does not exist (pass --tokenizer DIR)"
+        )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    except Exception as e:
+        raise TokenizerError(
+            f"cannot load a tokenizer from {tokenizer_dir!r}: {type(e).__name__}: {e}"
+        ) from None
+    if not getattr(tok, "chat_template", None):
+        raise TokenizerError(
+            f"tokenizer in {tokenizer_dir!r} has no chat template (add chat_template.jinja)"
+        )
+    return tok
+
+
+def tokenizer_fingerprint(tokenizer_dir: str) -> str:
+    """Returns a sha256 over the tokenizer's files (names and bytes), stable across copies."""
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(tokenizer_dir)):
+        path = os.path.join(tokenizer_dir, name)
+        if name in TOKENIZER_FILES or (
+            name.endswith((".json", ".jinja", ".model")) and os.path.isfile(path)
+        ):
+            h.update(name.encode())
+            with open(path, "rb") as f:
+                h.update(hashlib.sha256(f.read()).digest())
+    return h.hexdigest()
+
+
+def _render(tok: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    try:
+        return tok.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+    except Exception as e:  # jinja raises for conversations the template refuses
+        raise schema.RowError("prompt", schema.TEMPLATE_ERROR, f"{type(e).__name__}: {e}") from None
+
+
+def _encode(tok: Any, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+@functools.lru_cache(maxsize=4)
+def _generation_header_ids(tok: Any) -> tuple[int, ...]:
+    """Ids the template adds for add_generation_prompt (Llama-3: the assistant header)."""
+    msgs = [{"role": "user", "content": "x"}]
+    with_header, without = _render(tok, msgs, True), _render(tok, msgs, False)
+    if not with_header.startswith(without):
+        return ()
+    return tuple(_encode(tok, with_header[len(without) :]))
+
+
+def _encode_many(tok: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of rendered texts (special tokens come from the template, none are added)."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if (
+        backend is not None
+    ):  # the Rust tokenizer directly; encode_batch's thread pool costs more here
+        return [backend.encode(t, add_special_tokens=False).ids for t in texts]
+    return [_encode(tok, t) for t in texts]
+
+
+def _check_render(prompt_text: str, full_text: str, answer: str, field: str) -> None:
+    if not full_text.startswith(prompt_text):
+        raise schema.RowError(
+            field, schema.TEMPLATE_NOT_PREFIX, "prompt render is not a prefix of the full render"
+        )
+    completion_text = full_text[len(prompt_text) :]
+    stripped = answer.strip()
+    at = completion_text.rfind(stripped)
+    if at < 0:
+        raise schema.RowError(
+            field, schema.TEMPLATE_NOT_PREFIX, "answer text not found after the prompt render"
+        )
+    if not completion_text[at + len(stripped) :].strip():
+        raise schema.RowError(
+            field, schema.NO_END_OF_TURN, "template appends no end-of-turn after the answer"
+        )
+
+
+def split_pair(
+    tok: Any, prompt: list[dict[str, str]], chosen: str, rejected: str
+) -> tuple[list[int], list[int], list[int]]:
+    """Renders prompt, prompt+chosen and prompt+rejected; returns (prompt_ids, chosen_ids, rejected_ids).
+
+    Raises:
+      RowError: TEMPLATE_NOT_PREFIX when the prompt render is not a text and token prefix of a
+        full render; NO_END_OF_TURN when the template appends nothing after the answer.
+    """
+    prompt_text = _render(tok, prompt, True)
+    fulls = [
+        _render(tok, prompt + [{"role": "assistant", "content": a}], False)
+        for a in (chosen, rejected)
+    ]
+    for field, answer, full_text in (
+        ("chosen", chosen, fulls[0]),
+        ("rejected", rejected, fulls[1]),
+    ):
+        _check_render(prompt_text, full_text, answer, field)
+    prompt_ids, *full_ids = _encode_many(tok, [prompt_text, *fulls])
+    n = len(prompt_ids)
+    for field, ids in zip(("chosen", "rejected"), full_ids, strict=True):
+        if ids[:n] != prompt_ids:
+            raise schema.RowError(
+                field,
+                schema.TEMPLATE_NOT_PREFIX,
+                "token ids merge across the prompt/answer boundary",
+            )
+    return prompt_ids, full_ids[0][n:], full_ids[1][n:]
+
+
+def fit_lengths(
+    tok: Any,
+    prompt_ids: list[int],
+    chosen_ids: list[int],
+    rejected_ids: list[int],
+    *,
+    max_length: int,
+    max_prompt_length: int | None,
+    truncation: str,
+) -> list[int]:
+    """Applies the length policy; returns the (possibly truncated) prompt ids.
+
+    A row is ``prompt + completion`` and must fit ``max_length`` for both sides. Only the
+    prompt is ever truncated: ``keep_end`` keeps its last tokens; ``keep_start`` keeps its first
+    tokens and re-appends the generation header so the answer still follows an assistant header.
+    With ``truncation="none"`` a pair that does not fit is rejected.
+    """
+    longest = max(len(chosen_ids), len(rejected_ids))
+    header = list(_generation_header_ids(tok))
+    if longest + max(len(header), 1) > max_length:
+        raise schema.RowError(
+            "chosen" if len(chosen_ids) >= len(rejected_ids) else "rejected",
+            schema.COMPLETION_TOO_LONG,
+            f"{longest} tokens, max_length {max_length}",
+        )
+    budget = max_length - longest
+    if max_prompt_length is not None:
+        if len(prompt_ids) > max_prompt_length and truncation == "none":
+            raise schema.RowError(
+                "prompt", schema.PROMPT_TOO_LONG, f"{len(prompt_ids)} > {max_prompt_length}"
+            )
+        budget = min(budget, max_prompt_length)
+    if len(prompt_ids) <= budget:
+        return prompt_ids
+    if truncation == "none":
+        raise schema.RowError(
+            "prompt", schema.PAIR_TOO_LONG, f"{len(prompt_ids)}+{longest} > {max_length}"
+        )
+    if truncation == "keep_end":
+        return prompt_ids[len(prompt_ids) - budget :]
+    if truncation == "keep_start":
+        if header and prompt_ids[-len(header) :] == header and budget > len(header):
+            return prompt_ids[: budget - len(header)] + header
+        return prompt_ids[:budget]
+    raise ValueError(f"truncation must be none, keep_start or keep_end, got {truncation!r}")
+
+
+def encode_pair(
+    tok: Any, pair: schema.Pair, *, max_length: int, max_prompt_length: int | None, truncation: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tokenizes one pair into (prompt_ids, chosen_ids, rejected_ids) int32 arrays.
+
+    Raises:
+      RowError: when the template split or the length policy fails.
+    """
+    p_ids, c_ids, r_ids = split_pair(tok, list(pair.prompt), pair.chosen, pair.rejected)
+    p_ids = fit_lengths(
+        tok,
+        p_ids,
+        c_ids,
+        r_ids,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        truncation=truncation,
+    )
+    as32 = functools.partial(np.asarray, dtype=np.int32)
+    return as32(p_ids), as32(c_ids), as32(r_ids)

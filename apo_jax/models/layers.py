@@ -1,0 +1,124 @@
+"""Llama building blocks in flax.nnx: Linear, Embed, RMSNorm, RoPE, attention masks.
+
+Every parameter carries its logical axes in `out_sharding` metadata (with `eager_sharding=False`,
+so construction never needs a mesh); `apo_jax.sharding` maps them to the mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from apo_jax.models.config import LlamaConfig
+
+INIT_STD = 0.02  # Hugging Face LlamaConfig.initializer_range
+
+
+def param(
+    rngs: nnx.Rngs | None, shape: Sequence[int], axes: tuple[str, ...], dtype: str, ones: bool = False
+) -> nnx.Param:
+    """A parameter with logical axes `axes`: N(0, 0.02) or ones."""
+    if ones:
+        value = jnp.ones(shape, jnp.dtype(dtype))
+    else:
+        value = INIT_STD * jax.random.normal(rngs.params(), shape, jnp.dtype(dtype))
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel, kernel stored [in, out] (Hugging Face stores the transpose)."""
+
+    def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], cfg: LlamaConfig, *, rngs):
+        self.kernel = param(rngs, (d_in, d_out), axes, cfg.param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.dot(x, self.kernel[...].astype(x.dtype))
+
+
+class Embed(nnx.Module):
+    """Token embedding table [V, D]."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs):
+        shape = (cfg.vocab_size, cfg.d_model)
+        self.embedding = param(rngs, shape, ("vocab", "embed"), cfg.param_dtype)
+
+    def __call__(self, ids_BxT: jax.Array, dtype: jnp.dtype) -> jax.Array:
+        return jnp.take(self.embedding[...], ids_BxT, axis=0).astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm as in Hugging Face Llama: normalize in float32, scale in the input dtype."""
+
+    def __init__(self, dim: int, cfg: LlamaConfig):
+        self.scale = param(None, (dim,), ("norm",), cfg.param_dtype, ones=True)
+        self.eps = cfg.rms_norm_eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+    """RoPE inverse frequencies [Dh/2] (float32), with the `llama3` rule when configured."""
+    dim = cfg.head_dim
+    exps = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** exps)).astype(np.float64)
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv_freq.astype(np.float32)
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(positions_BxT: jax.Array, cfg: LlamaConfig) -> tuple[jax.Array, jax.Array]:
+    """cos and sin tables [B, T, Dh] (float32) for the given positions."""
+    inv_freq = jnp.asarray(rope_inv_freq(cfg))
+    freqs_BxTxR = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+    emb_BxTxDh = jnp.concatenate([freqs_BxTxR, freqs_BxTxR], axis=-1)
+    return jnp.cos(emb_BxTxDh), jnp.sin(emb_BxTxDh)
+
+
+def apply_rope(x_BxTxNxDh: jax.Array, cos_BxTxDh: jax.Array, sin_BxTxDh: jax.Array) -> jax.Array:
+    """Rotates query/key heads (Hugging Face `rotate_half` convention), computed in float32."""
+    x = x_BxTxNxDh.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    out = x * cos_BxTxDh[:, :, None, :] + rotated * sin_BxTxDh[:, :, None, :]
+    return out.astype(x_BxTxNxDh.dtype)
+
+
+def attention_mask(
+    input_shape: tuple[int, int],
+    segment_ids_BxT: jax.Array | None = None,
+    attn_mask_BxTxT: jax.Array | None = None,
+) -> jax.Array:
+    """Boolean [B, T, T] mask (True = query t may attend key s).
+
+    Causal, and within the same nonzero segment; an explicit `attn_mask_BxTxT` replaces the
+    segment rule (it is still intersected with causality). The diagonal is always allowed so that
+    padding rows (segment 0, or an all-False explicit row) give finite outputs, never NaN.
+    """
+    B, T = input_shape
+    causal_TxT = jnp.tril(jnp.ones((T, T), bool))
+    if attn_mask_BxTxT is not None:
+        mask_BxTxT = attn_mask_BxTxT.astype(bool) & causal_TxT
+    elif segment_ids_BxT is not None:
+        seg_q, seg_k = segment_ids_BxT[:, :, None], segment_ids_BxT[:, None, :]
+        mask_BxTxT = causal_TxT & (seg_q == seg_k) & (seg_k != 0)
+    else:
+        mask_BxTxT = jnp.broadcast_to(causal_TxT, (B, T, T))
+    return mask_BxTxT | jnp.eye(T, dtype=bool)

@@ -1,0 +1,222 @@
+"""Llama-3 decoder in flax.nnx, parameter names following Hugging Face `LlamaForCausalLM`.
+
+Layout: `embed_tokens.embedding [V, D]`, `layers.{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj}
+.kernel [in, out]`, `layers.{input,post_attention}_layernorm.scale [D]`, `norm.scale [D]`,
+`lm_head.kernel [D, V]` (absent when tied). With `scan_layers` every layer parameter has a leading
+L axis (logical axis 'layers') and the layers run as one compiled block under `lax.scan`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from apo_jax import sharding
+from apo_jax.models.config import LlamaConfig
+from apo_jax.models.layers import (
+    Embed,
+    Linear,
+    RMSNorm,
+    apply_rope,
+    attention_mask,
+    rope_cos_sin,
+)
+
+KVCache = tuple[jax.Array, jax.Array]  # (k_LxBxSxKxDh, v_LxBxSxKxDh)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention through `jax.nn.dot_product_attention`."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = Linear(D, H * Dh, ("embed", "heads"), cfg, rngs=rngs)
+        self.k_proj = Linear(D, K * Dh, ("embed", "kv_heads"), cfg, rngs=rngs)
+        self.v_proj = Linear(D, K * Dh, ("embed", "kv_heads"), cfg, rngs=rngs)
+        self.o_proj = Linear(H * Dh, D, ("heads", "embed"), cfg, rngs=rngs)
+        self.shape = (H, K, Dh)
+
+    def __call__(self, x_BxTxD, cos_BxTxDh, sin_BxTxDh, mask_BxTxS, kv=None, cache_index=None):
+        H, K, Dh = self.shape
+        B, T, _ = x_BxTxD.shape
+        q_BxTxHxDh = self.q_proj(x_BxTxD).reshape(B, T, H, Dh)
+        k_BxTxKxDh = self.k_proj(x_BxTxD).reshape(B, T, K, Dh)
+        v_BxTxKxDh = self.v_proj(x_BxTxD).reshape(B, T, K, Dh)
+        q_BxTxHxDh = apply_rope(q_BxTxHxDh, cos_BxTxDh, sin_BxTxDh)
+        k_BxTxKxDh = apply_rope(k_BxTxKxDh, cos_BxTxDh, sin_BxTxDh)
+        q_BxTxHxDh = sharding.constrain(q_BxTxHxDh, ("batch", "length", "act_heads", "head_dim"))
+        if kv is not None:  # write this step's keys/values into the cache, attend over all of it
+            start = (0, cache_index, 0, 0)
+            k_BxTxKxDh = jax.lax.dynamic_update_slice(kv[0], k_BxTxKxDh.astype(kv[0].dtype), start)
+            v_BxTxKxDh = jax.lax.dynamic_update_slice(kv[1], v_BxTxKxDh.astype(kv[1].dtype), start)
+            kv = (k_BxTxKxDh, v_BxTxKxDh)
+        out_BxTxHxDh = jax.nn.dot_product_attention(
+            q_BxTxHxDh,
+            k_BxTxKxDh.astype(q_BxTxHxDh.dtype),
+            v_BxTxKxDh.astype(q_BxTxHxDh.dtype),
+            mask=mask_BxTxS[:, None, :, :],
+            scale=Dh**-0.5,
+            implementation=None,  # lets GPU pick cuDNN where it supports the inputs
+        )
+        return self.o_proj(out_BxTxHxDh.reshape(B, T, H * Dh)), kv
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        D, F = cfg.d_model, cfg.mlp_dim
+        self.gate_proj = Linear(D, F, ("embed", "mlp"), cfg, rngs=rngs)
+        self.up_proj = Linear(D, F, ("embed", "mlp"), cfg, rngs=rngs)
+        self.down_proj = Linear(F, D, ("mlp", "embed"), cfg, rngs=rngs)
+
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        h_BxTxF = jax.nn.silu(self.gate_proj(x_BxTxD)) * self.up_proj(x_BxTxD)
+        h_BxTxF = sharding.constrain(h_BxTxF, ("batch", "length", "act_mlp"))
+        return self.down_proj(h_BxTxF)
+
+
+class Block(nnx.Module):
+    """One pre-norm decoder layer."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg)
+        self.self_attn = Attention(cfg, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x_BxTxD, cos_BxTxDh, sin_BxTxDh, mask_BxTxS, kv=None, cache_index=None):
+        h_BxTxD, kv = self.self_attn(
+            self.input_layernorm(x_BxTxD), cos_BxTxDh, sin_BxTxDh, mask_BxTxS, kv, cache_index
+        )
+        x_BxTxD = x_BxTxD + h_BxTxD
+        x_BxTxD = x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
+        return sharding.constrain(x_BxTxD, ("batch", "length", "act_embed")), kv
+
+
+def _stacked_blocks(cfg: LlamaConfig, rngs: nnx.Rngs) -> Block:
+    keys = jax.random.split(rngs.params(), cfg.n_layers)
+
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(key):
+        return Block(cfg, rngs=nnx.Rngs(params=key))
+
+    return make(keys)
+
+
+def _remat(fn, policy: str):
+    if policy == "none":
+        return fn
+    if policy == "full":
+        return jax.checkpoint(fn)
+    return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+
+class Llama(nnx.Module):
+    """Llama-3 causal LM.
+
+    Args:
+      cfg: the LlamaConfig.
+      rngs: `nnx.Rngs` with a `params` stream (initialization N(0, 0.02), norms at 1).
+    """
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed_tokens = Embed(cfg, rngs=rngs)
+        if cfg.scan_layers:
+            self.layers = _stacked_blocks(cfg, rngs)
+        else:
+            self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.norm = RMSNorm(cfg.d_model, cfg)
+        if not cfg.tie_embeddings:
+            self.lm_head = Linear(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), cfg, rngs=rngs)
+
+    def unembedding(self) -> jax.Array:
+        """Returns the output projection [D, V] in param dtype (embedding transposed when tied)."""
+        if self.cfg.tie_embeddings:
+            return self.embed_tokens.embedding[...].T
+        return self.lm_head.kernel[...]
+
+    def __call__(
+        self,
+        input_ids_BxT: jax.Array,
+        positions_BxT: jax.Array | None = None,
+        segment_ids_BxT: jax.Array | None = None,
+        attn_mask_BxTxT: jax.Array | None = None,
+        return_hidden: bool = False,
+    ) -> jax.Array:
+        """Runs the decoder.
+
+        Args:
+          input_ids_BxT: int token ids.
+          positions_BxT: RoPE positions (default 0..T-1); restart them per packed sequence.
+          segment_ids_BxT: 0 = padding, tokens attend causally within their own segment.
+          attn_mask_BxTxT: True = may attend; replaces the segment rule (causality still holds).
+          return_hidden: return the final-norm hidden states instead of logits.
+
+        Returns:
+          float32 logits [B, T, V], or hidden states [B, T, D] in the compute dtype.
+        """
+        B, T = input_ids_BxT.shape
+        if positions_BxT is None:
+            positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        mask_BxTxT = attention_mask((B, T), segment_ids_BxT, attn_mask_BxTxT)
+        hidden_BxTxD, _ = self.forward_cached(input_ids_BxT, positions_BxT, mask_BxTxT)
+        if return_hidden:
+            return hidden_BxTxD
+        return self.logits(hidden_BxTxD)
+
+    def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
+        """Final-norm hidden states -> float32 logits [B, T, V]."""
+        w_DxV = self.unembedding().astype(hidden_BxTxD.dtype)
+        logits_BxTxV = jnp.dot(hidden_BxTxD, w_DxV, preferred_element_type=jnp.float32)
+        return sharding.constrain(logits_BxTxV, ("batch", "length", "act_vocab"))
+
+    def forward_cached(
+        self,
+        input_ids_BxT: jax.Array,
+        positions_BxT: jax.Array,
+        mask_BxTxS: jax.Array,
+        cache: KVCache | None = None,
+        cache_index: jax.Array | int | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Decoder body with an optional KV cache (used by `generate`).
+
+        Args:
+          input_ids_BxT: token ids.
+          positions_BxT: RoPE positions.
+          mask_BxTxS: boolean attention mask over the S keys (S = T without a cache, else the
+            cache length).
+          cache: (k, v) of shape [L, B, S, K, Dh] or None.
+          cache_index: where this call's T keys are written in the cache.
+
+        Returns:
+          (final-norm hidden states [B, T, D], updated cache or None).
+        """
+        cfg = self.cfg
+        x_BxTxD = self.embed_tokens(input_ids_BxT, jnp.dtype(cfg.dtype))
+        x_BxTxD = sharding.constrain(x_BxTxD, ("batch", "length", "act_embed"))
+        cos_BxTxDh, sin_BxTxDh = rope_cos_sin(positions_BxT, cfg)
+
+        def layer_fn(graphdef, x, state, kv):
+            layer = nnx.merge(graphdef, state)
+            return layer(x, cos_BxTxDh, sin_BxTxDh, mask_BxTxS, kv, cache_index)
+
+        if cfg.scan_layers:
+            graphdef, state = nnx.split(self.layers)
+            step = _remat(functools.partial(layer_fn, graphdef), cfg.remat)
+            x_BxTxD, cache = jax.lax.scan(lambda x, xs: step(x, *xs), x_BxTxD, (state, cache))
+        else:
+            new_kv = []
+            for i, block in enumerate(self.layers):
+                graphdef, state = nnx.split(block)
+                kv = None if cache is None else (cache[0][i], cache[1][i])
+                step = _remat(functools.partial(layer_fn, graphdef), cfg.remat)
+                x_BxTxD, kv = step(x_BxTxD, state, kv)
+                new_kv.append(kv)
+            if cache is not None:
+                cache = tuple(jnp.stack([kv[j] for kv in new_kv]) for j in range(2))
+        return self.norm(x_BxTxD), cache

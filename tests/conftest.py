@@ -1,0 +1,74 @@
+"""Shared pytest fixtures. Add fixtures here; keep heavy imports (torch) inside them."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def make_hf_llama(tmp_path_factory):
+    """Factory: a random tiny transformers `LlamaForCausalLM` saved with safetensors.
+
+    Call `make_hf_llama(n_heads=4, n_kv_heads=2, head_dim=16, tied=False, llama3=False)`; returns
+    `(checkpoint_dir, torch_model)`. Weights use initializer_range 0.3 so logits are O(1) and a
+    wrong rotation, norm or head mapping shows up far above float32 round-off. Cached per args.
+    """
+    cache = {}
+
+    def make(
+        *,
+        n_heads: int = 4,
+        n_kv_heads: int = 2,
+        head_dim: int = 16,
+        tied: bool = False,
+        llama3: bool = False,
+        vocab_size: int = 256,
+        hidden_size: int = 64,
+        n_layers: int = 2,
+        seed: int = 0,
+    ):
+        key = (n_heads, n_kv_heads, head_dim, tied, llama3, vocab_size, hidden_size, n_layers, seed)
+        if key in cache:
+            return cache[key]
+        import torch
+        import transformers
+
+        rope = {"rope_type": "default", "rope_theta": 500000.0}
+        if llama3:
+            rope = {
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,  # small, so all three bands occur
+            }
+        hf_cfg = transformers.LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=96,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=n_kv_heads,
+            head_dim=head_dim,
+            max_position_embeddings=128,
+            rope_parameters=rope,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=tied,
+            initializer_range=0.3,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+        torch.manual_seed(seed)
+        model = transformers.LlamaForCausalLM(hf_cfg).eval()
+        with torch.no_grad():  # norms start at 1; perturb them so a dropped norm weight shows
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.add_(0.3 * torch.randn_like(p))
+        path = tmp_path_factory.mktemp("hf_llama")
+        model.save_pretrained(path, safe_serialization=True)
+        cache[key] = (path, model)
+        return cache[key]
+
+    return make

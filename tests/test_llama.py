@@ -1,0 +1,168 @@
+"""Llama forward: parity with transformers, masks, packing, causality, config and presets."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from apo_jax.models import config as config_lib
+from apo_jax.models.hf import load_hf
+from apo_jax.models.llama import Llama
+
+
+def _torch_logits(model, ids, attention_mask=None):
+    import torch
+
+    with torch.no_grad():
+        kw = {} if attention_mask is None else {"attention_mask": torch.tensor(attention_mask)}
+        return model(torch.tensor(ids), **kw).logits.numpy()
+
+
+@pytest.mark.parametrize(
+    "n_kv_heads,head_dim,tied,llama3,scan",
+    [
+        (4, 16, True, False, True),  # MHA (ratio 1), tied
+        (2, 24, False, True, True),  # GQA ratio 2, head_dim != D/H, llama3 rope scaling
+        (1, 8, True, True, False),  # ratio 4 (MQA), unrolled layers
+        (2, 16, False, False, False),
+    ],
+)
+def test_parity_with_transformers(make_hf_llama, n_kv_heads, head_dim, tied, llama3, scan):
+    path, hf_model = make_hf_llama(n_kv_heads=n_kv_heads, head_dim=head_dim, tied=tied, llama3=llama3)
+    model, cfg = load_hf(path, scan_layers=scan)
+    assert (cfg.n_kv_heads, cfg.head_dim, cfg.tie_embeddings) == (n_kv_heads, head_dim, tied)
+    assert (cfg.rope_scaling is not None) == llama3
+    ids = np.random.RandomState(1).randint(0, cfg.vocab_size, (2, 40))
+    ref = _torch_logits(hf_model, ids)
+    assert np.abs(ref).max() > 1.0, "logits too small for the comparison to mean anything"
+    got = np.asarray(model(jnp.asarray(ids)))
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_parity_right_padding(make_hf_llama):
+    path, hf_model = make_hf_llama(n_kv_heads=2, llama3=True)
+    model, _ = load_hf(path)
+    ids = np.random.RandomState(2).randint(3, 256, (3, 12))
+    lengths = np.array([12, 7, 3])
+    mask = (np.arange(12)[None] < lengths[:, None]).astype(np.int64)
+    ids = np.where(mask == 1, ids, 0)
+    ref = _torch_logits(hf_model, ids, mask)
+    got = np.asarray(model(jnp.asarray(ids), segment_ids_BxT=jnp.asarray(mask, jnp.int32)))
+    assert np.isfinite(got).all(), "padded query rows must not produce NaN"
+    real = mask.astype(bool)
+    np.testing.assert_allclose(got[real], ref[real], atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = config_lib.get_preset("tiny", vocab_size=128)
+    return Llama(cfg, rngs=nnx.Rngs(0)), cfg
+
+
+def test_causality_gradient_wrt_later_embeddings_is_zero(tiny):
+    model, cfg = tiny
+    T, t = 8, 3
+    ids = jnp.arange(T)[None] % cfg.vocab_size
+    graphdef, state = nnx.split(model)
+
+    def out_at_t(st):
+        return nnx.merge(graphdef, st)(ids)[0, t].sum()
+
+    # ids are 0..T-1, so row s of the embedding gradient is the gradient wrt token s's embedding.
+    grad_VxD = np.asarray(jax.grad(out_at_t)(state)["embed_tokens"]["embedding"][...])
+    assert np.abs(grad_VxD[t + 1 : T]).max() == 0.0, "later tokens leak into position t"
+    assert np.abs(grad_VxD[: t + 1]).max() > 0.0
+
+
+def test_packed_rows_equal_separate_sequences(tiny):
+    model, cfg = tiny
+    rng = np.random.RandomState(3)
+    a, b = rng.randint(0, cfg.vocab_size, 5), rng.randint(0, cfg.vocab_size, 4)
+    packed = jnp.asarray(np.concatenate([a, b, [0]])[None])
+    segments = jnp.asarray([[1] * 5 + [2] * 4 + [0]])
+    positions = jnp.asarray([list(range(5)) + list(range(4)) + [0]])
+    got = np.asarray(model(packed, positions_BxT=positions, segment_ids_BxT=segments))
+    alone_a = np.asarray(model(jnp.asarray(a[None])))
+    alone_b = np.asarray(model(jnp.asarray(b[None])))
+    np.testing.assert_allclose(got[0, :5], alone_a[0], atol=1e-5)
+    np.testing.assert_allclose(got[0, 5:9], alone_b[0], atol=1e-5)
+    assert np.isfinite(got).all()
+
+
+def test_explicit_mask_overrides_segments(tiny):
+    model, _ = tiny
+    ids = jnp.asarray([[5, 6, 7, 8, 9, 10]])
+    # prompt (0..1) shared; completion A (2..3) and completion B (4..5) each see only the prompt.
+    allow = np.tril(np.ones((6, 6), bool))
+    allow[4:, 2:4] = False
+    pos = jnp.asarray([[0, 1, 2, 3, 2, 3]])
+    got = np.asarray(model(ids, positions_BxT=pos, attn_mask_BxTxT=jnp.asarray(allow[None])))
+    alone = np.asarray(model(jnp.asarray([[5, 6, 9, 10]])))
+    np.testing.assert_allclose(got[0, 4:], alone[0, 2:], atol=1e-5)
+
+
+def test_hidden_and_unembedding(tiny):
+    model, cfg = tiny
+    ids = jnp.asarray([[1, 2, 3]])
+    hidden = model(ids, return_hidden=True)
+    assert hidden.shape == (1, 3, cfg.d_model)
+    assert model.unembedding().shape == (cfg.d_model, cfg.vocab_size)
+    np.testing.assert_allclose(hidden @ model.unembedding(), model(ids), atol=1e-5)
+
+
+@pytest.mark.parametrize("remat", ["full", "save_dots"])
+def test_remat_matches_no_remat(tiny, remat):
+    model, cfg = tiny
+    ids = jnp.asarray([[3, 1, 4, 1, 5, 9]])
+    graphdef, state = nnx.split(model)
+    remat_graphdef, _ = nnx.split(Llama(cfg.replace(remat=remat), rngs=nnx.Rngs(1)))
+
+    def loss(st, gd):
+        return nnx.merge(gd, st)(ids).sum()
+
+    g_ref = jax.grad(loss)(state, graphdef)
+    g_remat = jax.grad(loss)(state, remat_graphdef)
+    for x, y in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_remat), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_compute_close_to_f32(tiny):
+    model, cfg = tiny
+    ids = jnp.asarray([[3, 1, 4, 1, 5, 9]])
+    _, state = nnx.split(model)
+    bf16 = nnx.merge(nnx.split(Llama(cfg.replace(dtype="bfloat16"), rngs=nnx.Rngs(1)))[0], state)
+    out = bf16(ids)
+    assert out.dtype == jnp.float32
+    assert bf16(ids, return_hidden=True).dtype == jnp.bfloat16
+    np.testing.assert_allclose(out, model(ids), atol=0.05)
+
+
+def test_presets_and_validation():
+    assert config_lib.get_preset("llama3_8b").n_params == pytest.approx(8.03e9, rel=0.01)
+    assert config_lib.get_preset("llama3_1b").n_params == pytest.approx(1.24e9, rel=0.01)
+    assert config_lib.get_preset("llama3_70b").n_params == pytest.approx(70.6e9, rel=0.01)
+    assert config_lib.get_preset("tiny", vocab_size=1000).vocab_size == 1000
+    with pytest.raises(config_lib.ConfigError, match="unknown preset"):
+        config_lib.get_preset("gpt2")
+    with pytest.raises(config_lib.ConfigError, match="multiple of n_kv_heads"):
+        config_lib.get_preset("tiny", n_kv_heads=3)
+    with pytest.raises(config_lib.ConfigError, match="remat"):
+        config_lib.get_preset("tiny", remat="some")
+
+
+def test_config_hf_round_trip():
+    for name in ("tiny", "llama3_1b", "llama3_8b"):
+        cfg = config_lib.get_preset(name)
+        back = config_lib.LlamaConfig.from_hf(
+            cfg.to_hf(), param_dtype=cfg.param_dtype, dtype=cfg.dtype, remat=cfg.remat
+        )
+        assert back == cfg, name
+    legacy = dataclasses.replace(config_lib.get_preset("llama3_1b")).to_hf()
+    legacy["rope_theta"] = legacy["rope_parameters"].pop("rope_theta")
+    legacy["rope_scaling"] = legacy.pop("rope_parameters")  # transformers-4 layout
+    assert config_lib.LlamaConfig.from_hf(legacy).rope_scaling.factor == 32.0
+    with pytest.raises(config_lib.ConfigError, match="not a Llama"):
+        config_lib.LlamaConfig.from_hf({"model_type": "mistral"})

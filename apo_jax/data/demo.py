@@ -216,6 +216,20 @@ def _build(root: str, n_train: int, n_eval: int, seed: int) -> None:
         )
 
 
+def _point_manifests_at(root: str) -> None:
+    """Rewrites the manifests' tokenizer dir to the final location (the build ran in a temp dir)."""
+    tok_dir = os.path.join(root, "tokenizer")
+    for split in ("train", "eval"):
+        path = os.path.join(root, f"{split}_shards", "manifest.json")
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        if manifest["tokenizer"]["dir"] != tok_dir:
+            manifest["tokenizer"]["dir"] = tok_dir
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                json.dump(manifest, f, indent=2)
+            os.replace(path + ".tmp", path)
+
+
 def build_demo(
     cache_dir: str | None = None, *, n_train: int = 3000, n_eval: int = 300, seed: int = 0
 ) -> DemoAssets:
@@ -243,6 +257,7 @@ def build_demo(
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    _point_manifests_at(root)
     return DemoAssets(
         root=root,
         tokenizer_dir=os.path.join(root, "tokenizer"),

@@ -117,13 +117,27 @@ def read_rows(inputs: str | Sequence[str], *, split: str = "train") -> Iterator[
     Raises:
       InputError: when an input cannot be opened or parsed at all.
     """
+    inputs = check_inputs(inputs)
+    return _read_rows(inputs, split)
+
+
+def _is_hub_name(path: str) -> bool:
+    return path.count("/") == 1 and not path.startswith((".", "/"))
+
+
+def check_inputs(inputs: str | Sequence[str]) -> list[str]:
+    """Returns the inputs as a list; raises InputError for a path that plainly does not exist."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [os.fspath(inputs)]
-    for path in inputs:  # fail before reading anything when a path is plainly wrong
-        if not os.path.exists(path) and not (
-            path.count("/") == 1 and not path.startswith((".", "/"))
-        ):
+    if not inputs:
+        raise InputError("no input given")
+    for path in inputs:
+        if not os.path.exists(path) and not _is_hub_name(path):
             raise InputError(f"{path}: no such file or directory")
+    return list(inputs)
+
+
+def _read_rows(inputs: list[str], split: str) -> Iterator[RawRow]:
     index = 0
     for path in inputs:
         for line, payload in _file_rows(path, split):

@@ -154,7 +154,7 @@ def prepare(
       PrepareError: a row was rejected and ``settings.strict`` is set.
     """
     settings = settings or Settings()
-    inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+    inputs = ingest.check_inputs(inputs)
     tok_info = _tokenizer_info(tokenizer_dir)  # fail fast on a bad tokenizer
     rows = ingest.read_rows(inputs, split=settings.split)
     _clear_outputs(out_dir)
@@ -249,3 +249,67 @@ def summary_line(manifest: dict[str, Any]) -> str:
     c = manifest["counts"]
     reasons = ", ".join(f"{k}={v}" for k, v in c["rejected_by_reason"].items()) or "none"
     return f"read {c['read']} = written {c['written']} + rejected {c['rejected']} ({reasons})"
+
+
+def _parse_args(argv: Sequence[str] | None) -> Any:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m apo_jax.data.prepare", description=__doc__.splitlines()[0]
+    )
+    p.add_argument(
+        "--input",
+        "-i",
+        nargs="+",
+        required=True,
+        help="JSONL/JSON/Parquet files, dataset dirs or names",
+    )
+    p.add_argument(
+        "--tokenizer", required=True, help="Hugging Face tokenizer directory with a chat template"
+    )
+    p.add_argument(
+        "--out", required=True, help="output directory for shards, manifest.json, rejects.jsonl"
+    )
+    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--max-prompt-length", type=int, default=None)
+    p.add_argument("--truncation", choices=("none", "keep_start", "keep_end"), default="none")
+    p.add_argument("--prompt-field", default="prompt")
+    p.add_argument("--chosen-field", default="chosen")
+    p.add_argument("--rejected-field", default="rejected")
+    p.add_argument("--system-field", default=None)
+    p.add_argument("--split", default="train")
+    p.add_argument("--records-per-shard", type=int, default=10_000)
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--strict", action="store_true", help="any rejected row is fatal")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: prints the summary line; exit 2 on unusable input/tokenizer, 1 on a --strict reject."""
+    import sys
+
+    args = _parse_args(argv)
+    try:
+        fields = schema.FieldMap(
+            args.prompt_field, args.chosen_field, args.rejected_field, args.system_field
+        )
+        settings = Settings(
+            max_length=args.max_length, max_prompt_length=args.max_prompt_length, truncation=args.truncation,
+            fields=fields, split=args.split, records_per_shard=args.records_per_shard, workers=args.workers,
+            strict=args.strict, progress=not args.no_progress,
+        )  # fmt: skip
+        manifest = prepare(args.input, args.tokenizer, args.out, settings)
+    except (ingest.InputError, tokenize.TokenizerError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except PrepareError as e:
+        print(f"error (--strict): {e}", file=sys.stderr)
+        return 1
+    print(summary_line(manifest))
+    print(f"shards in {args.out}; rejects in {os.path.join(args.out, shards.REJECTS)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

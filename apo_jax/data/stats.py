@@ -53,3 +53,160 @@ def summarize(values: Sequence[float]) -> dict[str, Any]:
     for q, v in zip(QUANTILES, np.quantile(x, QUANTILES), strict=True):
         out["median" if q == 0.5 else f"p{round(q * 100)}"] = float(v)
     return out
+
+
+def _raw_pairs(path: str, split: str) -> tuple[list[tuple[int, str, str]], int]:
+    from apo_jax.data import ingest, schema
+
+    pairs, skipped = [], 0
+    for raw in ingest.read_rows(path, split=split):
+        pair = ingest.parse_row(raw, schema.FieldMap())
+        if isinstance(pair, schema.Reject):
+            skipped += 1
+        else:
+            pairs.append((pair.source_index, pair.chosen, pair.rejected))
+    return pairs, skipped
+
+
+def _shard_pairs(
+    shard_dir: str, tokenizer_dir: str | None
+) -> tuple[list[dict[str, Any]], str, str]:
+    """Per-pair stats of a prepared dir; Jaccard on token ids, Levenshtein on decoded text."""
+    import os
+
+    from apo_jax.data import shards, tokenize
+
+    tok_dir = tokenizer_dir or shards.read_manifest(shard_dir)["tokenizer"]["dir"]
+    tok = tokenize.load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
+    rows = []
+    for i, rec in enumerate(shards.read_records(shard_dir)):
+        c, r = rec.chosen.tolist(), rec.rejected.tolist()
+        if tok is not None:
+            ct, rt = (tok.decode(x, skip_special_tokens=True) for x in (c, r))
+            lev = levenshtein(ct, rt)
+        else:
+            lev = levenshtein(c, r)
+        rows.append(
+            {
+                "index": i,
+                "source_index": rec.source_index,
+                "jaccard": jaccard(c, r),
+                "levenshtein": lev,
+            }
+        )
+    return rows, "tokenizer", "chars" if tok is not None else "tokens (tokenizer not found)"
+
+
+def pair_stats(
+    path: str, *, tokenizer_dir: str | None = None, out_dir: str | None = None, split: str = "train"
+) -> dict[str, Any]:
+    """Contrastiveness of every pair in a raw pair file or a prepared shard dir, and aggregates.
+
+    Args:
+      path: a pair file/dataset (anything `prepare` reads) or a prepared shard directory.
+      tokenizer_dir: for raw pairs, Jaccard over this tokenizer's tokens instead of word tokens;
+        for shard dirs, the tokenizer that decodes text for Levenshtein (default: the manifest's).
+      out_dir: when given, writes ``pair_stats.jsonl``, ``summary.json`` and ``histograms.png``.
+      split: split for DatasetDicts and hub datasets.
+
+    Returns:
+      {"path", "jaccard_tokens", "levenshtein_unit", "count", "skipped", "jaccard": summary,
+       "levenshtein": summary, "per_pair": [{"index", "source_index", "jaccard", "levenshtein"}]}.
+    """
+    import json
+    import os
+
+    from apo_jax.data import shards
+
+    skipped = 0
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, shards.MANIFEST)):
+        rows, unit_j, unit_l = _shard_pairs(path, tokenizer_dir)
+    else:
+        encode = word_tokens
+        unit_j, unit_l = "word", "chars"
+        if tokenizer_dir:
+            from apo_jax.data import tokenize
+
+            backend = tokenize.load_tokenizer(tokenizer_dir).backend_tokenizer
+            encode, unit_j = (
+                (lambda s: backend.encode(s, add_special_tokens=False).ids),
+                "tokenizer",
+            )
+        pairs, skipped = _raw_pairs(path, split)
+        rows = [{"index": i, "source_index": src, "jaccard": jaccard(encode(c), encode(r)),
+                 "levenshtein": levenshtein(c, r)} for i, (src, c, r) in enumerate(pairs)]  # fmt: skip
+    result = {
+        "path": path, "jaccard_tokens": unit_j, "levenshtein_unit": unit_l, "count": len(rows),
+        "skipped": skipped, "jaccard": summarize([r["jaccard"] for r in rows]),
+        "levenshtein": summarize([r["levenshtein"] for r in rows]), "per_pair": rows,
+    }  # fmt: skip
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "pair_stats.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:
+            json.dump({k: v for k, v in result.items() if k != "per_pair"}, f, indent=2)
+        result["histogram"] = plot_histograms(
+            rows, os.path.join(out_dir, "histograms.png"), unit_j, unit_l
+        )
+    return result
+
+
+def plot_histograms(rows: list[dict[str, Any]], png_path: str, unit_j: str, unit_l: str) -> str:
+    """Writes side-by-side histograms of Jaccard similarity and Levenshtein distance; returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_j, ax_l) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax_j.hist([r["jaccard"] for r in rows], bins=40, range=(0, 1), color="tab:blue")
+    ax_j.set(xlabel=f"Jaccard similarity ({unit_j} tokens)", ylabel="pairs")
+    ax_l.hist([r["levenshtein"] for r in rows], bins=40, color="tab:orange")
+    ax_l.set(xlabel=f"Levenshtein distance ({unit_l})", ylabel="pairs")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: prints the aggregate table; exit 2 when the input cannot be read."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(
+        prog="python -m apo_jax.data.stats", description="Contrastiveness of pairs."
+    )
+    p.add_argument("path", help="raw pair file/dataset or prepared shard directory")
+    p.add_argument(
+        "--tokenizer", default=None, help="Jaccard over this tokenizer's tokens (raw pairs)"
+    )
+    p.add_argument(
+        "--out", default=None, help="directory for pair_stats.jsonl, summary.json, histograms.png"
+    )
+    p.add_argument("--split", default="train")
+    args = p.parse_args(argv)
+    try:
+        res = pair_stats(
+            args.path, tokenizer_dir=args.tokenizer, out_dir=args.out, split=args.split
+        )
+    except Exception as e:  # one line, no traceback, for any unreadable input
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    print(f"{res['count']} pairs ({res['skipped']} unreadable skipped) from {args.path}")
+    for name, unit in (
+        ("jaccard", res["jaccard_tokens"] + " tokens"),
+        ("levenshtein", res["levenshtein_unit"]),
+    ):
+        s = res[name]
+        if s["count"]:
+            print(f"{name:12s} [{unit}] mean {s['mean']:.3f} median {s['median']:.3f} "
+                  f"p10 {s['p10']:.3f} p90 {s['p90']:.3f} min {s['min']:.3f} max {s['max']:.3f}")  # fmt: skip
+    if args.out:
+        print(f"wrote {args.out}/pair_stats.jsonl, summary.json, histograms.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -12,7 +12,6 @@ import math
 from collections.abc import Sequence
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
@@ -61,7 +60,9 @@ def make_mesh(
     n = len(devices) if devices is not None else jax.device_count()
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
-        raise MeshError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+        raise MeshError(
+            f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}"
+        )
     if any(s == 0 or s < -1 for s in sizes):
         raise MeshError(f"mesh sizes must be positive or -1, got {sizes}")
     known = math.prod(s for s in sizes if s != -1)
@@ -74,9 +75,7 @@ def make_mesh(
             f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} "
             f"does not match the {n} available devices"
         )
-    return jax.make_mesh(
-        tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices
-    )
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 def logical_to_spec(
@@ -108,7 +107,11 @@ def logical_to_spec(
         axes = (rule,) if isinstance(rule, str) else tuple(rule or ())
         kept = []
         for ax in axes:
-            if ax in sizes and ax not in used and dim % (math.prod(sizes[a] for a in kept) * sizes[ax]) == 0:
+            if (
+                ax in sizes
+                and ax not in used
+                and dim % (math.prod(sizes[a] for a in kept) * sizes[ax]) == 0
+            ):
                 kept.append(ax)
         used.update(kept)
         spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
@@ -149,8 +152,12 @@ def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:
     """
     state = nnx.state(model)
     shardings = param_shardings(state, mesh)
-    values = jax.tree.map(lambda v: v.get_value(), state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    specs = jax.tree.map(lambda v: v.get_value(), shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    values = jax.tree.map(
+        lambda v: v.get_value(), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+    specs = jax.tree.map(
+        lambda v: v.get_value(), shardings, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
     nnx.update(model, jax.device_put(values, specs))
     return model
 
@@ -187,8 +194,3 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh))
-
-
-def host_local_devices_count() -> int:
-    """Number of addressable devices on this host."""
-    return int(np.int64(jax.local_device_count()))

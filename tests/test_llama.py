@@ -13,6 +13,12 @@ from apo_jax.models.hf import load_hf
 from apo_jax.models.llama import Llama
 
 
+@nnx.jit(static_argnames="return_hidden")
+def forward(model, ids, positions=None, segments=None, mask=None, return_hidden=False):
+    """One compiled forward per shape: much faster on CPU than eager op-by-op dispatch."""
+    return model(ids, positions, segments, mask, return_hidden=return_hidden)
+
+
 def _torch_logits(model, ids, attention_mask=None):
     import torch
 
@@ -31,14 +37,16 @@ def _torch_logits(model, ids, attention_mask=None):
     ],
 )
 def test_parity_with_transformers(make_hf_llama, n_kv_heads, head_dim, tied, llama3, scan):
-    path, hf_model = make_hf_llama(n_kv_heads=n_kv_heads, head_dim=head_dim, tied=tied, llama3=llama3)
+    path, hf_model = make_hf_llama(
+        n_kv_heads=n_kv_heads, head_dim=head_dim, tied=tied, llama3=llama3
+    )
     model, cfg = load_hf(path, scan_layers=scan)
     assert (cfg.n_kv_heads, cfg.head_dim, cfg.tie_embeddings) == (n_kv_heads, head_dim, tied)
     assert (cfg.rope_scaling is not None) == llama3
     ids = np.random.RandomState(1).randint(0, cfg.vocab_size, (2, 40))
     ref = _torch_logits(hf_model, ids)
     assert np.abs(ref).max() > 1.0, "logits too small for the comparison to mean anything"
-    got = np.asarray(model(jnp.asarray(ids)))
+    got = np.asarray(forward(model, jnp.asarray(ids)))
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
 
 
@@ -50,7 +58,7 @@ def test_parity_right_padding(make_hf_llama):
     mask = (np.arange(12)[None] < lengths[:, None]).astype(np.int64)
     ids = np.where(mask == 1, ids, 0)
     ref = _torch_logits(hf_model, ids, mask)
-    got = np.asarray(model(jnp.asarray(ids), segment_ids_BxT=jnp.asarray(mask, jnp.int32)))
+    got = np.asarray(forward(model, jnp.asarray(ids), segments=jnp.asarray(mask, jnp.int32)))
     assert np.isfinite(got).all(), "padded query rows must not produce NaN"
     real = mask.astype(bool)
     np.testing.assert_allclose(got[real], ref[real], atol=1e-4, rtol=1e-4)
@@ -72,7 +80,7 @@ def test_causality_gradient_wrt_later_embeddings_is_zero(tiny):
         return nnx.merge(graphdef, st)(ids)[0, t].sum()
 
     # ids are 0..T-1, so row s of the embedding gradient is the gradient wrt token s's embedding.
-    grad_VxD = np.asarray(jax.grad(out_at_t)(state)["embed_tokens"]["embedding"][...])
+    grad_VxD = np.asarray(jax.jit(jax.grad(out_at_t))(state)["embed_tokens"]["embedding"][...])
     assert np.abs(grad_VxD[t + 1 : T]).max() == 0.0, "later tokens leak into position t"
     assert np.abs(grad_VxD[: t + 1]).max() > 0.0
 
@@ -84,9 +92,9 @@ def test_packed_rows_equal_separate_sequences(tiny):
     packed = jnp.asarray(np.concatenate([a, b, [0]])[None])
     segments = jnp.asarray([[1] * 5 + [2] * 4 + [0]])
     positions = jnp.asarray([list(range(5)) + list(range(4)) + [0]])
-    got = np.asarray(model(packed, positions_BxT=positions, segment_ids_BxT=segments))
-    alone_a = np.asarray(model(jnp.asarray(a[None])))
-    alone_b = np.asarray(model(jnp.asarray(b[None])))
+    got = np.asarray(forward(model, packed, positions, segments))
+    alone_a = np.asarray(forward(model, jnp.asarray(a[None])))
+    alone_b = np.asarray(forward(model, jnp.asarray(b[None])))
     np.testing.assert_allclose(got[0, :5], alone_a[0], atol=1e-5)
     np.testing.assert_allclose(got[0, 5:9], alone_b[0], atol=1e-5)
     assert np.isfinite(got).all()
@@ -99,8 +107,8 @@ def test_explicit_mask_overrides_segments(tiny):
     allow = np.tril(np.ones((6, 6), bool))
     allow[4:, 2:4] = False
     pos = jnp.asarray([[0, 1, 2, 3, 2, 3]])
-    got = np.asarray(model(ids, positions_BxT=pos, attn_mask_BxTxT=jnp.asarray(allow[None])))
-    alone = np.asarray(model(jnp.asarray([[5, 6, 9, 10]])))
+    got = np.asarray(forward(model, ids, pos, mask=jnp.asarray(allow[None])))
+    alone = np.asarray(forward(model, jnp.asarray([[5, 6, 9, 10]])))
     np.testing.assert_allclose(got[0, 4:], alone[0, 2:], atol=1e-5)
 
 
@@ -123,8 +131,8 @@ def test_remat_matches_no_remat(tiny, remat):
     def loss(st, gd):
         return nnx.merge(gd, st)(ids).sum()
 
-    g_ref = jax.grad(loss)(state, graphdef)
-    g_remat = jax.grad(loss)(state, remat_graphdef)
+    g_ref = jax.jit(jax.grad(loss), static_argnums=1)(state, graphdef)
+    g_remat = jax.jit(jax.grad(loss), static_argnums=1)(state, remat_graphdef)
     for x, y in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_remat), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
 

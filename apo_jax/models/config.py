@@ -58,7 +58,9 @@ class LlamaConfig:
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ConfigError(f"LlamaConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+                raise ConfigError(
+                    f"LlamaConfig.{name} must be a positive int, got {getattr(self, name)!r}"
+                )
         if self.mlp_dim <= 0 or self.max_seq_len <= 0:
             raise ConfigError("LlamaConfig.mlp_dim and max_seq_len must be positive")
         if self.n_heads % self.n_kv_heads:
@@ -69,10 +71,14 @@ class LlamaConfig:
         if self.head_dim % 2:
             raise ConfigError(f"LlamaConfig.head_dim must be even for RoPE, got {self.head_dim}")
         if self.remat not in REMAT_POLICIES:
-            raise ConfigError(f"LlamaConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+            raise ConfigError(
+                f"LlamaConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}"
+            )
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:
-                raise ConfigError(f"LlamaConfig.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+                raise ConfigError(
+                    f"LlamaConfig.{name} must be one of {DTYPES}, got {getattr(self, name)!r}"
+                )
         if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
             raise ConfigError("LlamaConfig.rope_theta and rms_norm_eps must be positive")
         rs = self.rope_scaling

@@ -71,8 +71,11 @@ def hf_layout(cfg: LlamaConfig) -> Iterator[tuple[tuple[Any, ...], int | None, s
     for layer in range(cfg.n_layers):
         for sub in _LAYER_PARAMS:
             path = ("layers", *sub) if cfg.scan_layers else ("layers", layer, *sub)
-            yield path, layer if cfg.scan_layers else None, _hf_name(("layers", *sub), layer), (
-                sub[-1] == "kernel"
+            yield (
+                path,
+                layer if cfg.scan_layers else None,
+                _hf_name(("layers", *sub), layer),
+                (sub[-1] == "kernel"),
             )
     yield ("norm", "scale"), None, "model.norm.weight", False
     if not cfg.tie_embeddings:
@@ -84,7 +87,9 @@ def _open_tensors(path: str) -> dict[str, SafetensorsFile]:
     if os.path.exists(index_path):
         with open(index_path, encoding="utf-8") as f:
             weight_map = json.load(f)["weight_map"]
-        files = {fn: SafetensorsFile(os.path.join(path, fn)) for fn in sorted(set(weight_map.values()))}
+        files = {
+            fn: SafetensorsFile(os.path.join(path, fn)) for fn in sorted(set(weight_map.values()))
+        }
         return {name: files[fn] for name, fn in weight_map.items()}
     single = os.path.join(path, "model.safetensors")
     if not os.path.exists(single):
@@ -107,9 +112,13 @@ def _check(cfg: LlamaConfig, tensors: dict[str, SafetensorsFile], shapes: dict, 
             raise CheckpointError(f"{path}: missing tensor {name!r}")
         got = tensors[name].shape(name)
         if got != shape:
-            raise CheckpointError(f"{path}: shape mismatch for {name!r}: expected {shape}, got {got}")
+            raise CheckpointError(
+                f"{path}: shape mismatch for {name!r}: expected {shape}, got {got}"
+            )
     for name in tensors:
-        ignorable = name.endswith(_IGNORED_SUFFIXES) or (cfg.tie_embeddings and name == "lm_head.weight")
+        ignorable = name.endswith(_IGNORED_SUFFIXES) or (
+            cfg.tie_embeddings and name == "lm_head.weight"
+        )
         if name not in expected and not ignorable:
             raise CheckpointError(f"{path}: unexpected extra tensor {name!r}")
 
@@ -208,7 +217,9 @@ def save_hf(
     size = 0
     for entry in layout:
         var = flat[entry[0]]
-        nbytes = int(np.prod(var.shape[1:] if entry[1] is not None else var.shape)) * np_dtype.itemsize
+        nbytes = (
+            int(np.prod(var.shape[1:] if entry[1] is not None else var.shape)) * np_dtype.itemsize
+        )
         if shards[-1] and size + nbytes > max_shard_size:
             shards.append([])
             size = 0
@@ -230,7 +241,9 @@ def save_hf(
         write_safetensors(os.path.join(out_dir, fname), tensors)
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+        with open(
+            os.path.join(out_dir, "model.safetensors.index.json"), "w", encoding="utf-8"
+        ) as f:
             json.dump(index, f, indent=2)
     hf_cfg = cfg.to_hf()
     hf_cfg["torch_dtype"] = str(np_dtype) if np_dtype.name != "bfloat16" else "bfloat16"

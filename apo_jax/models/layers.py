@@ -20,7 +20,11 @@ INIT_STD = 0.02  # Hugging Face LlamaConfig.initializer_range
 
 
 def param(
-    rngs: nnx.Rngs | None, shape: Sequence[int], axes: tuple[str, ...], dtype: str, ones: bool = False
+    rngs: nnx.Rngs | None,
+    shape: Sequence[int],
+    axes: tuple[str, ...],
+    dtype: str,
+    ones: bool = False,
 ) -> nnx.Param:
     """A parameter with logical axes `axes`: N(0, 0.02) or ones."""
     if ones:

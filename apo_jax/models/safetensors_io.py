@@ -54,7 +54,9 @@ class SafetensorsFile:
         info = self._header[name]
         dtype = _DTYPES.get(info["dtype"])
         if dtype is None:
-            raise ValueError(f"{self.path}: unsupported safetensors dtype {info['dtype']} for {name}")
+            raise ValueError(
+                f"{self.path}: unsupported safetensors dtype {info['dtype']} for {name}"
+            )
         begin, _ = info["data_offsets"]
         shape = tuple(info["shape"])
         if 0 in shape:

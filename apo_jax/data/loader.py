@@ -13,6 +13,7 @@ Batch keys: see :mod:`apo_jax.data.batch` and docs/architecture.md.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -54,8 +55,9 @@ class LoaderConfig:
             raise ValueError(f"reference must be auto, require or none, got {self.reference!r}")
 
 
-def _with_index(index: int, record: bytes) -> tuple[int, bytes]:
-    return index, record
+def _with_index(num_records: int, index: int, record: bytes) -> tuple[int, bytes]:
+    # grain passes the repeated stream's position down, so epoch e sees index e * n + i.
+    return index % num_records, record
 
 
 def _default_seq_len(manifest: dict[str, Any], layout: str) -> int:
@@ -101,7 +103,9 @@ class PairLoader:
         self.num_records = len(source)
         if self.num_records == 0:
             raise ValueError(f"{shard_dir} holds no records")
-        ds = grain.MapDataset.source(source).map_with_index(_with_index)
+        ds = grain.MapDataset.source(source).map_with_index(
+            functools.partial(_with_index, self.num_records)
+        )
         if config.shuffle:
             ds = ds.shuffle(seed=config.seed)
         ds = ds.repeat(config.num_epochs)  # reshuffles each epoch with a new derived seed

@@ -1,0 +1,173 @@
+"""Loader: exact round trip, deterministic per-epoch shuffles, process slices, resume, layouts, refs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from data_helpers import small_pairs, small_shards, tok_dir  # noqa: F401  (fixtures)
+
+from apo_jax.data import ingest, loader, prepare, refs, schema, tokenize
+
+N_RECORDS = 40
+
+
+def _loader(shard_dir, **kw):
+    proc = {k: kw.pop(k) for k in ("process_index", "process_count") if k in kw}
+    proc.setdefault("process_index", 0)
+    proc.setdefault("process_count", 1)
+    return loader.make_loader(shard_dir, loader.LoaderConfig(**{"seq_len": 256, **kw}), **proc)
+
+
+def _indices(ld):
+    return [b["index"].tolist() for b in ld]
+
+
+def test_round_trip_exact_token_ids(small_shards, small_pairs, tok_dir):  # noqa: F811
+    tok = tokenize.load_tokenizer(tok_dir)
+    seen = 0
+    for b in _loader(small_shards, batch_size=4, num_epochs=1, shuffle=False):
+        n = len(b["index"])
+        assert b["input_ids"].shape == (2 * n, 256) and b["input_ids"].dtype == np.int32
+        assert b["index"].dtype == np.int64
+        for i, idx in enumerate(b["index"]):
+            raw = ingest.RawRow(int(idx), "f", 1, small_pairs[1][idx])
+            p = ingest.parse_row(raw, schema.FieldMap())
+            want_p, want_c, want_r = tokenize.split_pair(tok, list(p.prompt), p.chosen, p.rejected)
+            for row, want_comp in ((i, want_c), (n + i, want_r)):
+                length = int(b["segment_ids"][row].sum())
+                assert b["input_ids"][row, :length].tolist() == want_p + want_comp
+                comp = b["completion_mask"][row]
+                assert (
+                    comp[: len(want_p)].sum() == 0
+                    and comp[len(want_p) : length].all()
+                    and not comp[length:].any()
+                )
+                assert b["positions"][row, :length].tolist() == list(range(length))
+            seen += 1
+    assert seen == N_RECORDS
+
+
+def test_shuffles(small_shards):  # noqa: F811
+    a = sum(_indices(_loader(small_shards, batch_size=5, num_epochs=2, seed=1)), [])
+    b = sum(_indices(_loader(small_shards, batch_size=5, num_epochs=2, seed=1)), [])
+    c = sum(_indices(_loader(small_shards, batch_size=5, num_epochs=2, seed=2)), [])
+    assert a == b and a != c
+    e0, e1 = a[:N_RECORDS], a[N_RECORDS:]
+    assert sorted(e0) == sorted(e1) == list(range(N_RECORDS))  # each epoch is a permutation
+    assert e0 != e1 and e0 != list(range(N_RECORDS))
+
+
+@pytest.mark.parametrize("procs", [2, 4])
+def test_processes_disjoint_complete_and_equal_to_one_process(small_shards, procs):  # noqa: F811
+    n = 5 if procs == 2 else 2  # global batch 10 / 8 divides 40
+    per = [_indices(_loader(small_shards, batch_size=n, num_epochs=1, seed=3, process_index=p, process_count=procs))
+           for p in range(procs)]  # fmt: skip
+    flat = [sorted(sum(batches, [])) for batches in per]
+    allidx = sum(flat, [])
+    assert sorted(allidx) == list(range(N_RECORDS)) and len(set(allidx)) == N_RECORDS
+    single = _indices(_loader(small_shards, batch_size=n * procs, num_epochs=1, seed=3))
+    for step, global_batch in enumerate(single):
+        assert sorted(sum((per[p][step] for p in range(procs)), [])) == sorted(global_batch)
+
+
+def test_drop_remainder_counted_and_padding(small_shards):  # noqa: F811
+    ld = _loader(small_shards, batch_size=3, num_epochs=1, process_count=2, process_index=1)
+    assert ld.num_batches == 6 and ld.dropped == 4 and len(list(ld)) == 6
+    ld = _loader(small_shards, batch_size=3, num_epochs=1, drop_remainder=False, shuffle=False)
+    batches = list(ld)
+    assert ld.padded == 2 and len(batches) == 14
+    last = batches[-1]
+    assert last["index"].tolist() == [39, -1, -1]
+    assert (
+        not last["segment_ids"][[1, 2, 4, 5]].any()
+        and not last["completion_mask"][[1, 2, 4, 5]].any()
+    )
+
+
+def test_resume_mid_epoch_gives_same_remaining_batches(small_shards):  # noqa: F811
+    ld = _loader(small_shards, batch_size=4, num_epochs=2, seed=7)
+    for _ in range(13):  # past the first epoch boundary
+        next(ld)
+    state = ld.get_state()
+    rest = [b["input_ids"] for b in ld]
+    ld2 = _loader(small_shards, batch_size=4, num_epochs=2, seed=7)
+    ld2.set_state(state)
+    rest2 = [b["input_ids"] for b in ld2]
+    assert len(rest) == 7 and all((x == y).all() for x, y in zip(rest, rest2, strict=True))
+
+
+def test_grain_workers_give_same_batches(small_shards):  # noqa: F811
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags
+    a = _indices(_loader(small_shards, batch_size=4, num_epochs=1, seed=5))
+    b = _indices(_loader(small_shards, batch_size=4, num_epochs=1, seed=5, worker_count=1))
+    assert a == b
+
+
+def test_buckets_pick_smallest_fitting_length(small_shards):  # noqa: F811
+    for b in _loader(small_shards, batch_size=4, num_epochs=1, buckets=(64, 128)):
+        t = b["input_ids"].shape[1]
+        longest = int(b["segment_ids"].sum(1).max())
+        assert (
+            t in (64, 128, 256) and longest <= t and (t == 64 or longest > {128: 64, 256: 128}[t])
+        )
+
+
+def test_prefix_layout_and_mask(small_shards):  # noqa: F811
+    concat = next(_loader(small_shards, batch_size=2, num_epochs=1, shuffle=False))
+    b = next(
+        _loader(
+            small_shards, batch_size=2, num_epochs=1, shuffle=False, layout="prefix", seq_len=320
+        )
+    )
+    p, c = int(b["prompt_length"][0]), int(b["chosen_length"][0])
+    ids, cm = concat["input_ids"], concat["completion_mask"]
+    chosen = ids[0][cm[0] == 1]
+    rejected = ids[2][cm[2] == 1]
+    assert b["input_ids"][0, p : p + c].tolist() == chosen.tolist()
+    assert b["input_ids"][0, p + c : p + c + len(rejected)].tolist() == rejected.tolist()
+    assert b["positions"][0, p + c] == p  # rejected restarts at the prompt end
+    mask = loader.prefix_attention_mask(b["branch_ids"], b["segment_ids"])[0]
+    q_rej, q_ch = p + c, p + c - 1
+    assert mask[q_rej, :p].all() and not mask[q_rej, p : p + c].any() and mask[q_rej, q_rej]
+    assert mask[q_ch, : q_ch + 1].all() and not mask[q_ch, q_ch + 1 :].any()
+    assert not mask[:p, p:].any()  # the prompt never sees completions
+
+
+def test_reference_logps_round_trip_and_fingerprint_refusal(tmp_path, tok_dir, small_pairs):  # noqa: F811
+    out = str(tmp_path / "s")
+    prepare.prepare(small_pairs[0], tok_dir, out, prepare.Settings(max_length=256))
+    idx = np.arange(N_RECORDS)[::-1]
+    refs.write_reference_logps(out, idx, -idx.astype(float), -2.0 * idx, {"model": "m1"})
+    for b in _loader(out, batch_size=8, num_epochs=1, reference_info={"model": "m1"}):
+        np.testing.assert_array_equal(b["ref_chosen_logps"], -b["index"].astype(np.float32))
+        np.testing.assert_array_equal(b["ref_rejected_logps"], -2.0 * b["index"].astype(np.float32))
+    with pytest.raises(refs.ReferenceMismatchError, match="fingerprint info"):
+        _loader(out, batch_size=8, reference_info={"model": "m2"})
+    # Re-prepare other data (same pairs, other order): the shard fingerprint changes, the file is refused.
+    import shutil
+
+    from data_helpers import write_jsonl
+
+    keep = shutil.copy(f"{out}/reference_logps.npz", tmp_path / "ref.npz")
+    other = write_jsonl(tmp_path / "rev.jsonl", small_pairs[1][::-1])
+    prepare.prepare(other, tok_dir, out, prepare.Settings(max_length=256))
+    shutil.copy(keep, f"{out}/reference_logps.npz")
+    with pytest.raises(refs.ReferenceMismatchError, match="computed for shards"):
+        _loader(out, batch_size=8)
+    refs.write_reference_logps(out, [0, 1], [0.0, 0.0], [0.0, 0.0], {"model": "m1"})
+    with pytest.raises(refs.ReferenceMismatchError, match="misses 38"):
+        _loader(out, batch_size=8, reference="require")
+
+
+def test_make_global_batch_single_process(small_shards):  # noqa: F811
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    b = next(_loader(small_shards, batch_size=4, num_epochs=1))
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    g = loader.make_global_batch(b, NamedSharding(mesh, PartitionSpec("data")))
+    assert set(g) == set(b)
+    for k in b:
+        np.testing.assert_array_equal(np.asarray(g[k]), b[k])

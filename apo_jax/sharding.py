@@ -130,12 +130,12 @@ def param_shardings(abstract_state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.S
       mesh: the target mesh.
 
     Returns:
-      A state of the same structure holding `NamedSharding`s.
+      A state of the same structure whose Variables hold `NamedSharding`s (the shape
+      `jax.jit(in_shardings=...)` expects for `nnx.split(model)[1]`, like `nnx.get_named_sharding`).
     """
 
     def one(var):
-        spec = logical_to_spec(_var_axes(var), var.shape, mesh)
-        return NamedSharding(mesh, spec)
+        return var.replace(NamedSharding(mesh, logical_to_spec(_var_axes(var), var.shape, mesh)))
 
     return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
@@ -151,14 +151,7 @@ def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:
       The same model, its variables now sharded.
     """
     state = nnx.state(model)
-    shardings = param_shardings(state, mesh)
-    values = jax.tree.map(
-        lambda v: v.get_value(), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
-    )
-    specs = jax.tree.map(
-        lambda v: v.get_value(), shardings, is_leaf=lambda x: isinstance(x, nnx.Variable)
-    )
-    nnx.update(model, jax.device_put(values, specs))
+    nnx.update(model, jax.device_put(state, param_shardings(state, mesh)))
     return model
 
 

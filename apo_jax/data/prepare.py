@@ -16,6 +16,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -102,7 +103,9 @@ def _results(
         for chunk in chunks:
             yield _process_chunk(tokenizer_dir, settings, chunk)
         return
-    ctx = multiprocessing.get_context("spawn")  # safe even when the caller already runs JAX threads
+    # fork starts workers in milliseconds; spawn (seconds: re-imports transformers) once JAX's
+    # threads exist in this process, since forking them is unsafe.
+    ctx = multiprocessing.get_context("spawn" if "jax" in sys.modules else "fork")
     with concurrent.futures.ProcessPoolExecutor(settings.workers, mp_context=ctx) as pool:
         window: collections.deque = collections.deque()
         for chunk in chunks:
@@ -287,8 +290,6 @@ def _parse_args(argv: Sequence[str] | None) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: prints the summary line; exit 2 on unusable input/tokenizer, 1 on a --strict reject."""
-    import sys
-
     args = _parse_args(argv)
     try:
         fields = schema.FieldMap(

@@ -96,13 +96,22 @@ def test_resume_mid_epoch_gives_same_remaining_batches(small_shards):  # noqa: F
     assert len(rest) == 7 and all((x == y).all() for x, y in zip(rest, rest2, strict=True))
 
 
-def test_grain_workers_give_same_batches(small_shards):  # noqa: F811
-    from absl import flags
-
-    flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags
+def test_grain_workers_same_batches_and_portable_state(small_shards):  # noqa: F811
     a = _indices(_loader(small_shards, batch_size=4, num_epochs=1, seed=5))
-    b = _indices(_loader(small_shards, batch_size=4, num_epochs=1, seed=5, worker_count=1))
-    assert a == b
+    ld = _loader(small_shards, batch_size=4, num_epochs=1, seed=5, worker_count=1)
+    first = [next(ld)["index"].tolist() for _ in range(3)]
+    state = ld.get_state()
+    rest = _indices(ld)
+    assert first + rest == a
+    resumed = _loader(small_shards, batch_size=4, num_epochs=1, seed=5)  # no workers now
+    resumed.set_state(state)
+    assert _indices(resumed) == rest
+
+
+def test_state_from_another_loader_is_refused(small_shards):  # noqa: F811
+    state = _loader(small_shards, batch_size=4, seed=1).get_state()
+    with pytest.raises(ValueError, match="seed"):
+        _loader(small_shards, batch_size=4, seed=2).set_state(state)
 
 
 def test_buckets_pick_smallest_fitting_length(small_shards):  # noqa: F811

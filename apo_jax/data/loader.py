@@ -98,6 +98,7 @@ class PairLoader:
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         self.config, self.shard_dir = config, shard_dir
+        self._process = (process_index, process_count)
         self.manifest = shards.read_manifest(shard_dir)
         source = shards.open_source(shard_dir)
         self.num_records = len(source)
@@ -151,33 +152,59 @@ class PairLoader:
         """The grain MapDataset of this process's batches (random access by batch number)."""
         return self._dataset
 
-    def _new_iter(self) -> Any:
+    def _new_iter(self, start_batch: int = 0) -> Any:
         import grain
 
-        it_ds = self._dataset.to_iter_dataset(
-            grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
-        )
+        ds = self._dataset[start_batch:] if start_batch else self._dataset
+        it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
         if self.config.worker_count > 0:
+            from absl import flags
+
+            if not flags.FLAGS.is_parsed():  # grain workers read absl flags (see NOTES-environment)
+                flags.FLAGS.mark_as_parsed()
             opts = grain.MultiprocessingOptions(
                 num_workers=self.config.worker_count,
                 per_worker_buffer_size=self.config.worker_buffer_size,
             )
             it_ds = it_ds.mp_prefetch(opts)
+        self._next_batch = start_batch
         return iter(it_ds)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._iter)
+        batch = next(self._iter)
+        self._next_batch += 1
+        return batch
+
+    def _signature(self) -> dict[str, Any]:
+        c = self.config
+        return {"seed": c.seed, "shuffle": c.shuffle, "batch_size": c.batch_size, "num_epochs": c.num_epochs,
+                "drop_remainder": c.drop_remainder, "process_index": self._process[0],
+                "process_count": self._process[1], "num_records": self.num_records}  # fmt: skip
 
     def get_state(self) -> dict[str, Any]:
-        """The iterator position (JSON-able); restore with :meth:`set_state` on an equal loader."""
-        return self._iter.get_state()
+        """The iterator position (JSON-able), independent of ``worker_count``.
+
+        The batches form a random-access grain MapDataset, so the position is the number of the
+        next batch; :meth:`set_state` restarts the pipeline there.
+        """
+        return {"next_batch": self._next_batch, **self._signature()}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        """Moves the iterator to a position from :meth:`get_state`: the next batch is the one after it."""
-        self._iter.set_state(state)
+        """Moves to a position from :meth:`get_state`: the next batch is the one that followed it.
+
+        Raises:
+          ValueError: the state comes from a loader with another seed, batch size, epochs,
+            process slice or data.
+        """
+        want = self._signature()
+        got = {k: state.get(k) for k in want}
+        if got != want:
+            diff = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
+            raise ValueError(f"loader state does not match this loader (saved, current): {diff}")
+        self._iter = self._new_iter(int(state["next_batch"]))
 
 
 def make_loader(

@@ -94,6 +94,18 @@ def _chunks(rows: Iterable[ingest.RawRow], size: int) -> Iterable[list[ingest.Ra
         yield chunk
 
 
+def _jax_backend_started() -> bool:
+    """True when JAX has started a backend here (its threads make fork unsafe); grain imports jax."""
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge._backends)
+    except (ImportError, AttributeError):  # private API moved: be safe
+        return True
+
+
 def _results(
     tokenizer_dir: str, settings: Settings, rows: Iterable[ingest.RawRow]
 ) -> Iterable[list[tuple]]:
@@ -103,9 +115,8 @@ def _results(
         for chunk in chunks:
             yield _process_chunk(tokenizer_dir, settings, chunk)
         return
-    # fork starts workers in milliseconds; spawn (seconds: re-imports transformers) once JAX's
-    # threads exist in this process, since forking them is unsafe.
-    ctx = multiprocessing.get_context("spawn" if "jax" in sys.modules else "fork")
+    ctx = multiprocessing.get_context("spawn" if _jax_backend_started() else "fork")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no Rust thread pool across fork
     with concurrent.futures.ProcessPoolExecutor(settings.workers, mp_context=ctx) as pool:
         window: collections.deque = collections.deque()
         for chunk in chunks:

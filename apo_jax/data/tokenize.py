@@ -33,6 +33,24 @@ class TokenizerError(Exception):
     """The tokenizer directory is missing or unusable; the message says what to fix."""
 
 
+def _tokenizer_class(tokenizer_dir: str) -> Any:
+    """PreTrainedTokenizerFast when the config names it (Llama-3); AutoTokenizer (seconds to import) otherwise."""
+    import json
+
+    try:
+        with open(os.path.join(tokenizer_dir, "tokenizer_config.json"), encoding="utf-8") as f:
+            name = json.load(f).get("tokenizer_class")
+    except (OSError, ValueError):
+        name = None
+    if name in ("PreTrainedTokenizerFast", "TokenizersBackend"):
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer
+
+
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(tokenizer_dir: str) -> Any:
     """Loads a Hugging Face tokenizer from a local directory (no hub access) and checks it has a chat template."""
@@ -41,10 +59,8 @@ def load_tokenizer(tokenizer_dir: str) -> Any:
             f"tokenizer directory {tokenizer_dir!r} does not exist (pass --tokenizer DIR)"
         )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
     try:
-        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        tok = _tokenizer_class(tokenizer_dir).from_pretrained(tokenizer_dir)
     except Exception as e:
         raise TokenizerError(
             f"cannot load a tokenizer from {tokenizer_dir!r}: {type(e).__name__}: {e}"

@@ -147,3 +147,20 @@ def test_cli_one_line_error_exit_2(tmp_path, tok_dir, small_pairs, what):  # noq
         and "nope" in proc.stderr
         and "Traceback" not in proc.stderr
     )
+
+
+def test_save_to_disk_dataset_dict_split(tmp_path, tok_dir, small_pairs):  # noqa: F811
+    import datasets
+
+    ds = datasets.Dataset.from_list(small_pairs[1][:6])
+    datasets.DatasetDict({"train": ds, "test": ds.select(range(2))}).save_to_disk(
+        str(tmp_path / "dsd")
+    )
+    m = prepare.prepare(
+        str(tmp_path / "dsd"), tok_dir, str(tmp_path / "o"), prepare.Settings(split="test")
+    )
+    assert m["counts"]["written"] == 2
+    with pytest.raises(ingest.InputError, match="no split 'dev'"):
+        prepare.prepare(
+            str(tmp_path / "dsd"), tok_dir, str(tmp_path / "o"), prepare.Settings(split="dev")
+        )

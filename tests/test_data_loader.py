@@ -108,6 +108,11 @@ def test_grain_workers_same_batches_and_portable_state(small_shards):  # noqa: F
     assert _indices(resumed) == rest
 
 
+def test_seq_len_too_short_is_refused_up_front(small_shards):  # noqa: F811
+    with pytest.raises(ValueError, match="re-prepare"):
+        _loader(small_shards, batch_size=2, seq_len=16)
+
+
 def test_state_from_another_loader_is_refused(small_shards):  # noqa: F811
     state = _loader(small_shards, batch_size=4, seed=1).get_state()
     with pytest.raises(ValueError, match="seed"):

@@ -133,6 +133,11 @@ class PairLoader:
 
     def _make_collate(self, config: LoaderConfig) -> batch_lib.Collate:
         seq_len = config.seq_len or _default_seq_len(self.manifest, config.layout)
+        key = "row_max" if config.layout == "concat" else "prefix_row"
+        longest = (self.manifest.get("lengths", {}).get(key) or {}).get("max")
+        if longest is not None and longest > seq_len:
+            raise ValueError(f"{self.shard_dir} has {config.layout} rows of {int(longest)} tokens > seq_len {seq_len}; "
+                             "raise seq_len or re-prepare with a smaller --max-length")  # fmt: skip
         ref_c = ref_r = None
         use_ref = config.reference == "require" or (
             config.reference == "auto" and refs.has_reference_logps(self.shard_dir)

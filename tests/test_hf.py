@@ -30,7 +30,7 @@ def test_save_hf_loads_in_transformers(tmp_path, tied, scan):
     import transformers
 
     cfg = get_preset("tiny", vocab_size=128, tie_embeddings=tied, scan_layers=scan)
-    model = Llama(cfg, rngs=nnx.Rngs(3))
+    model = nnx.jit(lambda: Llama(cfg, rngs=nnx.Rngs(3)))()
     tok_dir = tmp_path / "tok"
     tok_dir.mkdir()
     (tok_dir / "tokenizer_config.json").write_text("{}")
@@ -51,7 +51,7 @@ def test_save_hf_loads_in_transformers(tmp_path, tied, scan):
 
 def test_bf16_export_and_load(tmp_path):
     cfg = get_preset("tiny", vocab_size=128)
-    model = Llama(cfg, rngs=nnx.Rngs(4))
+    model = nnx.jit(lambda: Llama(cfg, rngs=nnx.Rngs(4)))()
     save_hf(model, cfg, tmp_path, dtype="bfloat16")
     st = SafetensorsFile(tmp_path / "model.safetensors")
     assert st.get("model.norm.weight").dtype == ml_dtypes.bfloat16

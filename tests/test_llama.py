@@ -67,7 +67,12 @@ def test_parity_right_padding(make_hf_llama):
 @pytest.fixture(scope="module")
 def tiny():
     cfg = config_lib.get_preset("tiny", vocab_size=128)
-    return Llama(cfg, rngs=nnx.Rngs(0)), cfg
+    return nnx.jit(lambda: Llama(cfg, rngs=nnx.Rngs(0)))(), cfg  # one compile, not op-by-op
+
+
+def _graphdef(cfg):
+    """The graphdef of a model with config `cfg` (no weights are built)."""
+    return nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))[0]
 
 
 def test_causality_gradient_wrt_later_embeddings_is_zero(tiny):
@@ -115,37 +120,37 @@ def test_explicit_mask_overrides_segments(tiny):
 def test_hidden_and_unembedding(tiny):
     model, cfg = tiny
     ids = jnp.asarray([[1, 2, 3]])
-    hidden = model(ids, return_hidden=True)
+    hidden = forward(model, ids, return_hidden=True)
     assert hidden.shape == (1, 3, cfg.d_model)
     assert model.unembedding().shape == (cfg.d_model, cfg.vocab_size)
-    np.testing.assert_allclose(hidden @ model.unembedding(), model(ids), atol=1e-5)
+    np.testing.assert_allclose(hidden @ model.unembedding(), forward(model, ids), atol=1e-5)
 
 
-@pytest.mark.parametrize("remat", ["full", "save_dots"])
-def test_remat_matches_no_remat(tiny, remat):
+def test_remat_policies_give_same_grads(tiny):
     model, cfg = tiny
     ids = jnp.asarray([[3, 1, 4, 1, 5, 9]])
-    graphdef, state = nnx.split(model)
-    remat_graphdef, _ = nnx.split(Llama(cfg.replace(remat=remat), rngs=nnx.Rngs(1)))
+    _, state = nnx.split(model)
+    graphdefs = [_graphdef(cfg.replace(remat=r)) for r in ("none", "full", "save_dots")]
 
-    def loss(st, gd):
-        return nnx.merge(gd, st)(ids).sum()
+    @jax.jit
+    def grads(st):
+        return [jax.grad(lambda s, g=g: nnx.merge(g, s)(ids).sum())(st) for g in graphdefs]
 
-    g_ref = jax.jit(jax.grad(loss), static_argnums=1)(state, graphdef)
-    g_remat = jax.jit(jax.grad(loss), static_argnums=1)(state, remat_graphdef)
-    for x, y in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_remat), strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+    g_ref, *g_remat = grads(state)
+    for g in g_remat:
+        for x, y in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g), strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_compute_close_to_f32(tiny):
     model, cfg = tiny
     ids = jnp.asarray([[3, 1, 4, 1, 5, 9]])
     _, state = nnx.split(model)
-    bf16 = nnx.merge(nnx.split(Llama(cfg.replace(dtype="bfloat16"), rngs=nnx.Rngs(1)))[0], state)
-    out = bf16(ids)
+    bf16 = nnx.merge(_graphdef(cfg.replace(dtype="bfloat16")), state)
+    out = forward(bf16, ids)
     assert out.dtype == jnp.float32
-    assert bf16(ids, return_hidden=True).dtype == jnp.bfloat16
-    np.testing.assert_allclose(out, model(ids), atol=0.05)
+    assert forward(bf16, ids, return_hidden=True).dtype == jnp.bfloat16
+    np.testing.assert_allclose(out, forward(model, ids), atol=0.05)
 
 
 def test_presets_and_validation():

@@ -64,13 +64,13 @@ _EIGHT_DEVICE_SCRIPT = textwrap.dedent(
     seg = jnp.asarray((np.arange(12)[None] < np.array([12, 9, 5, 12, 3, 12, 7, 1])[:, None]) * 1)
 
     def loss(state, graphdef, ids, seg):
-        return (nnx.merge(graphdef, state)(ids, segment_ids_BxT=seg) ** 2).mean()
+        logits = nnx.merge(graphdef, state)(ids, segment_ids_BxT=seg)
+        return (logits**2).mean(), logits
 
-    model = Llama(cfg, rngs=nnx.Rngs(0))
+    model = nnx.jit(lambda: Llama(cfg, rngs=nnx.Rngs(0)))()
     graphdef, state = nnx.split(model)
-    fn = jax.jit(jax.value_and_grad(loss), static_argnums=1)
-    ref_loss, ref_grads = fn(state, graphdef, ids, seg)
-    logits_ref = jax.jit(lambda s, i, g: nnx.merge(graphdef, s)(i, segment_ids_BxT=g))(state, ids, seg)
+    fn = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    (ref_loss, logits_ref), ref_grads = fn(state, graphdef, ids, seg)
 
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     sharding.shard_model(model, mesh)
@@ -81,9 +81,8 @@ _EIGHT_DEVICE_SCRIPT = textwrap.dedent(
     ids_s = jax.device_put(ids, sharding.batch_sharding(mesh))
     seg_s = jax.device_put(seg, sharding.batch_sharding(mesh))
     with jax.set_mesh(mesh):  # activation constraints are active inside the mesh
-        got_loss, got_grads = fn(state, graphdef, ids_s, seg_s)
-        logits = jax.jit(lambda s, i, g: nnx.merge(graphdef, s)(i, segment_ids_BxT=g))(
-            state, ids_s, seg_s)
+        (got_loss, logits), got_grads = fn(state, graphdef, ids_s, seg_s)
+    assert logits.sharding.spec[0] == ("data", "fsdp"), logits.sharding
     np.testing.assert_allclose(logits, logits_ref, atol=2e-5)
     np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads), strict=True):

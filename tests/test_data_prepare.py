@@ -164,3 +164,11 @@ def test_save_to_disk_dataset_dict_split(tmp_path, tok_dir, small_pairs):  # noq
         prepare.prepare(
             str(tmp_path / "dsd"), tok_dir, str(tmp_path / "o"), prepare.Settings(split="dev")
         )
+
+
+def test_prompt_list_with_full_conversations_is_not_doubled():
+    conv = [{"role": "user", "content": "Q?"}]
+    row = {"prompt": conv, "chosen": conv + [{"role": "assistant", "content": "A."}],
+           "rejected": conv + [{"role": "assistant", "content": "B."}]}  # fmt: skip
+    p = schema.to_pair(row, schema.FieldMap(), source_index=0, file="f", line=1)
+    assert list(p.prompt) == conv and (p.chosen, p.rejected) == ("A.", "B.")

@@ -83,6 +83,10 @@ def load_reference_logps(
         than ``expected_info``, or does not cover every record.
     """
     path = os.path.join(shard_dir, REFERENCE_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} does not exist: run the reference pass (apo_jax.reference) first"
+        )
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(str(z["meta"]))
         index_M, chosen_M, rejected_M = z["index"], z["chosen"], z["rejected"]

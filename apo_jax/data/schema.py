@@ -171,7 +171,8 @@ def to_pair(row: Any, fields: FieldMap, *, source_index: int, file: str, line: i
     if hist_c:  # full conversations carry the prompt themselves (CLAIR, implicit prompt)
         prompt = hist_c
         if isinstance(prompt_value, list):
-            prompt = _messages(prompt_value, fields.prompt) + hist_c
+            given = _messages(prompt_value, fields.prompt)
+            prompt = hist_c if hist_c[: len(given)] == given else given + hist_c
         elif prompt_value is not None and not isinstance(prompt_value, str):
             raise RowError(fields.prompt, WRONG_TYPE, type(prompt_value).__name__)
     elif prompt_value is None:

@@ -53,11 +53,13 @@ def test_stop_tokens_trim_rows(pair):
 
 def test_sampling_is_seeded_and_top_p_tiny_is_greedy(pair):
     model, _ = pair
-    a = generate(model, PROMPTS, max_new_tokens=N, temperature=1.0, top_p=0.9, rng=1)
-    b = generate(model, PROMPTS, max_new_tokens=N, temperature=1.0, top_p=0.9, rng=1)
+    a = generate(model, PROMPTS, max_new_tokens=N, temperature=1.0, top_p=0.9, seed=1)
+    b = generate(model, PROMPTS, max_new_tokens=N, temperature=1.0, top_p=0.9, seed=1)
     assert a == b
     greedy = generate(model, PROMPTS, max_new_tokens=N)
-    nucleus_of_one = generate(model, PROMPTS, max_new_tokens=N, temperature=1.0, top_p=1e-6, rng=2)
+    nucleus_of_one = generate(
+        model, PROMPTS, max_new_tokens=N, temperature=1.0, top_p=1e-6, rng=jax.random.key(2)
+    )
     assert nucleus_of_one == greedy
 
 

@@ -114,7 +114,8 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     stop_tokens: Sequence[int] = (),
-    rng: jax.Array | int = 0,
+    seed: int = 0,
+    rng: jax.Array | None = None,
     pad_id: int = 0,
     include_stop: bool = False,
 ) -> list[list[int]]:
@@ -127,7 +128,8 @@ def generate(
       temperature: 0 = greedy (default); otherwise the softmax temperature.
       top_p: nucleus sampling mass (1.0 = off).
       stop_tokens: generation of a row ends at the first of these.
-      rng: PRNG key or int seed (unused when greedy).
+      seed: sampling seed (unused when greedy).
+      rng: a PRNG key; overrides `seed` when given.
       pad_id: id used to left-pad prompts (never attended to).
       include_stop: keep the stop token at the end of a trimmed row.
 
@@ -147,8 +149,8 @@ def generate(
     tokens = np.full((len(prompts), P), pad_id, np.int32)
     for row, p in enumerate(prompts):
         tokens[row, P - len(p) :] = p
-    if isinstance(rng, int):
-        rng = jax.random.key(rng)
+    if rng is None:
+        rng = jax.random.key(seed)
     if len(stop_tokens) > MAX_STOP_TOKENS:
         raise ValueError(f"at most {MAX_STOP_TOKENS} stop tokens, got {len(stop_tokens)}")
     stops = np.full((MAX_STOP_TOKENS,), -1, np.int32)

@@ -49,6 +49,23 @@ def test_constrain_is_noop_outside_mesh():
     assert sharding.constrain(x, ("batch", None)) is x
 
 
+def test_param_shardings_serve_as_jit_in_and_out_shardings():
+    from flax import nnx
+
+    from apo_jax.models import Llama, get_preset
+
+    cfg = get_preset("tiny", vocab_size=128)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
+    mesh = sharding.make_mesh()
+    shardings = sharding.param_shardings(abstract, mesh)
+    state = jax.jit(lambda: nnx.split(Llama(cfg, rngs=nnx.Rngs(0)))[1], out_shardings=shardings)()
+    fwd = jax.jit(
+        lambda st, ids: nnx.merge(graphdef, st)(ids).sum(),
+        in_shardings=(shardings, sharding.batch_sharding(mesh)),
+    )
+    assert jnp.isfinite(fwd(state, jnp.ones((2, 4), jnp.int32)))
+
+
 _EIGHT_DEVICE_SCRIPT = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, numpy as np

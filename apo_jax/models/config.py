@@ -185,7 +185,8 @@ class LlamaConfig:
             "tie_word_embeddings": self.tie_embeddings,
             "attention_bias": False,
             "mlp_bias": False,
-            "torch_dtype": self.param_dtype,
+            "torch_dtype": self.param_dtype,  # transformers 4 name
+            "dtype": self.param_dtype,  # transformers 5 name
         }
 
 

@@ -246,7 +246,7 @@ def save_hf(
         ) as f:
             json.dump(index, f, indent=2)
     hf_cfg = cfg.to_hf()
-    hf_cfg["torch_dtype"] = str(np_dtype) if np_dtype.name != "bfloat16" else "bfloat16"
+    hf_cfg["torch_dtype"] = hf_cfg["dtype"] = np_dtype.name
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(hf_cfg, f, indent=2)
     if tokenizer_dir is not None:

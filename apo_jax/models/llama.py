@@ -59,7 +59,7 @@ class Attention(nnx.Module):
             v_BxTxKxDh.astype(q_BxTxHxDh.dtype),
             mask=mask_BxTxS[:, None, :, :],
             scale=Dh**-0.5,
-            implementation=None,  # lets GPU pick cuDNN where it supports the inputs
+            implementation=None,  # XLA in jax 0.10; cuDNN once JAX auto-selects it
         )
         return self.o_proj(out_BxTxHxDh.reshape(B, T, H * Dh)), kv
 

@@ -280,7 +280,12 @@ def _inputs(p: PairLogps, needs_ref: bool) -> _In:
 
 
 def preference_loss(
-    name: Spec, logps: PairLogps | Mapping[str, Array], *, beta: float = 0.1, **hparams: float
+    name: Spec,
+    logps: PairLogps | Mapping[str, Array],
+    *,
+    beta: float = 0.1,
+    where: Array | None = None,
+    **hparams: float,
 ) -> tuple[Array, dict[str, Array]]:
     """Per-pair preference loss and TRL-named metrics.
 
@@ -291,6 +296,8 @@ def preference_loss(
       logps: ``PairLogps`` (or a dict of its fields) of N pairs. Token counts are needed by the
         length-normalized losses (``ipo``, ``sigmoid_norm``, ``simpo``, ``orpo``, ``sft``).
       beta: inverse temperature (0.1, the paper's and TRL's default).
+      where: optional boolean mask of the real pairs (padding pairs False); metrics average
+        over the real pairs only.
       **hparams: other fields of ``HParams`` (``label_smoothing``, ``discopop_tau``, ...).
 
     Returns:
@@ -306,19 +313,22 @@ def preference_loss(
     loss_N = jnp.zeros_like(x.w)
     for term, weight, overrides in terms:
         loss_N = loss_N + weight * LOSSES[term](x, dataclasses.replace(base, **overrides))
-    return loss_N, pair_metrics(x, loss_N, beta)
+    return loss_N, pair_metrics(x, loss_N, beta, where)
 
 
-def pair_metrics(x: _In, loss_N: Array, beta: float) -> dict[str, Array]:
-    """TRL's DPO metrics, averaged over the pairs."""
+def pair_metrics(
+    x: _In, loss_N: Array, beta: float, where: Array | None = None
+) -> dict[str, Array]:
+    """TRL's DPO metrics, averaged over the (real) pairs."""
     reward_w = jax.lax.stop_gradient(beta * x.rw)
     reward_l = jax.lax.stop_gradient(beta * x.rl)
+    mean = lambda a: jnp.mean(a, where=where)  # noqa: E731
     return {
-        "loss": jnp.mean(loss_N),
-        "rewards/chosen": jnp.mean(reward_w),
-        "rewards/rejected": jnp.mean(reward_l),
-        "rewards/margins": jnp.mean(reward_w - reward_l),
-        "rewards/accuracies": jnp.mean((reward_w > reward_l).astype(jnp.float32)),
-        "logps/chosen": jnp.mean(jax.lax.stop_gradient(x.w)),
-        "logps/rejected": jnp.mean(jax.lax.stop_gradient(x.l)),
+        "loss": mean(loss_N),
+        "rewards/chosen": mean(reward_w),
+        "rewards/rejected": mean(reward_l),
+        "rewards/margins": mean(reward_w - reward_l),
+        "rewards/accuracies": mean((reward_w > reward_l).astype(jnp.float32)),
+        "logps/chosen": mean(jax.lax.stop_gradient(x.w)),
+        "logps/rejected": mean(jax.lax.stop_gradient(x.l)),
     }

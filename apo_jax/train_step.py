@@ -59,14 +59,14 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
 
 def init_state(params: nnx.State, tx: optax.GradientTransformation, seed: int) -> TrainState:
     """A fresh state: step 0, optimizer initialized on `params`."""
-    zero = jnp.zeros((), jnp.int32)
+    zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731 - distinct buffers, so each can be donated
     return TrainState(
-        step=zero,
+        step=zero(),
         params=params,
         opt_state=tx.init(params),
         rng=jax.random.key_data(jax.random.key(seed)),
-        bad_steps=zero,
-        skipped=zero,
+        bad_steps=zero(),
+        skipped=zero(),
     )
 
 
@@ -98,12 +98,17 @@ def pair_logps(
     batch: Batch,
     cfg: StepConfig,
     ref_params: nnx.State | None = None,
+    ref_graphdef: nnx.GraphDef | None = None,
 ) -> losses.PairLogps:
-    """Policy (and reference) log-probs of the N pairs of a 'concat' batch of 2N rows."""
+    """Policy (and reference) log-probs of the N pairs of a 'concat' batch of 2N rows.
+
+    The online reference runs through `ref_graphdef` (default: the policy's graph), which may
+    differ in compute dtype.
+    """
     logps_R, counts_R = row_logps(graphdef, params, batch, cfg.logprob_chunk)
     n = logps_R.shape[0] // 2
     if cfg.reference == "online":
-        ref_R, _ = row_logps(graphdef, ref_params, batch, cfg.logprob_chunk)
+        ref_R, _ = row_logps(ref_graphdef or graphdef, ref_params, batch, cfg.logprob_chunk)
         ref_R = jax.lax.stop_gradient(ref_R)
         ref_w, ref_l = ref_R[:n], ref_R[n:]
     elif cfg.reference == "precomputed":
@@ -120,13 +125,14 @@ def pair_logps(
     )
 
 
-def loss_fn(params, graphdef, batch, cfg: StepConfig, ref_params=None):
+def loss_fn(params, graphdef, batch, cfg: StepConfig, ref_params=None, ref_graphdef=None):
     """Mean preference loss of a batch and its metrics."""
-    logps = pair_logps(graphdef, params, batch, cfg, ref_params)
+    logps = pair_logps(graphdef, params, batch, cfg, ref_params, ref_graphdef)
+    valid_N = batch["index"] >= 0  # the loader pads a last partial batch with index -1
     loss_N, metrics = losses.preference_loss(
-        cfg.loss, logps, beta=cfg.beta, **dict(cfg.loss_hparams)
+        cfg.loss, logps, beta=cfg.beta, where=valid_N, **dict(cfg.loss_hparams)
     )
-    return jnp.mean(loss_N), metrics
+    return jnp.sum(jnp.where(valid_N, loss_N, 0.0)) / jnp.maximum(jnp.sum(valid_N), 1), metrics
 
 
 def micro_batches(batch: Batch, k: int) -> dict[str, Array]:
@@ -147,14 +153,14 @@ def micro_batches(batch: Batch, k: int) -> dict[str, Array]:
     return out
 
 
-def _grads(state: TrainState, graphdef, batch: Batch, cfg: StepConfig, ref_params):
+def _grads(state: TrainState, graphdef, batch: Batch, cfg: StepConfig, ref_params, ref_graphdef):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if cfg.grad_accum == 1:
-        (_, metrics), grads = grad_fn(state.params, graphdef, batch, cfg, ref_params)
+        (_, metrics), grads = grad_fn(state.params, graphdef, batch, cfg, ref_params, ref_graphdef)
         return grads, metrics
 
     def body(acc, micro):
-        (_, m), g = grad_fn(state.params, graphdef, micro, cfg, ref_params)
+        (_, m), g = grad_fn(state.params, graphdef, micro, cfg, ref_params, ref_graphdef)
         return jax.tree.map(jnp.add, acc, g), m
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -172,6 +178,7 @@ def train_step(
     tx: optax.GradientTransformation,
     cfg: StepConfig,
     schedule: Callable[[Array], Array] | None = None,
+    ref_graphdef: nnx.GraphDef | None = None,
 ) -> tuple[TrainState, dict[str, Array]]:
     """One optimizer update, skipped (and counted) when the loss or gradients are not finite.
 
@@ -183,12 +190,13 @@ def train_step(
       tx: the optax transformation (clipping included).
       cfg: the StepConfig.
       schedule: the learning-rate schedule, only to report it.
+      ref_graphdef: the online reference's graph when its dtype differs from the policy's.
 
     Returns:
       (new state, metrics): the loss metrics plus ``grad_norm``, ``learning_rate``,
       ``skipped`` (1 when this update was skipped) and ``tokens``.
     """
-    grads, metrics = _grads(state, graphdef, batch, cfg, ref_params)
+    grads, metrics = _grads(state, graphdef, batch, cfg, ref_params, ref_graphdef)
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
@@ -220,7 +228,8 @@ def eval_step(
     *,
     graphdef: nnx.GraphDef,
     cfg: StepConfig,
+    ref_graphdef: nnx.GraphDef | None = None,
 ) -> dict[str, Array]:
     """Loss and metrics of a held-out batch (no update)."""
-    _, metrics = loss_fn(params, graphdef, batch, cfg, ref_params)
+    _, metrics = loss_fn(params, graphdef, batch, cfg, ref_params, ref_graphdef)
     return metrics

@@ -1,0 +1,122 @@
+"""Fields shared by every objective's config; see docs/training.md for each one.
+
+`configs/<objective>.py` files call `base_config(loss, preset)`; `apo_jax.run_config` validates.
+"""
+
+import ml_collections
+
+PRESETS = ("demo", "llama3_1b", "llama3_8b")
+
+
+def base_config(loss: str, preset: str | None) -> ml_collections.ConfigDict:
+    """The full config for `loss` (a losses.py name or mixture) and a preset name."""
+    preset = preset or "demo"
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    c = ml_collections.ConfigDict()
+    c.preset = preset  # which preset filled the fields below (informational)
+    c.seed = 0  # model init, data shuffle and step RNG
+
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "tiny"  # models/config.py preset when hf_path is empty
+    c.model.hf_path = (
+        ""  # Hugging Face Llama checkpoint directory to start from (policy and reference)
+    )
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
+    c.model.param_dtype = "float32"  # master weight dtype
+    c.model.remat = "none"  # none | full | save_dots
+    c.model.scan_layers = True  # one compiled block for all layers (False unrolls them)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = ""  # prepared shard dir (python -m apo_jax.data.prepare); empty: the demo
+    c.data.eval = ""  # held-out shard dir; empty: no held-out evaluation (the demo has its own)
+    c.data.tokenizer = ""  # tokenizer dir copied into HF exports; default: the shards' manifest
+    c.data.seq_len = 0  # row length T; 0 takes the shards' max_length
+    c.data.buckets = ()  # optional row lengths to pad each batch to (fewer recompiles, less padding)
+    c.data.num_epochs = 1  # passes over the training shards
+    c.data.shuffle = True
+    c.data.worker_count = 0  # grain worker processes (0 reads in the main process)
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.name = loss  # losses.py name or mixture, e.g. "apo_zero + 0.1*sft"
+    c.loss.beta = 0.1  # the paper's and TRL's default
+    c.loss.label_smoothing = 0.0
+    c.loss.discopop_tau = 0.05
+    c.loss.simpo_gamma = 0.5
+
+    c.reference = ml_collections.ConfigDict()
+    c.reference.mode = (
+        "auto"  # auto | precomputed | online | none (auto: precompute once, then read)
+    )
+    c.reference.dtype = "float32"  # dtype of the frozen reference weights and compute
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"  # adamw | rmsprop | adafactor | sgd
+    c.optim.learning_rate = 5e-7
+    c.optim.warmup_steps = 0
+    c.optim.schedule = "linear"  # cosine | linear | constant, after warmup
+    c.optim.end_lr_factor = 0.0
+    c.optim.weight_decay = 0.0
+    c.optim.decay_mask = "no_norms"  # all | no_norms | no_norms_no_embed
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.momentum = 0.0
+    c.optim.clip_norm = 1.0  # global-norm clipping; 0 disables
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1 takes the devices left by the other axes
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    c.batch_size = 16  # pairs per optimizer step, all processes together
+    c.grad_accum = 1  # micro-batches per step (batch_size must divide)
+    c.num_steps = 0  # 0: as many as num_epochs give
+    c.logprob_chunk = 256  # time steps per chunk of the log-prob head
+    c.max_bad_steps = 5  # consecutive non-finite steps before the run stops
+
+    c.log_every = 10  # console/metrics.jsonl/TensorBoard every N steps
+    c.eval_every = 100  # held-out evaluation every N steps (0: only at the end)
+    c.eval_batches = 0  # 0: the whole held-out split
+    c.progress_bar = True
+    c.wandb_project = ""  # log to Weights & Biases when set and wandb is installed
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 200  # steps between saves (0: only at the end and on SIGTERM)
+    c.checkpoint.keep = 3  # latest checkpoints kept
+    c.checkpoint.keep_best = 1  # plus the best by held-out loss (0: off)
+    c.checkpoint.async_save = True
+    c.export_hf = True  # write <workdir>/hf at the end (safetensors + config + tokenizer)
+
+    c.demo = ml_collections.ConfigDict()
+    c.demo.cache_dir = ""  # default ~/.cache/apo_jax/demo
+    c.demo.n_train = 3000
+    c.demo.n_eval = 300
+
+    if preset == "demo":
+        c.model.preset = "tiny"
+        c.optim.learning_rate = 2e-3
+        c.optim.warmup_steps = 10
+        c.batch_size = 32
+        c.num_steps = 0
+        c.data.num_epochs = 2
+        c.eval_every = 50
+        c.log_every = 10
+        c.checkpoint.every = 50
+    elif preset in ("llama3_8b", "llama3_1b"):
+        # The paper's setting for Llama-3-8B-Instruct on CLAIR pairs; pass model and data paths.
+        c.model.preset = preset
+        c.model.dtype = "bfloat16"
+        c.model.remat = "full"
+        c.reference.dtype = "bfloat16"
+        c.mesh.data, c.mesh.fsdp = 1, -1  # FSDP over every device
+        c.optim.name = "rmsprop"
+        c.optim.learning_rate = 2e-7
+        c.optim.schedule = "constant"
+        c.optim.warmup_steps = 0
+        c.batch_size = 16
+        c.data.num_epochs = 18
+        c.logprob_chunk = 512
+        c.eval_every = 200
+        c.checkpoint.every = 500
+    return c

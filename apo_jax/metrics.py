@@ -1,0 +1,123 @@
+"""Where metrics go: console, `metrics.jsonl`, TensorBoard, and Weights & Biases when asked.
+
+Only process 0 writes. Also the MFU estimate: FLOPs of the compiled step over the chip's peak.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+log = logging.getLogger("apo_jax")
+
+# Dense peak FLOP/s per chip for bf16 matmuls (vendor figures), matched against device_kind.
+PEAK_FLOPS = {
+    "h100": 989e12,
+    "h200": 989e12,
+    "gh200": 989e12,
+    "b200": 2250e12,
+    "a100": 312e12,
+    "l4": 121e12,
+    "tpu v4": 275e12,
+    "tpu v5 lite": 197e12,
+    "tpu v5e": 197e12,
+    "tpu v5p": 459e12,
+    "tpu v5": 459e12,
+    "tpu v6 lite": 918e12,
+    "tpu v6e": 918e12,
+}
+
+
+def chip_peak_flops(device: jax.Device | None = None) -> float | None:
+    """The chip's dense bf16 peak FLOP/s, or None for chips not in the table (CPUs included)."""
+    kind = (device or jax.devices()[0]).device_kind.lower()
+    for name in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if name in kind:
+            return PEAK_FLOPS[name]
+    return None
+
+
+def compiled_flops(compiled: Any) -> float | None:
+    """FLOPs of one call of a compiled function, from XLA's cost analysis (None if unavailable)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - some backends do not implement it
+        return None
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else None
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+class MetricWriter:
+    """Writes scalar metrics of process 0 to metrics.jsonl, TensorBoard and optionally W&B."""
+
+    def __init__(
+        self, workdir: str, *, wandb_project: str = "", config: Mapping[str, Any] | None = None
+    ):
+        self.active = jax.process_index() == 0
+        self._jsonl = self._tb = self._wandb = None
+        if not self.active:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        try:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        except ImportError:
+            log.warning("tensorboardX is not installed: no TensorBoard event files")
+        if wandb_project:
+            try:
+                import wandb
+
+                self._wandb = wandb.init(
+                    project=wandb_project, config=dict(config or {}), dir=workdir
+                )
+            except ImportError:
+                log.warning(
+                    "config.wandb_project is set but wandb is not installed: pip install wandb"
+                )
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        if not self.active:
+            return
+        clean = {k: float(v) for k, v in metrics.items()}
+        self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in clean.items():
+                if math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(clean, step=step)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def console_line(step: int, total: int, m: Mapping[str, float]) -> str:
+    """One short human line per log interval."""
+    parts = [f"step {step}/{total}", f"loss {m['loss']:.4f}"]
+    for key, label, fmt in (
+        ("rewards/accuracies", "acc", ".3f"),
+        ("rewards/margins", "margin", ".4f"),
+        ("grad_norm", "|g|", ".3f"),
+        ("learning_rate", "lr", ".2e"),
+        ("tokens_per_sec", "tok/s", ",.0f"),
+        ("mfu", "mfu", ".1%"),
+    ):
+        if key in m and math.isfinite(m[key]):
+            parts.append(f"{label} {m[key]:{fmt}}")
+    return "  ".join(parts)

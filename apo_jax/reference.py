@@ -1,0 +1,140 @@
+"""The reference pass: the frozen reference model's log-probs, computed once, stored beside the shards.
+
+Training then holds one model instead of two. The stored file is keyed by record index and by a
+fingerprint of the reference weights, tokenizer and dtype (plus the shard contents, which
+`data.refs` adds), so a loader refuses log-probs that belong to another model or other shards.
+
+  python -m apo_jax.reference --config=configs/apo_down.py:llama3_8b --config.model.hf_path=... \
+      --config.data.train=...
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from apo_jax import sharding
+from apo_jax import train_step as ts
+from apo_jax.data import loader as loader_lib
+from apo_jax.data import refs, shards
+
+log = logging.getLogger("apo_jax")
+
+
+def weights_fingerprint(hf_path: str, model_desc: dict[str, Any]) -> str:
+    """Identifies the reference weights without reading them.
+
+    From a Hugging Face directory: a hash of config.json and of each safetensors file's name,
+    size and first MiB. For a randomly initialized model: a hash of its description (preset and
+    seed), which determines its weights.
+    """
+    h = hashlib.sha256()
+    if hf_path:
+        for name in sorted(os.listdir(hf_path)):
+            if name == "config.json" or name.endswith(".safetensors"):
+                path = os.path.join(hf_path, name)
+                h.update(f"{name}:{os.path.getsize(path)}".encode())
+                with open(path, "rb") as f:
+                    h.update(f.read(1 << 20))
+    else:
+        h.update(json.dumps(model_desc, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def fingerprint_info(shard_dir: str, weights_fp: str, dtype: str) -> dict[str, Any]:
+    """What the stored log-probs depend on besides the shard contents."""
+    tokenizer = shards.read_manifest(shard_dir).get("tokenizer", {})
+    return {"weights": weights_fp, "tokenizer": tokenizer.get("fingerprint", ""), "dtype": dtype}
+
+
+def stored_matches(shard_dir: str, info: dict[str, Any]) -> bool:
+    """Whether the shards already hold reference log-probs made with `info`."""
+    if not refs.has_reference_logps(shard_dir):
+        return False
+    try:
+        refs.load_reference_logps(shard_dir, info)
+    except refs.ReferenceMismatchError:
+        return False
+    return True
+
+
+def compute_and_store(
+    shard_dir: str,
+    graphdef: nnx.GraphDef,
+    ref_params: nnx.State,
+    mesh: jax.sharding.Mesh,
+    info: dict[str, Any],
+    *,
+    batch_size: int,
+    seq_len: int | None,
+    chunk: int,
+) -> str:
+    """Runs the reference over every record of `shard_dir` and writes the log-probs beside it.
+
+    Args:
+      shard_dir: prepared shards.
+      graphdef, ref_params: the frozen reference model (params on `mesh`).
+      mesh: the device mesh.
+      info: `fingerprint_info(...)`, stored with the log-probs.
+      batch_size: pairs per batch, all processes together.
+      seq_len: row length (None: the shards' max_length).
+      chunk: log-prob chunk size.
+
+    Returns:
+      The path of the written file.
+    """
+    procs = jax.process_count()
+    cfg = loader_lib.LoaderConfig(
+        batch_size=batch_size // procs,
+        seq_len=seq_len,
+        shuffle=False,
+        num_epochs=1,
+        drop_remainder=False,
+        reference="none",
+    )
+    data = loader_lib.make_loader(shard_dir, cfg)
+    fn = jax.jit(functools.partial(ts.row_logps, graphdef, chunk=chunk))
+    row_sh = sharding.batch_sharding(mesh)
+    index, chosen, rejected = [], [], []
+    for batch in data:
+        g = loader_lib.make_global_batch(batch, row_sh)
+        logps_R, _ = fn(ref_params, g)
+        logps_R, index_N = multihost_utils.process_allgather((logps_R, g["index"]), tiled=True)
+        n = index_N.shape[0]
+        keep = np.asarray(index_N) >= 0
+        index.append(np.asarray(index_N)[keep])
+        chosen.append(np.asarray(logps_R[:n])[keep])
+        rejected.append(np.asarray(logps_R[n:])[keep])
+    path = os.path.join(shard_dir, refs.REFERENCE_FILE)
+    if jax.process_index() == 0:
+        path = refs.write_reference_logps(
+            shard_dir, np.concatenate(index), np.concatenate(chosen), np.concatenate(rejected), info
+        )
+        log.info("reference log-probs of %d pairs written to %s", sum(map(len, index)), path)
+    multihost_utils.sync_global_devices("reference_logps_written")
+    return path
+
+
+def main(argv: Any) -> None:
+    """`python -m apo_jax.reference`: the reference pass alone, with the training config."""
+    from apo_jax import train
+
+    del argv
+    train.run_reference_only(train.FLAGS.config, train.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    from apo_jax import train  # noqa: F401 - defines the --config and --workdir flags
+
+    app.run(main)

@@ -88,6 +88,13 @@ def base_config(loss: str, preset: str | None) -> ml_collections.ConfigDict:
     c.checkpoint.async_save = True
     c.export_hf = True  # write <workdir>/hf at the end (safetensors + config + tokenizer)
 
+    c.distributed = ml_collections.ConfigDict()  # multi-process runs; see docs/scaling.md
+    c.distributed.mode = "auto"  # auto: join when config/env/SLURM/TPU pod says so | on | off
+    c.distributed.coordinator_address = ""  # process 0's host:port; "" = env or cluster
+    c.distributed.num_processes = 0  # 0 = JAX_NUM_PROCESSES or cluster detection
+    c.distributed.process_id = -1  # -1 = JAX_PROCESS_ID or cluster detection
+    c.distributed.initialization_timeout = 300  # seconds for every process to join, then an error
+
     c.demo = ml_collections.ConfigDict()
     c.demo.cache_dir = ""  # default ~/.cache/apo_jax/demo
     c.demo.n_train = 3000

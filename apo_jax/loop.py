@@ -26,6 +26,16 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
+def _stop_agreed(stop: StopSignal) -> bool:
+    """Whether to stop now; with several processes, a signal seen by any one stops them all at
+    the same step (a process that left alone would hang the others in the next collective)."""
+    if jax.process_count() == 1:
+        return bool(stop)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.array([int(bool(stop))], np.int32))))
+
+
 class Loop:
     """Holds the run's state and drives it; `run()` trains to the end (or to a stop signal)."""
 
@@ -132,7 +142,7 @@ class Loop:
             unit="step",
             dynamic_ncols=True,
         )
-        pending, window, last_train, eval_m = None, [], {}, {}
+        pending, window, last_train, eval_m, stopping = None, [], {}, {}, False
         t_start = t_log = time.perf_counter()
         tokens, tokens_log, step = 0, 0, self.start_step
         try:
@@ -159,25 +169,29 @@ class Loop:
                 ):
                     eval_m = self.evaluate()
                     self.writer.write(step, eval_m)
-                    bar.write(
-                        metrics_lib.console_line(
-                            step,
-                            self.steps,
-                            {
-                                "loss": eval_m["eval/loss"],
-                                "rewards/accuracies": eval_m["eval/rewards/accuracies"],
-                            },
-                        ).replace("loss", "held-out loss", 1)
-                    )
+                    if jax.process_index() == 0:  # bar.write prints even when the bar is off
+                        bar.write(
+                            metrics_lib.console_line(
+                                step,
+                                self.steps,
+                                {
+                                    "loss": eval_m["eval/loss"],
+                                    "rewards/accuracies": eval_m["eval/rewards/accuracies"],
+                                },
+                            ).replace("loss", "held-out loss", 1)
+                        )
                     saved_eval = {"eval/loss": eval_m["eval/loss"]}
                 every = rc.checkpoint["every"]
-                if (every and step % every == 0) or step == self.steps or stop:
+                stopping = _stop_agreed(stop)
+                if (every and step % every == 0) or step == self.steps or stopping:
                     self.ckpt.save(
                         step, self.state, self.train_data.get_state(), self._meta(step), saved_eval
                     )
-                if stop:
+                if stopping:
                     log.warning(
-                        "%s received: checkpoint at step %d saved, stopping", stop.signal_name, step
+                        "%s received: checkpoint at step %d saved, stopping",
+                        stop.signal_name or "a stop signal (on another process)",
+                        step,
                     )
                     break
         finally:
@@ -185,7 +199,7 @@ class Loop:
             self.ckpt.wait()
             stop.restore()
         seconds = time.perf_counter() - t_start
-        summary = self._summary(step, seconds, tokens, last_train, eval_m, interrupted=bool(stop))
+        summary = self._summary(step, seconds, tokens, last_train, eval_m, interrupted=stopping)
         self.ckpt.close()
         self.writer.close()
         return summary

@@ -11,7 +11,7 @@ import math
 import os
 from typing import Any
 
-from apo_jax import losses
+from apo_jax import distributed, losses
 from apo_jax.optim import OptimConfig
 
 
@@ -44,6 +44,7 @@ class RunConfig:
     checkpoint: dict[str, Any]
     export_hf: bool
     demo: dict[str, Any]
+    distributed: distributed.DistributedConfig = distributed.DistributedConfig()
 
     @property
     def is_demo(self) -> bool:
@@ -92,13 +93,15 @@ def _check_mesh(c: Any, device_count: int) -> tuple[int, int, int]:
     known = math.prod(s for s in sizes if s != -1)
     _need(
         device_count % known == 0,
-        f"config.mesh data*fsdp*tensor = {known} does not divide the {device_count} devices",
+        f"config.mesh data*fsdp*tensor = {known} does not divide the {device_count} devices of all "
+        "processes together: set config.mesh.data/fsdp/tensor to divisors of that count",
     )
     if -1 in sizes:
         sizes[sizes.index(-1)] = device_count // known
     _need(
         math.prod(sizes) == device_count,
-        f"config.mesh {sizes} uses {math.prod(sizes)} devices but {device_count} are present",
+        f"config.mesh {sizes} uses {math.prod(sizes)} devices but all processes together have "
+        f"{device_count}: make data*fsdp*tensor equal {device_count} (or set one axis to -1)",
     )
     return sizes[0], sizes[1], sizes[2]
 
@@ -137,7 +140,8 @@ def validate(c: Any, *, device_count: int, process_count: int = 1) -> RunConfig:
     )
     _need(
         c.batch_size % process_count == 0,
-        f"config.batch_size {c.batch_size} must divide across the {process_count} processes",
+        f"config.batch_size {c.batch_size} must divide across the {process_count} processes: "
+        f"make it a multiple of {process_count}",
     )
     micro_rows = 2 * c.batch_size // c.grad_accum
     _need(
@@ -147,6 +151,13 @@ def validate(c: Any, *, device_count: int, process_count: int = 1) -> RunConfig:
     )
     _need(c.logprob_chunk > 0, "config.logprob_chunk must be positive")
     _need(c.log_every > 0 and c.eval_every >= 0, "config.log_every must be > 0 and eval_every >= 0")
+    dist = distributed.DistributedConfig.from_mapping(
+        c.distributed.to_dict() if "distributed" in c else None
+    )
+    try:
+        distributed.check(dist)
+    except distributed.DistributedError as e:
+        raise ConfigError(str(e)) from None
     try:
         optim = OptimConfig(**c.optim.to_dict())
     except (TypeError, ValueError) as e:
@@ -173,4 +184,5 @@ def validate(c: Any, *, device_count: int, process_count: int = 1) -> RunConfig:
         checkpoint=c.checkpoint.to_dict(),
         export_hf=bool(c.export_hf),
         demo=c.demo.to_dict(),
+        distributed=dist,
     )

@@ -16,7 +16,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from apo_jax import reference, run_config, sharding, trainer
+from apo_jax import distributed, reference, run_config, sharding, trainer
 from apo_jax import train_step as ts
 from apo_jax.checkpoint import CheckpointError
 from apo_jax.data.refs import ReferenceMismatchError
@@ -37,6 +37,7 @@ flags.DEFINE_string(
 log = logging.getLogger("apo_jax")
 
 USER_ERRORS = (
+    distributed.DistributedError,
     run_config.ConfigError,
     ModelConfigError,
     HFCheckpointError,
@@ -139,6 +140,9 @@ def main(argv: list[str]) -> None:
     log.setLevel(logging.INFO)
     log.propagate = False
     try:
+        distributed.initialize(FLAGS.config.get("distributed"))  # before any device is touched
+        if jax.process_index() != 0:
+            log.setLevel(logging.WARNING)  # process 0 narrates; the others only warn
         summary = run(FLAGS.config, FLAGS.workdir)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)

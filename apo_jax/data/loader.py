@@ -184,10 +184,12 @@ class PairLoader:
         return batch
 
     def _signature(self) -> dict[str, Any]:
+        # The batch number counts global batches, so a position saved by P processes is valid
+        # for any process count with the same global batch (a resume on another topology).
         c = self.config
-        return {"seed": c.seed, "shuffle": c.shuffle, "batch_size": c.batch_size, "num_epochs": c.num_epochs,
-                "drop_remainder": c.drop_remainder, "process_index": self._process[0],
-                "process_count": self._process[1], "num_records": self.num_records}  # fmt: skip
+        return {"seed": c.seed, "shuffle": c.shuffle, "global_batch_size": c.batch_size * self._process[1],
+                "num_epochs": c.num_epochs, "drop_remainder": c.drop_remainder,
+                "num_records": self.num_records}  # fmt: skip
 
     def get_state(self) -> dict[str, Any]:
         """The iterator position (JSON-able), independent of ``worker_count``.
@@ -195,16 +197,22 @@ class PairLoader:
         The batches form a random-access grain MapDataset, so the position is the number of the
         next batch; :meth:`set_state` restarts the pipeline there.
         """
-        return {"next_batch": self._next_batch, **self._signature()}
+        return {"next_batch": self._next_batch, **self._signature(), "batch_size": self.config.batch_size,
+                "process_index": self._process[0], "process_count": self._process[1]}  # fmt: skip
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Moves to a position from :meth:`get_state`: the next batch is the one that followed it.
 
         Raises:
-          ValueError: the state comes from a loader with another seed, batch size, epochs,
-            process slice or data.
+          ValueError: the state comes from a loader with another seed, global batch size,
+            epochs or data (the process count may differ).
         """
         want = self._signature()
+        if "global_batch_size" not in state and "batch_size" in state:  # states saved before it
+            state = {
+                **state,
+                "global_batch_size": state["batch_size"] * state.get("process_count", 1),
+            }
         got = {k: state.get(k) for k in want}
         if got != want:
             diff = {k: (got[k], want[k]) for k in want if got[k] != want[k]}

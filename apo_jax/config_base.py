@@ -99,9 +99,11 @@ def base_config(loss: str, preset: str | None) -> ml_collections.ConfigDict:
     c.demo.cache_dir = ""  # default ~/.cache/apo_jax/demo
     c.demo.n_train = 3000
     c.demo.n_eval = 300
+    c.demo.multi_turn = 0.0  # fraction of multi-turn conversations (long rows, slower on a CPU)
 
     if preset == "demo":
         c.model.preset = "tiny"
+        c.data.seq_len = 96  # single-turn demo rows are at most about 80 tokens
         c.optim.learning_rate = 2e-3
         c.optim.warmup_steps = 10
         c.batch_size = 32

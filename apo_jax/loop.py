@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -138,7 +139,7 @@ class Loop:
         bar = tqdm(
             total=self.steps,
             initial=self.start_step,
-            disable=not rc.progress_bar or jax.process_index() != 0,
+            disable=not rc.progress_bar or jax.process_index() != 0 or not sys.stderr.isatty(),
             unit="step",
             dynamic_ncols=True,
         )

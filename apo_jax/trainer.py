@@ -45,7 +45,10 @@ def resolve_data(rc: RunConfig) -> DataPaths:
         from apo_jax.data import demo
 
         assets = demo.build_demo(
-            rc.demo["cache_dir"] or None, n_train=rc.demo["n_train"], n_eval=rc.demo["n_eval"]
+            rc.demo["cache_dir"] or None,
+            n_train=rc.demo["n_train"],
+            n_eval=rc.demo["n_eval"],
+            multi_turn=rc.demo["multi_turn"],
         )
         train, eval_ = assets.train_shards, eval_ or assets.eval_shards
         tokenizer = tokenizer or assets.tokenizer_dir

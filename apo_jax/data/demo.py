@@ -136,14 +136,14 @@ def _reverse(rng: random.Random) -> tuple[str, str, str]:
 TASKS = (_arith, _sort, _count, _compare, _reverse)
 
 
-def generate_pairs(n: int, seed: int) -> list[dict]:
-    """Returns n CLAIR-layout rows; about 1 in 8 is multi-turn with a system prompt."""
+def generate_pairs(n: int, seed: int, multi_turn: float = 0.125) -> list[dict]:
+    """Returns n CLAIR-layout rows; a `multi_turn` fraction has a system prompt and an earlier turn."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
         q, good, bad = rng.choice(TASKS)(rng)
         history = [{"role": "user", "content": q}]
-        if rng.random() < 0.125:
+        if rng.random() < multi_turn:
             q0, good0, _ = rng.choice(TASKS)(rng)
             history = [
                 {"role": "system", "content": SYSTEM},
@@ -198,10 +198,10 @@ def _write_jsonl(rows: list[dict], path: str) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def _build(root: str, n_train: int, n_eval: int, seed: int) -> None:
+def _build(root: str, n_train: int, n_eval: int, seed: int, multi_turn: float) -> None:
     from apo_jax.data import prepare
 
-    rows = generate_pairs(n_train + n_eval, seed)
+    rows = generate_pairs(n_train + n_eval, seed, multi_turn)
     texts = [m["content"] for r in rows for side in ("chosen", "rejected") for m in r[side]]
     train_tokenizer(texts, os.path.join(root, "tokenizer"))
     _write_jsonl(rows[:n_train], os.path.join(root, "train.jsonl"))
@@ -231,7 +231,12 @@ def _point_manifests_at(root: str) -> None:
 
 
 def build_demo(
-    cache_dir: str | None = None, *, n_train: int = 3000, n_eval: int = 300, seed: int = 0
+    cache_dir: str | None = None,
+    *,
+    n_train: int = 3000,
+    n_eval: int = 300,
+    seed: int = 0,
+    multi_turn: float = 0.125,
 ) -> DemoAssets:
     """Builds (once) and returns the demo assets.
 
@@ -239,17 +244,21 @@ def build_demo(
       cache_dir: parent directory; defaults to ``~/.cache/apo_jax/demo``. Assets live in
         ``cache_dir/<VERSION>-<n_train>-<n_eval>-<seed>`` and are reused when present.
       n_train, n_eval, seed: size and seed of the generated pair set.
+      multi_turn: fraction of conversations with a system prompt and an earlier exchange (long
+        rows; the training demo sets 0 so rows stay short).
 
     Returns:
       DemoAssets with the tokenizer dir, train/eval JSONL files and train/eval shard dirs.
     """
     cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "apo_jax", "demo")
     root = os.path.join(cache_dir, f"{VERSION}-{n_train}-{n_eval}-{seed}")
+    if multi_turn != 0.125:
+        root += f"-mt{multi_turn:g}"
     if not os.path.exists(os.path.join(root, "eval_shards", "manifest.json")):
         os.makedirs(cache_dir, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".build-", dir=cache_dir)
         try:
-            _build(tmp, n_train, n_eval, seed)
+            _build(tmp, n_train, n_eval, seed, multi_turn)
             try:
                 os.rename(tmp, root)  # atomic; a concurrent builder may have won the race
             except OSError:

@@ -278,3 +278,34 @@ def test_bad_input_is_one_line_error(tmp_path, capsys, server):
     code = clair.main(["clair", "--input", str(tmp_path / "p.jsonl"), "--output", str(tmp_path / "o.jsonl"),
                        "--target_url", server.url, "--reviser_url", server.url, "--reviser_model", "r"])  # fmt: skip
     assert code == 2 and "--target_model" in capsys.readouterr().err
+
+
+def test_local_flax_target_makes_pairs_end_to_end(server, tmp_path, monkeypatch):
+    """The demo-shaped model answers through the project's own sampler; the reviser is remote."""
+    from flax import nnx
+
+    from apo_jax.data import demo
+    from apo_jax.models import config as model_config
+    from apo_jax.models import hf
+    from apo_jax.models.llama import Llama
+
+    monkeypatch.setenv("CLAIR_TEST_KEY", SECRET)
+    tok_dir = demo.train_tokenizer(
+        [r["chosen"][-1]["content"] for r in demo.generate_pairs(200, seed=0)],
+        str(tmp_path / "tok"),
+    )
+    cfg = model_config.get_preset("tiny", vocab_size=768)
+    hf.save_hf(Llama(cfg, rngs=nnx.Rngs(0)), cfg, str(tmp_path / "ckpt"), tokenizer_dir=tok_dir)
+    n = _write_prompts(tmp_path / "prompts.jsonl", ["What is 2 + 3?", "Sort 3, 1, 2."])
+    args = _args(server, tmp_path)
+    i = args.index("--target_url")
+    args[i : i + 6] = ["--target_checkpoint", str(tmp_path / "ckpt"), "--target_max_tokens", "12",
+                       "--target_temperature", "0"]  # fmt: skip
+    assert clair.main(args) == 0
+    pairs = _read(tmp_path / "out" / "clair.jsonl")
+    rejects = _read(tmp_path / "out" / "clair.rejects.jsonl")
+    assert len(pairs) + len(rejects) == n and len(pairs) == 2
+    for p in pairs:
+        answer = p["rejected"][1]["content"]
+        assert answer and p["chosen"][1]["content"] == f"{answer}, improved"
+        assert p["target_model"] == str(tmp_path / "ckpt")

@@ -156,6 +156,11 @@ def test_offpolicy_choice_is_seeded():
 
 
 class FakeTokenizer:
+    eos_token_id = 4  # "<eot>"
+
+    def convert_tokens_to_ids(self, token):
+        return {"<|eot_id|>": 4}.get(token)
+
     def apply_chat_template(self, chat, add_generation_prompt, tokenize):
         assert add_generation_prompt and not tokenize
         return "".join(f"<{m['role']}>{m['content']}" for m in chat) + "<assistant>"
@@ -170,7 +175,8 @@ class FakeTokenizer:
 def test_local_backend_renders_samples_decodes_and_resumes(tmp_path):
     calls = []
 
-    def fake_generate(model, prompts, *, max_new_tokens, temperature, top_p, seed):
+    def fake_generate(model, prompts, *, max_new_tokens, temperature, top_p, seed, stop_tokens):
+        assert stop_tokens == (4,)  # sampling stops at end of turn
         calls.append((len(prompts), max_new_tokens, temperature, seed))
         return [p + [ord(c) for c in f"hi{len(p)}"] for p in prompts]  # prompt + completion ids
 
@@ -199,5 +205,5 @@ def test_real_generate_accepts_the_local_backend_call():
 
     params = inspect.signature(generate).parameters
     accepts_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    for name in ("max_new_tokens", "temperature", "top_p", "seed"):
+    for name in ("max_new_tokens", "temperature", "top_p", "seed", "stop_tokens"):
         assert accepts_kwargs or name in params, name

@@ -33,6 +33,16 @@ def _default_generate() -> Callable[..., Any]:
     return generate
 
 
+def _stop_ids(tokenizer: Any) -> tuple[int, ...]:
+    """End-of-sequence and end-of-turn ids: sampling stops there instead of at max_tokens."""
+    ids = {tokenizer.eos_token_id}
+    for token in ("<|eot_id|>", "<|end_of_text|>"):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != getattr(tokenizer, "unk_token_id", None):
+            ids.add(tid)
+    return tuple(sorted(i for i in ids if i is not None))
+
+
 class LocalBackend:
     """Answers chats with the project's own sampler on a local checkpoint.
 
@@ -105,6 +115,7 @@ class LocalBackend:
             temperature=float(params.get("temperature", 1.0)),
             top_p=float(params.get("top_p", 1.0)),
             seed=int(params.get("seed", 0)),
+            stop_tokens=_stop_ids(tokenizer),
         )
         texts = []
         for prompt_ids, out in zip(prompts, outputs, strict=True):

@@ -62,28 +62,62 @@ def sequence_logps(
     Returns:
       ``(logps_B, counts_B)``, float32 sums and token counts.
     """
+    logps_1xB, counts_1xB = segment_logps(
+        hidden_BxTxD, unembed_DxV, input_ids_BxT, completion_mask_BxT[None], chunk_size=chunk_size
+    )
+    return logps_1xB[0], counts_1xB[0]
+
+
+def segment_logps(
+    hidden_BxTxD: Array,
+    unembed_DxV: Array,
+    input_ids_BxT: Array,
+    masks_KxBxT: Array,
+    *,
+    chunk_size: int = 256,
+) -> tuple[Array, Array]:
+    """Like :func:`sequence_logps` for K masks over the same rows, in one pass of the head.
+
+    Used by prompt-prefix sharing, where one row holds both completions of a pair.
+
+    Args:
+      hidden_BxTxD: final-norm hidden states.
+      unembed_DxV: output projection.
+      input_ids_BxT: token ids of each row.
+      masks_KxBxT: K masks in ``input_ids`` coordinates.
+      chunk_size: time steps per chunk.
+
+    Returns:
+      ``(logps_KxB, counts_KxB)``.
+    """
     B, T, D = hidden_BxTxD.shape
-    targets_BxT, mask_BxT = shift_targets(input_ids_BxT, completion_mask_BxT)
+    K = masks_KxBxT.shape[0]
+    zeros_Bx1 = jnp.zeros_like(input_ids_BxT[:, :1])
+    targets_BxT = jnp.concatenate([input_ids_BxT[:, 1:], zeros_Bx1], axis=1)
+    masks_KxBxT = jnp.concatenate(
+        [masks_KxBxT[:, :, 1:], jnp.zeros_like(masks_KxBxT[:, :, :1])], axis=2
+    ).astype(jnp.float32)
     C = max(1, min(chunk_size, T))
     pad = -T % C
     if pad:
         hidden_BxTxD = jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0)))
         targets_BxT = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
-        mask_BxT = jnp.pad(mask_BxT, ((0, 0), (0, pad)))
+        masks_KxBxT = jnp.pad(masks_KxBxT, ((0, 0), (0, 0), (0, pad)))
     n = (T + pad) // C
     hidden_NxBxCxD = hidden_BxTxD.reshape(B, n, C, D).swapaxes(0, 1)
     targets_NxBxC = targets_BxT.reshape(B, n, C).swapaxes(0, 1)
-    mask_NxBxC = mask_BxT.reshape(B, n, C).swapaxes(0, 1)
+    masks_NxKxBxC = masks_KxBxT.reshape(K, B, n, C).transpose(2, 0, 1, 3)
     chunk_fn = jax.checkpoint(_token_logps)
 
-    def body(acc_B, xs):
-        h_BxCxD, t_BxC, m_BxC = xs
-        return acc_B + jnp.sum(chunk_fn(h_BxCxD, unembed_DxV, t_BxC) * m_BxC, axis=-1), None
+    def body(acc_KxB, xs):
+        h_BxCxD, t_BxC, m_KxBxC = xs
+        logps_BxC = chunk_fn(h_BxCxD, unembed_DxV, t_BxC)
+        return acc_KxB + jnp.sum(logps_BxC[None] * m_KxBxC, axis=-1), None
 
-    logps_B, _ = jax.lax.scan(
-        body, jnp.zeros((B,), jnp.float32), (hidden_NxBxCxD, targets_NxBxC, mask_NxBxC)
+    logps_KxB, _ = jax.lax.scan(
+        body, jnp.zeros((K, B), jnp.float32), (hidden_NxBxCxD, targets_NxBxC, masks_NxKxBxC)
     )
-    return logps_B, jnp.sum(mask_BxT, axis=-1)
+    return logps_KxB, jnp.sum(masks_KxBxT, axis=-1)
 
 
 def naive_sequence_logps(

@@ -1,0 +1,121 @@
+"""Benchmarks 1 and 2: apo_jax's APO-down step against the TRL-style PyTorch step, and its MFU.
+
+    python bench/step_vs_torch.py [--repeats 3] [--modes online,precomputed] [--jax scan,unrolled]
+
+Shapes (docs/performance.md): Llama-3 architecture, d 512, 8 layers, 8 heads, 2 kv heads,
+mlp 1536, vocab 32000, 4 pairs of 512-token rows (half prompt), float32, AdamW. For each reference
+mode the JAX step(s) and the PyTorch step are timed interleaved (one call of each per round, median
+of the rounds), together with the machine's float32 `jnp.dot` ceiling, measured before and after.
+Tokens/s counts every token of the 2N rows. Achieved FLOP/s uses model FLOPs (no recomputation):
+3 x forward for the trained model (+1 forward for an online reference), forward =
+2 x (matmul params incl. the unembedding) per token + 4 T^2 H Dh per row and layer (attention, full
+square as executed).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from common import (
+    STEP_MODEL,
+    Shapes,
+    build_step,
+    concat_batch,
+    dot_flops_per_s,
+    machine,
+    median,
+    table,
+    time_interleaved,
+    ts,
+)
+from torch_step import TorchStep
+
+JAX_VARIANTS = {
+    "scan": dict(scan_layers=True),
+    "unrolled": dict(scan_layers=False),
+}
+
+
+def forward_flops(cfg, shp: Shapes) -> float:
+    """Model FLOPs of one forward over the 2N rows (matmuls + attention scores and mixing)."""
+    D, H, K, Dh, F, V = (
+        cfg.d_model,
+        cfg.n_heads,
+        cfg.n_kv_heads,
+        cfg.head_dim,
+        cfg.mlp_dim,
+        cfg.vocab_size,
+    )
+    per_token = cfg.n_layers * (D * Dh * (2 * H + 2 * K) + 3 * D * F) + D * V
+    rows, t = 2 * shp.pairs, shp.seq
+    attn = cfg.n_layers * rows * 4 * t * t * H * Dh
+    return 2 * per_token * rows * t + attn
+
+
+def step_flops(cfg, shp: Shapes, online: bool) -> float:
+    return (3 + online) * forward_flops(cfg, shp)
+
+
+def jax_runner(cfg, step_cfg, batch):
+    step, state, ref = build_step(cfg, step_cfg)
+    dev_batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    holder = [state]
+
+    def run():
+        holder[0], metrics = step(holder[0], dev_batch, ref)
+        metrics["loss"].block_until_ready()
+
+    return run
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--modes", default="online,precomputed")
+    ap.add_argument("--jax", default="scan", help=f"comma list of {sorted(JAX_VARIANTS)}")
+    ap.add_argument("--chunk", type=int, default=ts.StepConfig().logprob_chunk)
+    ap.add_argument("--pairs", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--no-torch", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    shp = Shapes(pairs=args.pairs, seq=args.seq, prompt=args.seq // 2)
+    batch = concat_batch(shp, STEP_MODEL.vocab_size)
+    tokens = 2 * shp.pairs * shp.seq
+    ceilings = [dot_flops_per_s()]
+    rows = []
+    for mode in args.modes.split(","):
+        step_cfg = ts.StepConfig(loss="apo_down", reference=mode, logprob_chunk=args.chunk)
+        fns = {}
+        for v in args.jax.split(","):
+            fns[f"apo_jax ({v})"] = jax_runner(
+                STEP_MODEL.replace(**JAX_VARIANTS[v]), step_cfg, batch
+            )
+        if not args.no_torch:
+            torch_step = TorchStep(STEP_MODEL, online=mode == "online")
+            fns["pytorch (TRL-style)"] = lambda ts_=torch_step: ts_(batch)
+        times = time_interleaved(fns, args.repeats)
+        flops = step_flops(STEP_MODEL, shp, mode == "online")
+        t_torch = median(times["pytorch (TRL-style)"]) if not args.no_torch else float("nan")
+        for name, t in times.items():
+            rows.append((mode, name, f"{median(t):.2f}", " ".join(f"{x:.2f}" for x in t),
+                         f"{tokens / median(t):.0f}", f"{t_torch / median(t):.2f}x",
+                         f"{flops / median(t) / 1e9:.1f}", flops))  # fmt: skip
+    ceilings.append(dot_flops_per_s())
+    ceiling = float(np.median(ceilings))
+    print(f"machine: {machine()}; torch {torch.__version__} threads {torch.get_num_threads()}")
+    print(f"shapes: {STEP_MODEL}; pairs {shp.pairs}, seq {shp.seq}, prompt {shp.prompt}")
+    print(f"float32 jnp.dot 2048^3 ceiling: {' / '.join(f'{c / 1e9:.0f}' for c in ceilings)} GFLOP/s "
+          "(before / after)")  # fmt: skip
+    header = ("reference", "step", "s/step (median)", "all rounds", "tokens/s", "vs pytorch",
+              "GFLOP/s", "% of dot ceiling")  # fmt: skip
+    out = [r[:-1] + (f"{100 * r[-1] / float(r[2]) / ceiling:.0f}%",) for r in rows]
+    print(table(header, out))
+
+
+if __name__ == "__main__":
+    main()

@@ -129,3 +129,16 @@ def base_config(loss: str, preset: str | None) -> ml_collections.ConfigDict:
         c.eval_every = 200
         c.checkpoint.every = 500
     return c
+
+
+def with_overrides(c: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+    """Sets dotted fields, as `--config.a.b=v` does on the command line (unknown fields raise)."""
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        if leaf not in node:
+            raise KeyError(f"config has no field {key!r}")
+        node[leaf] = value
+    return c

@@ -40,20 +40,11 @@ def _stop_agreed(stop: StopSignal) -> bool:
 class Loop:
     """Holds the run's state and drives it; `run()` trains to the end (or to a stop signal)."""
 
-    def __init__(
-        self,
-        rc,
-        workdir,
-        paths,
-        mesh,
-        graphdef,
-        params,
-        ref_graphdef,
-        ref_params,
-        ref_mode,
-        info,
-        model_cfg,
-    ):
+    def __init__(self, built: trainer.Built):
+        b = built
+        rc, workdir, paths, mesh, params = b.rc, b.workdir, b.paths, b.mesh, b.params
+        graphdef, ref_graphdef, ref_params = b.graphdef, b.ref_graphdef, b.ref_params
+        ref_mode, info, model_cfg = b.ref_mode, b.info, b.model_cfg
         self.rc, self.workdir, self.paths, self.mesh = rc, workdir, paths, mesh
         self.graphdef, self.model_cfg, self.ref_params = graphdef, model_cfg, ref_params
         self.ref_mode, self.info = ref_mode, info

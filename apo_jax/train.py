@@ -81,7 +81,7 @@ def setup(config: Any, workdir: str) -> Loop:
                     chunk=rc.logprob_chunk,
                 )
         ref_params = None  # read from the data from now on: one model in memory
-    return Loop(
+    built = trainer.Built(
         rc,
         workdir,
         paths,
@@ -94,6 +94,7 @@ def setup(config: Any, workdir: str) -> Loop:
         info,
         model_cfg,
     )
+    return Loop(built)
 
 
 def run(config: Any, workdir: str = "") -> dict[str, Any]:

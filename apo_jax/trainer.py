@@ -38,6 +38,23 @@ class DataPaths:
     manifest: dict[str, Any]
 
 
+@dataclasses.dataclass
+class Built:
+    """Everything `train.setup` prepares for the loop."""
+
+    rc: RunConfig
+    workdir: str
+    paths: DataPaths
+    mesh: jax.sharding.Mesh
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    ref_graphdef: nnx.GraphDef
+    ref_params: nnx.State | None  # only for the online reference
+    ref_mode: str  # 'precomputed' | 'online' | 'none'
+    info: dict[str, Any]  # the reference fingerprint info
+    model_cfg: Any
+
+
 def resolve_data(rc: RunConfig) -> DataPaths:
     """The shard and tokenizer directories of the run; builds the embedded demo when none is given."""
     train, eval_, tokenizer = rc.data["train"], rc.data["eval"], rc.data["tokenizer"]

@@ -22,6 +22,7 @@ import time
 import pytest
 
 from apo_jax import distributed, run_config
+from apo_jax.config_base import with_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_TIMEOUT = 300  # seconds per training run (about 30-70 s each on a loaded 2-core machine)
@@ -220,14 +221,7 @@ def _get_config():
 
 
 def _config(**over):
-    c = _get_config()
-    for k, v in over.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return with_overrides(_get_config(), over)
 
 
 def test_mesh_and_batch_that_do_not_divide_name_the_fix():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from apo_jax import train
-from apo_jax.config_base import base_config
+from apo_jax.config_base import base_config, with_overrides
 from apo_jax.data import demo
 from apo_jax.run_config import ConfigError
 
@@ -46,14 +46,7 @@ def small_overrides(cache, **extra):
 
 
 def make_config(overrides, loss="apo_down"):
-    c = base_config(loss, None)
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return with_overrides(base_config(loss, None), overrides)
 
 
 def losses_by_step(workdir):

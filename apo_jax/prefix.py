@@ -64,6 +64,7 @@ def pair_logps_prefix(
     batch,
     cfg,
     ref_params: nnx.State | None = None,
+    ref_graphdef: nnx.GraphDef | None = None,
 ) -> losses.PairLogps:
     """Policy (and reference) log-probs of the N pairs of a 'prefix' batch of N rows.
 
@@ -78,13 +79,14 @@ def pair_logps_prefix(
         reference, ``ref_chosen_logps, ref_rejected_logps [N]``.
       cfg: a `train_step.StepConfig` (``logprob_chunk`` and ``reference`` are read).
       ref_params: frozen reference parameters, for ``cfg.reference == 'online'``.
+      ref_graphdef: the reference's graph when its dtype differs (default: ``graphdef``).
 
     Returns:
       The `losses.PairLogps` of the N pairs.
     """
     chosen, rejected, n_w, n_l = prefix_row_logps(graphdef, params, batch, cfg.logprob_chunk)
     if cfg.reference == "online":
-        ref = prefix_row_logps(graphdef, ref_params, batch, cfg.logprob_chunk)
+        ref = prefix_row_logps(ref_graphdef or graphdef, ref_params, batch, cfg.logprob_chunk)
         ref_w, ref_l = jax.lax.stop_gradient(ref[0]), jax.lax.stop_gradient(ref[1])
     elif cfg.reference == "precomputed":
         ref_w, ref_l = batch["ref_chosen_logps"], batch["ref_rejected_logps"]

@@ -19,7 +19,6 @@ import argparse
 import jax.numpy as jnp
 import numpy as np
 import torch
-
 from common import (
     STEP_MODEL,
     Shapes,

@@ -104,7 +104,7 @@ def base_config(loss: str, preset: str | None) -> ml_collections.ConfigDict:
     if preset == "demo":
         c.model.preset = "tiny"
         c.data.seq_len = 96  # single-turn demo rows are at most about 80 tokens
-        c.optim.learning_rate = 2e-3
+        c.optim.learning_rate = 3e-3
         c.optim.warmup_steps = 10
         c.batch_size = 32
         c.num_steps = 0

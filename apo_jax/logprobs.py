@@ -44,7 +44,7 @@ def sequence_logps(
     input_ids_BxT: Array,
     completion_mask_BxT: Array,
     *,
-    chunk_size: int = 256,
+    chunk_size: int = 128,
 ) -> tuple[Array, Array]:
     """Summed log-probs of the completion tokens of each row.
 
@@ -74,7 +74,7 @@ def segment_logps(
     input_ids_BxT: Array,
     masks_KxBxT: Array,
     *,
-    chunk_size: int = 256,
+    chunk_size: int = 128,
 ) -> tuple[Array, Array]:
     """Like :func:`sequence_logps` for K masks over the same rows, in one pass of the head.
 

@@ -18,7 +18,6 @@ ml-collections or datasets).
 from __future__ import annotations
 
 import argparse
-import functools
 import subprocess
 import sys
 import time
@@ -26,12 +25,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-
 from common import Shapes, build_step, concat_batch, median, table, time_interleaved, ts
+from flax import nnx
+from step_vs_torch import forward_flops
+
 from apo_jax.models.config import get_preset
 from apo_jax.models.llama import Llama
-from step_vs_torch import forward_flops
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
 

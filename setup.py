@@ -15,6 +15,7 @@ INSTALL_REQUIRES = [
     "datasets>=5.0",
     "safetensors>=0.6",
     "tokenizers>=0.22",
+    "jinja2>=3.1",  # chat templates (transformers needs it but does not declare it)
     "numpy>=2.0",
     "rapidfuzz>=3.9",  # Levenshtein distance for contrastiveness statistics
     "tqdm>=4.66",  # progress bars

@@ -143,10 +143,14 @@ def validate(c: Any, *, device_count: int, process_count: int = 1) -> RunConfig:
         f"config.batch_size {c.batch_size} must divide across the {process_count} processes: "
         f"make it a multiple of {process_count}",
     )
-    micro_rows = 2 * c.batch_size // c.grad_accum
+    _need(
+        c.data.layout in ("concat", "prefix"),
+        f"config.data.layout must be concat or prefix, got {c.data.layout!r}",
+    )
+    micro_rows = (2 if c.data.layout == "concat" else 1) * c.batch_size // c.grad_accum
     _need(
         micro_rows % data_ways == 0,
-        f"each micro-batch has {micro_rows} rows (chosen + rejected), which the mesh's data*fsdp = "
+        f"each micro-batch has {micro_rows} rows, which the mesh's data*fsdp = "
         f"{data_ways} ways must divide: change config.batch_size, grad_accum or mesh",
     )
     _need(c.logprob_chunk > 0, "config.logprob_chunk must be positive")

@@ -20,6 +20,7 @@ from flax import nnx
 
 from apo_jax import losses
 from apo_jax.logprobs import sequence_logps
+from apo_jax.prefix import pair_logps_prefix
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -47,6 +48,7 @@ class StepConfig:
     logprob_chunk: int = 256  # time steps per chunk of the log-prob head
     grad_accum: int = 1  # micro-batches per step
     reference: str = "precomputed"  # 'precomputed' (from the batch) | 'online' | 'none'
+    layout: str = "concat"  # 'concat' (chosen rows, then rejected rows) | 'prefix' (one row a pair)
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
@@ -127,7 +129,8 @@ def pair_logps(
 
 def loss_fn(params, graphdef, batch, cfg: StepConfig, ref_params=None, ref_graphdef=None):
     """Mean preference loss of a batch and its metrics."""
-    logps = pair_logps(graphdef, params, batch, cfg, ref_params, ref_graphdef)
+    logps_fn = pair_logps_prefix if cfg.layout == "prefix" else pair_logps
+    logps = logps_fn(graphdef, params, batch, cfg, ref_params, ref_graphdef)
     valid_N = batch["index"] >= 0  # the loader pads a last partial batch with index -1
     loss_N, metrics = losses.preference_loss(
         cfg.loss, logps, beta=cfg.beta, where=valid_N, **dict(cfg.loss_hparams)

@@ -165,6 +165,7 @@ def loader_config(rc: RunConfig, *, train: bool, info: dict[str, Any] | None, re
         batch_size=rc.batch_size // jax.process_count(),
         seq_len=rc.data["seq_len"] or None,
         buckets=tuple(rc.data["buckets"]) or None,
+        layout=rc.data["layout"],
         seed=rc.seed,
         shuffle=rc.data["shuffle"] if train else False,
         num_epochs=rc.data["num_epochs"] if train else 1,
@@ -187,6 +188,7 @@ def step_config(rc: RunConfig, ref_mode: str) -> ts.StepConfig:
         logprob_chunk=rc.logprob_chunk,
         grad_accum=rc.grad_accum,
         reference=ref_mode,
+        layout=rc.data["layout"],
     )
 
 

@@ -172,3 +172,38 @@ def test_prompt_list_with_full_conversations_is_not_doubled():
            "rejected": conv + [{"role": "assistant", "content": "B."}]}  # fmt: skip
     p = schema.to_pair(row, schema.FieldMap(), source_index=0, file="f", line=1)
     assert list(p.prompt) == conv and (p.chosen, p.rejected) == ("A.", "B.")
+
+
+def test_tokenizer_problems_are_one_fatal_error_not_rejects(
+    tmp_path,
+    tok_dir,  # noqa: F811
+    small_pairs,  # noqa: F811
+    monkeypatch,
+):
+    import shutil
+
+    from apo_jax.data import tokenize
+
+    bare = tmp_path / "bare_tokenizer"
+    shutil.copytree(tok_dir, bare)
+    (bare / "chat_template.jinja").unlink()
+    with pytest.raises(tokenize.TokenizerError, match="has no chat template"):
+        prepare.prepare(small_pairs[0], str(bare), str(tmp_path / "out"))
+    # A package the template needs is missing (as jinja2 is on a machine without torch).
+    real = tokenize.load_tokenizer
+
+    def without_jinja(path):
+        tok = real(path)
+
+        def fail(*a, **k):
+            raise ImportError("apply_chat_template requires jinja2 to be installed")
+
+        tok.apply_chat_template = fail
+        return tok
+
+    monkeypatch.setattr(tokenize, "load_tokenizer", without_jinja)
+    with pytest.raises(
+        tokenize.TokenizerError, match="cannot render its chat template: ImportError"
+    ):
+        prepare.prepare(small_pairs[0], tok_dir, str(tmp_path / "out2"))
+    assert not (tmp_path / "out2" / "rejects.jsonl").exists()  # no row was blamed for it

@@ -81,17 +81,23 @@ def cli(workdir, overrides, env=None, **popen):
     )
 
 
-def test_same_seed_same_losses_and_online_equals_precomputed(demo_cache, tmp_path):
+def test_same_seed_same_losses_online_reference_and_prefix_layout(demo_cache, tmp_path):
     pre = train.run(make_config(small_overrides(demo_cache, num_steps=3)), str(tmp_path / "a"))
     again = train.run(make_config(small_overrides(demo_cache, num_steps=3)), str(tmp_path / "b"))
     online = train.run(
         make_config(small_overrides(demo_cache, num_steps=3, **{"reference.mode": "online"})),
         str(tmp_path / "c"),
     )
-    a, b, c = (losses_by_step(str(tmp_path / d)) for d in "abc")
+    train.run(
+        make_config(small_overrides(demo_cache, num_steps=3, **{"data.layout": "prefix"})),
+        str(tmp_path / "d"),
+    )
+    a, b, c, d = (losses_by_step(str(tmp_path / d)) for d in "abcd")
     assert sorted(a) == [1, 2, 3]
     assert a == b, "same config and seed must give bit-identical losses"
     np.testing.assert_allclose([a[s] for s in a], [c[s] for s in a], rtol=1e-5)
+    # Prompt-prefix sharing (one row a pair) trains to the same losses as the concatenated layout.
+    np.testing.assert_allclose([a[s] for s in a], [d[s] for s in a], rtol=1e-4)
     assert pre["steps"] == again["steps"] == online["steps"] == 3
     # Precomputed log-probs were written beside the shards, keyed to this reference.
     assert os.path.exists(

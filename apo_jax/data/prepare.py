@@ -138,6 +138,14 @@ def _clear_outputs(out_dir: str) -> None:
 
 def _tokenizer_info(tokenizer_dir: str) -> dict[str, Any]:
     tok = tokenize.load_tokenizer(tokenizer_dir)
+    try:  # fail once, here, rather than reject every row for a tokenizer-level problem
+        tok.apply_chat_template(
+            [{"role": "user", "content": "ping"}], tokenize=False, add_generation_prompt=True
+        )
+    except Exception as e:  # noqa: BLE001 - no template, or a package it needs (jinja2) missing
+        raise tokenize.TokenizerError(
+            f"{tokenizer_dir}: cannot render its chat template: {type(e).__name__}: {e}"
+        ) from None
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     return {
         "dir": os.path.abspath(tokenizer_dir),

@@ -91,6 +91,8 @@ def _render(tok: Any, messages: list[dict[str, str]], generation_prompt: bool) -
         return tok.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=generation_prompt
         )
+    except ImportError:  # a missing package is the environment's fault, not the row's
+        raise
     except Exception as e:  # jinja raises for conversations the template refuses
         raise schema.RowError("prompt", schema.TEMPLATE_ERROR, f"{type(e).__name__}: {e}") from None
 

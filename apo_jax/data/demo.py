@@ -208,12 +208,16 @@ def _build(root: str, n_train: int, n_eval: int, seed: int, multi_turn: float) -
     _write_jsonl(rows[n_train:], os.path.join(root, "eval.jsonl"))
     settings = prepare.Settings(max_length=256, records_per_shard=1024)
     for split in ("train", "eval"):
-        prepare.prepare(
+        manifest = prepare.prepare(
             os.path.join(root, f"{split}.jsonl"),
             os.path.join(root, "tokenizer"),
             os.path.join(root, f"{split}_shards"),
             settings,
         )
+        if manifest["counts"]["rejected"]:  # generated data is valid by construction
+            raise RuntimeError(
+                f"demo {split} pairs rejected: {manifest['counts']['rejected_by_reason']}"
+            )
 
 
 def _point_manifests_at(root: str) -> None:

@@ -5,14 +5,14 @@
 The same pairs go through the loader's collate in both layouts ('concat': 2 rows of
 prompt + completion; 'prefix': 1 row of prompt + chosen + rejected) and through a jitted APO-down
 train step (precomputed reference, AdamW); the concat step uses `train_step.pair_logps`, the prefix
-step `apo_jax.prefix.pair_logps_prefix`. The two are timed interleaved (median of the rounds).
+step `apo_jax.prefix.pair_logps_prefix` (`StepConfig(layout='prefix')`). The two are timed interleaved (median of the rounds).
 Model: benchmark 1's shapes with `--layers` layers (default 4, to keep the run short).
 """
 
 from __future__ import annotations
 
 import argparse
-from unittest import mock
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,6 @@ from common import STEP_MODEL, machine, median, table, time_interleaved, ts
 
 from apo_jax.data import shards
 from apo_jax.data.batch import Collate
-from apo_jax.prefix import pair_logps_prefix
 
 
 def pair_batches(n: int, prompt: int, completion: int, vocab: int, seed: int = 0):
@@ -50,11 +49,10 @@ def runner(cfg, step_cfg, batch, prefix: bool):
     tx, _ = make_optimizer(OptimConfig(learning_rate=1e-6, schedule="constant"), 1000)
     state = jax.tree.map(jnp.copy, ts.init_state(params, tx, 0))
 
+    step_cfg = dataclasses.replace(step_cfg, layout="prefix" if prefix else "concat")
+
     def fn(state, batch):
-        if not prefix:
-            return ts.train_step(state, batch, None, graphdef=graphdef, tx=tx, cfg=step_cfg)
-        with mock.patch.object(ts, "pair_logps", pair_logps_prefix):  # traced once, at compile
-            return ts.train_step(state, batch, None, graphdef=graphdef, tx=tx, cfg=step_cfg)
+        return ts.train_step(state, batch, None, graphdef=graphdef, tx=tx, cfg=step_cfg)
 
     step = jax.jit(fn, donate_argnums=(0,))
     holder = [state]

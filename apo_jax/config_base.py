@@ -75,7 +75,7 @@ def base_config(loss: str, preset: str | None) -> ml_collections.ConfigDict:
     c.batch_size = 16  # pairs per optimizer step, all processes together
     c.grad_accum = 1  # micro-batches per step (batch_size must divide)
     c.num_steps = 0  # 0: as many as num_epochs give
-    c.logprob_chunk = 256  # time steps per chunk of the log-prob head
+    c.logprob_chunk = 128  # time steps per chunk of the log-prob head (docs/performance.md)
     c.max_bad_steps = 5  # consecutive non-finite steps before the run stops
 
     c.log_every = 10  # console/metrics.jsonl/TensorBoard every N steps
@@ -128,7 +128,6 @@ def base_config(loss: str, preset: str | None) -> ml_collections.ConfigDict:
         c.optim.warmup_steps = 0
         c.batch_size = 16
         c.data.num_epochs = 18
-        c.logprob_chunk = 512
         c.eval_every = 200
         c.checkpoint.every = 500
     return c

@@ -45,7 +45,7 @@ class StepConfig:
     loss: Any = "apo_down"  # a loss name or mixture, see losses.parse_spec
     beta: float = 0.1
     loss_hparams: tuple[tuple[str, float], ...] = ()  # other losses.HParams fields
-    logprob_chunk: int = 256  # time steps per chunk of the log-prob head
+    logprob_chunk: int = 128  # time steps per chunk of the log-prob head
     grad_accum: int = 1  # micro-batches per step
     reference: str = "precomputed"  # 'precomputed' (from the batch) | 'online' | 'none'
     layout: str = "concat"  # 'concat' (chosen rows, then rejected rows) | 'prefix' (one row a pair)

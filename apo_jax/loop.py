@@ -121,7 +121,10 @@ class Loop:
         if exe is None:
             exe = self.train_jit.lower(self.state, g, self.ref_params).compile()
             self._executables[key] = exe
-            self.flops = self.flops or metrics_lib.compiled_flops(exe)
+            rows, seq_len = key
+            self.flops = metrics_lib.model_flops(
+                self.model_cfg, rows, seq_len, online_reference=self.ref_mode == "online"
+            )
         return exe(self.state, g, self.ref_params)
 
     def run(self) -> dict[str, Any]:

@@ -1,5 +1,7 @@
 """Tests of the pure train step: learning, accumulation, reference modes, skipping bad updates."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -125,3 +127,13 @@ def test_metrics_report_schedule_and_tokens():
         "grad_norm",
     ):
         assert np.isfinite(float(m[key])), key
+
+
+def test_model_flops_counts_every_layer():
+    from apo_jax.metrics import model_flops
+
+    one = model_flops(dataclasses.replace(CFG, n_layers=1), 4, 16, online_reference=False)
+    two = model_flops(CFG, 4, 16, online_reference=False)
+    head = 3 * 2 * CFG.d_model * CFG.vocab_size * 4 * 16
+    np.testing.assert_allclose(two - head, 2 * (one - head))  # scanned layers are not counted once
+    np.testing.assert_allclose(model_flops(CFG, 4, 16, online_reference=True), two * 4 / 3)

@@ -8,7 +8,7 @@ exactly the keys, values and RoPE phases it sees in the 'concat' layout. The pro
 once per pair instead of twice, which is the saving when prompts are long.
 
 The one token that needs care is the first rejected token: in the row it follows the last chosen
-token, but it is predicted from the prompt's last hidden state. :func:`pair_logps_prefix` reads that
+token, but it is predicted from the prompt's last hidden state. :func:`prefix_row_logps` reads that
 state from position ``prompt_length - 1`` in place of the (otherwise unused) last chosen state.
 """
 
@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from apo_jax import losses
 from apo_jax.data.batch import prefix_attention_mask
 from apo_jax.logprobs import segment_logps
 
@@ -56,47 +55,3 @@ def prefix_row_logps(
         hidden_NxTxD, model.unembedding(), ids_NxT, masks_2xNxT, chunk_size=chunk
     )
     return logps_2xN[0], logps_2xN[1], counts_2xN[0], counts_2xN[1]
-
-
-def pair_logps_prefix(
-    graphdef: nnx.GraphDef,
-    params: nnx.State,
-    batch,
-    cfg,
-    ref_params: nnx.State | None = None,
-    ref_graphdef: nnx.GraphDef | None = None,
-) -> losses.PairLogps:
-    """Policy (and reference) log-probs of the N pairs of a 'prefix' batch of N rows.
-
-    The same contract as `apo_jax.train_step.pair_logps` (which takes a 'concat' batch of 2N rows):
-    on the same pairs both return the same `PairLogps` up to float rounding.
-
-    Args:
-      graphdef: the model's static graph.
-      params: the trained parameters.
-      batch: a 'prefix' batch: ``input_ids, positions, segment_ids, branch_ids, chosen_mask,
-        rejected_mask [N, T]``, ``prompt_length, chosen_length [N]`` and, for a precomputed
-        reference, ``ref_chosen_logps, ref_rejected_logps [N]``.
-      cfg: a `train_step.StepConfig` (``logprob_chunk`` and ``reference`` are read).
-      ref_params: frozen reference parameters, for ``cfg.reference == 'online'``.
-      ref_graphdef: the reference's graph when its dtype differs (default: ``graphdef``).
-
-    Returns:
-      The `losses.PairLogps` of the N pairs.
-    """
-    chosen, rejected, n_w, n_l = prefix_row_logps(graphdef, params, batch, cfg.logprob_chunk)
-    if cfg.reference == "online":
-        ref = prefix_row_logps(ref_graphdef or graphdef, ref_params, batch, cfg.logprob_chunk)
-        ref_w, ref_l = jax.lax.stop_gradient(ref[0]), jax.lax.stop_gradient(ref[1])
-    elif cfg.reference == "precomputed":
-        ref_w, ref_l = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-    else:
-        ref_w = ref_l = None
-    return losses.PairLogps(
-        chosen=chosen,
-        rejected=rejected,
-        ref_chosen=ref_w,
-        ref_rejected=ref_l,
-        chosen_tokens=n_w,
-        rejected_tokens=n_l,
-    )

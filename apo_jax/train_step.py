@@ -20,7 +20,7 @@ from flax import nnx
 
 from apo_jax import losses
 from apo_jax.logprobs import sequence_logps
-from apo_jax.prefix import pair_logps_prefix
+from apo_jax.prefix import prefix_row_logps
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -94,6 +94,16 @@ def row_logps(
     )
 
 
+def concat_row_logps(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, chunk: int):
+    """(chosen logps, rejected logps, chosen counts, rejected counts) of a 'concat' batch."""
+    logps_R, counts_R = row_logps(graphdef, params, batch, chunk)
+    n = logps_R.shape[0] // 2
+    return logps_R[:n], logps_R[n:], counts_R[:n], counts_R[n:]
+
+
+PAIR_ROWS = {"concat": concat_row_logps, "prefix": prefix_row_logps}
+
+
 def pair_logps(
     graphdef: nnx.GraphDef,
     params: nnx.State,
@@ -102,35 +112,34 @@ def pair_logps(
     ref_params: nnx.State | None = None,
     ref_graphdef: nnx.GraphDef | None = None,
 ) -> losses.PairLogps:
-    """Policy (and reference) log-probs of the N pairs of a 'concat' batch of 2N rows.
+    """Policy (and reference) log-probs of the N pairs of a batch in `cfg.layout`.
 
-    The online reference runs through `ref_graphdef` (default: the policy's graph), which may
-    differ in compute dtype.
+    'concat' batches hold 2N rows (chosen, then rejected); 'prefix' batches N rows of prompt,
+    chosen and rejected (`apo_jax.prefix`). The online reference runs through `ref_graphdef`
+    (default: the policy's graph), which may differ in compute dtype.
     """
-    logps_R, counts_R = row_logps(graphdef, params, batch, cfg.logprob_chunk)
-    n = logps_R.shape[0] // 2
+    rows_fn = PAIR_ROWS[cfg.layout]
+    chosen, rejected, n_w, n_l = rows_fn(graphdef, params, batch, cfg.logprob_chunk)
     if cfg.reference == "online":
-        ref_R, _ = row_logps(ref_graphdef or graphdef, ref_params, batch, cfg.logprob_chunk)
-        ref_R = jax.lax.stop_gradient(ref_R)
-        ref_w, ref_l = ref_R[:n], ref_R[n:]
+        ref = rows_fn(ref_graphdef or graphdef, ref_params, batch, cfg.logprob_chunk)
+        ref_w, ref_l = jax.lax.stop_gradient(ref[0]), jax.lax.stop_gradient(ref[1])
     elif cfg.reference == "precomputed":
         ref_w, ref_l = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
     else:
         ref_w = ref_l = None
     return losses.PairLogps(
-        chosen=logps_R[:n],
-        rejected=logps_R[n:],
+        chosen=chosen,
+        rejected=rejected,
         ref_chosen=ref_w,
         ref_rejected=ref_l,
-        chosen_tokens=counts_R[:n],
-        rejected_tokens=counts_R[n:],
+        chosen_tokens=n_w,
+        rejected_tokens=n_l,
     )
 
 
 def loss_fn(params, graphdef, batch, cfg: StepConfig, ref_params=None, ref_graphdef=None):
     """Mean preference loss of a batch and its metrics."""
-    logps_fn = pair_logps_prefix if cfg.layout == "prefix" else pair_logps
-    logps = logps_fn(graphdef, params, batch, cfg, ref_params, ref_graphdef)
+    logps = pair_logps(graphdef, params, batch, cfg, ref_params, ref_graphdef)
     valid_N = batch["index"] >= 0  # the loader pads a last partial batch with index -1
     loss_N, metrics = losses.preference_loss(
         cfg.loss, logps, beta=cfg.beta, where=valid_N, **dict(cfg.loss_hparams)

@@ -1,5 +1,7 @@
 """Prompt-prefix sharing gives the concat layout's log-probs, losses and gradients."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +14,7 @@ from apo_jax.data import shards
 from apo_jax.data.batch import Collate
 from apo_jax.models.config import get_preset
 from apo_jax.models.llama import Llama
-from apo_jax.prefix import pair_logps_prefix, predictor_index
+from apo_jax.prefix import predictor_index
 
 CFG = get_preset(
     "tiny", vocab_size=64, n_layers=2, d_model=32, mlp_dim=64, n_heads=4, n_kv_heads=2, head_dim=8
@@ -58,7 +60,9 @@ def test_pair_logps_equal_concat_layout(reference):
     ref_params = model_state(seed=1)[1]
     cfg = ts.StepConfig(reference=reference, logprob_chunk=5)
     want = ts.pair_logps(graphdef, params, concat, cfg, ref_params)
-    got = pair_logps_prefix(graphdef, params, prefix, cfg, ref_params)
+    got = ts.pair_logps(
+        graphdef, params, prefix, dataclasses.replace(cfg, layout="prefix"), ref_params
+    )
     for name in losses.PairLogps._fields:
         np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-4,
                                    err_msg=name)  # fmt: skip
@@ -71,14 +75,14 @@ def test_loss_and_grads_equal_concat_layout():
     graphdef, params = model_state()
     cfg = ts.StepConfig(loss="apo_down")
 
-    def loss(params, batch, fn):
-        logps = fn(graphdef, params, batch, cfg)
+    def loss(params, batch, layout):
+        logps = ts.pair_logps(graphdef, params, batch, dataclasses.replace(cfg, layout=layout))
         valid = batch["index"] >= 0
         loss_N, _ = losses.preference_loss(cfg.loss, logps, beta=cfg.beta, where=valid)
         return jnp.sum(jnp.where(valid, loss_N, 0.0)) / jnp.sum(valid)
 
-    l1, g1 = jax.value_and_grad(loss)(params, concat, ts.pair_logps)
-    l2, g2 = jax.value_and_grad(loss)(params, prefix, pair_logps_prefix)
+    l1, g1 = jax.value_and_grad(loss)(params, concat, "concat")
+    l2, g2 = jax.value_and_grad(loss)(params, prefix, "prefix")
     np.testing.assert_allclose(l2, l1, rtol=1e-6)
     norms = []
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):

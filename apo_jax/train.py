@@ -52,7 +52,7 @@ def default_workdir(config: Any) -> str:
     return os.path.join("runs", f"{name}_{config.preset}")
 
 
-def setup(config: Any, workdir: str) -> Loop:
+def setup(config: Any, workdir: str) -> trainer.Built:
     """Validates the config and builds everything the loop needs (reference pass included)."""
     rc = run_config.validate(
         config, device_count=jax.device_count(), process_count=jax.process_count()
@@ -81,7 +81,7 @@ def setup(config: Any, workdir: str) -> Loop:
                     chunk=rc.logprob_chunk,
                 )
         ref_params = None  # read from the data from now on: one model in memory
-    built = trainer.Built(
+    return trainer.Built(
         rc,
         workdir,
         paths,
@@ -94,13 +94,11 @@ def setup(config: Any, workdir: str) -> Loop:
         info,
         model_cfg,
     )
-    return Loop(built)
 
 
 def run(config: Any, workdir: str = "") -> dict[str, Any]:
     """Trains per `config` in `workdir`; returns the summary (also printed by the command)."""
-    loop = setup(config, workdir or default_workdir(config))
-    return loop.run()
+    return Loop(setup(config, workdir or default_workdir(config))).run()
 
 
 def run_reference_only(config: Any, workdir: str = "") -> None:
@@ -118,8 +116,13 @@ def _print_summary(s: dict[str, Any]) -> None:
         f"apo_jax: {s['loss']} on {s['data']}",
         f"  steps {s['steps']} ({s['skipped']} skipped), {s['seconds']:.1f} s, "
         f"{s['tokens_per_sec']:,.0f} tokens/s",
-        f"  train: loss {s['train/loss']:.4f}, reward accuracy {s['train/rewards/accuracies']:.3f}",
     ]
+    if "train/loss" in s:
+        lines.append(
+            f"  train: loss {s['train/loss']:.4f}, reward accuracy {s['train/rewards/accuracies']:.3f}"
+        )
+    else:
+        lines.append("  no step to run: the checkpoint already holds every step of this config")
     if "eval/loss" in s:
         lines.append(
             f"  held-out: loss {s['eval/loss']:.4f}, reward accuracy {s['eval/rewards/accuracies']:.3f}, "

@@ -89,7 +89,9 @@ def test_same_seed_same_losses_online_reference_and_prefix_layout(demo_cache, tm
         str(tmp_path / "c"),
     )
     train.run(
-        make_config(small_overrides(demo_cache, num_steps=3, **{"data.layout": "prefix"})),
+        make_config(
+            small_overrides(demo_cache, num_steps=3, **{"data.layout": "prefix", "data.seq_len": 0})
+        ),
         str(tmp_path / "d"),
     )
     a, b, c, d = (losses_by_step(str(tmp_path / d)) for d in "abcd")
@@ -99,6 +101,10 @@ def test_same_seed_same_losses_online_reference_and_prefix_layout(demo_cache, tm
     # Prompt-prefix sharing (one row a pair) trains to the same losses as the concatenated layout.
     np.testing.assert_allclose([a[s] for s in a], [d[s] for s in a], rtol=1e-4)
     assert pre["steps"] == again["steps"] == online["steps"] == 3
+    # The same command on a finished workdir restores the last checkpoint and runs nothing more.
+    done = train.run(make_config(small_overrides(demo_cache, num_steps=3)), str(tmp_path / "a"))
+    assert done["steps"] == 3 and "train/loss" not in done
+    train._print_summary(done)
     # Precomputed log-probs were written beside the shards, keyed to this reference.
     assert os.path.exists(
         os.path.join(demo_cache, os.listdir(demo_cache)[0], "train_shards", "reference_logps.npz")

@@ -79,7 +79,10 @@ class Loop:
         cfg = trainer.loader_config(self.rc, train=train, info=self.info, ref_mode=self.ref_mode)
         if train and self.rc.num_steps:
             cfg = type(cfg)(**{**cfg.__dict__, "num_epochs": None})  # repeat until num_steps
-        return loader_lib.make_loader(shard_dir, cfg)
+        try:
+            return loader_lib.make_loader(shard_dir, cfg)
+        except ValueError as e:  # the loader's checks of seq_len, batch size and shards
+            raise ConfigError(f"config.data: {e}") from None
 
     def _restore(self) -> int:
         restored = self.ckpt.restore(abstract_like(self.state))

@@ -129,10 +129,7 @@ def main(argv: Any) -> None:
     from apo_jax import train
 
     del argv
-    from apo_jax import distributed
-
-    distributed.initialize(train.FLAGS.config.get("distributed"))
-    train.run_reference_only(train.FLAGS.config, train.FLAGS.workdir)
+    train.command(train.run_reference_only)
 
 
 if __name__ == "__main__":

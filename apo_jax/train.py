@@ -134,9 +134,8 @@ def _print_summary(s: dict[str, Any]) -> None:
     print("\n".join(lines), flush=True)
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+def command(fn: Any) -> Any:
+    """Runs `fn(config, workdir)` as a command: quiet libraries, distributed start, one-line errors."""
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and grain narrate every save at INFO
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("apo_jax: %(message)s"))
@@ -147,11 +146,16 @@ def main(argv: list[str]) -> None:
         distributed.initialize(FLAGS.config.get("distributed"))  # before any device is touched
         if jax.process_index() != 0:
             log.setLevel(logging.WARNING)  # process 0 narrates; the others only warn
-        summary = run(FLAGS.config, FLAGS.workdir)
+        return fn(FLAGS.config, FLAGS.workdir)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    _print_summary(summary)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    _print_summary(command(run))
 
 
 if __name__ == "__main__":

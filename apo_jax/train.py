@@ -62,7 +62,7 @@ def setup(config: Any, workdir: str) -> trainer.Built:
     model, model_cfg, weights_fp = trainer.build_model(rc, paths, mesh)
     graphdef, params = ts.split_model(model)
     info = reference.fingerprint_info(paths.train, weights_fp, rc.reference["dtype"])
-    ref_mode = trainer.reference_mode(rc, paths, info)
+    ref_mode = trainer.reference_mode(rc)
     ref_graphdef = trainer.reference_graphdef(rc, graphdef, model_cfg)
     ref_params = None
     if ref_mode != "none":
@@ -70,6 +70,9 @@ def setup(config: Any, workdir: str) -> trainer.Built:
     if ref_mode == "precomputed":
         for shard_dir in filter(None, (paths.train, paths.eval)):
             if not reference.stored_matches(shard_dir, info):
+                log.info(
+                    "no matching reference log-probs beside %s: computing them first", shard_dir
+                )
                 reference.compute_and_store(
                     shard_dir,
                     ref_graphdef,

@@ -7,7 +7,6 @@ together into the loop.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from typing import Any
 
@@ -26,8 +25,6 @@ from apo_jax.models import hf
 from apo_jax.models.llama import Llama
 from apo_jax.optim import make_optimizer
 from apo_jax.run_config import ConfigError, RunConfig
-
-log = logging.getLogger("apo_jax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,16 +122,14 @@ def reference_graphdef(rc: RunConfig, graphdef: nnx.GraphDef, model_cfg: Any) ->
     return nnx.split(abstract, nnx.Param, ...)[0]
 
 
-def reference_mode(rc: RunConfig, paths: DataPaths, info: dict[str, Any]) -> str:
-    """'precomputed' (already stored or to be computed first), 'online' or 'none'."""
+def reference_mode(rc: RunConfig) -> str:
+    """'precomputed' (read from the data, computed first when missing), 'online' or 'none'."""
     from apo_jax import losses
 
     mode = rc.reference["mode"]
-    if not losses.needs_reference(rc.loss["name"]):
+    if mode == "none" or not losses.needs_reference(rc.loss["name"]):
         return "none"
-    if mode == "precomputed" and not reference.stored_matches(paths.train, info):
-        log.info("no matching reference log-probs beside %s: computing them first", paths.train)
-    return "online" if mode == "online" else "precomputed" if mode != "none" else "none"
+    return "online" if mode == "online" else "precomputed"
 
 
 def state_shardings(

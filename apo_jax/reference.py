@@ -102,7 +102,7 @@ def compute_and_store(
         reference="none",
     )
     data = loader_lib.make_loader(shard_dir, cfg)
-    fn = jax.jit(functools.partial(ts.row_logps, graphdef, chunk=chunk))
+    fn = jax.jit(functools.partial(ts.row_logps, graphdef, chunk=chunk, one_sequence=True))
     row_sh = sharding.batch_sharding(mesh)
     index, chosen, rejected = [], [], []
     for batch in data:

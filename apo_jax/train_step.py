@@ -73,15 +73,20 @@ def init_state(params: nnx.State, tx: optax.GradientTransformation, seed: int) -
 
 
 def row_logps(
-    graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, chunk: int
+    graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, chunk: int, one_sequence: bool = False
 ) -> tuple[Array, Array]:
-    """Summed completion log-probs and token counts of every row of the batch."""
+    """Summed completion log-probs and token counts of every row of the batch.
+
+    `one_sequence`: every row holds one sequence from position 0, right-padded (the 'concat'
+    layout), so plain causal attention is exact at every real token and no mask is built.
+    """
     model = nnx.merge(graphdef, params)
     attn_mask = batch.get("attn_mask")
+    segments = None if attn_mask is not None or one_sequence else batch["segment_ids"]
     hidden_BxTxD = model(
         batch["input_ids"],
         positions_BxT=batch["positions"],
-        segment_ids_BxT=None if attn_mask is not None else batch["segment_ids"],
+        segment_ids_BxT=segments,
         attn_mask_BxTxT=attn_mask,
         return_hidden=True,
     )
@@ -96,7 +101,7 @@ def row_logps(
 
 def concat_row_logps(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, chunk: int):
     """(chosen logps, rejected logps, chosen counts, rejected counts) of a 'concat' batch."""
-    logps_R, counts_R = row_logps(graphdef, params, batch, chunk)
+    logps_R, counts_R = row_logps(graphdef, params, batch, chunk, one_sequence=True)
     n = logps_R.shape[0] // 2
     return logps_R[:n], logps_R[n:], counts_R[:n], counts_R[n:]
 

@@ -14,6 +14,7 @@ from typing import Any
 
 REMAT_POLICIES = ("none", "full", "save_dots")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 
 class ConfigError(ValueError):
@@ -54,6 +55,7 @@ class LlamaConfig:
     dtype: str = "float32"  # compute dtype of activations and matmuls
     remat: str = "none"  # 'none' | 'full' | 'save_dots' per layer
     scan_layers: bool = True  # stacked params + lax.scan; False = unrolled python loop
+    attention: str = "auto"  # 'xla' | 'cudnn' (fused flash kernel) | 'auto': cudnn on GPU
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim"):
@@ -73,6 +75,10 @@ class LlamaConfig:
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(
                 f"LlamaConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}"
+            )
+        if self.attention not in ATTENTION_IMPLS:
+            raise ConfigError(
+                f"LlamaConfig.attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}"
             )
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:

@@ -38,6 +38,20 @@ class Attention(nnx.Module):
         self.v_proj = Linear(D, K * Dh, ("embed", "kv_heads"), cfg, rngs=rngs)
         self.o_proj = Linear(H * Dh, D, ("heads", "embed"), cfg, rngs=rngs)
         self.shape = (H, K, Dh)
+        self.attention = cfg.attention
+
+    def implementation(self, dtype, cached: bool) -> str | None:
+        """`jax.nn.dot_product_attention`'s implementation: None (XLA) or 'cudnn'.
+
+        'auto' picks cuDNN's fused kernel on GPU for 16-bit compute and head_dim a multiple of 8
+        (its limits); decoding with a KV cache always runs through XLA.
+        """
+        _, _, Dh = self.shape
+        impl = self.attention
+        if impl == "auto":
+            fits = jnp.dtype(dtype).itemsize == 2 and Dh % 8 == 0 and Dh <= 128
+            impl = "cudnn" if fits and jax.default_backend() == "gpu" else "xla"
+        return "cudnn" if impl == "cudnn" and not cached else None
 
     def __call__(self, x_BxTxD, cos_BxTxDh, sin_BxTxDh, mask_BxTxS, kv=None, cache_index=None):
         H, K, Dh = self.shape
@@ -57,9 +71,10 @@ class Attention(nnx.Module):
             q_BxTxHxDh,
             k_BxTxKxDh.astype(q_BxTxHxDh.dtype),
             v_BxTxKxDh.astype(q_BxTxHxDh.dtype),
-            mask=mask_BxTxS[:, None, :, :],
+            mask=None if mask_BxTxS is None else mask_BxTxS[:, None, :, :],
             scale=Dh**-0.5,
-            implementation=None,  # XLA in jax 0.10; cuDNN once JAX auto-selects it
+            is_causal=mask_BxTxS is None,
+            implementation=self.implementation(q_BxTxHxDh.dtype, cached=kv is not None),
         )
         return self.o_proj(out_BxTxHxDh.reshape(B, T, H * Dh)), kv
 
@@ -153,7 +168,9 @@ class Llama(nnx.Module):
         Args:
           input_ids_BxT: int token ids.
           positions_BxT: RoPE positions (default 0..T-1); restart them per packed sequence.
-          segment_ids_BxT: 0 = padding, tokens attend causally within their own segment.
+          segment_ids_BxT: 0 = padding, tokens attend causally within their own segment. Leave
+            it None for rows of one sequence right-padded: plain causal attention gives the same
+            values at every real token, without a [B, T, T] mask.
           attn_mask_BxTxT: True = may attend; replaces the segment rule (causality still holds).
           return_hidden: return the final-norm hidden states instead of logits.
 
@@ -163,7 +180,9 @@ class Llama(nnx.Module):
         B, T = input_ids_BxT.shape
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        mask_BxTxT = attention_mask((B, T), segment_ids_BxT, attn_mask_BxTxT)
+        mask_BxTxT = None  # plain causal: no mask array (cuDNN's fastest mask type)
+        if segment_ids_BxT is not None or attn_mask_BxTxT is not None:
+            mask_BxTxT = attention_mask((B, T), segment_ids_BxT, attn_mask_BxTxT)
         hidden_BxTxD, _ = self.forward_cached(input_ids_BxT, positions_BxT, mask_BxTxT)
         if return_hidden:
             return hidden_BxTxD
@@ -189,7 +208,7 @@ class Llama(nnx.Module):
           input_ids_BxT: token ids.
           positions_BxT: RoPE positions.
           mask_BxTxS: boolean attention mask over the S keys (S = T without a cache, else the
-            cache length).
+            cache length); None = causal over T keys.
           cache: (k, v) of shape [L, B, S, K, Dh] or None.
           cache_index: where this call's T keys are written in the cache.
 

@@ -68,6 +68,27 @@ def concat_batch(shp: Shapes, vocab: int, seed: int = 0) -> dict[str, np.ndarray
     }
 
 
+def forward_flops(cfg: LlamaConfig, shp: Shapes, causal: bool = False) -> float:
+    """Model FLOPs of one forward over the 2N rows (matmuls + attention scores and mixing).
+
+    Matmuls: 2 x (matmul parameters incl. the unembedding) per token. Attention: 4 T^2 H Dh per
+    row and layer for the full square (what XLA computes), half of it with `causal` (what a
+    causal flash kernel computes, and MaxText's convention for MFU).
+    """
+    D, H, K, Dh, F, V = (
+        cfg.d_model,
+        cfg.n_heads,
+        cfg.n_kv_heads,
+        cfg.head_dim,
+        cfg.mlp_dim,
+        cfg.vocab_size,
+    )
+    per_token = cfg.n_layers * (D * Dh * (2 * H + 2 * K) + 3 * D * F) + D * V
+    rows, t = 2 * shp.pairs, shp.seq
+    attn = cfg.n_layers * rows * 4 * t * t * H * Dh // (2 if causal else 1)
+    return 2 * per_token * rows * t + attn
+
+
 def build_step(cfg: LlamaConfig, step_cfg: ts.StepConfig, seed: int = 0):
     """(jitted step with donated state, state, ref_params) for `cfg`, AdamW at lr 1e-6."""
     model = Llama(cfg, rngs=nnx.Rngs(seed))

@@ -1,16 +1,21 @@
-"""Benchmark 6 (driver: bench/gpu.sh): GPU parity, llama3_1b step throughput and MFU, 8B memory.
+"""Benchmark 6 (driver: bench/gpu.sh): GPU correctness, llama3_1b step throughput and MFU.
 
-    python bench/gpu_check.py [--dry] [--budget-s 420]
+    python bench/gpu_check.py [--dry] [--budget-s 330] [--out DIR]
 
-1. The GPU forward of a small float32 Llama against the same weights' CPU forward (max |diff| of
-   the logits, tolerance 2e-3 with TF32 off).
-2. The `llama3_1b` preset's APO-down train step (precomputed reference, bfloat16 compute, float32
-   master weights, AdamW, remat 'full'), sequence 2048: the largest pairs-per-step from the list
-   whose compiled memory fits the card, timed (median of 5 after warm-up); tokens/s and MFU against
-   the bf16 dense peak (H100/H200 SXM: 989 TFLOP/s), model FLOPs = 3 x forward (no recomputation).
-3. Per-device memory of the `llama3_8b` step from `bench/llama8b_memory.py` (8 simulated CPU
-   devices, seq 4096, 2 pairs/device; XLA:CPU's estimate, not the GPU's).
-`--dry`: tiny shapes on CPU, to check the script end to end where no GPU is lent.
+1. parity: a small float32 Llama's GPU logits against the CPU logits of the same weights
+   (max |diff|, tolerance 2e-3, matmul precision 'highest').
+2. attention: cuDNN's fused attention against XLA's on the GPU, bfloat16, same weights: logits
+   and parameter gradients (relative L2 error, tolerance 2e-2) for plain causal rows, packed rows
+   (segment ids -> a mask) and the prefix layout's branch mask.
+3. step: the `llama3_1b` preset's APO-down train step (precomputed reference, bfloat16 compute,
+   float32 master weights, AdamW), sequence 2048, half prompt, for each variant (attention
+   implementation x remat policy) the largest pairs-per-step whose compiled memory fits the
+   card, timed (median of 5 after 2 warm-ups). Tokens/s counts every token of the 2N rows; MFU =
+   model FLOPs (3 x forward, causal attention counted as half the square, no recomputation) over
+   the bf16 dense peak (H100/H200 SXM: 989 TFLOP/s) and over a `jnp.dot` 8192^3 measured in-run.
+Variants run in order until `--budget-s` is spent; each result is also written, as one JSON line,
+to OUT/gpu_results.jsonl (OUT: `--out`, else $OUT, else bench/out).
+`--dry`: tiny shapes on CPU (XLA attention only), to check the script where no GPU is lent.
 Imports only jax, flax, optax, numpy and apo_jax's model/step modules (no grain, array-record,
 ml-collections or datasets).
 """
@@ -18,101 +23,259 @@ ml-collections or datasets).
 from __future__ import annotations
 
 import argparse
-import subprocess
+import functools
+import gc
+import json
+import os
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import Shapes, build_step, concat_batch, median, table, time_interleaved, ts
+from common import Shapes, concat_batch, forward_flops, median, table, time_interleaved, ts
 from flax import nnx
-from step_vs_torch import forward_flops
 
+from apo_jax.data.batch import prefix_attention_mask
 from apo_jax.models.config import get_preset
 from apo_jax.models.llama import Llama
+from apo_jax.optim import OptimConfig, make_optimizer
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
+PEAK_BF16 = 989e12  # H100 / H200 SXM dense bf16
+T0 = time.perf_counter()
 
 
-def parity(dry: bool) -> tuple[float, bool]:
-    cfg = get_preset("tiny", vocab_size=1024, d_model=256, n_layers=2, n_heads=8, n_kv_heads=2,
-                     head_dim=32, mlp_dim=512)  # fmt: skip
-    model = Llama(cfg, rngs=nnx.Rngs(0))
+class Recorder:
+    """Prints each result and appends it to OUT/gpu_results.jsonl."""
+
+    def __init__(self, out_dir: str):
+        os.makedirs(out_dir, exist_ok=True)
+        self.path = os.path.join(out_dir, "gpu_results.jsonl")
+        open(self.path, "w").close()
+
+    def __call__(self, kind: str, **rec):
+        rec = {"kind": kind, "t_s": round(time.perf_counter() - T0, 1), **rec}
+        print(json.dumps(rec), flush=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def small_cfg(**kw):
+    return get_preset("tiny", vocab_size=1024, d_model=256, n_layers=2, n_heads=8, n_kv_heads=2,
+                      head_dim=64, mlp_dim=512, max_seq_len=1024, **kw)  # fmt: skip
+
+
+def parity() -> dict:
+    """GPU float32 logits against CPU logits of the same weights."""
+    model = Llama(small_cfg(attention="xla"), rngs=nnx.Rngs(0))
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 1024, (2, 128)), jnp.int32)
     cpu = jax.devices("cpu")[0]
     with jax.default_matmul_precision("highest"):
         out = np.asarray(jax.jit(lambda m, x: m(x))(model, ids))
         g, s = nnx.split(model)
         s_cpu, ids_cpu = jax.device_put((s, ids), cpu)
-        ref = np.asarray(jax.jit(lambda s, x: nnx.merge(g, s)(x), device=cpu)(s_cpu, ids_cpu))
+        ref = np.asarray(jax.jit(lambda s, x: nnx.merge(g, s)(x))(s_cpu, ids_cpu))
     diff = float(np.max(np.abs(out - ref)))
-    return diff, diff < 2e-3
+    return {"max_abs_diff": diff, "tol": 2e-3, "ok": bool(np.isfinite(diff) and diff < 2e-3)}
 
 
-def step_time(cfg, pairs: int, seq: int, repeats: int):
-    shp = Shapes(pairs=pairs, seq=seq, prompt=seq // 2)
-    step, state, _ = build_step(cfg, ts.StepConfig(reference="precomputed", logprob_chunk=512))
-    batch = {k: jnp.asarray(v) for k, v in concat_batch(shp, cfg.vocab_size).items()}
-    compiled = step.lower(state, batch, None).compile()
-    mem = compiled.memory_analysis()
-    holder = [state]
+def _rel(a, b) -> float:
+    a = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(a)])
+    b = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(b)])
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
-    def run():
-        holder[0], m = compiled(holder[0], batch, None)
-        m["loss"].block_until_ready()
 
-    t = time_interleaved({"s": run}, repeats, warmup=2)["s"]
-    return median(t), mem, shp
+def attention_cases(rng, b: int, t: int) -> dict:
+    """Inputs for the three mask kinds: causal, packed segments, prefix branches."""
+    ids = jnp.asarray(rng.integers(0, 1024, (b, t)), jnp.int32)
+    seg = np.zeros((b, t), np.int32)
+    pos = np.zeros((b, t), np.int32)
+    for r in range(b):  # two segments and right padding per row
+        a, c = int(rng.integers(t // 4, t // 2)), int(rng.integers(t // 2 + 8, t - 8))
+        seg[r, :a], seg[r, a:c] = 1, 2
+        pos[r, :a], pos[r, a:c] = np.arange(a), np.arange(c - a)
+    branch = np.zeros((b, t), np.int32)
+    p = t // 2
+    branch[:, p : p + t // 4], branch[:, p + t // 4 :] = 1, 2
+    ppos = np.concatenate([np.arange(p + t // 4), np.arange(p, p + t - p - t // 4)])
+    return {
+        "causal": dict(input_ids_BxT=ids),
+        "packed": dict(
+            input_ids_BxT=ids, positions_BxT=jnp.asarray(pos), segment_ids_BxT=jnp.asarray(seg)
+        ),
+        "prefix": dict(
+            input_ids_BxT=ids,
+            positions_BxT=jnp.asarray(np.tile(ppos, (b, 1))),
+            attn_mask_BxTxT=prefix_attention_mask(jnp.asarray(branch), jnp.ones((b, t), jnp.int32)),
+        ),
+    }
+
+
+def attention_check(dry: bool) -> list[dict]:
+    """cuDNN against XLA attention, bf16, logits and gradients, for each mask kind."""
+    if dry:
+        return [{"case": "all", "skipped": "no cuDNN on CPU"}]
+    cfg = small_cfg(dtype="bfloat16")
+    model = Llama(cfg.replace(attention="xla"), rngs=nnx.Rngs(1))
+    _, params = nnx.split(model)
+    graphs = {a: nnx.split(Llama(cfg.replace(attention=a), rngs=nnx.Rngs(1)))[0]
+              for a in ("xla", "cudnn")}  # fmt: skip
+    out = []
+    w = jnp.asarray(np.random.default_rng(2).normal(size=(cfg.vocab_size,)), jnp.float32)
+    for case, kw in attention_cases(np.random.default_rng(3), 4, 256).items():
+        res = {}
+        try:
+            for impl, g in graphs.items():
+
+                def loss(p, g=g, kw=kw):
+                    logits = nnx.merge(g, p)(**kw)
+                    return jnp.mean(jax.nn.log_softmax(logits) @ w), logits
+
+                (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+                res[impl] = (logits, grads)
+        except Exception as e:  # noqa: BLE001 - an unsupported mask kind is a finding
+            out.append({"case": case, "ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            continue
+        rec = {"case": case, "logits_rel": _rel(res["cudnn"][0], res["xla"][0]),
+               "grads_rel": _rel(res["cudnn"][1], res["xla"][1]), "tol": 2e-2}  # fmt: skip
+        rec["ok"] = bool(rec["logits_rel"] < 2e-2 and rec["grads_rel"] < 2e-2)
+        out.append(rec)
+    return out
+
+
+def dot_ceiling(n: int, dtype) -> float:
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), dtype)
+    b = jnp.asarray(np.random.default_rng(1).normal(size=(n, n)), dtype)
+    f = jax.jit(jnp.dot)
+    f(a, b).block_until_ready()
+    t = time_interleaved({"dot": lambda: f(a, b).block_until_ready()}, 10)["dot"]
+    return 2 * n**3 / median(t)
+
+
+class StepBench:
+    """One llama3_1b train state on the device, stepped by compiled variants of the step."""
+
+    def __init__(self, cfg, chunk: int):
+        self.cfg = cfg
+        tx, self.sched = make_optimizer(OptimConfig(learning_rate=1e-6, schedule="constant"), 1000)
+        self.tx = tx
+        graphdef, params = ts.split_model(Llama(cfg, rngs=nnx.Rngs(0)))
+        self.state = jax.tree.map(jnp.copy, ts.init_state(params, tx, 0))
+        del params
+        self.step_cfg = ts.StepConfig(loss="apo_down", reference="precomputed", logprob_chunk=chunk)
+        stats = jax.devices()[0].memory_stats() or {}
+        self.limit = stats.get("bytes_limit", 0)
+
+    def run(self, variant: dict, pairs_list, seq: int, repeats: int) -> dict:
+        cfg = self.cfg.replace(**variant)
+        graphdef, _ = ts.split_model(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
+        fn = functools.partial(ts.train_step, graphdef=graphdef, tx=self.tx, cfg=self.step_cfg,
+                               schedule=self.sched)  # fmt: skip
+        jitted = jax.jit(fn, donate_argnums=(0,))
+        tried = []
+        for pairs in pairs_list:
+            shp = Shapes(pairs=pairs, seq=seq, prompt=seq // 2)
+            batch = {k: jnp.asarray(v) for k, v in concat_batch(shp, cfg.vocab_size).items()}
+            t0 = time.perf_counter()
+            try:
+                compiled = jitted.lower(self.state, batch, None).compile()
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory at compile: fewer pairs
+                tried.append(f"{pairs}: compile {type(e).__name__}: {str(e)[:120]}")
+                continue
+            compile_s = time.perf_counter() - t0
+            m = compiled.memory_analysis()
+            need = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+                    + m.temp_size_in_bytes)  # fmt: skip
+            if self.limit and need > 0.97 * self.limit:
+                tried.append(f"{pairs}: needs {need / 2**30:.1f} GiB > {self.limit / 2**30:.1f}")
+                del compiled
+                continue
+            holder = [self.state]
+
+            def one(c=compiled, b=batch, h=holder):
+                h[0], met = c(h[0], b, None)
+                met["loss"].block_until_ready()
+
+            try:
+                times = time_interleaved({"s": one}, repeats, warmup=2)["s"]
+            except Exception as e:  # noqa: BLE001 - out of memory at run time: fewer pairs
+                tried.append(f"{pairs}: run {type(e).__name__}: {str(e)[:120]}")
+                self.state = holder[0]
+                continue
+            self.state = holder[0]
+            secs = median(times)
+            flops = 3 * forward_flops(cfg, shp, causal=True)
+            return {**variant, "seq": seq, "pairs": pairs, "ms_step": round(1e3 * secs, 1),
+                    "all_ms": [round(1e3 * x, 1) for x in times],
+                    "tokens_s": round(2 * pairs * seq / secs), "tflops": round(flops / secs / 1e12, 1),
+                    "mfu_peak": round(flops / secs / PEAK_BF16, 3),
+                    "gib_needed": round(need / 2**30, 1), "compile_s": round(compile_s, 1),
+                    "tried": tried}  # fmt: skip
+        return {**variant, "seq": seq, "failed": tried}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dry", action="store_true")
-    ap.add_argument("--pairs", default="16,8,4,2,1", help="pairs per step to try, largest first")
+    ap.add_argument(
+        "--budget-s", type=float, default=330.0, help="stop starting new variants after"
+    )
+    ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join("bench", "out"))
     args = ap.parse_args()
+    rec = Recorder(args.out)
     dev = jax.devices()[0]
-    print(f"device: {dev.device_kind} ({dev.platform}); jax {jax.__version__}", flush=True)
+    rec("device", device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
+        flax=__import__("flax").__version__, optax=__import__("optax").__version__)  # fmt: skip
     if not args.dry and dev.platform != "gpu":
         sys.exit("no GPU: run with --dry")
-    diff, ok = parity(args.dry)
-    print(
-        f"parity: max |logits_gpu - logits_cpu| = {diff:.2e} -> {'OK' if ok else 'FAIL'}",
-        flush=True,
-    )
 
-    if args.dry:
-        cfg, seq, repeats = get_preset("tiny", dtype="bfloat16", remat="full"), 64, 2
-    else:
-        cfg, seq, repeats = get_preset("llama3_1b", remat="full"), 2048, 5
-    peak = next((v for k, v in PEAK_BF16.items() if k in dev.device_kind), 989e12)
-    rows = []
-    for pairs in map(int, args.pairs.split(",")):
+    for kind, fn in (
+        ("parity", lambda: [parity()]),
+        ("attention", lambda: attention_check(args.dry)),
+    ):
         try:
-            secs, mem, shp = step_time(cfg, pairs, seq, repeats)
-        except Exception as e:  # noqa: BLE001 - out of memory at compile or run: try fewer pairs
-            print(f"{pairs} pairs: {type(e).__name__}: {str(e)[:200]}", flush=True)
-            continue
-        tokens = 2 * pairs * seq
-        flops = 3 * forward_flops(cfg, shp)
-        rows.append((cfg.n_layers, seq, pairs, f"{secs * 1e3:.1f}", f"{tokens / secs:.0f}",
-                     f"{flops / secs / 1e12:.1f}", f"{100 * flops / secs / peak:.1f}%",
-                     f"{(mem.argument_size_in_bytes + mem.temp_size_in_bytes) / 2**30:.1f}"))  # fmt: skip
-        print(rows[-1], flush=True)
-        break
-    print(table(("layers", "seq", "pairs", "ms/step", "tokens/s", "TFLOP/s", "MFU vs 989 TFLOP/s",
-                 "GiB (args+temp)"), rows))  # fmt: skip
+            for r in fn():
+                rec(kind, **r)
+        except Exception as e:  # noqa: BLE001 - record the failure, go on to the timings
+            rec(kind, ok=False, error=f"{type(e).__name__}: {str(e)[:400]}")
 
-    mem_args = ["--seqs", "4096", "--pairs", "2", "--remat", "full"]
     if args.dry:
-        mem_args = ["--preset", "tiny", "--seqs", "256", "--pairs", "1", "--remat", "full"]
-    env = {"JAX_PLATFORMS": "cpu"}
-    import os
-
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "llama8b_memory.py"),
-                    *mem_args], check=False, env={**os.environ, **env})  # fmt: skip
-    print(f"llama8b_memory took {time.perf_counter() - t0:.0f} s")
+        cfg, seq, repeats, chunk = get_preset("tiny", dtype="bfloat16"), 64, 2, 32
+        variants = [(dict(attention="xla", remat="save_dots"), (4, 2)),
+                    (dict(attention="xla", remat="full"), (4, 2))]  # fmt: skip
+        ceiling = dot_ceiling(512, jnp.float32)
+    else:
+        cfg, seq, repeats, chunk = get_preset("llama3_1b"), 2048, 5, 512
+        variants = [(dict(attention="cudnn", remat="save_dots"), (16, 8, 4)),
+                    (dict(attention="cudnn", remat="full"), (16, 8)),
+                    (dict(attention="xla", remat="full"), (8, 4))]  # fmt: skip
+        ceiling = dot_ceiling(8192, jnp.bfloat16)
+    rec("dot_ceiling", tflops=round(ceiling / 1e12, 1), dtype="bf16" if not args.dry else "f32")
+    bench = StepBench(cfg, chunk)
+    rows, last = [], 0.0
+    for variant, pairs in variants:
+        elapsed = time.perf_counter() - T0
+        if elapsed + last > args.budget_s:
+            rec(
+                "step",
+                **variant,
+                skipped=f"budget: {elapsed:.0f} s spent, last variant {last:.0f} s",
+            )
+            continue
+        t0 = time.perf_counter()
+        r = bench.run(variant, pairs, seq, repeats)
+        last = time.perf_counter() - t0
+        r["mfu_dot"] = round(r["tflops"] * 1e12 / ceiling, 3) if "tflops" in r else None
+        rec("step", **r)
+        if "tflops" in r:
+            rows.append((r["attention"], r["remat"], seq, r["pairs"], r["ms_step"], r["tokens_s"],
+                         r["tflops"], f"{100 * r['mfu_peak']:.1f}%", f"{100 * r['mfu_dot']:.1f}%",
+                         r["gib_needed"], r["compile_s"]))  # fmt: skip
+        gc.collect()
+    print(f"device {dev.device_kind}; {cfg.n_params / 1e9:.2f} B params; bf16 dot ceiling "
+          f"{ceiling / 1e12:.0f} TFLOP/s; {time.perf_counter() - T0:.0f} s in all")  # fmt: skip
+    print(table(("attention", "remat", "seq", "pairs", "ms/step", "tokens/s", "TFLOP/s",
+                 "MFU vs 989", "vs dot", "GiB", "compile s"), rows))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from common import (
     build_step,
     concat_batch,
     dot_flops_per_s,
+    forward_flops,
     machine,
     median,
     table,
@@ -37,22 +38,6 @@ JAX_VARIANTS = {
     "scan": dict(scan_layers=True),
     "unrolled": dict(scan_layers=False),
 }
-
-
-def forward_flops(cfg, shp: Shapes) -> float:
-    """Model FLOPs of one forward over the 2N rows (matmuls + attention scores and mixing)."""
-    D, H, K, Dh, F, V = (
-        cfg.d_model,
-        cfg.n_heads,
-        cfg.n_kv_heads,
-        cfg.head_dim,
-        cfg.mlp_dim,
-        cfg.vocab_size,
-    )
-    per_token = cfg.n_layers * (D * Dh * (2 * H + 2 * K) + 3 * D * F) + D * V
-    rows, t = 2 * shp.pairs, shp.seq
-    attn = cfg.n_layers * rows * 4 * t * t * H * Dh
-    return 2 * per_token * rows * t + attn
 
 
 def step_flops(cfg, shp: Shapes, online: bool) -> float:

@@ -120,6 +120,35 @@ def segment_logps(
     return logps_KxB, jnp.sum(masks_KxBxT, axis=-1)
 
 
+def token_logps(
+    hidden_BxTxD: Array, unembed_DxV: Array, targets_BxT: Array, *, chunk_size: int = 128
+) -> Array:
+    """Per-token ``log p(targets[b, t] | hidden[b, t])``, float32 ``[B, T]``, in bounded memory.
+
+    The same chunked head as :func:`segment_logps` (logits exist for ``B x chunk_size x V`` at a
+    time, recomputed per chunk in the backward), for callers that sum the tokens themselves, e.g.
+    packed rows holding several sequences. No shift happens here: ``targets`` are given at the
+    position that predicts them.
+    """
+    B, T, D = hidden_BxTxD.shape
+    C = max(1, min(chunk_size, T))
+    pad = -T % C
+    if pad:
+        hidden_BxTxD = jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0)))
+        targets_BxT = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
+    n = (T + pad) // C
+    hidden_NxBxCxD = hidden_BxTxD.reshape(B, n, C, D).swapaxes(0, 1)
+    targets_NxBxC = targets_BxT.reshape(B, n, C).swapaxes(0, 1)
+    chunk_fn = jax.checkpoint(_token_logps)
+
+    def body(_, xs):
+        h_BxCxD, t_BxC = xs
+        return None, chunk_fn(h_BxCxD, unembed_DxV, t_BxC)
+
+    _, logps_NxBxC = jax.lax.scan(body, None, (hidden_NxBxCxD, targets_NxBxC))
+    return logps_NxBxC.swapaxes(0, 1).reshape(B, n * C)[:, :T]
+
+
 def naive_sequence_logps(
     hidden_BxTxD: Array, unembed_DxV: Array, input_ids_BxT: Array, completion_mask_BxT: Array
 ) -> tuple[Array, Array]:

@@ -144,9 +144,15 @@ def validate(c: Any, *, device_count: int, process_count: int = 1) -> RunConfig:
         f"make it a multiple of {process_count}",
     )
     _need(
-        c.data.layout in ("concat", "prefix"),
-        f"config.data.layout must be concat or prefix, got {c.data.layout!r}",
+        c.data.layout in ("concat", "prefix", "packed"),
+        f"config.data.layout must be concat, prefix or packed, got {c.data.layout!r}",
     )
+    _need(
+        c.data.layout != "packed" or c.grad_accum == 1,
+        "config.data.layout=packed needs config.grad_accum=1 (packed rows mix pairs, so a batch "
+        "does not split into micro-batches): raise batch_size or use layout concat",
+    )
+    # prefix, packed: the [N] pair arrays shard over the mesh (the loader rounds packed rows).
     micro_rows = (2 if c.data.layout == "concat" else 1) * c.batch_size // c.grad_accum
     _need(
         micro_rows % data_ways == 0,

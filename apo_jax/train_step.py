@@ -20,6 +20,7 @@ from flax import nnx
 
 from apo_jax import losses
 from apo_jax.logprobs import sequence_logps
+from apo_jax.packing import packed_row_logps
 from apo_jax.prefix import prefix_row_logps
 
 Array = jax.Array
@@ -106,7 +107,7 @@ def concat_row_logps(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, ch
     return logps_R[:n], logps_R[n:], counts_R[:n], counts_R[n:]
 
 
-PAIR_ROWS = {"concat": concat_row_logps, "prefix": prefix_row_logps}
+PAIR_ROWS = {"concat": concat_row_logps, "prefix": prefix_row_logps, "packed": packed_row_logps}
 
 
 def pair_logps(
@@ -158,6 +159,8 @@ def micro_batches(batch: Batch, k: int) -> dict[str, Array]:
     Row arrays hold chosen rows then rejected rows; each micro-batch keeps that order.
     """
     n = batch["index"].shape[0]
+    if "sequence_ids" in batch:  # rows hold sequences of any pairs: no split keeps pairs whole
+        raise ValueError("a packed batch does not split into micro-batches; use grad_accum=1")
     if n % k:
         raise ValueError(f"{n} pairs per step do not split into {k} micro-batches")
     out = {}

@@ -7,6 +7,7 @@ together into the loop.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -156,11 +157,14 @@ def state_shardings(
 
 
 def loader_config(rc: RunConfig, *, train: bool, info: dict[str, Any] | None, ref_mode: str) -> Any:
+    # Packed rows of all processes must split evenly over the mesh's data*fsdp batch shards.
+    shards, procs = rc.mesh[0] * rc.mesh[1], jax.process_count()
     return loader_lib.LoaderConfig(
-        batch_size=rc.batch_size // jax.process_count(),
+        batch_size=rc.batch_size // procs,
         seq_len=rc.data["seq_len"] or None,
         buckets=tuple(rc.data["buckets"]) or None,
         layout=rc.data["layout"],
+        row_multiple=shards // math.gcd(shards, procs),
         seed=rc.seed,
         shuffle=rc.data["shuffle"] if train else False,
         num_epochs=rc.data["num_epochs"] if train else 1,

@@ -104,3 +104,22 @@ def test_chunked_never_holds_full_logits():
     chunked = temp_bytes(lambda *a: sequence_logps(*a, chunk_size=32))
     assert naive >= full_logits
     assert chunked < full_logits / 4, (chunked, naive)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 13, 64])
+def test_token_logps_equal_explicit_log_softmax_and_its_gradient(chunk):
+    from apo_jax.logprobs import token_logps
+
+    h, w, ids, _ = _inputs(3)
+    weights_BxT = jax.random.normal(jax.random.key(4), (B, T))
+
+    def explicit(h):
+        logp_BxTxV = jax.nn.log_softmax(jnp.einsum("btd,dv->btv", h, w), axis=-1)
+        return jnp.take_along_axis(logp_BxTxV, ids[..., None], axis=-1)[..., 0]
+
+    got = token_logps(h, w, ids, chunk_size=chunk)
+    assert got.shape == (B, T)
+    np.testing.assert_allclose(got, explicit(h), rtol=1e-5, atol=1e-6)
+    g = jax.grad(lambda h: jnp.sum(token_logps(h, w, ids, chunk_size=chunk) * weights_BxT))(h)
+    g_want = jax.grad(lambda h: jnp.sum(explicit(h) * weights_BxT))(h)
+    np.testing.assert_allclose(g, g_want, rtol=1e-4, atol=1e-6)

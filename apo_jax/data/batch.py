@@ -1,9 +1,11 @@
-"""Turning tokenized pairs into fixed-shape batches: the "concat" and "prefix" layouts.
+"""Turning tokenized pairs into fixed-shape batches: the "concat", "prefix" and "packed" layouts.
 
 concat (docs/architecture.md): rows 0..N-1 are prompt+chosen, rows N..2N-1 prompt+rejected,
 right-padded to T. prefix: one row per pair, prompt + chosen + rejected, with positions of the
 rejected part restarting at the prompt end and ``branch_ids`` (0 prompt, 1 chosen, 2 rejected) so
 that each completion attends to the prompt and to itself only (:func:`prefix_attention_mask`).
+packed: the 2N sequences of concat placed first-fit-decreasing into as few rows of T as fit,
+``sequence_ids`` naming each token's sequence (:func:`pack_rows`, :func:`packed_row_count`).
 
 A padding pair (used when ``drop_remainder=False`` fills the last batch) has ``index == -1`` and
 all-zero masks and segment ids.
@@ -19,7 +21,8 @@ import numpy as np
 
 from apo_jax.data import shards
 
-LAYOUTS = ("concat", "prefix")
+LAYOUTS = ("concat", "prefix", "packed")
+PACKED_ROW_STEPS = 8  # packed row counts: multiples of ceil(2N / 8), so at most 8 shapes per T
 
 
 def pick_length(needed: int, seq_len: int, buckets: Sequence[int] | None) -> int:
@@ -46,6 +49,7 @@ class Collate:
     buckets: tuple[int, ...] | None = None
     ref_chosen_R: np.ndarray | None = None
     ref_rejected_R: np.ndarray | None = None
+    row_multiple: int = 1  # packed: the row count is a multiple of this (the mesh's batch shards)
 
     def __call__(self, items: Sequence[tuple[int, bytes]]) -> dict[str, np.ndarray]:
         """Decodes the records and lays them out as one batch."""
@@ -53,8 +57,11 @@ class Collate:
         index_N = np.array(
             [i if r is not None else -1 for (i, _), r in zip(items, recs, strict=True)], np.int64
         )
-        fn = _concat if self.layout == "concat" else _prefix
-        batch = fn(recs, self.seq_len, self.buckets, self.pad_id)
+        if self.layout == "packed":
+            batch = _packed(recs, self.seq_len, self.buckets, self.pad_id, self.row_multiple)
+        else:
+            fn = _concat if self.layout == "concat" else _prefix
+            batch = fn(recs, self.seq_len, self.buckets, self.pad_id)
         batch["index"] = index_N
         if self.ref_chosen_R is not None:
             real = index_N >= 0
@@ -122,6 +129,76 @@ def _prefix(
         out["positions"][row, p + c : L] = np.arange(p, p + j)
         out["segment_ids"][row, :L] = 1
         out["prompt_length"][row], out["chosen_length"][row] = p, c
+    return out
+
+
+def pack_rows(lengths: Sequence[int], t: int) -> list[list[int]]:
+    """First-fit-decreasing: the sequence numbers each row holds, in their order in the row.
+
+    Longest first (ties by sequence number), each into the first row with room, else a new row;
+    deterministic. Every length must be <= t.
+    """
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for s in sorted(range(len(lengths)), key=lambda s: (-lengths[s], s)):
+        r = next((r for r, f in enumerate(free) if lengths[s] <= f), len(rows))
+        if r == len(rows):
+            rows.append([])
+            free.append(t)
+        rows[r].append(s)
+        free[r] -= lengths[s]
+    return rows
+
+
+def packed_row_count(used: int, n_sequences: int, row_multiple: int = 1) -> int:
+    """Rows of a packed batch: `used` rounded up to a multiple of the step, at most the cap.
+
+    step = ceil(n_sequences / 8) rounded up to a multiple of ``row_multiple``; cap =
+    ``n_sequences`` rounded up to a multiple of ``row_multiple`` (one sequence per row). So a
+    batch size gives at most 9 row counts per row length (fewer compiles), each a multiple of
+    ``row_multiple`` (rows shard evenly), and never fewer than one step.
+    """
+    step = _ceil_to(-(-n_sequences // PACKED_ROW_STEPS), row_multiple)
+    return min(max(step, _ceil_to(used, step)), _ceil_to(n_sequences, row_multiple))
+
+
+def _ceil_to(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _packed(
+    recs: list[shards.PairRecord | None],
+    seq_len: int,
+    buckets: Any,
+    pad_id: int,
+    row_multiple: int,
+) -> dict[str, np.ndarray]:
+    n = len(recs)
+    seqs = [(r.prompt, r.chosen) if r else None for r in recs] + [
+        (r.prompt, r.rejected) if r else None for r in recs
+    ]
+    lengths = [len(side[0]) + len(side[1]) if side else 0 for side in seqs]
+    t = pick_length(max(lengths + [1]), seq_len, buckets)
+    real = [s for s in range(2 * n) if lengths[s]]
+    placed = pack_rows([lengths[s] for s in real], t)
+    rows = packed_row_count(len(placed), 2 * n, row_multiple)
+    out = {k: np.zeros((rows, t), np.int32)
+           for k in ("completion_mask", "positions", "segment_ids")}  # fmt: skip
+    out["input_ids"] = np.full((rows, t), pad_id, np.int32)
+    out["sequence_ids"] = np.full((rows, t), -1, np.int32)
+    for row, members in enumerate(placed):
+        start = 0
+        for segment, k in enumerate(members, start=1):
+            s = real[k]
+            p, c = seqs[s]
+            end = start + lengths[s]
+            out["input_ids"][row, start : start + len(p)] = p
+            out["input_ids"][row, start + len(p) : end] = c
+            out["completion_mask"][row, start + len(p) : end] = 1
+            out["positions"][row, start:end] = np.arange(lengths[s])
+            out["segment_ids"][row, start:end] = segment
+            out["sequence_ids"][row, start:end] = s
+            start = end
     return out
 
 

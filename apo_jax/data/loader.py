@@ -33,10 +33,11 @@ class LoaderConfig:
 
     batch_size: int = 8  # N pairs per process and step (concat rows = 2N)
     seq_len: int | None = (
-        None  # T; None: the manifest's max_length (concat) or longest row (prefix)
+        None  # T; None: the manifest's max_length (concat, packed) or longest row (prefix)
     )
     buckets: tuple[int, ...] | None = None  # pad each batch to the smallest bucket that fits
-    layout: str = "concat"  # concat | prefix
+    layout: str = "concat"  # concat | prefix | packed
+    row_multiple: int = 1  # packed: rows per process are a multiple of this
     seed: int = 0
     shuffle: bool = True
     num_epochs: int | None = None  # None: repeat forever
@@ -51,6 +52,8 @@ class LoaderConfig:
             raise ValueError(f"layout must be one of {batch_lib.LAYOUTS}, got {self.layout!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.row_multiple < 1:
+            raise ValueError(f"row_multiple must be >= 1, got {self.row_multiple}")
         if self.reference not in ("auto", "require", "none"):
             raise ValueError(f"reference must be auto, require or none, got {self.reference!r}")
 
@@ -61,7 +64,7 @@ def _with_index(num_records: int, index: int, record: bytes) -> tuple[int, bytes
 
 
 def _default_seq_len(manifest: dict[str, Any], layout: str) -> int:
-    if layout == "concat":
+    if layout != "prefix":
         return int(manifest["settings"]["max_length"])
     longest = (
         manifest["lengths"].get("prefix_row", {}).get("max")
@@ -133,7 +136,7 @@ class PairLoader:
 
     def _make_collate(self, config: LoaderConfig) -> batch_lib.Collate:
         seq_len = config.seq_len or _default_seq_len(self.manifest, config.layout)
-        key = "row_max" if config.layout == "concat" else "prefix_row"
+        key = "prefix_row" if config.layout == "prefix" else "row_max"
         longest = (self.manifest.get("lengths", {}).get(key) or {}).get("max")
         if longest is not None and longest > seq_len:
             raise ValueError(f"{self.shard_dir} has {config.layout} rows of {int(longest)} tokens > seq_len {seq_len}; "
@@ -145,7 +148,9 @@ class PairLoader:
         if use_ref:
             ref_c, ref_r = refs.load_reference_logps(self.shard_dir, config.reference_info)
         pad_id = int(self.manifest["tokenizer"].get("pad_id") or 0)
-        return batch_lib.Collate(config.layout, seq_len, pad_id, config.buckets, ref_c, ref_r)
+        return batch_lib.Collate(
+            config.layout, seq_len, pad_id, config.buckets, ref_c, ref_r, config.row_multiple
+        )
 
     @property
     def seq_len(self) -> int:
@@ -247,6 +252,8 @@ def make_global_batch(batch: Mapping[str, np.ndarray], sharding: Any) -> dict[st
     Returns:
       Global arrays of shape ``[2 * N * P, T]`` (concat keys) or ``[N * P, ...]`` keeping the
       layout globally: rows ``0..NP-1`` are the chosen rows of all processes, then the rejected.
+      Packed batches: the processes' rows one after the other, all padded to the largest row
+      count and length of any process, ``sequence_ids`` renumbered to the global pairs.
     """
     import jax
     from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -260,11 +267,15 @@ def make_global_batch(batch: Mapping[str, np.ndarray], sharding: Any) -> dict[st
     )
     n = len(batch["index"])
     procs = jax.process_count()
+    packed = "sequence_ids" in batch
+    if packed:
+        batch = _globalize_packed(batch, NamedSharding(mesh, PartitionSpec(axis)))
     out = {}
     for key, x in batch.items():
         rest = (None,) * (x.ndim - 1)
         if (
-            x.shape[0] == 2 * n
+            not packed
+            and x.shape[0] == 2 * n
             and x.ndim == 2
             and "input_ids" in batch
             and batch["input_ids"].shape[0] == 2 * n
@@ -277,7 +288,8 @@ def make_global_batch(batch: Mapping[str, np.ndarray], sharding: Any) -> dict[st
             merged = _merge_halves(x3, NamedSharding(mesh, PartitionSpec(axis, *rest)))
         else:
             sh = NamedSharding(mesh, PartitionSpec(axis, *rest))
-            merged = jax.make_array_from_process_local_data(sh, x, (n * procs, *x.shape[1:]))
+            shape = (x.shape[0] * procs, *x.shape[1:])
+            merged = jax.make_array_from_process_local_data(sh, x, shape)
         out[key] = jax.device_put(merged, NamedSharding(sharding.mesh, PartitionSpec(axis, *rest)))
     return out
 
@@ -286,3 +298,45 @@ def _merge_halves(x_2xNxT: Any, out_sharding: Any) -> Any:
     import jax
 
     return jax.jit(lambda x: x.reshape(-1, x.shape[-1]), out_shardings=out_sharding)(x_2xNxT)
+
+
+def pad_packed(batch: Mapping[str, np.ndarray], rows: int, t: int) -> dict[str, np.ndarray]:
+    """A packed batch grown to ``[rows, t]`` with empty rows and columns (sequence id -1)."""
+    out = dict(batch)
+    for key, x in batch.items():
+        if x.ndim == 2:
+            fill = -1 if key == "sequence_ids" else 0
+            out[key] = np.pad(
+                x, ((0, rows - x.shape[0]), (0, t - x.shape[1])), constant_values=fill
+            )
+    return out
+
+
+def global_sequence_ids(sequence_ids: np.ndarray, n: int, n_global: int, offset: int) -> np.ndarray:
+    """Local sequence numbers (i chosen, n + i rejected of local pair i) -> global ones.
+
+    The process's pairs are global pairs ``offset .. offset + n - 1``; padding (-1) stays -1.
+    """
+    chosen = sequence_ids + offset
+    rejected = sequence_ids - n + n_global + offset
+    return np.where(sequence_ids < 0, -1, np.where(sequence_ids < n, chosen, rejected)).astype(
+        sequence_ids.dtype
+    )
+
+
+def _globalize_packed(batch: Mapping[str, np.ndarray], pair_sharding: Any) -> dict[str, np.ndarray]:
+    """Makes every process's packed batch the same shape and numbers its sequences globally."""
+    import jax
+
+    n, procs = len(batch["index"]), jax.process_count()
+    if procs > 1:
+        from jax.experimental import multihost_utils
+
+        shape = np.asarray(batch["input_ids"].shape, np.int32)
+        rows, t = np.max(multihost_utils.process_allgather(shape), axis=0)
+        batch = pad_packed(batch, int(rows), int(t))
+    # Where make_array_from_process_local_data puts this process's pairs in the global [N * P].
+    index_map = pair_sharding.addressable_devices_indices_map((n * procs,))
+    offset = min(idx[0].start or 0 for idx in index_map.values())
+    ids = global_sequence_ids(batch["sequence_ids"], n, n * procs, offset)
+    return {**batch, "sequence_ids": ids}

@@ -23,6 +23,7 @@ ml-collections or datasets).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import gc
 import json
@@ -167,9 +168,13 @@ class StepBench:
         self.limit = stats.get("bytes_limit", 0)
 
     def run(self, variant: dict, pairs_list, seq: int, repeats: int) -> dict:
-        cfg = self.cfg.replace(**variant)
+        model_fields = {k: v for k, v in variant.items() if k != "chunk"}
+        cfg = self.cfg.replace(**model_fields)
+        step_cfg = self.step_cfg
+        if "chunk" in variant:
+            step_cfg = dataclasses.replace(step_cfg, logprob_chunk=variant["chunk"])
         graphdef, _ = ts.split_model(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
-        fn = functools.partial(ts.train_step, graphdef=graphdef, tx=self.tx, cfg=self.step_cfg,
+        fn = functools.partial(ts.train_step, graphdef=graphdef, tx=self.tx, cfg=step_cfg,
                                schedule=self.sched)  # fmt: skip
         jitted = jax.jit(fn, donate_argnums=(0,))
         tried = []
@@ -221,18 +226,28 @@ def main():
         "--budget-s", type=float, default=330.0, help="stop starting new variants after"
     )
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join("bench", "out"))
+    ap.add_argument(
+        "--variants",
+        default="",
+        help="'attention:remat:pairs,pairs[:chunk];...' instead of the default list",
+    )
+    ap.add_argument("--skip-checks", action="store_true", help="timings only (no parity checks)")
     args = ap.parse_args()
     rec = Recorder(args.out)
     dev = jax.devices()[0]
+    auto = Llama(small_cfg(dtype="bfloat16"), rngs=nnx.Rngs(0)).layers.self_attn
     rec("device", device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
-        flax=__import__("flax").__version__, optax=__import__("optax").__version__)  # fmt: skip
+        flax=__import__("flax").__version__, optax=__import__("optax").__version__,
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+        auto_attention=auto.implementation(jnp.bfloat16, cached=False) or "xla")  # fmt: skip
     if not args.dry and dev.platform != "gpu":
         sys.exit("no GPU: run with --dry")
 
-    for kind, fn in (
+    checks = () if args.skip_checks else (
         ("parity", lambda: [parity()]),
         ("attention", lambda: attention_check(args.dry)),
-    ):
+    )  # fmt: skip
+    for kind, fn in checks:
         try:
             for r in fn():
                 rec(kind, **r)
@@ -250,6 +265,14 @@ def main():
                     (dict(attention="cudnn", remat="full"), (16, 8)),
                     (dict(attention="xla", remat="full"), (8, 4))]  # fmt: skip
         ceiling = dot_ceiling(8192, jnp.bfloat16)
+    if args.variants:
+        variants = []
+        for v in args.variants.split(";"):
+            attn, remat, pairs, *rest = v.split(":")
+            extra = {"chunk": int(rest[0])} if rest else {}
+            variants.append(
+                (dict(attention=attn, remat=remat, **extra), tuple(map(int, pairs.split(","))))
+            )
     rec("dot_ceiling", tflops=round(ceiling / 1e12, 1), dtype="bf16" if not args.dry else "f32")
     bench = StepBench(cfg, chunk)
     rows, last = [], 0.0
@@ -268,13 +291,13 @@ def main():
         r["mfu_dot"] = round(r["tflops"] * 1e12 / ceiling, 3) if "tflops" in r else None
         rec("step", **r)
         if "tflops" in r:
-            rows.append((r["attention"], r["remat"], seq, r["pairs"], r["ms_step"], r["tokens_s"],
+            rows.append((r["attention"], r["remat"], r.get("chunk", chunk), seq, r["pairs"], r["ms_step"], r["tokens_s"],
                          r["tflops"], f"{100 * r['mfu_peak']:.1f}%", f"{100 * r['mfu_dot']:.1f}%",
                          r["gib_needed"], r["compile_s"]))  # fmt: skip
         gc.collect()
     print(f"device {dev.device_kind}; {cfg.n_params / 1e9:.2f} B params; bf16 dot ceiling "
           f"{ceiling / 1e12:.0f} TFLOP/s; {time.perf_counter() - T0:.0f} s in all")  # fmt: skip
-    print(table(("attention", "remat", "seq", "pairs", "ms/step", "tokens/s", "TFLOP/s",
+    print(table(("attention", "remat", "chunk", "seq", "pairs", "ms/step", "tokens/s", "TFLOP/s",
                  "MFU vs 989", "vs dot", "GiB", "compile s"), rows))  # fmt: skip
 
 

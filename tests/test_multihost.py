@@ -155,6 +155,23 @@ def test_two_processes_match_one_process(runs):
     assert ev2 == pytest.approx(ev1, rel=1e-5)
 
 
+def test_two_processes_packed_match_one_process_concat(runs):
+    """Packed rows: each process packs its own pairs, the sequence numbers refer to the global
+    pairs, the row counts and lengths are agreed; the losses are the concat layout's. With rows of
+    128 and a 64 bucket, step 2 packs to 8 x 64 on process 0 and 4 x 128 on process 1, so both
+    grow to 8 x 128."""
+    tmp = os.path.dirname(runs["dirs"]["two"])
+    w = os.path.join(tmp, "two_packed")
+    _train_two(tmp, w, 3, "--config.export_hf=False", "--config.data.layout=packed",
+               "--config.data.seq_len=128", "--config.data.buckets=(64,)")  # fmt: skip
+    packed, one = _losses(_metrics(w)), _losses(runs["first"]["one"])
+    assert set(packed) == set(one) and len(one) == 6, (packed, one)
+    for key in one:
+        assert packed[key] == pytest.approx(one[key], rel=1e-4), (
+            f"{key}: packed on 2 processes {packed[key]} != concat on 1 process {one[key]}"
+        )
+
+
 def test_only_process_zero_writes(runs):
     w2 = runs["dirs"]["two"]
     assert os.path.exists(os.path.join(w2, "hf", "config.json"))  # export gathered the params

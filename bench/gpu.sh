@@ -57,7 +57,7 @@ JAX_PLATFORMS=cpu timeout 400 "$PY" bench/llama8b_memory.py "${MEM_ARGS[@]}" \
   >"$OUT_DIR/llama8b.txt" 2>&1 &
 MEM_PID=$!
 
-timeout 420 "$PY" bench/gpu_check.py --out "$OUT_DIR" "$@"
+timeout 400 "$PY" bench/gpu_check.py --out "$OUT_DIR" "$@"
 RC=$?
 wait "$MEM_PID" || echo "llama8b_memory exited $?"
 echo "--- llama8b_memory (CPU estimate) ---"

@@ -26,6 +26,7 @@ def base_config(loss: str, preset: str | None) -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # master weight dtype
     c.model.remat = "none"  # none | full | save_dots
     c.model.scan_layers = True  # one compiled block for all layers (False unrolls them)
+    c.model.attention = "auto"  # auto (cuDNN flash on GPU for 16-bit compute) | xla | cudnn
 
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # prepared shard dir (python -m apo_jax.data.prepare); empty: the demo

@@ -81,6 +81,7 @@ def model_overrides(rc: RunConfig) -> dict[str, Any]:
         "param_dtype": m["param_dtype"],
         "remat": m["remat"],
         "scan_layers": m["scan_layers"],
+        "attention": m.get("attention", "auto"),
     }
 
 

@@ -62,6 +62,9 @@ def test_parity_right_padding(make_hf_llama):
     assert np.isfinite(got).all(), "padded query rows must not produce NaN"
     real = mask.astype(bool)
     np.testing.assert_allclose(got[real], ref[real], atol=1e-4, rtol=1e-4)
+    # Without segment ids (plain causal, no mask array) every real token is unchanged.
+    causal = np.asarray(forward(model, jnp.asarray(ids)))
+    np.testing.assert_allclose(causal[real], ref[real], atol=1e-4, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +167,19 @@ def test_presets_and_validation():
         config_lib.get_preset("tiny", n_kv_heads=3)
     with pytest.raises(config_lib.ConfigError, match="remat"):
         config_lib.get_preset("tiny", remat="some")
+    with pytest.raises(config_lib.ConfigError, match="attention"):
+        config_lib.get_preset("tiny", attention="flash")
+
+
+@pytest.mark.parametrize("dtype,expected", [("bfloat16", "cudnn"), ("float32", None)])
+def test_auto_attention_picks_cudnn_only_on_gpu_for_16_bit(monkeypatch, dtype, expected):
+    attn = nnx.eval_shape(
+        lambda: Llama(config_lib.get_preset("tiny", head_dim=16), rngs=nnx.Rngs(0))
+    ).layers.self_attn
+    assert attn.implementation(jnp.dtype(dtype), cached=False) is None  # CPU: XLA
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert attn.implementation(jnp.dtype(dtype), cached=False) == expected
+    assert attn.implementation(jnp.dtype(dtype), cached=True) is None  # KV-cache decode: XLA
 
 
 def test_config_hf_round_trip():

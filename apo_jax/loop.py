@@ -118,16 +118,19 @@ class Loop:
         return {f"eval/{k}": v / max(total, 1) for k, v in sums.items()}
 
     def _train_call(self, g: dict[str, Any]) -> tuple[Any, Any]:
-        """Runs the step compiled ahead of time for this batch shape (so its FLOPs are known)."""
+        """Runs the step compiled ahead of time for this batch shape (so its FLOPs are known).
+
+        Shapes vary with buckets and with packed rows; each compiles once and is kept.
+        """
         key = g["input_ids"].shape
-        exe = self._executables.get(key)
-        if exe is None:
+        if key not in self._executables:
             exe = self.train_jit.lower(self.state, g, self.ref_params).compile()
-            self._executables[key] = exe
             rows, seq_len = key
-            self.flops = metrics_lib.model_flops(
+            flops = metrics_lib.model_flops(
                 self.model_cfg, rows, seq_len, online_reference=self.ref_mode == "online"
             )
+            self._executables[key] = exe, flops
+        exe, self.flops = self._executables[key]
         return exe(self.state, g, self.ref_params)
 
     def run(self) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from apo_jax.config_base import with_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_TIMEOUT = 300  # seconds per training run (about 30-70 s each on a loaded 2-core machine)
+CONCAT = ("--config.data.layout=concat", "--config.data.seq_len=96")  # not the demo's packed rows
 
 
 def _free_port() -> int:
@@ -129,15 +130,15 @@ def runs(tmp_path_factory):
         out[name] = fn(*args)
         took[name] = round(time.perf_counter() - t)
 
-    timed("two", _train_two, tmp, w2, 3, "--config.export_hf=True")  # computes the references
-    timed("one", _train_one, tmp, w1, 3, "--config.export_hf=False")
+    timed("two", _train_two, tmp, w2, 3, "--config.export_hf=True", *CONCAT)  # the references too
+    timed("one", _train_one, tmp, w1, 3, "--config.export_hf=False", *CONCAT)
     first = {"two": _metrics(w2), "one": _metrics(w1)}
     # Cross-topology resume: each workdir is copied and continued for one step on the other side.
     r1, r2 = os.path.join(tmp, "two_then_one"), os.path.join(tmp, "one_then_two")
     shutil.copytree(w2, r1, ignore=shutil.ignore_patterns("logs", "hf"))
     shutil.copytree(w1, r2)
-    timed("two_then_one", _train_one, tmp, r1, 4, "--config.export_hf=False")
-    timed("one_then_two", _train_two, tmp, r2, 4, "--config.export_hf=False")
+    timed("two_then_one", _train_one, tmp, r1, 4, "--config.export_hf=False", *CONCAT)
+    timed("one_then_two", _train_two, tmp, r2, 4, "--config.export_hf=False", *CONCAT)
     print(f"multihost runs took {time.perf_counter() - t0:.0f} s: {took}")
     return {"dirs": {"two": w2, "one": w1, "two_then_one": r1, "one_then_two": r2},
             "first": first, "out": out}  # fmt: skip

@@ -98,7 +98,7 @@ def test_same_seed_same_losses_online_reference_and_prefix_layout(demo_cache, tm
     assert sorted(a) == [1, 2, 3]
     assert a == b, "same config and seed must give bit-identical losses"
     np.testing.assert_allclose([a[s] for s in a], [c[s] for s in a], rtol=1e-5)
-    # Prompt-prefix sharing (one row a pair) trains to the same losses as the concatenated layout.
+    # Prompt-prefix sharing (one row a pair) trains to the same losses as the demo's packed rows.
     np.testing.assert_allclose([a[s] for s in a], [d[s] for s in a], rtol=1e-4)
     assert pre["steps"] == again["steps"] == online["steps"] == 3
     # The same command on a finished workdir restores the last checkpoint and runs nothing more.

@@ -49,7 +49,7 @@ class StepConfig:
     logprob_chunk: int = 128  # time steps per chunk of the log-prob head
     grad_accum: int = 1  # micro-batches per step
     reference: str = "precomputed"  # 'precomputed' (from the batch) | 'online' | 'none'
-    layout: str = "concat"  # 'concat' (chosen rows, then rejected rows) | 'prefix' (one row a pair)
+    layout: str = "concat"  # 'concat' (chosen rows, then rejected) | 'prefix' | 'packed' (PAIR_ROWS)
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:

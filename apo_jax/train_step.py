@@ -49,7 +49,7 @@ class StepConfig:
     logprob_chunk: int = 128  # time steps per chunk of the log-prob head
     grad_accum: int = 1  # micro-batches per step
     reference: str = "precomputed"  # 'precomputed' (from the batch) | 'online' | 'none'
-    layout: str = "concat"  # 'concat' (chosen rows, then rejected) | 'prefix' | 'packed' (PAIR_ROWS)
+    layout: str = "concat"  # 'concat' (chosen, then rejected rows) | 'prefix' | 'packed'
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:

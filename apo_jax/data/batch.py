@@ -155,7 +155,7 @@ def packed_row_count(used: int, n_sequences: int, row_multiple: int = 1) -> int:
 
     step = ceil(n_sequences / 8) rounded up to a multiple of ``row_multiple``; cap =
     ``n_sequences`` rounded up to a multiple of ``row_multiple`` (one sequence per row). So a
-    batch size gives at most 9 row counts per row length (fewer compiles), each a multiple of
+    batch size gives at most 8 row counts per row length (fewer compiles), each a multiple of
     ``row_multiple`` (rows shard evenly), and never fewer than one step.
     """
     step = _ceil_to(-(-n_sequences // PACKED_ROW_STEPS), row_multiple)

@@ -167,7 +167,8 @@ class StepBench:
         stats = jax.devices()[0].memory_stats() or {}
         self.limit = stats.get("bytes_limit", 0)
 
-    def run(self, variant: dict, pairs_list, seq: int, repeats: int) -> dict:
+    def jitted(self, variant: dict):
+        """(model config, jitted step) for a variant: LlamaConfig fields plus an optional chunk."""
         model_fields = {k: v for k, v in variant.items() if k != "chunk"}
         cfg = self.cfg.replace(**model_fields)
         step_cfg = self.step_cfg
@@ -176,7 +177,17 @@ class StepBench:
         graphdef, _ = ts.split_model(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
         fn = functools.partial(ts.train_step, graphdef=graphdef, tx=self.tx, cfg=step_cfg,
                                schedule=self.sched)  # fmt: skip
-        jitted = jax.jit(fn, donate_argnums=(0,))
+        return cfg, jax.jit(fn, donate_argnums=(0,))
+
+    def compile(self, variant: dict, pairs: int, seq: int):
+        """(compiled step, device batch) for `pairs` pairs of `seq` tokens."""
+        cfg, jitted = self.jitted(variant)
+        shp = Shapes(pairs=pairs, seq=seq, prompt=seq // 2)
+        batch = {k: jnp.asarray(v) for k, v in concat_batch(shp, cfg.vocab_size).items()}
+        return jitted.lower(self.state, batch, None).compile(), batch
+
+    def run(self, variant: dict, pairs_list, seq: int, repeats: int) -> dict:
+        cfg, jitted = self.jitted(variant)
         tried = []
         for pairs in pairs_list:
             shp = Shapes(pairs=pairs, seq=seq, prompt=seq // 2)

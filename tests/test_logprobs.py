@@ -1,6 +1,7 @@
 """Tests of the chunked sequence log-probs against the full-logits computation."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -83,6 +84,35 @@ def test_bfloat16_inputs_accumulate_in_float32():
     want, _ = naive_sequence_logps(h16.astype(jnp.float32), w16.astype(jnp.float32), ids, mask)
     # bf16 products summed in float32: close to the float32 result on the same rounded inputs.
     np.testing.assert_allclose(got, want, rtol=1e-2)
+
+
+def test_bfloat16_hidden_runs_every_head_matmul_in_bfloat16_with_float32_master_weights():
+    h, w, ids, mask = _inputs(5)
+    h16 = h.astype(jnp.bfloat16)  # compute dtype; w stays float32 (master weights)
+
+    def loss(h, w):
+        return sequence_logps(h, w, ids, mask, chunk_size=4)[0].sum()
+
+    grad = jax.grad(loss, argnums=(0, 1))
+    dots = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                dots.append(tuple(v.aval.dtype for v in eqn.invars))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(grad)(h16, w).jaxpr)
+    assert len(dots) >= 3, dots  # forward (and its recomputation), d hidden, d unembedding
+    assert all(d == (jnp.bfloat16, jnp.bfloat16) for d in dots), dots
+    d_h, d_w = grad(h16, w)
+    assert d_h.dtype == jnp.bfloat16 and d_w.dtype == jnp.float32
+    want_h, want_w = jax.grad(
+        lambda h, w: naive_sequence_logps(h, w, ids, mask)[0].sum(), argnums=(0, 1)
+    )(h16.astype(jnp.float32), w)
+    np.testing.assert_allclose(np.asarray(d_w), want_w, rtol=3e-2, atol=3e-2)
+    np.testing.assert_allclose(np.asarray(d_h, np.float32), want_h, rtol=3e-2, atol=3e-2)
 
 
 def test_chunked_never_holds_full_logits():

@@ -7,12 +7,13 @@ normal, has bold markers, no marker, an empty answer, or copies the answer uncha
 
 from __future__ import annotations
 
-import _thread
 import collections
 import hashlib
 import http.server
 import json
+import os
 import re
+import signal
 import threading
 import time
 
@@ -63,8 +64,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 srv.served[key] += 1
                 srv.ok_total += 1
                 fire = srv.ok_total == srv.interrupt_after
-            if fire:
-                _thread.interrupt_main()
+            if fire:  # a real SIGINT: it also wakes a main thread blocked waiting on the pool
+                os.kill(os.getpid(), signal.SIGINT)
 
 
 def _completion(req, text):

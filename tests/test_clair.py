@@ -210,6 +210,8 @@ def test_clair_pipeline_retries_rejects_and_keeps_the_key_secret(server, tmp_pat
 
 def test_resume_after_budget_and_ctrl_c_makes_no_duplicate_requests(server, tmp_path, monkeypatch):
     monkeypatch.setenv("CLAIR_TEST_KEY", SECRET)
+    # Python's own Ctrl-C behaviour, whatever handler an earlier test in this worker left behind.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     tags = [f"plain {i}" for i in range(10)]
     _write_prompts(tmp_path / "prompts.jsonl", tags)
     assert clair.main(_args(server, tmp_path, "--max_requests", "4")) == 3

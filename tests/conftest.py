@@ -72,3 +72,16 @@ def make_hf_llama(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+def assert_same_grads(want, got, atol: float) -> None:
+    """Every gradient leaf of `got` equals `want` (rtol 1e-4), and they are not all zero."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    norms = []
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=atol)
+        norms.append(float(jnp.linalg.norm(a)))
+    assert max(norms) > 1e-3  # the gradients are not all zero

@@ -185,3 +185,79 @@ def test_make_global_batch_single_process(small_shards):  # noqa: F811
     assert set(g) == set(b)
     for k in b:
         np.testing.assert_array_equal(np.asarray(g[k]), b[k])
+
+
+# (prompt, chosen, rejected) lengths: every layout fits the 16 bucket (prefix rows up to 12).
+PAD_LENGTHS = [(3, 4, 5), (2, 6, 3), (5, 2, 4)]
+PAD_ID = 7
+
+
+def _collated(layout, seq_len=32, buckets=(16,)):
+    """Three pairs and a padding pair through the loader's collate, pad id 7, reference logps."""
+    from apo_jax.data import batch as batch_lib
+    from apo_jax.data import shards
+
+    rng = np.random.default_rng(0)
+    items = [(i, shards.serialize(shards.PairRecord(*(rng.integers(8, 64, n).astype(np.int32) for n in lens), i)))
+             for i, lens in enumerate(PAD_LENGTHS)] + [(-1, b"")]  # fmt: skip
+    ref_w, ref_l = rng.normal(size=(2, len(items))).astype(np.float32) - 9
+    return batch_lib.Collate(layout, seq_len, PAD_ID, buckets, ref_w, ref_l)(items)
+
+
+@pytest.mark.parametrize("layout", ["concat", "prefix", "packed"])
+def test_pad_batch_writes_the_padding_of_the_collate(layout):
+    b = _collated(layout)
+    if layout == "prefix":  # an [N, T, T] field grows on both last axes
+        b["attn_mask"] = loader.prefix_attention_mask(b["branch_ids"], b["segment_ids"])
+    rows, t = b["input_ids"].shape
+    assert t == 16  # the bucket, so there is room to grow to 24
+    grown = loader.pad_batch(b, rows + 2 * (layout == "packed"), 24, PAD_ID)
+    assert set(grown) == set(b)
+    fills = {"input_ids": PAD_ID, "sequence_ids": -1}  # everything else: 0 / False
+    for key, x in b.items():
+        g = grown[key]
+        assert g.dtype == x.dtype, key
+        if x.ndim == 1:  # per pair: index, lengths, reference logps
+            np.testing.assert_array_equal(g, x, err_msg=key)
+            continue
+        want_shape = (rows + 2 * (layout == "packed"),) + (24,) * (x.ndim - 1)
+        assert g.shape == want_shape, key
+        old = tuple(slice(0, d) for d in x.shape)
+        np.testing.assert_array_equal(g[old], x, err_msg=key)
+        new = np.ones(g.shape, bool)
+        new[old] = False
+        assert (g[new] == fills.get(key, 0)).all(), f"{key}: padding {np.unique(g[new])}"
+    if layout != "packed":  # exactly the batch the collate writes at that length
+        b.pop("attn_mask", None)
+        want = _collated(layout, seq_len=24, buckets=None)
+        grown = loader.pad_batch(b, rows, 24, PAD_ID)
+        assert set(grown) == set(want)
+        for key in want:
+            np.testing.assert_array_equal(grown[key], want[key], err_msg=key)
+
+
+@pytest.mark.parametrize("layout", ["concat", "prefix", "packed"])
+def test_padding_to_a_larger_shape_keeps_logps_and_loss(layout):
+    """What another process's longer bucket or extra packed rows do to this process's pairs."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from apo_jax import train_step as ts
+    from apo_jax.models.config import get_preset
+    from apo_jax.models.llama import Llama
+
+    cfg = get_preset("tiny", vocab_size=64, n_layers=2, d_model=32, mlp_dim=64, n_heads=4,
+                     n_kv_heads=2, head_dim=8)  # fmt: skip
+    graphdef, params = ts.split_model(Llama(cfg, rngs=nnx.Rngs(0)))
+    step = ts.StepConfig(loss="apo_down", layout=layout)
+    b = _collated(layout)
+    rows, _ = b["input_ids"].shape
+    grown = loader.pad_batch(b, rows + 2 * (layout == "packed"), 40, PAD_ID)
+    out = []
+    for batch in (b, grown):
+        batch = {k: jnp.asarray(v) for k, v in batch.items()}
+        logps = ts.pair_logps(graphdef, params, batch, step)
+        out.append((logps.chosen, logps.rejected, ts.loss_fn(params, graphdef, batch, step)[0]))
+    assert np.isfinite(out[0][0][:3]).all() and float(jnp.std(out[0][0][:3])) > 0.1
+    for name, a, g in zip(("chosen", "rejected", "loss"), *out, strict=True):
+        np.testing.assert_allclose(g, a, rtol=1e-5, atol=1e-6, err_msg=name)

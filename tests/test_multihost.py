@@ -173,6 +173,40 @@ def test_two_processes_packed_match_one_process_concat(runs):
         )
 
 
+@pytest.mark.parametrize("layout, bucket", [("concat", 64), ("prefix", 96)])
+def test_two_processes_with_buckets_match_one_process_concat(runs, layout, bucket):
+    """Buckets: each process pads its own pairs to the smallest bucket that fits, so at step 2
+    and in the eval batch process 0 has rows of the bucket and process 1 of 128; both grow to 128
+    before the global batch is built, and the losses are the single process's."""
+    from apo_jax import trainer
+    from apo_jax.data import loader
+
+    tmp = os.path.dirname(runs["dirs"]["two"])
+    c = _get_config()
+    c.demo.cache_dir, c.demo.n_train, c.demo.n_eval = os.path.join(tmp, "demo"), 64, 16
+    paths = trainer.resolve_data(run_config.validate(c, device_count=8))  # built by `runs`
+    lengths = []  # the premise: the processes' row lengths differ for one step
+    for split, epochs, steps in ((paths.train, None, 3), (paths.eval, 1, 1)):
+        for p in range(2):
+            cfg = loader.LoaderConfig(batch_size=4, seq_len=128, buckets=(bucket,), layout=layout,
+                                      seed=c.seed, shuffle=epochs is None, num_epochs=epochs)  # fmt: skip
+            ld = loader.make_loader(split, cfg, process_index=p, process_count=2)
+            lengths.append([next(ld)["input_ids"].shape[1] for _ in range(steps)])
+    assert lengths == [[bucket, bucket, bucket], [bucket, 128, bucket], [bucket], [128]], lengths
+    w = os.path.join(tmp, f"two_{layout}_buckets")
+    _train_two(tmp, w, 3, "--config.export_hf=False", f"--config.data.layout={layout}",
+               "--config.data.seq_len=128", f"--config.data.buckets=({bucket},)")  # fmt: skip
+    rows = _metrics(w)
+    got, one = _losses(rows), _losses(runs["first"]["one"])
+    assert set(got) == set(one) and len(one) == 6, (got, one)
+    for key in one:
+        assert got[key] == pytest.approx(one[key], rel=1e-4), (
+            f"{key}: {layout} with buckets on 2 processes {got[key]} != concat on 1 process "
+            f"{one[key]}; the padding to the agreed length changed the losses"
+        )
+    assert rows[3]["eval/loss"] == pytest.approx(runs["first"]["one"][3]["eval/loss"], rel=1e-4)
+
+
 def test_only_process_zero_writes(runs):
     w2 = runs["dirs"]["two"]
     assert os.path.exists(os.path.join(w2, "hf", "config.json"))  # export gathered the params

@@ -171,7 +171,7 @@ def test_global_sequence_ids_and_padding_to_the_agreed_shape():
         loader.global_sequence_ids(ids, 3, 6, 3), [[3, 3, 10, -1], [11, 5, 5, 9]]
     )
     batch = {"sequence_ids": ids, "input_ids": ids + 1, "index": np.arange(3)}
-    grown = loader.pad_packed(batch, 4, 6)
+    grown = loader.pad_batch(batch, 4, 6)
     assert grown["input_ids"].shape == grown["sequence_ids"].shape == (4, 6)
     assert (grown["sequence_ids"][2:] == -1).all() and (grown["sequence_ids"][:, 4:] == -1).all()
     assert (grown["input_ids"][2:] == 0).all() and (grown["index"] == np.arange(3)).all()

@@ -14,7 +14,7 @@ all-zero masks and segment ids.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -199,6 +199,26 @@ def _packed(
             out["segment_ids"][row, start:end] = segment
             out["sequence_ids"][row, start:end] = s
             start = end
+    return out
+
+
+def pad_batch(
+    batch: Mapping[str, np.ndarray], rows: int, t: int, pad_id: int = 0
+) -> dict[str, np.ndarray]:
+    """A batch of any layout grown to ``rows`` rows of ``t`` tokens, with the collate's padding.
+
+    Every field of two or more dims is ``[rows, T, ...]`` with each later dim ``T`` (an ``[N, T,
+    T]`` attention mask too): the first dim grows to ``rows``, the others to ``t``. The new
+    entries are padding as the layouts write it: ``input_ids`` ``pad_id``, ``sequence_ids`` -1,
+    and 0 (False) elsewhere -- segment 0, no completion or branch, position 0, no attention -- so
+    no loss changes. Per-pair fields (``[N]``) are kept.
+    """
+    out = dict(batch)
+    for key, x in batch.items():
+        if x.ndim >= 2:
+            widths = [(0, rows - x.shape[0])] + [(0, t - d) for d in x.shape[1:]]
+            fill = {"input_ids": pad_id, "sequence_ids": -1}.get(key, 0)
+            out[key] = np.pad(x, widths, constant_values=fill)
     return out
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from apo_jax.data import batch as batch_lib
 from apo_jax.data import refs, shards
 
+pad_batch = batch_lib.pad_batch
 prefix_attention_mask = batch_lib.prefix_attention_mask
 write_reference_logps = refs.write_reference_logps
 
@@ -252,8 +253,9 @@ def make_global_batch(batch: Mapping[str, np.ndarray], sharding: Any) -> dict[st
     Returns:
       Global arrays of shape ``[2 * N * P, T]`` (concat keys) or ``[N * P, ...]`` keeping the
       layout globally: rows ``0..NP-1`` are the chosen rows of all processes, then the rejected.
-      Packed batches: the processes' rows one after the other, all padded to the largest row
-      count and length of any process, ``sequence_ids`` renumbered to the global pairs.
+      Packed batches: the processes' rows one after the other, ``sequence_ids`` renumbered to
+      the global pairs. Every layout is first padded to the largest row count and length of any
+      process (:func:`agree_shape`), so buckets may pick another ``T`` on each process.
     """
     import jax
     from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -268,8 +270,9 @@ def make_global_batch(batch: Mapping[str, np.ndarray], sharding: Any) -> dict[st
     n = len(batch["index"])
     procs = jax.process_count()
     packed = "sequence_ids" in batch
+    batch = agree_shape(batch)
     if packed:
-        batch = _globalize_packed(batch, NamedSharding(mesh, PartitionSpec(axis)))
+        batch = _number_sequences_globally(batch, NamedSharding(mesh, PartitionSpec(axis)))
     out = {}
     for key, x in batch.items():
         rest = (None,) * (x.ndim - 1)
@@ -300,18 +303,6 @@ def _merge_halves(x_2xNxT: Any, out_sharding: Any) -> Any:
     return jax.jit(lambda x: x.reshape(-1, x.shape[-1]), out_shardings=out_sharding)(x_2xNxT)
 
 
-def pad_packed(batch: Mapping[str, np.ndarray], rows: int, t: int) -> dict[str, np.ndarray]:
-    """A packed batch grown to ``[rows, t]`` with empty rows and columns (sequence id -1)."""
-    out = dict(batch)
-    for key, x in batch.items():
-        if x.ndim == 2:
-            fill = -1 if key == "sequence_ids" else 0
-            out[key] = np.pad(
-                x, ((0, rows - x.shape[0]), (0, t - x.shape[1])), constant_values=fill
-            )
-    return out
-
-
 def global_sequence_ids(sequence_ids: np.ndarray, n: int, n_global: int, offset: int) -> np.ndarray:
     """Local sequence numbers (i chosen, n + i rejected of local pair i) -> global ones.
 
@@ -324,17 +315,34 @@ def global_sequence_ids(sequence_ids: np.ndarray, n: int, n_global: int, offset:
     )
 
 
-def _globalize_packed(batch: Mapping[str, np.ndarray], pair_sharding: Any) -> dict[str, np.ndarray]:
-    """Makes every process's packed batch the same shape and numbers its sequences globally."""
+def agree_shape(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This process's batch padded to the largest row count and length of any process.
+
+    Buckets (any layout) and packing (the row count too) let the processes' batches of one step
+    differ in shape, and a global array needs one. With several processes this all-gathers the
+    shapes (every process must call it, once per batch) and pads with :func:`pad_batch`; the pad
+    id is the one the batch's own padding (segment 0) holds, else 0. One process: unchanged.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return dict(batch)
+    from jax.experimental import multihost_utils
+
+    shape = np.asarray(batch["input_ids"].shape, np.int32)
+    rows, t = (int(d) for d in np.max(multihost_utils.process_allgather(shape), axis=0))
+    if (rows, t) == batch["input_ids"].shape:
+        return dict(batch)
+    pads = batch["input_ids"][batch["segment_ids"] == 0]
+    return pad_batch(batch, rows, t, int(pads[0]) if pads.size else 0)
+
+
+def _number_sequences_globally(
+    batch: Mapping[str, np.ndarray], pair_sharding: Any
+) -> dict[str, np.ndarray]:
     import jax
 
     n, procs = len(batch["index"]), jax.process_count()
-    if procs > 1:
-        from jax.experimental import multihost_utils
-
-        shape = np.asarray(batch["input_ids"].shape, np.int32)
-        rows, t = np.max(multihost_utils.process_allgather(shape), axis=0)
-        batch = pad_packed(batch, int(rows), int(t))
     # Where make_array_from_process_local_data puts this process's pairs in the global [N * P].
     index_map = pair_sharding.addressable_devices_indices_map((n * procs,))
     offset = min(idx[0].start or 0 for idx in index_map.values())

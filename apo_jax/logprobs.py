@@ -3,8 +3,13 @@
 The last step of a causal LM maps each hidden state to V logits. With Llama-3's 128,256-token
 vocabulary, float32 logits for 16 sequences of 4,096 tokens take 34 GB, and their log-softmax and
 backward more. Here the projection, log-softmax and target gather run over chunks of the time
-axis under ``jax.checkpoint``: the forward keeps only the per-token results of a chunk and the
-backward recomputes each chunk's logits, so memory grows with the chunk, not with T.
+axis in a custom VJP: the forward keeps only each token's logsumexp, and the backward recomputes a
+chunk's logits once and forms the logit gradient ``g (onehot - softmax)`` directly, so memory grows
+with the chunk, not with T.
+
+Only the positions whose log-prob counts (completion tokens) need logits: callers pass them as
+``where``, each row's counted positions move to its front, and chunks that no row needs are
+skipped at run time. With half of every row prompt, the head does half the work.
 """
 
 from __future__ import annotations
@@ -108,7 +113,8 @@ def segment_logps(
 ) -> tuple[Array, Array]:
     """Like :func:`sequence_logps` for K masks over the same rows, in one pass of the head.
 
-    Used by prompt-prefix sharing, where one row holds both completions of a pair.
+    Used by prompt-prefix sharing, where one row holds both completions of a pair. Only the
+    positions some mask counts go through the head (see :func:`token_logps`).
 
     Args:
       hidden_BxTxD: final-norm hidden states.
@@ -120,47 +126,140 @@ def segment_logps(
     Returns:
       ``(logps_KxB, counts_KxB)``.
     """
-    B, T, D = hidden_BxTxD.shape
-    K = masks_KxBxT.shape[0]
     zeros_Bx1 = jnp.zeros_like(input_ids_BxT[:, :1])
     targets_BxT = jnp.concatenate([input_ids_BxT[:, 1:], zeros_Bx1], axis=1)
     masks_KxBxT = jnp.concatenate(
         [masks_KxBxT[:, :, 1:], jnp.zeros_like(masks_KxBxT[:, :, :1])], axis=2
     ).astype(jnp.float32)
-    C = max(1, min(chunk_size, T))
-    pad = -T % C
-    if pad:
-        hidden_BxTxD = jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0)))
-        targets_BxT = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
-        masks_KxBxT = jnp.pad(masks_KxBxT, ((0, 0), (0, 0), (0, pad)))
-    n = (T + pad) // C
-    hidden_NxBxCxD = hidden_BxTxD.reshape(B, n, C, D).swapaxes(0, 1)
-    targets_NxBxC = targets_BxT.reshape(B, n, C).swapaxes(0, 1)
-    masks_NxKxBxC = masks_KxBxT.reshape(K, B, n, C).transpose(2, 0, 1, 3)
-    chunk_fn = jax.checkpoint(_token_logps)
-
-    def body(acc_KxB, xs):
-        h_BxCxD, t_BxC, m_KxBxC = xs
-        logps_BxC = chunk_fn(h_BxCxD, unembed_DxV, t_BxC)
-        return acc_KxB + jnp.sum(logps_BxC[None] * m_KxBxC, axis=-1), None
-
-    logps_KxB, _ = jax.lax.scan(
-        body, jnp.zeros((K, B), jnp.float32), (hidden_NxBxCxD, targets_NxBxC, masks_NxKxBxC)
+    logps_BxT = token_logps(
+        hidden_BxTxD,
+        unembed_DxV,
+        targets_BxT,
+        chunk_size=chunk_size,
+        where_BxT=jnp.any(masks_KxBxT > 0, axis=0),
     )
-    return logps_KxB, jnp.sum(masks_KxBxT, axis=-1)
+    return jnp.sum(logps_BxT[None] * masks_KxBxT, axis=-1), jnp.sum(masks_KxBxT, axis=-1)
+
+
+@jax.custom_vjp
+def _permute_time(x_BxTxD: Array, order_BxT: Array, inverse_BxT: Array) -> Array:
+    """``x[b, order[b, t]]``: a per-row permutation of the time axis (``inverse`` undoes it).
+
+    Its backward applies the inverse permutation, a gather, where autodiff of a gather would
+    scatter-add into zeros.
+    """
+    return jnp.take_along_axis(x_BxTxD, order_BxT[:, :, None], axis=1)
+
+
+def _permute_time_fwd(x_BxTxD, order_BxT, inverse_BxT):
+    return _permute_time(x_BxTxD, order_BxT, inverse_BxT), (order_BxT, inverse_BxT)
+
+
+def _permute_time_bwd(res, g_BxTxD):
+    order_BxT, inverse_BxT = res
+    return _permute_time(g_BxTxD, inverse_BxT, order_BxT), None, None
+
+
+_permute_time.defvjp(_permute_time_fwd, _permute_time_bwd)
+
+
+def _chunk_forward(hidden_BxCxD: Array, unembed_DxV: Array, targets_BxC: Array):
+    """(log-probs of the targets, logsumexp) of one chunk, both float32 [B, C]."""
+    logits_BxCxV = _chunk_logits(hidden_BxCxD, unembed_DxV)
+    lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
+    target_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
+    return target_BxC - lse_BxC, lse_BxC
+
+
+@jax.custom_vjp
+def _chunked_head(live_N: Array, hidden_NxBxCxD: Array, unembed_DxV: Array, targets_NxBxC: Array):
+    """Target log-probs [N, B, C] of N chunks; a chunk whose ``live`` is False is skipped (0)."""
+    return _chunked_head_fwd(live_N, hidden_NxBxCxD, unembed_DxV, targets_NxBxC)[0]
+
+
+def _chunked_head_fwd(live_N, hidden_NxBxCxD, unembed_DxV, targets_NxBxC):
+    _, B, C, _ = hidden_NxBxCxD.shape
+
+    def body(_, xs):
+        live, h_BxCxD, t_BxC = xs
+        zeros_BxC = jnp.zeros((B, C), jnp.float32)
+        out = jax.lax.cond(
+            live, lambda: _chunk_forward(h_BxCxD, unembed_DxV, t_BxC), lambda: (zeros_BxC,) * 2
+        )
+        return None, out
+
+    _, (logps_NxBxC, lse_NxBxC) = jax.lax.scan(
+        body, None, (live_N, hidden_NxBxCxD, targets_NxBxC)
+    )
+    return logps_NxBxC, (live_N, hidden_NxBxCxD, unembed_DxV, targets_NxBxC, lse_NxBxC)
+
+
+def _chunked_head_bwd(res, g_NxBxC):
+    """Recomputes each live chunk's logits once and forms ``g (onehot - softmax)`` from the saved
+    logsumexp; both matmuls run in the hidden states' dtype and accumulate in float32."""
+    live_N, hidden_NxBxCxD, unembed_DxV, targets_NxBxC, lse_NxBxC = res
+    dt, f32 = hidden_NxBxCxD.dtype, jnp.float32
+    w_DxV = unembed_DxV.astype(dt)
+
+    def run(dw_DxV, h_BxCxD, t_BxC, lse_BxC, g_BxC):
+        logits_BxCxV = jnp.einsum("bcd,dv->bcv", h_BxCxD, w_DxV, preferred_element_type=f32)
+        vocab_BxCxV = jax.lax.broadcasted_iota(jnp.int32, logits_BxCxV.shape, 2)
+        g_BxCx1 = g_BxC[..., None]
+        d_BxCxV = jnp.where(vocab_BxCxV == t_BxC[..., None], g_BxCx1, 0.0) - g_BxCx1 * jnp.exp(
+            logits_BxCxV - lse_BxC[..., None]
+        )
+        d_BxCxV = d_BxCxV.astype(dt)
+        dh_BxCxD = jnp.einsum("bcv,dv->bcd", d_BxCxV, w_DxV, preferred_element_type=f32)
+        dw_DxV = dw_DxV + jnp.einsum("bcd,bcv->dv", h_BxCxD, d_BxCxV, preferred_element_type=f32)
+        return dw_DxV, dh_BxCxD.astype(dt)
+
+    def skip(dw_DxV, h_BxCxD, *_):
+        return dw_DxV, jnp.zeros_like(h_BxCxD)
+
+    def body(dw_DxV, xs):
+        live, *chunk = xs
+        return jax.lax.cond(live, run, skip, dw_DxV, *chunk)
+
+    dw0_DxV = jnp.zeros(unembed_DxV.shape, f32)
+    xs = (live_N, hidden_NxBxCxD, targets_NxBxC, lse_NxBxC, g_NxBxC)
+    dw_DxV, dh_NxBxCxD = jax.lax.scan(body, dw0_DxV, xs)
+    return None, dh_NxBxCxD, dw_DxV.astype(unembed_DxV.dtype), None
+
+
+_chunked_head.defvjp(_chunked_head_fwd, _chunked_head_bwd)
 
 
 def token_logps(
-    hidden_BxTxD: Array, unembed_DxV: Array, targets_BxT: Array, *, chunk_size: int = 128
+    hidden_BxTxD: Array,
+    unembed_DxV: Array,
+    targets_BxT: Array,
+    *,
+    chunk_size: int = 128,
+    where_BxT: Array | None = None,
 ) -> Array:
     """Per-token ``log p(targets[b, t] | hidden[b, t])``, float32 ``[B, T]``, in bounded memory.
 
-    The same chunked head as :func:`segment_logps` (logits exist for ``B x chunk_size x V`` at a
-    time, recomputed per chunk in the backward), for callers that sum the tokens themselves, e.g.
-    packed rows holding several sequences. No shift happens here: ``targets`` are given at the
-    position that predicts them.
+    The head runs over chunks of ``chunk_size`` time steps: logits exist for
+    ``B x chunk_size x V`` at a time, the forward keeps only each token's logsumexp, and the
+    backward recomputes a chunk's logits once. No shift happens here: ``targets`` are given at
+    the position that predicts them.
+
+    With ``where_BxT`` (True where the log-prob is needed, e.g. completion tokens), each row's
+    needed positions are first moved to its front (a stable per-row sort), and chunks past the
+    longest row's count are skipped at run time (``lax.cond``, forward and backward): the head's
+    cost follows the completion tokens, not the row length, so prompts and padding cost no
+    logits. The other positions come back as 0.
     """
     B, T, D = hidden_BxTxD.shape
+    if where_BxT is not None:
+        where_BxT = where_BxT.astype(bool)
+        order_BxT = jnp.argsort(~where_BxT, axis=1, stable=True).astype(jnp.int32)
+        inverse_BxT = jnp.argsort(order_BxT, axis=1).astype(jnp.int32)
+        hidden_BxTxD = _permute_time(hidden_BxTxD, order_BxT, inverse_BxT)
+        targets_BxT = jnp.take_along_axis(targets_BxT, order_BxT, axis=1)
+        needed = jnp.max(jnp.sum(where_BxT, axis=1))  # positions per row that need the head
+    else:
+        needed = T
     C = max(1, min(chunk_size, T))
     pad = -T % C
     if pad:
@@ -169,14 +268,13 @@ def token_logps(
     n = (T + pad) // C
     hidden_NxBxCxD = hidden_BxTxD.reshape(B, n, C, D).swapaxes(0, 1)
     targets_NxBxC = targets_BxT.reshape(B, n, C).swapaxes(0, 1)
-    chunk_fn = jax.checkpoint(_token_logps)
-
-    def body(_, xs):
-        h_BxCxD, t_BxC = xs
-        return None, chunk_fn(h_BxCxD, unembed_DxV, t_BxC)
-
-    _, logps_NxBxC = jax.lax.scan(body, None, (hidden_NxBxCxD, targets_NxBxC))
-    return logps_NxBxC.swapaxes(0, 1).reshape(B, n * C)[:, :T]
+    live_N = jnp.arange(n) * C < needed
+    logps_NxBxC = _chunked_head(live_N, hidden_NxBxCxD, unembed_DxV, targets_NxBxC)
+    logps_BxT = logps_NxBxC.swapaxes(0, 1).reshape(B, n * C)[:, :T]
+    if where_BxT is None:
+        return logps_BxT
+    logps_BxT = jnp.take_along_axis(logps_BxT, inverse_BxT, axis=1)
+    return jnp.where(where_BxT, logps_BxT, 0.0)
 
 
 def naive_sequence_logps(

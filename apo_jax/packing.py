@@ -64,7 +64,9 @@ def packed_row_logps(
         return_hidden=True,
     )
     targets_RxT, mask_RxT, seq_RxT = packed_targets(batch)
-    logps_RxT = token_logps(hidden_RxTxD, model.unembedding(), targets_RxT, chunk_size=chunk)
+    logps_RxT = token_logps(
+        hidden_RxTxD, model.unembedding(), targets_RxT, chunk_size=chunk, where_BxT=mask_RxT > 0
+    )
     n = batch["index"].shape[0]
     # Out-of-range ids (-1: prompt, padding, segment ends) are dropped by segment_sum.
     sums_2N = jax.ops.segment_sum((logps_RxT * mask_RxT).ravel(), seq_RxT.ravel(), 2 * n)

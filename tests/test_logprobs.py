@@ -153,3 +153,52 @@ def test_token_logps_equal_explicit_log_softmax_and_its_gradient(chunk):
     g = jax.grad(lambda h: jnp.sum(token_logps(h, w, ids, chunk_size=chunk) * weights_BxT))(h)
     g_want = jax.grad(lambda h: jnp.sum(explicit(h) * weights_BxT))(h)
     np.testing.assert_allclose(g, g_want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 13])
+def test_token_logps_where_equals_all_positions_at_the_needed_ones(chunk):
+    from apo_jax.logprobs import token_logps
+
+    h, w, ids, _ = _inputs(6)
+    # Needed positions scattered through each row, a different number per row, one row empty.
+    where_BxT = jax.random.bernoulli(jax.random.key(7), 0.4, (B, T)).at[2].set(False)
+    weights_BxT = jax.random.normal(jax.random.key(8), (B, T))
+
+    def loss(h, w, where):
+        logps = token_logps(h, w, ids, chunk_size=chunk, where_BxT=where)
+        return jnp.sum(jnp.sin(jnp.where(where_BxT, logps, 0.0) * weights_BxT))
+
+    got = token_logps(h, w, ids, chunk_size=chunk, where_BxT=where_BxT)
+    full = token_logps(h, w, ids, chunk_size=chunk)
+    np.testing.assert_allclose(got, jnp.where(where_BxT, full, 0.0), rtol=1e-5, atol=1e-6)
+    g_got = jax.grad(loss, (0, 1))(h, w, where_BxT)
+    g_want = jax.grad(loss, (0, 1))(h, w, None)
+    for a, b in zip(g_got, g_want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_token_logps_where_skips_the_chunks_no_row_needs():
+    """Rows need 4 positions each (one chunk after sorting); every other hidden state is NaN.
+
+    A chunk that ran would put NaN into the unembedding gradient (0 * NaN), so finite
+    gradients show that the head never touched those chunks, forward or backward.
+    """
+    from apo_jax.logprobs import token_logps
+
+    h, w, ids, _ = _inputs(9)
+    where_BxT = jnp.zeros((B, T), bool).at[0, 2:6].set(True).at[1, 7:11].set(True)
+    where_BxT = where_BxT.at[2, jnp.array([0, 3, 9, 12])].set(True)
+    h_nan = jnp.where(where_BxT[..., None], h, jnp.nan)
+
+    def loss(h, w):
+        return jnp.sum(jax.nn.sigmoid(token_logps(h, w, ids, chunk_size=4, where_BxT=where_BxT)))
+
+    value, (d_h, d_w) = jax.value_and_grad(loss, (0, 1))(h_nan, w)
+    want, (d_h_want, d_w_want) = jax.value_and_grad(loss, (0, 1))(h, w)
+    assert np.isfinite(value) and np.all(np.isfinite(d_w)) and np.all(np.isfinite(d_h))
+    np.testing.assert_allclose(value, want, rtol=1e-6)
+    np.testing.assert_allclose(d_w, d_w_want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(d_h, d_h_want, rtol=1e-5, atol=1e-7)
+    # Without `where` every chunk runs, and the NaN reaches the gradient: the check can fail.
+    full = jax.grad(lambda h: jnp.sum(token_logps(h, w, ids, chunk_size=4) * where_BxT))(h_nan)
+    assert not np.all(np.isfinite(full))

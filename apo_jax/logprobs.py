@@ -188,9 +188,7 @@ def _chunked_head_fwd(live_N, hidden_NxBxCxD, unembed_DxV, targets_NxBxC):
         )
         return None, out
 
-    _, (logps_NxBxC, lse_NxBxC) = jax.lax.scan(
-        body, None, (live_N, hidden_NxBxCxD, targets_NxBxC)
-    )
+    _, (logps_NxBxC, lse_NxBxC) = jax.lax.scan(body, None, (live_N, hidden_NxBxCxD, targets_NxBxC))
     return logps_NxBxC, (live_N, hidden_NxBxCxD, unembed_DxV, targets_NxBxC, lse_NxBxC)
 
 

@@ -68,12 +68,14 @@ def concat_batch(shp: Shapes, vocab: int, seed: int = 0) -> dict[str, np.ndarray
     }
 
 
-def forward_flops(cfg: LlamaConfig, shp: Shapes, causal: bool = False) -> float:
+def forward_flops(
+    cfg: LlamaConfig, shp: Shapes, causal: bool = False, head_tokens: int | None = None
+) -> float:
     """Model FLOPs of one forward over the 2N rows (matmuls + attention scores and mixing).
 
-    Matmuls: 2 x (matmul parameters incl. the unembedding) per token. Attention: 4 T^2 H Dh per
-    row and layer for the full square (what XLA computes), half of it with `causal` (what a
-    causal flash kernel computes, and MaxText's convention for MFU).
+    Matmuls: 2 x (matmul parameters) per token, the unembedding for `head_tokens` per row (default
+    all T). Attention: 4 T^2 H Dh per row and layer for the full square, half of it with `causal`
+    (what a causal flash kernel computes, and MaxText's convention for MFU).
     """
     D, H, K, Dh, F, V = (
         cfg.d_model,
@@ -83,10 +85,11 @@ def forward_flops(cfg: LlamaConfig, shp: Shapes, causal: bool = False) -> float:
         cfg.mlp_dim,
         cfg.vocab_size,
     )
-    per_token = cfg.n_layers * (D * Dh * (2 * H + 2 * K) + 3 * D * F) + D * V
+    body_per_token = cfg.n_layers * (D * Dh * (2 * H + 2 * K) + 3 * D * F)
     rows, t = 2 * shp.pairs, shp.seq
+    head = D * V * rows * (t if head_tokens is None else head_tokens)
     attn = cfg.n_layers * rows * 4 * t * t * H * Dh // (2 if causal else 1)
-    return 2 * per_token * rows * t + attn
+    return 2 * (body_per_token * rows * t + head) + attn
 
 
 def build_step(cfg: LlamaConfig, step_cfg: ts.StepConfig, seed: int = 0):

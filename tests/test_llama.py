@@ -171,15 +171,69 @@ def test_presets_and_validation():
         config_lib.get_preset("tiny", attention="flash")
 
 
-@pytest.mark.parametrize("dtype,expected", [("bfloat16", "cudnn"), ("float32", None)])
-def test_auto_attention_picks_cudnn_only_on_gpu_for_16_bit(monkeypatch, dtype, expected):
+@pytest.mark.parametrize("dtype,expected", [("bfloat16", "cudnn"), ("float32", "xla")])
+def test_auto_attention_picks_cudnn_on_gpu_for_16_bit_and_blocked_on_cpu(
+    monkeypatch, dtype, expected
+):
     attn = nnx.eval_shape(
         lambda: Llama(config_lib.get_preset("tiny", head_dim=16), rngs=nnx.Rngs(0))
     ).layers.self_attn
-    assert attn.implementation(jnp.dtype(dtype), cached=False) is None  # CPU: XLA
+    assert attn.implementation(jnp.dtype(dtype), cached=False) == "blocked"  # CPU
+    assert attn.implementation(jnp.dtype(dtype), cached=True) == "xla"  # KV-cache decode
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert attn.implementation(jnp.dtype(dtype), cached=False) == expected
-    assert attn.implementation(jnp.dtype(dtype), cached=True) is None  # KV-cache decode: XLA
+    assert attn.implementation(jnp.dtype(dtype), cached=True) == "xla"
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert attn.implementation(jnp.dtype(dtype), cached=False) == "xla"
+
+
+@pytest.mark.parametrize("t,block", [(13, 4), (64, 8), (40, 64)])
+@pytest.mark.parametrize("mask_kind", ["causal", "segments", "prefix"])
+def test_blocked_attention_equals_full_causal_attention_and_its_gradient(t, block, mask_kind):
+    from apo_jax.models.layers import attention_mask, blocked_causal_attention
+
+    B, H, K, Dh = 2, 4, 2, 8
+    ks = jax.random.split(jax.random.key(t), 4)
+    q = jax.random.normal(ks[0], (B, t, H, Dh))
+    k = jax.random.normal(ks[1], (B, t, K, Dh))
+    v = jax.random.normal(ks[2], (B, t, K, Dh))
+    mask = None
+    if mask_kind == "segments":
+        seg = jnp.asarray([[1] * (t // 3) + [2] * (t - t // 3 - 2) + [0, 0], [1] * t])
+        mask = attention_mask((B, t), segment_ids_BxT=seg)
+    elif mask_kind == "prefix":  # a random mask: the blocked path must apply any mask exactly
+        mask = attention_mask((B, t), attn_mask_BxTxT=jax.random.bernoulli(ks[3], 0.6, (B, t, t)))
+    scale = Dh**-0.5
+
+    def blocked(q, k, v):
+        return blocked_causal_attention(q, k, v, mask, scale, block=block, max_blocks=4)
+
+    def full(q, k, v):
+        m = None if mask is None else mask[:, None]
+        return jax.nn.dot_product_attention(q, k, v, mask=m, scale=scale, is_causal=mask is None)
+
+    np.testing.assert_allclose(blocked(q, k, v), full(q, k, v), rtol=1e-5, atol=1e-5)
+    w = jax.random.normal(jax.random.key(1), (B, t, H, Dh))
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)) * w)  # noqa: E731
+    for a, b in zip(
+        jax.grad(loss(blocked), (0, 1, 2))(q, k, v),
+        jax.grad(loss(full), (0, 1, 2))(q, k, v),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_blocked_and_xla_attention_give_the_same_model_logits():
+    cfg = config_lib.get_preset("tiny", max_seq_len=256)
+    model = Llama(cfg.replace(attention="xla"), rngs=nnx.Rngs(0))
+    _, state = nnx.split(model)
+    blocked = nnx.merge(_graphdef(cfg.replace(attention="blocked")), state)
+    ids = jax.random.randint(jax.random.key(2), (2, 200), 0, cfg.vocab_size)
+    seg = jnp.concatenate([jnp.ones((2, 120), jnp.int32), 2 * jnp.ones((2, 80), jnp.int32)], 1)
+    for kwargs in ({}, {"segments": seg}):
+        np.testing.assert_allclose(
+            forward(blocked, ids, **kwargs), forward(model, ids, **kwargs), rtol=1e-4, atol=1e-4
+        )
 
 
 def test_config_hf_round_trip():

@@ -14,7 +14,7 @@ from typing import Any
 
 REMAT_POLICIES = ("none", "full", "save_dots")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "blocked")
 
 
 class ConfigError(ValueError):
@@ -55,7 +55,7 @@ class LlamaConfig:
     dtype: str = "float32"  # compute dtype of activations and matmuls
     remat: str = "none"  # 'none' | 'full' | 'save_dots' per layer
     scan_layers: bool = True  # stacked params + lax.scan; False = unrolled python loop
-    attention: str = "auto"  # 'xla' | 'cudnn' (fused flash kernel) | 'auto': cudnn on GPU
+    attention: str = "auto"  # 'xla' | 'cudnn' (GPU flash) | 'blocked' | 'auto', see models.md
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim"):

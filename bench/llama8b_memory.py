@@ -1,6 +1,7 @@
 """Benchmark 3: does the Llama-3-8B APO train step fit? Ahead-of-time compile on 8 simulated devices.
 
     python bench/llama8b_memory.py [--seqs 2048,4096,8192] [--pairs 1,2,4] [--remat save_dots,full]
+        [--attention xla|blocked]
 
 No weights exist: the model, optimizer state and batch are abstract (`nnx.eval_shape`,
 `jax.eval_shape`, `jax.ShapeDtypeStruct`) with their shardings on an 8-device FSDP mesh
@@ -104,11 +105,14 @@ def main():
     ap.add_argument("--remat", default="full", help="comma list of none, full, save_dots")
     ap.add_argument("--chunk", type=int, default=ts.StepConfig().logprob_chunk)
     ap.add_argument("--preset", default="llama3_8b")
+    ap.add_argument("--attention", default="xla",
+                    help="xla (default: what a GPU/TPU compile without cuDNN runs; CPU's 'auto' "
+                         "would pick blocked) | blocked")  # fmt: skip
     args = ap.parse_args()
     mesh = sharding.make_mesh(data=1, fsdp=8, tensor=1)
     rows = []
     for remat in args.remat.split(","):
-        cfg = get_preset(args.preset, remat=remat, scan_layers=True)
+        cfg = get_preset(args.preset, remat=remat, scan_layers=True, attention=args.attention)
         for seq in map(int, args.seqs.split(",")):
             for ppd in map(int, args.pairs.split(",")):
                 m, total, secs = compile_one(cfg, seq, ppd, mesh, args.chunk)
@@ -120,7 +124,7 @@ def main():
                 print(rows[-1], flush=True)
     print(f"machine: {machine()}; mesh {dict(mesh.shape)}; {args.preset} "
           f"({cfg.n_params / 1e9:.2f} B params), bf16 compute, f32 master weights + AdamW, "
-          f"log-prob chunk {args.chunk}")  # fmt: skip
+          f"log-prob chunk {args.chunk}, attention {args.attention}")  # fmt: skip
     header = ("remat", "seq", "pairs/device", "tokens/device", "args-donated GiB",
               "temp GiB", "total GiB/device", *(f"fits {n}" for n, _ in CARDS), "compile s")  # fmt: skip
     print(table(header, rows))

@@ -1,12 +1,16 @@
 """Benchmarks 1 and 2: apo_jax's APO-down step against the TRL-style PyTorch step, and its MFU.
 
-    python bench/step_vs_torch.py [--repeats 3] [--modes online,precomputed] [--jax scan,unrolled]
+    python bench/step_vs_torch.py [--repeats 3] [--modes online,precomputed]
+        [--jax scan,unrolled,prefix-unrolled]
 
 Shapes (docs/performance.md): Llama-3 architecture, d 512, 8 layers, 8 heads, 2 kv heads,
 mlp 1536, vocab 32000, 4 pairs of 512-token rows (half prompt), float32, AdamW. For each reference
 mode the JAX step(s) and the PyTorch step are timed interleaved (one call of each per round, median
 of the rounds), together with the machine's float32 `jnp.dot` ceiling, measured before and after.
-Tokens/s counts every token of the 2N rows. Achieved FLOP/s is given two ways, both the same
+JAX candidates (`--jax`): layers under `lax.scan` or unrolled, in the 'concat' layout (the same
+rows as the PyTorch step) or 'prefix' (prompt-prefix sharing: prompt + chosen + rejected in one
+row, the prompt computed once; the same pairs, losses equal). Tokens/s counts every token of the
+2N concat rows for every candidate, so for the same pairs it is comparable across layouts. Achieved FLOP/s is given two ways, both the same
 FLOP count for every candidate, over its time:
 - "model": the issue's definition, 3 x forward for the trained model (+1 forward for an online
   reference), forward = 2 x (matmul params incl. the unembedding) per token + 4 T^2 H Dh per row
@@ -14,11 +18,13 @@ FLOP count for every candidate, over its time:
 - "needed": the work the loss needs: causal attention (half the square) and the unembedding only
   at the completion tokens (the prompt's logits are never used). apo_jax executes about this;
   the PyTorch step executes the full head, so its "needed" share is lower than its "model" one.
+The prefix rows do less work than either count for the same pairs, so their FLOP columns say n/a.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
@@ -38,10 +44,34 @@ from common import (
 )
 from torch_step import TorchStep
 
+# name: (LlamaConfig overrides, batch layout)
 JAX_VARIANTS = {
-    "scan": dict(scan_layers=True),
-    "unrolled": dict(scan_layers=False),
+    "scan": (dict(scan_layers=True), "concat"),
+    "unrolled": (dict(scan_layers=False), "concat"),
+    "prefix-scan": (dict(scan_layers=True), "prefix"),
+    "prefix-unrolled": (dict(scan_layers=False), "prefix"),
 }
+
+
+def prefix_batch(concat: dict[str, np.ndarray], shp: Shapes) -> dict[str, np.ndarray]:
+    """The same pairs as a 'prefix' batch (prompt + chosen + rejected in one row), via the loader."""
+    from apo_jax.data import shards
+    from apo_jax.data.batch import Collate
+
+    n, p = shp.pairs, shp.prompt
+    ids = concat["input_ids"]
+    items = [
+        (i, shards.serialize(shards.PairRecord(ids[i, :p], ids[i, p:], ids[n + i, p:], i)))
+        for i in range(n)
+    ]
+    collate = Collate(
+        "prefix",
+        2 * shp.seq - p,
+        pad_id=0,
+        ref_chosen_R=concat["ref_chosen_logps"],
+        ref_rejected_R=concat["ref_rejected_logps"],
+    )
+    return collate(items)
 
 
 def step_flops(cfg, shp: Shapes, online: bool, needed: bool = False) -> float:
@@ -66,7 +96,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--modes", default="online,precomputed")
-    ap.add_argument("--jax", default="scan", help=f"comma list of {sorted(JAX_VARIANTS)}")
+    ap.add_argument("--jax", default="scan,unrolled,prefix-unrolled",
+                    help=f"comma list of {sorted(JAX_VARIANTS)}")  # fmt: skip
     ap.add_argument("--chunk", type=int, default=ts.StepConfig().logprob_chunk)
     ap.add_argument("--pairs", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
@@ -82,8 +113,11 @@ def main():
         step_cfg = ts.StepConfig(loss="apo_down", reference=mode, logprob_chunk=args.chunk)
         fns = {}
         for v in args.jax.split(","):
+            overrides, layout = JAX_VARIANTS[v]
             fns[f"apo_jax ({v})"] = jax_runner(
-                STEP_MODEL.replace(**JAX_VARIANTS[v]), step_cfg, batch
+                STEP_MODEL.replace(**overrides),
+                dataclasses.replace(step_cfg, layout=layout),
+                prefix_batch(batch, shp) if layout == "prefix" else batch,
             )
         if not args.no_torch:
             torch_step = TorchStep(STEP_MODEL, online=mode == "online")
@@ -93,10 +127,12 @@ def main():
         needed = step_flops(STEP_MODEL, shp, mode == "online", needed=True)
         t_torch = median(times["pytorch (TRL-style)"]) if not args.no_torch else float("nan")
         for name, t in times.items():
+            # A prefix row does less work for the same pairs: its FLOP columns would not compare.
+            fl = (None, None) if "prefix" in name else (flops, needed)
             rows.append((mode, name, f"{median(t):.2f}", " ".join(f"{x:.2f}" for x in t),
                          f"{tokens / median(t):.0f}", f"{t_torch / median(t):.2f}x",
-                         f"{flops / median(t) / 1e9:.1f}", f"{needed / median(t) / 1e9:.1f}",
-                         flops, needed))  # fmt: skip
+                         *(f"{f / median(t) / 1e9:.1f}" if f else "n/a" for f in fl),
+                         *fl))  # fmt: skip
     ceilings.append(dot_flops_per_s())
     ceiling = float(np.median(ceilings))
     print(f"machine: {machine()}; torch {torch.__version__} threads {torch.get_num_threads()}")
@@ -105,7 +141,7 @@ def main():
           "(before / after)")  # fmt: skip
     header = ("reference", "step", "s/step (median)", "all rounds", "tokens/s", "vs pytorch",
               "model GFLOP/s", "needed GFLOP/s", "model % of dot", "needed % of dot")  # fmt: skip
-    pct = lambda f, r: f"{100 * f / float(r[2]) / ceiling:.0f}%"  # noqa: E731
+    pct = lambda f, r: f"{100 * f / float(r[2]) / ceiling:.0f}%" if f else "n/a"  # noqa: E731
     out = [r[:-2] + (pct(r[-2], r), pct(r[-1], r)) for r in rows]
     print(table(header, out))
 

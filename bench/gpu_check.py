@@ -11,7 +11,8 @@
    float32 master weights, AdamW), sequence 2048, half prompt, for each variant (attention
    implementation x remat policy) the largest pairs-per-step whose compiled memory fits the
    card, timed (median of 5 after 2 warm-ups). Tokens/s counts every token of the 2N rows; MFU =
-   model FLOPs (3 x forward, causal attention counted as half the square, no recomputation) over
+   model FLOPs (3 x forward, causal attention counted as half the square, the unembedding only at
+   the completion tokens, which is all the head computes since 2026-11-27, no recomputation) over
    the bf16 dense peak (H100/H200 SXM: 989 TFLOP/s) and over a `jnp.dot` 8192^3 measured in-run.
 Variants run in order until `--budget-s` is spent; each result is also written, as one JSON line,
 to OUT/gpu_results.jsonl (OUT: `--out`, else $OUT, else bench/out).
@@ -220,7 +221,7 @@ class StepBench:
                 continue
             self.state = holder[0]
             secs = median(times)
-            flops = 3 * forward_flops(cfg, shp, causal=True)
+            flops = 3 * forward_flops(cfg, shp, causal=True, head_tokens=shp.seq - shp.prompt)
             return {**variant, "seq": seq, "pairs": pairs, "ms_step": round(1e3 * secs, 1),
                     "all_ms": [round(1e3 * x, 1) for x in times],
                     "tokens_s": round(2 * pairs * seq / secs), "tflops": round(flops / secs / 1e12, 1),

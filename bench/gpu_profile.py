@@ -100,7 +100,9 @@ def main():
     by_kind: dict[str, float] = collections.defaultdict(float)
     for name, ms in by_name.items():
         by_kind[kind_of(name)] += ms
-    flops = 3 * forward_flops(model_cfg, Shapes(args.pairs, seq, seq // 2), causal=True)
+    flops = 3 * forward_flops(
+        model_cfg, Shapes(args.pairs, seq, seq // 2), causal=True, head_tokens=seq - seq // 2
+    )
     print(f"device {jax.devices()[0].device_kind}; {variant}, pairs {args.pairs}, seq {seq}; "
           f"wall {wall * 1e3:.1f} ms/step (traced), kernels {total:.1f} ms/step, "
           f"model {flops / 1e12:.1f} TFLOP/step")  # fmt: skip

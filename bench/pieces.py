@@ -38,7 +38,9 @@ def head_fns(cfg):
     h = jax.random.normal(ks[0], (B, T, cfg.d_model))
     w = 0.02 * jax.random.normal(ks[1], (cfg.d_model, cfg.vocab_size))
     targets = jax.random.randint(ks[2], (B, T), 1, cfg.vocab_size)
-    where = jnp.arange(T)[None, :].repeat(B, 0) >= T // 2 - 1
+    # As the step sees a half-prompt row: positions T/2 - 1 .. T - 2 predict the completion.
+    t_BxT = jnp.arange(T)[None, :].repeat(B, 0)
+    where = (t_BxT >= T // 2 - 1) & (t_BxT < T - 1)
 
     def loss(where_or_none):
         def f(h, w):

@@ -106,7 +106,7 @@ def compute_and_store(
     row_sh = sharding.batch_sharding(mesh)
     index, chosen, rejected = [], [], []
     for batch in data:
-        g = loader_lib.make_global_batch(batch, row_sh)
+        g = loader_lib.make_global_batch(batch, row_sh, same_shape=True)  # concat, no buckets
         logps_R, _ = fn(ref_params, g)
         logps_R, index_N = multihost_utils.process_allgather((logps_R, g["index"]), tiled=True)
         n = index_N.shape[0]

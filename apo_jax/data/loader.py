@@ -242,13 +242,18 @@ def make_loader(
     )
 
 
-def make_global_batch(batch: Mapping[str, np.ndarray], sharding: Any) -> dict[str, Any]:
+def make_global_batch(
+    batch: Mapping[str, np.ndarray], sharding: Any, *, same_shape: bool = False
+) -> dict[str, Any]:
     """Turns each process's local batch into global jax arrays sharded on the row axis.
 
     Args:
       batch: this process's batch from the loader (concat layout: ``[2N, T]`` rows, chosen first).
       sharding: a ``NamedSharding`` whose spec's first entry names the batch mesh axes
         (e.g. ``P(('data', 'fsdp'))``); other dims are replicated.
+      same_shape: the caller knows every process's batch has this shape (concat or prefix rows
+        without buckets, see :func:`shapes_always_agree`): skips the shape all-gather, a
+        device round trip that would otherwise wait for the running step.
 
     Returns:
       Global arrays of shape ``[2 * N * P, T]`` (concat keys) or ``[N * P, ...]`` keeping the
@@ -270,7 +275,8 @@ def make_global_batch(batch: Mapping[str, np.ndarray], sharding: Any) -> dict[st
     n = len(batch["index"])
     procs = jax.process_count()
     packed = "sequence_ids" in batch
-    batch = agree_shape(batch)
+    if not same_shape:
+        batch = agree_shape(batch)
     if packed:
         batch = _number_sequences_globally(batch, NamedSharding(mesh, PartitionSpec(axis)))
     out = {}
@@ -313,6 +319,12 @@ def global_sequence_ids(sequence_ids: np.ndarray, n: int, n_global: int, offset:
     return np.where(sequence_ids < 0, -1, np.where(sequence_ids < n, chosen, rejected)).astype(
         sequence_ids.dtype
     )
+
+
+def shapes_always_agree(layout: str, buckets: Any) -> bool:
+    """True when every process's batches have one shape by construction: concat or prefix rows
+    padded to ``seq_len`` (no buckets). Packed rows and buckets vary per process and step."""
+    return layout != "packed" and not buckets
 
 
 def agree_shape(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

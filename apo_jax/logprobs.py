@@ -51,14 +51,20 @@ def _chunk_logits_fwd(hidden_BxCxD, unembed_DxV):
     return _chunk_logits(hidden_BxCxD, unembed_DxV), (hidden_BxCxD, unembed_DxV)
 
 
-def _chunk_logits_bwd(res, g_BxCxV):
-    hidden_BxCxD, unembed_DxV = res
-    dt = hidden_BxCxD.dtype
+def _logits_grads(hidden_BxCxD: Array, unembed_DxV: Array, g_BxCxV: Array):
+    """(d hidden in its dtype, d unembedding in float32) of ``h W`` for the logit gradient ``g``:
+    both matmuls in the hidden states' dtype, accumulating in float32."""
+    dt, f32 = hidden_BxCxD.dtype, jnp.float32
     g_BxCxV = g_BxCxV.astype(dt)
     w_DxV = unembed_DxV.astype(dt)
-    f32 = jnp.float32
     d_hidden = jnp.einsum("bcv,dv->bcd", g_BxCxV, w_DxV, preferred_element_type=f32).astype(dt)
     d_unembed = jnp.einsum("bcd,bcv->dv", hidden_BxCxD, g_BxCxV, preferred_element_type=f32)
+    return d_hidden, d_unembed
+
+
+def _chunk_logits_bwd(res, g_BxCxV):
+    hidden_BxCxD, unembed_DxV = res
+    d_hidden, d_unembed = _logits_grads(hidden_BxCxD, unembed_DxV, g_BxCxV)
     return d_hidden, d_unembed.astype(unembed_DxV.dtype)
 
 
@@ -67,10 +73,7 @@ _chunk_logits.defvjp(_chunk_logits_fwd, _chunk_logits_bwd)
 
 def _token_logps(hidden_BxCxD: Array, unembed_DxV: Array, targets_BxC: Array) -> Array:
     """log softmax(h W)[target] for one chunk, in float32."""
-    logits_BxCxV = _chunk_logits(hidden_BxCxD, unembed_DxV)
-    lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
-    target_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
-    return target_BxC - lse_BxC
+    return _chunk_forward(hidden_BxCxD, unembed_DxV, targets_BxC)[0]
 
 
 def sequence_logps(
@@ -196,20 +199,16 @@ def _chunked_head_bwd(res, g_NxBxC):
     """Recomputes each live chunk's logits once and forms ``g (onehot - softmax)`` from the saved
     logsumexp; both matmuls run in the hidden states' dtype and accumulate in float32."""
     live_N, hidden_NxBxCxD, unembed_DxV, targets_NxBxC, lse_NxBxC = res
-    dt, f32 = hidden_NxBxCxD.dtype, jnp.float32
-    w_DxV = unembed_DxV.astype(dt)
 
     def run(dw_DxV, h_BxCxD, t_BxC, lse_BxC, g_BxC):
-        logits_BxCxV = jnp.einsum("bcd,dv->bcv", h_BxCxD, w_DxV, preferred_element_type=f32)
+        logits_BxCxV = _chunk_logits(h_BxCxD, unembed_DxV)
         vocab_BxCxV = jax.lax.broadcasted_iota(jnp.int32, logits_BxCxV.shape, 2)
         g_BxCx1 = g_BxC[..., None]
         d_BxCxV = jnp.where(vocab_BxCxV == t_BxC[..., None], g_BxCx1, 0.0) - g_BxCx1 * jnp.exp(
             logits_BxCxV - lse_BxC[..., None]
         )
-        d_BxCxV = d_BxCxV.astype(dt)
-        dh_BxCxD = jnp.einsum("bcv,dv->bcd", d_BxCxV, w_DxV, preferred_element_type=f32)
-        dw_DxV = dw_DxV + jnp.einsum("bcd,bcv->dv", h_BxCxD, d_BxCxV, preferred_element_type=f32)
-        return dw_DxV, dh_BxCxD.astype(dt)
+        dh_BxCxD, dw_chunk_DxV = _logits_grads(h_BxCxD, unembed_DxV, d_BxCxV)
+        return dw_DxV + dw_chunk_DxV, dh_BxCxD
 
     def skip(dw_DxV, h_BxCxD, *_):
         return dw_DxV, jnp.zeros_like(h_BxCxD)
@@ -218,7 +217,7 @@ def _chunked_head_bwd(res, g_NxBxC):
         live, *chunk = xs
         return jax.lax.cond(live, run, skip, dw_DxV, *chunk)
 
-    dw0_DxV = jnp.zeros(unembed_DxV.shape, f32)
+    dw0_DxV = jnp.zeros(unembed_DxV.shape, jnp.float32)
     xs = (live_N, hidden_NxBxCxD, targets_NxBxC, lse_NxBxC, g_NxBxC)
     dw_DxV, dh_NxBxCxD = jax.lax.scan(body, dw0_DxV, xs)
     return None, dh_NxBxCxD, dw_DxV.astype(unembed_DxV.dtype), None

@@ -104,9 +104,10 @@ def compute_and_store(
     data = loader_lib.make_loader(shard_dir, cfg)
     fn = jax.jit(functools.partial(ts.row_logps, graphdef, chunk=chunk, one_sequence=True))
     row_sh = sharding.batch_sharding(mesh)
+    same = loader_lib.shapes_always_agree(cfg.layout, cfg.buckets)
     index, chosen, rejected = [], [], []
     for batch in data:
-        g = loader_lib.make_global_batch(batch, row_sh, same_shape=True)  # concat, no buckets
+        g = loader_lib.make_global_batch(batch, row_sh, same_shape=same)
         logps_R, _ = fn(ref_params, g)
         logps_R, index_N = multihost_utils.process_allgather((logps_R, g["index"]), tiled=True)
         n = index_N.shape[0]

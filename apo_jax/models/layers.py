@@ -44,6 +44,17 @@ class Linear(nnx.Module):
         return jnp.dot(x, self.kernel[...].astype(x.dtype))
 
 
+def stacked_matmul(x_BxTxD: jax.Array, *linears: Linear) -> list[jax.Array]:
+    """``[x @ l.kernel for l in linears]`` as one matmul against the kernels stacked on a new axis.
+
+    x is read once and the wider matmul runs faster on CPU; the kernels (same shape) keep their
+    layout and sharding, the new axis is unsharded.
+    """
+    w_DxSxF = jnp.stack([lin.kernel[...] for lin in linears], axis=1).astype(x_BxTxD.dtype)
+    y_BxTxSxF = jnp.einsum("btd,dsf->btsf", x_BxTxD, w_DxSxF)
+    return [y_BxTxSxF[:, :, i] for i in range(len(linears))]
+
+
 class Embed(nnx.Module):
     """Token embedding table [V, D]."""
 

@@ -5,7 +5,7 @@
 The same pairs go through the loader's collate in both layouts ('concat': 2 rows of
 prompt + completion; 'prefix': 1 row of prompt + chosen + rejected) and through a jitted APO-down
 train step (precomputed reference, AdamW); the concat step uses `train_step.pair_logps`, the prefix
-step `train_step.pair_logps` with `StepConfig(layout='prefix')`. The two are timed interleaved (median of the rounds).
+step `train_step.pair_logps` with `StepConfig(layout=layouts.get('prefix'))`. The two are timed interleaved (median of the rounds).
 Model: benchmark 1's shapes with `--layers` layers (default 4, to keep the run short).
 """
 

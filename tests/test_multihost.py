@@ -184,7 +184,7 @@ def test_two_processes_with_buckets_match_one_process_concat(runs, layout, bucke
     """Buckets: each process pads its own pairs to the smallest bucket that fits, so at step 2
     and in the eval batch process 0 has rows of the bucket and process 1 of 128; both grow to 128
     before the global batch is built, and the losses are the single process's."""
-    from apo_jax import trainer
+    from apo_jax import layouts, trainer
     from apo_jax.data import loader
 
     tmp = os.path.dirname(runs["dirs"]["two"])
@@ -194,8 +194,9 @@ def test_two_processes_with_buckets_match_one_process_concat(runs, layout, bucke
     lengths = []  # the premise: the processes' row lengths differ for one step
     for split, epochs, steps in ((paths.train, None, 3), (paths.eval, 1, 1)):
         for p in range(2):
-            cfg = loader.LoaderConfig(batch_size=4, seq_len=128, buckets=(bucket,), layout=layout,
-                                      seed=c.seed, shuffle=epochs is None, num_epochs=epochs)  # fmt: skip
+            cfg = loader.LoaderConfig(batch_size=4, seq_len=128, buckets=(bucket,),
+                                      layout=layouts.get(layout), seed=c.seed,
+                                      shuffle=epochs is None, num_epochs=epochs)  # fmt: skip
             ld = loader.make_loader(split, cfg, process_index=p, process_count=2)
             lengths.append([next(ld)["input_ids"].shape[1] for _ in range(steps)])
     assert lengths == [[bucket, bucket, bucket], [bucket, 128, bucket], [bucket], [128]], lengths

@@ -125,10 +125,18 @@ class Layout:
         del micro_batches
         return to_global(batch if same_shape else agree_shape(batch), sharding)
 
-    def pair_logps(
-        self, graphdef: Any, params: Any, batch: Batch, chunk: int
-    ) -> SideLogps:  # pragma: no cover - every layout overrides it
-        """One model's log-probs of the N pairs of a (micro-)batch; ``chunk``: head chunk size."""
+    def pair_logps(self, graphdef: Any, params: Any, batch: Batch, chunk: int) -> SideLogps:
+        """One model's log-probs of the N pairs of a (micro-)batch; ``chunk``: head chunk size.
+
+        Args:
+          graphdef, params: the model (``nnx.split``).
+          batch: a (micro-)batch of this layout, jax arrays.
+          chunk: time steps per chunk of the log-prob head.
+
+        Returns:
+          Summed completion log-probs and completion token counts per pair, float32; 0 for a
+          pair with no tokens (the loader's padding pairs).
+        """
         raise NotImplementedError
 
     def micro_batches(self, batch: Batch, k: int) -> dict[str, Array]:

@@ -1,15 +1,16 @@
 """Make CLAIR preference pairs, and the paper's baseline datasets, from a file of prompts.
 
-CLAIR (a remote target served by vLLM, a hosted reviser; the key comes from $OPENAI_API_KEY)::
+``python -m apo_jax.clair KIND --flag_name=value ...``; the kind comes first:
 
-  python -m apo_jax.data.clair clair --input prompts.jsonl --output data/clair.jsonl \\
-    --target_url http://localhost:8000/v1 --target_model meta-llama/Meta-Llama-3-8B-Instruct \\
-    --reviser_url https://api.openai.com/v1 --reviser_model gpt-4-turbo \\
-    --reviser_price_in 10 --reviser_price_out 30
+- ``clair``: y_l = the target's answer, y_w = the reviser's minimal revision (--target_*,
+  --reviser_*);
+- ``stronger``: y_w = a stronger model's own answer (--target_*, --stronger_*);
+- ``onpolicy-judge``: two target samples, a judge picks the winner (--target_*, --judge_*);
+- ``offpolicy``: existing judged completions, no model calls.
 
-Baselines: ``stronger`` (--target_*, --stronger_*), ``onpolicy-judge`` (--target_*, --judge_*),
-``offpolicy`` (judged completions, no model calls). A role given ``--<role>_checkpoint`` instead
-of ``--<role>_url`` samples a local checkpoint with ``apo_jax.models.generate``.
+A role is served by an OpenAI-compatible endpoint (``--<role>_url``) or sampled from a local
+checkpoint (``--<role>_checkpoint``). A role sends an API key only when ``--<role>_api_key_env``
+names the variable holding it. ``python -m apo_jax.clair KIND --help`` lists the kind's flags.
 
 Writes the pairs (``--output``), ``<output>.rejects.jsonl``, ``<output>.manifest.json`` (counts,
 token usage, cost; no secrets) and the request cache ``<output>.cache.jsonl``. Rerunning the same
@@ -18,118 +19,165 @@ command after a crash, Ctrl-C or ``--max_requests`` resumes from the cache.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
-from apo_jax.data import clair_builders as builders
-from apo_jax.data.clair_cache import RequestCache
-from apo_jax.data.clair_client import BudgetExhausted, OpenAIChatBackend
-from apo_jax.data.clair_io import BuildResult, InputError, read_prompts, read_rows
+from absl import flags
 
-ROLES = {
+from apo_jax import commands, errors
+from apo_jax.clair import builders, keys
+from apo_jax.clair.cache import RequestCache
+from apo_jax.clair.client import BudgetExhausted, OpenAIChatBackend
+from apo_jax.clair.ledger import BuildResult, read_objects, read_prompts
+
+KIND_ROLES = {  # the kind of dataset -> the model roles it calls
     "clair": ("target", "reviser"),
     "stronger": ("target", "stronger"),
     "onpolicy-judge": ("target", "judge"),
     "offpolicy": (),
 }
+EXIT_BUDGET, EXIT_INTERRUPTED = 3, 130
+USAGE = "python -m apo_jax.clair KIND --input=PATH --output=PATH [flags]"
 
 
-def _add_role(parser: argparse.ArgumentParser, role: str) -> None:
-    g = parser.add_argument_group(f"{role} model")
-    g.add_argument(f"--{role}_model", help="model name sent to the endpoint and recorded")
-    g.add_argument(f"--{role}_url", help="OpenAI-compatible base URL, e.g. http://host:8000/v1")
-    g.add_argument(f"--{role}_checkpoint", help="local checkpoint dir (instead of --url)")
-    g.add_argument(f"--{role}_api_key_env", default="OPENAI_API_KEY", help="env var with the key")
-    g.add_argument(f"--{role}_temperature", type=float, default=0.7 if role == "target" else 0.0)
-    g.add_argument(f"--{role}_max_tokens", type=int, default=2048)
-    g.add_argument(f"--{role}_rpm", type=float, default=None, help="max requests per minute")
-    g.add_argument(f"--{role}_price_in", type=float, default=0.0, help="price per 1M input tokens")
-    g.add_argument(f"--{role}_price_out", type=float, default=0.0, help="per 1M output tokens")
+def _define_role(role: str, kw: dict[str, Any]) -> None:
+    def name(suffix: str) -> str:
+        return f"{role}_{suffix}"
+
+    temperature = 0.7 if role == "target" else 0.0
+    flags.DEFINE_string(name("model"), None, f"{role}: model name sent and recorded", **kw)
+    flags.DEFINE_string(name("url"), None, f"{role}: OpenAI-compatible base URL (.../v1)", **kw)
+    flags.DEFINE_string(name("checkpoint"), None, f"{role}: local checkpoint dir, not a URL", **kw)
+    flags.DEFINE_string(name("api_key_env"), None, f"{role}: env var holding its key", **kw)
+    flags.DEFINE_float(name("temperature"), temperature, f"{role}: sampling temperature", **kw)
+    flags.DEFINE_integer(name("max_tokens"), 2048, f"{role}: tokens per answer, at most", **kw)
+    flags.DEFINE_float(name("rpm"), None, f"{role}: requests per minute, at most", **kw)
+    flags.DEFINE_float(name("price_in"), 0.0, f"{role}: price per 1M input tokens", **kw)
+    flags.DEFINE_float(name("price_out"), 0.0, f"{role}: price per 1M output tokens", **kw)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The CLI's argument parser: one subcommand per dataset kind."""
-    parser = argparse.ArgumentParser(
-        prog="python -m apo_jax.data.clair", description=__doc__.split("\n")[0]
+def flag_values(kind: str) -> flags.FlagValues:
+    """The flags of one kind of dataset (a fresh set each call)."""
+    fv = flags.FlagValues()
+    kw = {"flag_values": fv}
+    flags.DEFINE_string("input", None, "JSONL (or .jsonl.gz, JSON, Parquet) of prompts", **kw)
+    flags.DEFINE_string("output", None, "JSONL of pairs to write (rejects etc. beside it)", **kw)
+    flags.DEFINE_string("prompt_field", "prompt", "input field holding the prompt", **kw)
+    flags.DEFINE_integer("seed", 0, "seed of the judge's order and the off-policy choice", **kw)
+    for name in ("input", "output"):
+        flags.mark_flag_as_required(name, flag_values=fv)
+    if not KIND_ROLES[kind]:
+        return fv
+    flags.DEFINE_string("cache", None, "request cache (default <output>.cache.jsonl)", **kw)
+    flags.DEFINE_integer("concurrency", 8, "parallel requests per model", **kw)
+    flags.DEFINE_integer("max_retries", 6, "retries of a 429/5xx/timeout, per request", **kw)
+    flags.DEFINE_float("timeout", 120.0, "seconds per request", **kw)
+    flags.DEFINE_float("backoff_base", 1.0, "first retry wait in seconds (doubles)", **kw)
+    flags.DEFINE_integer("max_requests", None, "stop after N new requests per model", **kw)
+    flags.DEFINE_bool("allow_http_key", False, "send keys over plain http off this host", **kw)
+    flags.DEFINE_bool("progress", True, "show a progress bar per model", **kw)
+    if kind == "clair":
+        flags.DEFINE_bool("keep_identical", False, "keep revisions equal to the answer", **kw)
+    for role in KIND_ROLES[kind]:
+        _define_role(role, kw)
+    commands.positive(
+        fv, "concurrency", "max_requests", *(f"{r}_max_tokens" for r in KIND_ROLES[kind])
     )
-    sub = parser.add_subparsers(dest="method", required=True)
-    for method, roles in ROLES.items():
-        p = sub.add_parser(method)
-        p.add_argument("--input", required=True, help="JSONL of prompts (or judged completions)")
-        p.add_argument("--output", required=True, help="JSONL of pairs to write")
-        p.add_argument("--prompt_field", default="prompt")
-        p.add_argument("--seed", type=int, default=0, help="judge order / off-policy choice")
-        if not roles:
-            continue
-        p.add_argument("--cache", help="request cache (default <output>.cache.jsonl)")
-        p.add_argument("--concurrency", type=int, default=8)
-        p.add_argument("--max_retries", type=int, default=6)
-        p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-        p.add_argument("--backoff_base", type=float, default=1.0, help="first retry wait, s")
-        p.add_argument("--max_requests", type=int, default=None, help="stop after N new requests")
-        p.add_argument("--keep_identical", action="store_true", help="keep unrevised answers")
-        p.add_argument("--no_progress", action="store_true")
-        for role in roles:
-            _add_role(p, role)
-    return parser
+    return fv
 
 
-def _backend(args: argparse.Namespace, role: str, cache: RequestCache) -> Any:
-    opt = {k[len(role) + 1 :]: v for k, v in vars(args).items() if k.startswith(f"{role}_")}
-    if bool(opt["url"]) == bool(opt["checkpoint"]):
-        raise InputError(f"--{role}_url or --{role}_checkpoint: give exactly one")
-    if opt["checkpoint"]:
-        from apo_jax.data.clair_local import LocalBackend
+def _kind(argv: Sequence[str]) -> str:
+    kind = argv[1] if len(argv) > 1 else ""
+    if kind in commands.HELP_ARGS:
+        sys.stdout.write(f"usage: {USAGE}\n\n{__doc__}")
+        raise SystemExit(0)
+    if kind not in KIND_ROLES:
+        raise commands.FlagError(f"the first argument must be the kind of dataset, one of "
+                                 f"{' | '.join(KIND_ROLES)}; got {kind!r} (see --help)")  # fmt: skip
+    return kind
 
-        return LocalBackend(opt["checkpoint"], name=opt["model"], cache=cache)
-    if not opt["model"]:
-        raise InputError(f"--{role}_model: required with --{role}_url")
+
+def parse(argv: Sequence[str]) -> tuple[str, flags.FlagValues]:
+    """Reads the kind and its flags from ``argv`` (``argv[0]`` is the program).
+
+    Raises:
+      commands.FlagError: no or an unknown kind, a flag that does not parse, a stray argument.
+    """
+    kind = _kind(argv)
+    fv = flag_values(kind)
+    about = __doc__.split("\n\n")[0] + f" Kind: {kind}."
+    rest = commands.parse(fv, [argv[0], *argv[2:]], USAGE.replace("KIND", kind), about)
+    if rest[1:]:
+        raise commands.FlagError(f"unexpected arguments {rest[1:]}; flags are --flag_name=value")
+    return kind, fv
+
+
+def _role_flag(fv: flags.FlagValues, role: str, suffix: str) -> Any:
+    return fv[f"{role}_{suffix}"].value
+
+
+def _backend(fv: flags.FlagValues, role: str, cache: RequestCache | None) -> Any:
+    url, checkpoint = _role_flag(fv, role, "url"), _role_flag(fv, role, "checkpoint")
+    if bool(url) == bool(checkpoint):
+        raise commands.FlagError(f"--{role}_url or --{role}_checkpoint: give exactly one")
+    if checkpoint:
+        from apo_jax.clair.local import LocalBackend
+
+        return LocalBackend(checkpoint, name=_role_flag(fv, role, "model"), cache=cache)
+    if not _role_flag(fv, role, "model"):
+        raise commands.FlagError(f"--{role}_model: required with --{role}_url")
     return OpenAIChatBackend(
-        opt["url"],
-        opt["model"],
-        api_key_env=opt["api_key_env"],
+        url,
+        _role_flag(fv, role, "model"),
+        api_key_env=_role_flag(fv, role, "api_key_env"),
+        allow_http_key=fv.allow_http_key,
         cache=cache,
-        concurrency=args.concurrency,
-        rpm=opt["rpm"],
-        max_retries=args.max_retries,
-        timeout=args.timeout,
-        backoff_base=args.backoff_base,
-        price_in=opt["price_in"],
-        price_out=opt["price_out"],
-        max_requests=args.max_requests,
-        progress=not args.no_progress,
+        concurrency=fv.concurrency,
+        rpm=_role_flag(fv, role, "rpm"),
+        max_retries=fv.max_retries,
+        timeout=fv.timeout,
+        backoff_base=fv.backoff_base,
+        price_in=_role_flag(fv, role, "price_in"),
+        price_out=_role_flag(fv, role, "price_out"),
+        max_requests=fv.max_requests,
+        progress=fv.progress,
     )
 
 
-def _roles(args: argparse.Namespace, cache: RequestCache | None) -> dict[str, builders.Role]:
+def _redactor(fv: flags.FlagValues, kind: str) -> keys.Redactor:
+    """Redacts the value of every key a role is configured with (read from the environment)."""
+    names = [_role_flag(fv, role, "api_key_env") for role in KIND_ROLES[kind]]
+    return keys.Redactor({n: os.environ.get(n, "") for n in names if n})
+
+
+def _roles(fv: flags.FlagValues, kind: str, cache: RequestCache | None) -> dict[str, Any]:
     out = {}
-    for role in ROLES[args.method]:
-        params = {"temperature": getattr(args, f"{role}_temperature")}
-        params["max_tokens"] = getattr(args, f"{role}_max_tokens")
-        out[role] = builders.Role(_backend(args, role, cache), params)
+    for role in KIND_ROLES[kind]:
+        params = {"temperature": _role_flag(fv, role, "temperature")}
+        params["max_tokens"] = _role_flag(fv, role, "max_tokens")
+        out[role] = builders.Role(_backend(fv, role, cache), params)
     return out
 
 
-def _build(args: argparse.Namespace, roles: dict[str, builders.Role], result: BuildResult) -> None:
-    if args.method == "offpolicy":
-        builders.build_offpolicy_judge(read_rows(args.input, result), result, seed=args.seed)
+def _build(kind: str, fv: flags.FlagValues, roles: dict[str, Any], result: BuildResult) -> None:
+    if kind == "offpolicy":
+        builders.build_offpolicy_judge(read_objects(fv.input, result), result, seed=fv.seed)
         return
-    rows = read_prompts(args.input, result, args.prompt_field)
-    if args.method == "clair":
-        builders.build_clair(
-            rows, roles["target"], roles["reviser"], result, keep_identical=args.keep_identical
-        )
-    elif args.method == "stronger":
+    rows = read_prompts(fv.input, result, fv.prompt_field)
+    if kind == "clair":
+        builders.build_clair(rows, roles["target"], roles["reviser"], result,
+                             keep_identical=fv.keep_identical)  # fmt: skip
+    elif kind == "stronger":
         builders.build_stronger_preferred(rows, roles["target"], roles["stronger"], result)
     else:
-        builders.build_onpolicy_judge(rows, roles["target"], roles["judge"], result, seed=args.seed)
+        builders.build_onpolicy_judge(rows, roles["target"], roles["judge"], result, seed=fv.seed)
 
 
-def _manifest(args, roles, result: BuildResult, status: str, seconds: float) -> dict[str, Any]:
+def _manifest(kind, fv, roles, result: BuildResult, status: str, seconds: float) -> dict[str, Any]:
     role_info = {}
     for name, role in roles.items():
         b = role.backend
@@ -142,10 +190,10 @@ def _manifest(args, roles, result: BuildResult, status: str, seconds: float) -> 
         }
     usage = [r["usage"] for r in role_info.values()]
     return {
-        "method": args.method,
+        "kind": kind,
         "status": status,
-        "input": args.input,
-        "output": args.output,
+        "input": fv.input,
+        "output": fv.output,
         **result.counts(),
         "roles": role_info,
         "total_cost": round(sum(u["cost"] for u in usage), 6),
@@ -153,48 +201,51 @@ def _manifest(args, roles, result: BuildResult, status: str, seconds: float) -> 
     }
 
 
-def run(args: argparse.Namespace) -> int:
-    """Builds the dataset described by parsed ``args``; returns the process exit code."""
-    stem = args.output[:-6] if args.output.endswith(".jsonl") else args.output
+def _say(redact: keys.Redactor, message: str) -> None:
+    print(redact.text(f"clair: {message}"), file=sys.stderr, flush=True)
+
+
+def run(argv: Sequence[str]) -> int:
+    """Builds the dataset that ``argv`` describes; returns the exit status.
+
+    0: done; 3: stopped at ``--max_requests`` (rerun to go on); 130: interrupted (rerun to go on).
+
+    Raises:
+      UserError: a flag, key, endpoint or input problem (its message redacted of every key).
+    """
+    kind, fv = parse(argv)
+    redact = _redactor(fv, kind)
+    stem = fv.output.removesuffix(".jsonl")
     rejects_path, manifest_path = f"{stem}.rejects.jsonl", f"{stem}.manifest.json"
     start, result, status, code = time.monotonic(), BuildResult(), "complete", 0
-    cache = RequestCache(args.cache or f"{stem}.cache.jsonl") if ROLES[args.method] else None
-    roles: dict[str, builders.Role] = {}
-    try:
-        roles = _roles(args, cache)
-        _build(args, roles, result)
-        result.write(args.output, rejects_path)
-    except BudgetExhausted as err:
-        status, code = "incomplete: request budget reached", 3
-        print(f"clair: {err}", file=sys.stderr)
-    except KeyboardInterrupt:
-        status, code = "interrupted", 130
-        print("clair: interrupted; finished requests are cached, rerun to resume", file=sys.stderr)
-    finally:
-        if cache is not None:
-            cache.close()
-    manifest = _manifest(args, roles, result, status, time.monotonic() - start)
-    os.makedirs(os.path.dirname(os.path.abspath(manifest_path)), exist_ok=True)
-    with open(manifest_path, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2)
+    roles: dict[str, Any] = {}
+    with redact.errors():
+        cache = None
+        if KIND_ROLES[kind]:
+            cache = RequestCache(fv.cache or f"{stem}.cache.jsonl", redact=redact)
+        try:
+            roles = _roles(fv, kind, cache)
+            _build(kind, fv, roles, result)
+            result.write(fv.output, rejects_path, redact)
+        except BudgetExhausted as err:
+            status, code = "incomplete: request budget reached", EXIT_BUDGET
+            _say(redact, str(err))
+        except KeyboardInterrupt:
+            status, code = "interrupted", EXIT_INTERRUPTED
+            _say(redact, "interrupted; finished requests are cached, rerun to resume")
+        finally:
+            if cache is not None:
+                cache.close()
+        manifest = _manifest(kind, fv, roles, result, status, time.monotonic() - start)
+        os.makedirs(os.path.dirname(os.path.abspath(manifest_path)), exist_ok=True)
+        with open(manifest_path, "w", encoding="utf-8") as f:
+            json.dump(redact(manifest), f, indent=2)
     if code == 0:
-        print(
-            f"clair: wrote {manifest['written']} pairs to {args.output}, rejected {manifest['rejected']} "
-            f"({rejects_path}); cost {manifest['total_cost']}",
-            file=sys.stderr,
-        )
+        _say(redact, f"wrote {manifest['written']} pairs to {fv.output}, rejected "
+                     f"{manifest['rejected']} ({rejects_path}); cost {manifest['total_cost']}")  # fmt: skip
     return code
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: parses ``argv`` and runs; errors in the input are one line, no traceback."""
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except InputError as err:
-        print(f"clair: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command: :func:`run` under :func:`apo_jax.errors.guard` (one-line errors, exit 2)."""
+    return errors.guard(lambda: run(sys.argv if argv is None else argv))

@@ -173,12 +173,14 @@ def _judged_pair(row, samples, order, reply, target: Role, judge: Role, result: 
     try:
         verdict = parse_verdict(reply)
     except ParseError as err:
-        result.reject(row.line, row.record, err.reason, "judge", str(err), reply=reply,
-                      judge_order=shown)  # fmt: skip
+        result.reject(
+            row.line, row.record, err.reason, "judge", str(err), reply=reply, judge_order=shown
+        )
         return
     if verdict == "tie":
-        result.reject(row.line, row.record, ledger.JUDGE_TIE, "judge", reply=reply,
-                      judge_order=shown)  # fmt: skip
+        result.reject(
+            row.line, row.record, ledger.JUDGE_TIE, "judge", reply=reply, judge_order=shown
+        )
         return
     winner = order[0] if verdict == "A" else order[1]
     pair = chat_pair(

@@ -96,8 +96,10 @@ def _kind(argv: Sequence[str]) -> str:
         sys.stdout.write(f"usage: {USAGE}\n\n{__doc__}")
         raise SystemExit(0)
     if kind not in KIND_ROLES:
-        raise commands.FlagError(f"the first argument must be the kind of dataset, one of "
-                                 f"{' | '.join(KIND_ROLES)}; got {kind!r} (see --help)")  # fmt: skip
+        raise commands.FlagError(
+            f"the first argument must be the kind of dataset, one of "
+            f"{' | '.join(KIND_ROLES)}; got {kind!r} (see --help)"
+        )
     return kind
 
 
@@ -169,8 +171,9 @@ def _build(kind: str, fv: flags.FlagValues, roles: dict[str, Any], result: Build
         return
     rows = read_prompts(fv.input, result, fv.prompt_field)
     if kind == "clair":
-        builders.build_clair(rows, roles["target"], roles["reviser"], result,
-                             keep_identical=fv.keep_identical)  # fmt: skip
+        builders.build_clair(
+            rows, roles["target"], roles["reviser"], result, keep_identical=fv.keep_identical
+        )
     elif kind == "stronger":
         builders.build_stronger_preferred(rows, roles["target"], roles["stronger"], result)
     else:
@@ -241,8 +244,11 @@ def run(argv: Sequence[str]) -> int:
         with open(manifest_path, "w", encoding="utf-8") as f:
             json.dump(redact(manifest), f, indent=2)
     if code == 0:
-        _say(redact, f"wrote {manifest['written']} pairs to {fv.output}, rejected "
-                     f"{manifest['rejected']} ({rejects_path}); cost {manifest['total_cost']}")  # fmt: skip
+        _say(
+            redact,
+            f"wrote {manifest['written']} pairs to {fv.output}, rejected "
+            f"{manifest['rejected']} ({rejects_path}); cost {manifest['total_cost']}",
+        )
     return code
 
 

@@ -31,8 +31,10 @@ def read_key(env_name: str) -> str:
     """
     value = os.environ.get(env_name, "")
     if not value:
-        raise ApiKeyError(f"${env_name} is not set; export the key there, or drop the "
-                        "--<role>_api_key_env flag for an endpoint that needs no key")  # fmt: skip
+        raise ApiKeyError(
+            f"${env_name} is not set; export the key there, or drop the "
+            "--<role>_api_key_env flag for an endpoint that needs no key"
+        )
     return value
 
 
@@ -67,8 +69,10 @@ def check_endpoint(url: str, *, key_env: str | None, allow_http_key: bool = Fals
         and not allow_http_key
         and not is_loopback(parts.hostname)
     ):
-        raise ApiKeyError(f"refusing to send ${key_env} over plain http to {parts.hostname}: use "
-                        "https, or pass --allow_http_key on a trusted network")  # fmt: skip
+        raise ApiKeyError(
+            f"refusing to send ${key_env} over plain http to {parts.hostname}: use "
+            "https, or pass --allow_http_key on a trusted network"
+        )
 
 
 class Redactor:

@@ -111,8 +111,16 @@ class LocalBackend:
         """Fills RequestErrors for chats holding special-token text; returns the others."""
         tokenizer, keep = self._load()[1], []
         for i in todo:
-            found = next(filter(None, (tokenize.find_special_token(tokenizer, m["content"])
-                                       for m in messages_list[i])), None)  # fmt: skip
+            found = next(
+                filter(
+                    None,
+                    (
+                        tokenize.find_special_token(tokenizer, m["content"])
+                        for m in messages_list[i]
+                    ),
+                ),
+                None,
+            )
             if found:
                 results[i] = RequestError(f"special token {found!r} in the chat text; not sampled")
                 self.usage.add(failed=1)

@@ -191,15 +191,22 @@ class _Tally:
     read: int = 0
     by_reason: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     lengths: dict[str, list[int]] = dataclasses.field(
-        default_factory=lambda: {k: [] for k in ("prompt", "chosen", "rejected", "row_max", "prefix_row")}
-    )  # fmt: skip
+        default_factory=lambda: {
+            k: [] for k in ("prompt", "chosen", "rejected", "row_max", "prefix_row")
+        }
+    )
     jaccard: list[float] = dataclasses.field(default_factory=list)
     levenshtein: list[int] = dataclasses.field(default_factory=list)
 
     def add(self, rec: shards.PairRecord, jaccard: float, levenshtein: int) -> None:
         p, c, r = len(rec.prompt), len(rec.chosen), len(rec.rejected)
-        for key, n in (("prompt", p), ("chosen", c), ("rejected", r), ("row_max", p + max(c, r)),
-                       ("prefix_row", p + c + r)):  # fmt: skip
+        for key, n in (
+            ("prompt", p),
+            ("chosen", c),
+            ("rejected", r),
+            ("row_max", p + max(c, r)),
+            ("prefix_row", p + c + r),
+        ):
             self.lengths[key].append(n)
         self.jaccard.append(jaccard)
         self.levenshtein.append(levenshtein)
@@ -226,8 +233,10 @@ def _write(
                     continue
                 rej = item[1]
                 if settings.strict:
-                    raise PrepareError(f"{rej.file}:{rej.line}: {rej.field}: {rej.reason} "
-                                       f"{rej.detail}".strip() + " (--strict)")  # fmt: skip
+                    raise PrepareError(
+                        f"{rej.file}:{rej.line}: {rej.field}: {rej.reason} {rej.detail}".strip()
+                        + " (--strict)"
+                    )
                 tally.by_reason[rej.reason] += 1
                 rejects.write(json.dumps(rej.to_json(), ensure_ascii=False) + "\n")
             bar.update(len(chunk))

@@ -69,8 +69,10 @@ def deserialize(data: bytes) -> PairRecord:
     source_index, n_p, n_c, n_r = np.frombuffer(data, _HEADER, count=4).tolist()
     tokens = np.frombuffer(data, _TOKENS, offset=4 * _HEADER.itemsize).astype(np.int32)
     if tokens.size != n_p + n_c + n_r:
-        raise ShardError(f"corrupt record: {tokens.size} tokens, header says {n_p + n_c + n_r}; "
-                         "run apo_jax.data.shards.verify")  # fmt: skip
+        raise ShardError(
+            f"corrupt record: {tokens.size} tokens, header says {n_p + n_c + n_r}; "
+            "run apo_jax.data.shards.verify"
+        )
     return PairRecord(tokens[:n_p], tokens[n_p : n_p + n_c], tokens[n_p + n_c :], source_index)
 
 
@@ -163,8 +165,9 @@ def _check_entry(shard_dir: str, entry: dict[str, Any], full: bool) -> None:
         raise ShardError(f"{path}: shard listed in {MANIFEST} is missing; {fix}")
     size = os.path.getsize(path)
     if size != entry["bytes"]:
-        raise ShardError(f"{path}: {size} bytes, {MANIFEST} says {entry['bytes']} "
-                         f"(truncated or replaced); {fix}")  # fmt: skip
+        raise ShardError(
+            f"{path}: {size} bytes, {MANIFEST} says {entry['bytes']} (truncated or replaced); {fix}"
+        )
     if sample_sha256(path) != entry["sample_sha256"]:
         raise ShardError(f"{path}: contents differ from {MANIFEST} (replaced or damaged); {fix}")
     if full and file_sha256(path) != entry["sha256"]:
@@ -176,8 +179,8 @@ def verify(shard_dir: str, *, full: bool = False) -> None:
 
     Args:
       shard_dir: a prepared directory.
-      full: also compare the sha256 of every byte (reads all shards) instead of only the size
-        and the sample hash of each file's ends.
+      full: also compare the sha256 of every byte (reads the whole files); otherwise only the
+        sizes and the sample hashes of each file's ends are compared.
 
     Raises:
       ShardError: naming the first file that is missing, extra, truncated, replaced or damaged,
@@ -186,15 +189,22 @@ def verify(shard_dir: str, *, full: bool = False) -> None:
     try:
         entries = read_manifest(shard_dir)["shards"]
     except (OSError, ValueError, KeyError) as e:
-        raise ShardError(f"{os.path.join(shard_dir, MANIFEST)}: cannot read the shard list "
-                         f"({type(e).__name__}: {e}); re-run python -m apo_jax.data.prepare") from None  # fmt: skip
+        raise ShardError(
+            f"{os.path.join(shard_dir, MANIFEST)}: cannot read the shard list "
+            f"({type(e).__name__}: {e}); re-run python -m apo_jax.data.prepare"
+        ) from None
     missing = [e["file"] for e in entries if "bytes" not in e or "sample_sha256" not in e]
     if missing:
-        raise ShardError(f"{os.path.join(shard_dir, MANIFEST)} has no size or hash for "
-                         f"{missing[0]}; re-run python -m apo_jax.data.prepare")  # fmt: skip
+        raise ShardError(
+            f"{os.path.join(shard_dir, MANIFEST)} has no size or hash for "
+            f"{missing[0]}; re-run python -m apo_jax.data.prepare"
+        )
     listed = {e["file"] for e in entries}
-    extra = [p for p in sorted(glob.glob(os.path.join(shard_dir, SHARD_PATTERN)))
-             if os.path.basename(p) not in listed]  # fmt: skip
+    extra = [
+        p
+        for p in sorted(glob.glob(os.path.join(shard_dir, SHARD_PATTERN)))
+        if os.path.basename(p) not in listed
+    ]
     if extra:
         raise ShardError(f"{extra[0]}: shard not listed in {MANIFEST}; remove it or re-prepare")
     with concurrent.futures.ThreadPoolExecutor(8) as pool:  # shards may sit on a network disk
@@ -219,8 +229,10 @@ def read_manifest(shard_dir: str) -> dict[str, Any]:
 
 def _damaged(path: str, e: BaseException) -> ShardError:
     detail = " ".join(str(e).split()) or type(e).__name__
-    return ShardError(f"{path}: damaged shard ({detail[:300]}); check it with "
-                      "apo_jax.data.shards.verify and re-run python -m apo_jax.data.prepare")  # fmt: skip
+    return ShardError(
+        f"{path}: damaged shard ({detail[:300]}); check it with "
+        "apo_jax.data.shards.verify and re-run python -m apo_jax.data.prepare"
+    )
 
 
 def _count_records(path: str) -> int:

@@ -274,15 +274,17 @@ def check_text(
     for field, text in (("chosen", pair.chosen), ("rejected", pair.rejected)):
         n = len(text.strip().encode("utf-8"))
         if n > max_length * per_token:
-            raise schema.RowError(field, schema.TOO_MANY_BYTES,
-                                  f"{n} bytes > max_length {max_length} x {per_token}")  # fmt: skip
+            raise schema.RowError(
+                field, schema.TOO_MANY_BYTES, f"{n} bytes > max_length {max_length} x {per_token}"
+            )
     budget = max_length if max_prompt_length is None else min(max_length, max_prompt_length)
     if truncation != "none":
         budget = TRUNCATED_PROMPT_FACTOR * max_length
     n = sum(len(m["content"].strip().encode("utf-8")) for m in pair.prompt)
     if n > budget * per_token:
-        raise schema.RowError("prompt", schema.TOO_MANY_BYTES,
-                              f"{n} bytes > {budget} tokens x {per_token}")  # fmt: skip
+        raise schema.RowError(
+            "prompt", schema.TOO_MANY_BYTES, f"{n} bytes > {budget} tokens x {per_token}"
+        )
     for field, text in _texts(pair):
         if found := find_special_token(tok, text):
             raise schema.RowError(field, schema.SPECIAL_TOKEN_TEXT, repr(found))
@@ -296,8 +298,9 @@ def encode_pair(
     Raises:
       RowError: when :func:`check_text`, the template split or the length policy fails.
     """
-    check_text(tok, pair, max_length=max_length, max_prompt_length=max_prompt_length,
-               truncation=truncation)  # fmt: skip
+    check_text(
+        tok, pair, max_length=max_length, max_prompt_length=max_prompt_length, truncation=truncation
+    )
     p_ids, c_ids, r_ids = split_pair(tok, list(pair.prompt), pair.chosen, pair.rejected)
     p_ids = fit_lengths(
         tok,

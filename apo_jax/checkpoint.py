@@ -19,10 +19,12 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from apo_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class RestoreError(UserError, RuntimeError):
     """No checkpoint of a run could be restored."""
 
 
@@ -88,9 +90,6 @@ class Checkpointer:
         """Complete checkpoints, oldest first."""
         return sorted(self.manager.all_steps())
 
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
     def restore(
         self, abstract_state: Any, step: int | None = None
     ) -> tuple[int, Any, dict[str, Any], dict[str, Any]] | None:
@@ -128,15 +127,11 @@ class Checkpointer:
                 errors.append(f"step {s}: {type(e).__name__}: {e}")
                 continue
             return s, out["state"], dict(out["data"] or {}), dict(out["meta"] or {})
-        raise CheckpointError(f"no checkpoint in {self.directory} restores: " + "; ".join(errors))
+        raise RestoreError(f"no checkpoint in {self.directory} restores: " + "; ".join(errors))
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are complete."""
         self.manager.wait_until_finished()
-
-    def reached_preemption(self, step: int) -> bool:
-        """Whether the cluster's preemption notice (multi-host sync point) has been reached."""
-        return self.manager.reached_preemption(step)
 
     def close(self) -> None:
         self.manager.wait_until_finished()

@@ -14,12 +14,11 @@ import dataclasses
 import os
 from typing import Any
 
-from apo_jax import distributed, losses, sharding
+from apo_jax import distributed, layouts, losses, sharding
 from apo_jax.errors import UserError
 from apo_jax.optim import OptimConfig
 
 REFERENCE_MODES = ("auto", "precomputed", "online", "none")
-LAYOUTS = ("concat", "prefix", "packed")
 
 
 class ConfigError(UserError):
@@ -49,7 +48,7 @@ class DataSettings:
     tokenizer: str
     seq_len: int | None  # None: the shards' own length
     buckets: tuple[int, ...] | None
-    layout: str  # one of LAYOUTS
+    layout: layouts.Layout  # the row layout object (config.data.layout names it)
     num_epochs: int
     shuffle: bool
     worker_count: int
@@ -205,36 +204,30 @@ def _mesh(c: Any, device_count: int) -> MeshShape:
             int(c.mesh.data), int(c.mesh.fsdp), int(c.mesh.tensor), device_count
         )
     except sharding.MeshError as e:
-        raise ConfigError(f"config.mesh: {e}: set config.mesh.data/fsdp/tensor (one may be -1)") from None
+        raise ConfigError(f"config.mesh: {e}") from None
     return MeshShape(*sizes)
 
 
-def _data(c: Any) -> DataSettings:
-    _need(c.data.layout in LAYOUTS, f"config.data.layout must be one of {', '.join(LAYOUTS)}, "
-          f"got {c.data.layout!r}")  # fmt: skip
+def _data(c: Any, mesh: MeshShape, process_count: int) -> DataSettings:
+    try:
+        layout = layouts.get(c.data.layout)
+    except layouts.LayoutError as e:
+        raise ConfigError(str(e)) from None
     _need(c.data.seq_len >= 0, f"config.data.seq_len must be >= 0, got {c.data.seq_len}")
     _need(c.data.num_epochs > 0, f"config.data.num_epochs must be > 0, got {c.data.num_epochs}")
-    return _section(DataSettings, c, "data", seq_len=int(c.data.seq_len) or None,
-                    buckets=tuple(int(b) for b in c.data.buckets) or None)  # fmt: skip
-
-
-def _check_batch(c: Any, mesh: MeshShape, process_count: int) -> None:
     _need(c.batch_size > 0 and c.grad_accum > 0,
           "config.batch_size and config.grad_accum must be positive")  # fmt: skip
     _need(c.batch_size % c.grad_accum == 0, f"config.batch_size {c.batch_size} must be a "
           f"multiple of config.grad_accum {c.grad_accum}")  # fmt: skip
     _need(c.batch_size % process_count == 0, f"config.batch_size {c.batch_size} must divide "
           f"across the {process_count} processes: make it a multiple of {process_count}")  # fmt: skip
-    _need(
-        c.data.layout != "packed" or c.grad_accum == 1,
-        "config.data.layout=packed needs config.grad_accum=1 (packed rows mix pairs, so a batch "
-        "does not split into micro-batches): raise batch_size or use layout concat",
-    )
-    # prefix, packed: the [N] pair arrays shard over the mesh (the loader rounds packed rows).
-    micro_rows = (2 if c.data.layout == "concat" else 1) * c.batch_size // c.grad_accum
-    _need(micro_rows % mesh.batch_ways == 0, f"each micro-batch has {micro_rows} rows, which the "
-          f"mesh's data*fsdp = {mesh.batch_ways} ways must divide: change config.batch_size, "
-          "grad_accum or mesh")  # fmt: skip
+    try:
+        layout.check(batch_size=c.batch_size, grad_accum=c.grad_accum,
+                     data_ways=mesh.batch_ways, process_count=process_count)  # fmt: skip
+    except layouts.LayoutError as e:
+        raise ConfigError(str(e)) from None
+    return _section(DataSettings, c, "data", layout=layout, seq_len=int(c.data.seq_len) or None,
+                    buckets=tuple(int(b) for b in c.data.buckets) or None)  # fmt: skip
 
 
 def _distributed(c: Any) -> distributed.DistributedConfig:
@@ -262,12 +255,14 @@ def validate(c: Any, *, device_count: int, process_count: int = 1) -> RunConfig:
     loss, reference = _loss(c), _reference(c)
     _check_paths(c)
     mesh = _mesh(c, device_count)
-    data = _data(c)
-    _check_batch(c, mesh, process_count)
+    data = _data(c, mesh, process_count)
     _need(c.logprob_chunk > 0, "config.logprob_chunk must be positive")
     _need(c.log_every > 0 and c.eval_every >= 0,
           "config.log_every must be > 0 and eval_every >= 0")  # fmt: skip
-    _need(c.num_steps >= 0, f"config.num_steps must be >= 0 (0: as the epochs give), got {c.num_steps}")
+    _need(
+        c.num_steps >= 0,
+        f"config.num_steps must be >= 0 (0: as the epochs give), got {c.num_steps}",
+    )
     return RunConfig(
         preset=c.preset,
         seed=int(c.seed),

@@ -1,6 +1,6 @@
 """Fields shared by every objective's config; see docs/training.md for each one.
 
-`configs/<objective>.py` files call `base_config(loss, preset)`; `apo_jax.run_config` validates.
+`configs/<objective>.py` files call `base_config(loss, preset)`; `apo_jax.config.validate` checks them.
 """
 
 import ml_collections

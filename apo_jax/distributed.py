@@ -28,6 +28,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from apo_jax.errors import UserError
+
 log = logging.getLogger("apo_jax")
 
 MODES = ("auto", "on", "off")
@@ -35,7 +37,7 @@ ENV_ADDRESS, ENV_COUNT, ENV_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
 WATCHDOG_EXIT = 3  # exit status when the coordinator handshake times out
 
 
-class DistributedError(RuntimeError):
+class DistributedError(UserError, RuntimeError):
     """A multi-process setting that cannot work; the message says what to fix."""
 
 
@@ -235,10 +237,3 @@ def initialize(cfg: DistributedConfig | Mapping[str, Any] | None = None) -> bool
         jax.device_count(),
     )
     return True
-
-
-def is_main_process() -> bool:
-    """Whether this process writes logs, metrics and exports (process 0)."""
-    import jax
-
-    return jax.process_index() == 0

@@ -72,7 +72,8 @@ def resolve_mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tup
     if math.prod(sizes) != n_devices:
         raise MeshError(
             f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} "
-            f"does not match the {n_devices} devices of all processes"
+            f"does not match the {n_devices} devices of all processes: make data*fsdp*tensor "
+            f"equal {n_devices} (or set one axis to -1)"
         )
     return sizes[0], sizes[1], sizes[2]
 

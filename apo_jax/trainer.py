@@ -1,233 +1,174 @@
-"""Building a run from a validated config: data paths, model, reference, state, compiled steps.
+"""One training run, top to bottom: `train_and_evaluate(config, workdir)`.
 
-Each function does one thing and can be called from a notebook; `apo_jax.train` strings them
-together into the loop.
+Config -> data -> mesh -> model -> reference -> loader -> optimizer -> state -> compiled steps ->
+restore -> loop. The loop body is batch -> step -> hooks (`apo_jax.hooks`: metrics, held-out
+evaluation, checkpoints, export). The parts are built by `apo_jax.assemble`; the command line is
+`apo_jax.cli`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
+import logging
 import os
+import sys
+import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import optax
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+import numpy as np
+from tqdm import tqdm
 
-from apo_jax import layouts, reference, sharding
+from apo_jax import assemble, hooks, reference, sharding
+from apo_jax import config as config_lib
+from apo_jax import metrics as metrics_lib
 from apo_jax import train_step as ts
-from apo_jax.data import loader as loader_lib
-from apo_jax.data import shards
-from apo_jax.models import config as model_config
-from apo_jax.models import hf
-from apo_jax.models.llama import Llama
+from apo_jax.checkpoint import Checkpointer, StopSignal, abstract_like
 from apo_jax.optim import make_optimizer
-from apo_jax.run_config import ConfigError, RunConfig
+
+log = logging.getLogger("apo_jax")
 
 
-@dataclasses.dataclass(frozen=True)
-class DataPaths:
-    train: str
-    eval: str
-    tokenizer: str
-    manifest: dict[str, Any]
+def default_workdir(config: Any) -> str:
+    """runs/<loss>_<preset>, the loss spec made path-safe."""
+    name = str(config.loss.name).replace(" ", "").replace("*", "x").replace("+", "_")
+    return os.path.join("runs", f"{name}_{config.preset}")
 
 
-@dataclasses.dataclass
-class Built:
-    """Everything `train.setup` prepares for the loop."""
-
-    rc: RunConfig
-    workdir: str
-    paths: DataPaths
-    mesh: jax.sharding.Mesh
-    graphdef: nnx.GraphDef
-    params: nnx.State
-    ref_graphdef: nnx.GraphDef
-    ref_params: nnx.State | None  # only for the online reference
-    ref_mode: str  # 'precomputed' | 'online' | 'none'
-    info: dict[str, Any]  # the reference fingerprint info
-    model_cfg: Any
-
-
-def resolve_data(rc: RunConfig) -> DataPaths:
-    """The shard and tokenizer directories of the run; builds the embedded demo when none is given."""
-    train, eval_, tokenizer = rc.data["train"], rc.data["eval"], rc.data["tokenizer"]
-    if rc.is_demo:
-        from apo_jax.data import demo
-
-        assets = demo.build_demo(
-            rc.demo["cache_dir"] or None,
-            n_train=rc.demo["n_train"],
-            n_eval=rc.demo["n_eval"],
-            multi_turn=rc.demo["multi_turn"],
-        )
-        train, eval_ = assets.train_shards, eval_ or assets.eval_shards
-        tokenizer = tokenizer or assets.tokenizer_dir
-    manifest = shards.read_manifest(train)
-    tokenizer = tokenizer or manifest.get("tokenizer", {}).get("dir", "")
-    return DataPaths(
-        train, eval_, tokenizer if tokenizer and os.path.isdir(tokenizer) else "", manifest
+def train_and_evaluate(config: Any, workdir: str = "") -> dict[str, Any]:
+    """Trains per `config` (a ConfigDict of configs/*.py) in `workdir`, resuming if it holds a
+    checkpoint; returns the run's summary (steps, seconds, last train and held-out metrics, paths).
+    """
+    rc = config_lib.validate(
+        config, device_count=jax.device_count(), process_count=jax.process_count()
     )
+    workdir = workdir or default_workdir(config)
+    paths = assemble.resolve_data(rc)
+    mesh = sharding.make_mesh(rc.mesh.data, rc.mesh.fsdp, rc.mesh.tensor)
+    model, model_cfg, weights_fp = assemble.build_model(rc, paths, mesh)
+    graphdef, params = ts.split_model(model)
+    ref = reference.prepare(rc, (paths.train, paths.eval), graphdef, params, model_cfg,
+                            weights_fp, mesh)  # fmt: skip
+
+    train_data = assemble.make_loader(rc, paths.train, ref.info, train=True)
+    num_steps = rc.num_steps or (train_data.num_batches or 0)
+    if num_steps <= 0:
+        raise config_lib.ConfigError(f"{paths.train} gives no full batch of {rc.batch_size} "
+                                     "pairs: lower config.batch_size")  # fmt: skip
+    tx, schedule = make_optimizer(rc.optim, num_steps)
+    state_sh = assemble.state_shardings(params, tx, mesh)
+    state = assemble.init_state(params, tx, rc.seed, state_sh)
+    steps_fn = assemble.Steps(rc, graphdef, ref, tx, schedule, state_sh, mesh, model_cfg)
+
+    ckpt = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        keep=rc.checkpoint.keep,
+        keep_best=rc.checkpoint.keep_best if paths.eval else 0,
+        async_save=rc.checkpoint.async_save,
+    )
+    start_step, state = _restore(ckpt, state, train_data)
+
+    run = hooks.Run(
+        rc=rc, workdir=workdir, paths=paths, graphdef=graphdef, model_cfg=model_cfg,
+        steps_fn=steps_fn, train_data=train_data, state=state, num_steps=num_steps,
+        start_step=start_step, writer=metrics_lib.MetricWriter(workdir, wandb_project=rc.wandb_project),
+        ckpt=ckpt, bar=_progress_bar(rc, num_steps, start_step),
+        row_sharding=sharding.batch_sharding(mesh),
+    )  # fmt: skip
+    side_tasks: list[hooks.Hook] = [hooks.TrainMetrics(rc.log_every, rc.max_bad_steps)]
+    if paths.eval:
+        eval_loader = lambda: assemble.make_loader(rc, paths.eval, ref.info, train=False)  # noqa: E731
+        side_tasks.append(hooks.HeldOutEval(rc.eval_every, eval_loader, rc.eval_batches))
+    side_tasks.append(hooks.Checkpoint(rc.checkpoint.every))
+    if rc.export_hf:
+        side_tasks.append(hooks.ExportHF())
+    return _loop(run, side_tasks)
 
 
-def model_overrides(rc: RunConfig) -> dict[str, Any]:
-    m = rc.model
+def _restore(ckpt: Checkpointer, state: ts.TrainState, data: Any) -> tuple[int, ts.TrainState]:
+    """(step, state) of the newest checkpoint that restores, the loader moved to its position;
+    (0, state) when there is none."""
+    restored = ckpt.restore(abstract_like(state))
+    if restored is None:
+        return 0, state
+    step, state, data_state, _ = restored
+    data.set_state(data_state)
+    log.info("resumed from %s at step %d", ckpt.directory, step)
+    return step, state
+
+
+def _progress_bar(rc: config_lib.RunConfig, total: int, initial: int) -> Any:
+    show = rc.progress_bar and jax.process_index() == 0 and sys.stderr.isatty()
+    return tqdm(total=total, initial=initial, disable=not show, unit="step", dynamic_ncols=True)
+
+
+def _stop_agreed(stop: StopSignal) -> bool:
+    """Whether to stop now; with several processes, a signal seen by any one stops them all at
+    the same step (a process that left alone would hang the others in the next collective)."""
+    if jax.process_count() == 1:
+        return bool(stop)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.array([int(bool(stop))], np.int32))))
+
+
+def _loop(run: hooks.Run, side_tasks: list[hooks.Hook]) -> dict[str, Any]:
+    """batch -> step -> hooks, to the last step or a stop signal; then the summary."""
+    stop, t_start, run.step, finished = StopSignal(), time.perf_counter(), run.start_step, False
+    try:
+        for step in range(run.start_step + 1, run.num_steps + 1):
+            batch = next(run.train_data)
+            global_batch = run.train_data.global_batch(batch, run.row_sharding)
+            run.state, run.step_metrics = run.steps_fn.train(run.state, global_batch)
+            run.step, run.batch = step, batch
+            run.tokens_seen += int(np.sum(batch["segment_ids"] > 0)) * jax.process_count()
+            run.bar.update(1)
+            run.stopping = _stop_agreed(stop)
+            for task in side_tasks:
+                task.after_step(run)
+            if run.stopping:
+                name = stop.signal_name or "a stop signal (on another process)"
+                log.warning("%s received: checkpoint at step %d saved, stopping", name, step)
+                break
+        finished = run.step == run.num_steps
+    finally:
+        run.bar.close()
+        run.ckpt.wait()
+        stop.restore()
+    seconds = time.perf_counter() - t_start
+    for task in side_tasks:
+        task.at_end(run, finished=finished and not run.stopping)
+    run.ckpt.close()
+    run.writer.close()
+    return _summary(run, seconds)
+
+
+def _summary(run: hooks.Run, seconds: float) -> dict[str, Any]:
     return {
-        "dtype": m["dtype"],
-        "param_dtype": m["param_dtype"],
-        "remat": m["remat"],
-        "scan_layers": m["scan_layers"],
-        "attention": m.get("attention", "auto"),
+        "steps": run.step,
+        "skipped": int(run.state.skipped),
+        "seconds": seconds,
+        "tokens_per_sec": run.tokens_seen / max(seconds, 1e-9),
+        "loss": run.rc.loss.name,
+        "data": run.paths.train,
+        "checkpoint": os.path.join(run.ckpt.directory, str(run.step)),
+        "hf_export": run.hf_export,
+        "interrupted": run.stopping,
+        **run.train_metrics,
+        **run.eval_metrics,
     }
 
 
-def build_model(rc: RunConfig, paths: DataPaths, mesh: jax.sharding.Mesh) -> tuple[Llama, Any, str]:
-    """(model on the mesh, its LlamaConfig, weights fingerprint)."""
-    overrides = model_overrides(rc)
-    vocab = int(paths.manifest.get("tokenizer", {}).get("vocab_size") or 0)
-    if rc.model["hf_path"]:
-        model, cfg = hf.load_hf(rc.model["hf_path"], mesh=mesh, **overrides)
-        desc: dict[str, Any] = {}
-    else:
-        seq = int(paths.manifest.get("settings", {}).get("max_length") or 512)
-        extra = {"vocab_size": vocab} if vocab else {}
-        cfg = model_config.get_preset(
-            rc.model["preset"], max_seq_len=max(seq, 512), **extra, **overrides
-        )
-        with jax.set_mesh(mesh):
-            model = Llama(cfg, rngs=nnx.Rngs(rc.seed))
-        sharding.shard_model(model, mesh)
-        desc = {"preset": rc.model["preset"], "seed": rc.seed, "config": repr(cfg)}
-    if vocab and vocab > cfg.vocab_size:
-        raise ConfigError(
-            f"the tokenizer has {vocab} tokens but the model's vocabulary only {cfg.vocab_size}"
-        )
-    return model, cfg, reference.weights_fingerprint(rc.model["hf_path"], desc)
-
-
-def frozen_reference(params: nnx.State, dtype: str) -> nnx.State:
-    """A copy of the parameters in the reference dtype (no optimizer state is ever made for it)."""
-    return jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
-
-
-def reference_graphdef(rc: RunConfig, graphdef: nnx.GraphDef, model_cfg: Any) -> nnx.GraphDef:
-    """The reference runs in its own dtype: rebuild the graph with that compute dtype."""
-    dtype = rc.reference["dtype"]
-    if dtype == model_cfg.dtype and dtype == model_cfg.param_dtype:
-        return graphdef
-    cfg = dataclasses.replace(model_cfg, dtype=dtype, param_dtype=dtype)
-    abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
-    return nnx.split(abstract, nnx.Param, ...)[0]
-
-
-def reference_mode(rc: RunConfig) -> str:
-    """'precomputed' (read from the data, computed first when missing), 'online' or 'none'."""
-    from apo_jax import losses
-
-    mode = rc.reference["mode"]
-    if mode == "none" or not losses.needs_reference(rc.loss["name"]):
-        return "none"
-    return "online" if mode == "online" else "precomputed"
-
-
-def state_shardings(
-    params: nnx.State, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
-) -> ts.TrainState:
-    """Shardings of the whole TrainState: params as placed, optimizer moments like their params."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-    params_sh = jax.tree.map(lambda x: x.sharding, params)
-    opt_sh = optax.tree_map_params(
-        tx,
-        lambda _, s: s,
-        jax.eval_shape(tx.init, params),
-        params_sh,
-        transform_non_params=lambda _: replicated,
+def precompute_reference(config: Any, workdir: str = "") -> None:
+    """The reference pass of `config` alone (`python -m apo_jax.reference`): writes the stored
+    log-probs beside the train and eval shards unless matching ones are there."""
+    config.unlock()
+    config.reference.mode = "precomputed"
+    rc = config_lib.validate(
+        config, device_count=jax.device_count(), process_count=jax.process_count()
     )
-    return ts.TrainState(
-        step=replicated,
-        params=params_sh,
-        opt_state=opt_sh,
-        rng=replicated,
-        bad_steps=replicated,
-        skipped=replicated,
-    )
-
-
-def loader_config(rc: RunConfig, *, train: bool, info: dict[str, Any] | None, ref_mode: str) -> Any:
-    # Packed rows of all processes must split evenly over the mesh's data*fsdp batch shards.
-    shards, procs = rc.mesh[0] * rc.mesh[1], jax.process_count()
-    return loader_lib.LoaderConfig(
-        batch_size=rc.batch_size // procs,
-        seq_len=rc.data["seq_len"] or None,
-        buckets=tuple(rc.data["buckets"]) or None,
-        layout=layouts.get(rc.data["layout"]),
-        row_multiple=shards // math.gcd(shards, procs),
-        micro_batches=rc.grad_accum if train else 1,
-        seed=rc.seed,
-        shuffle=rc.data["shuffle"] if train else False,
-        num_epochs=rc.data["num_epochs"] if train else 1,
-        drop_remainder=train,
-        worker_count=rc.data["worker_count"] if train else 0,
-        reference_info=info if ref_mode == "precomputed" else None,
-    )
-
-
-def make_tx(rc: RunConfig, steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    return make_optimizer(rc.optim, steps)
-
-
-def step_config(rc: RunConfig, ref_mode: str) -> ts.StepConfig:
-    return ts.StepConfig(
-        loss=rc.loss["name"],
-        beta=rc.loss["beta"],
-        loss_hparams=rc.loss_hparams(),
-        logprob_chunk=rc.logprob_chunk,
-        grad_accum=rc.grad_accum,
-        reference=ref_mode,
-        layout=layouts.get(rc.data["layout"]),
-    )
-
-
-def compile_steps(
-    graphdef: nnx.GraphDef,
-    ref_graphdef: nnx.GraphDef,
-    tx: optax.GradientTransformation,
-    schedule: optax.Schedule,
-    scfg: ts.StepConfig,
-    state_sh: Any,
-    mesh: jax.sharding.Mesh,
-) -> tuple[Any, Any]:
-    """The jitted train and eval steps, state donated, batch rows sharded over ('data', 'fsdp')."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def train_fn(state, batch, ref_params):
-        return ts.train_step(
-            state,
-            batch,
-            ref_params,
-            graphdef=graphdef,
-            tx=tx,
-            cfg=scfg,
-            schedule=schedule,
-            ref_graphdef=ref_graphdef,
-        )
-
-    def eval_fn(params, batch, ref_params):
-        return ts.eval_step(
-            params, batch, ref_params, graphdef=graphdef, cfg=scfg, ref_graphdef=ref_graphdef
-        )
-
-    train_jit = jax.jit(
-        train_fn,
-        in_shardings=(state_sh, None, None),
-        out_shardings=(state_sh, replicated),
-        donate_argnames=("state",),
-    )
-    eval_jit = jax.jit(
-        eval_fn, in_shardings=(state_sh.params, None, None), out_shardings=replicated
-    )
-    return train_jit, eval_jit
+    del workdir  # the log-probs live beside the shards
+    paths = assemble.resolve_data(rc)
+    mesh = sharding.make_mesh(rc.mesh.data, rc.mesh.fsdp, rc.mesh.tensor)
+    model, model_cfg, weights_fp = assemble.build_model(rc, paths, mesh)
+    graphdef, params = ts.split_model(model)
+    reference.prepare(rc, (paths.train, paths.eval), graphdef, params, model_cfg, weights_fp, mesh)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apo_jax.checkpoint import Checkpointer, CheckpointError, abstract_like
+from apo_jax.checkpoint import Checkpointer, RestoreError, abstract_like
 
 
 def _state(k):
@@ -74,5 +74,5 @@ def test_nothing_restorable_is_an_error(tmp_path):
     ck.save(1, _state(1), {})
     ck.close()
     wrong = {"w": jax.ShapeDtypeStruct((7,), jnp.float32)}
-    with pytest.raises(CheckpointError, match="no checkpoint"):
+    with pytest.raises(RestoreError, match="no checkpoint"):
         Checkpointer(str(tmp_path), keep=3, keep_best=0).restore(wrong)

@@ -1,6 +1,6 @@
 """The README's main command: the embedded demo trains to a held-out reward accuracy above chance."""
 
-from apo_jax import train
+from apo_jax import trainer
 from apo_jax.config_base import base_config, with_overrides
 
 # Chance is 0.5; with 300 held-out pairs a guessing model's accuracy has a standard deviation of
@@ -15,7 +15,7 @@ def test_demo_learns_held_out_preferences(tmp_path):
         base_config("apo_down", None),
         {"demo.cache_dir": str(tmp_path / "cache"), "export_hf": False, "progress_bar": False},
     )
-    summary = train.run(config, str(tmp_path / "run"))
+    summary = trainer.train_and_evaluate(config, str(tmp_path / "run"))
     assert summary["steps"] == 187 and summary["skipped"] == 0
     assert summary["eval/rewards/accuracies"] >= HELD_OUT_ACCURACY, summary
     assert summary["eval/rewards/margins"] > 0, summary

@@ -14,7 +14,8 @@ import pytest
 from data_helpers import small_pairs, small_shards, tok_dir  # noqa: F401  (fixtures)
 from flax import nnx
 
-from apo_jax import errors, layouts, run_config
+from apo_jax import config as config_lib
+from apo_jax import errors, layouts
 from apo_jax import train_step as ts
 from apo_jax.config_base import base_config, with_overrides
 from apo_jax.data import loader, shards
@@ -77,12 +78,12 @@ def test_checks_name_the_config_fields():
                        r"processes\) do not split into config.grad_accum = 4") as e:  # fmt: skip
         PACKED.check(batch_size=8, grad_accum=4, data_ways=1, process_count=4)
     assert "make config.batch_size a multiple of 16" in str(e.value)
-    # run_config maps the layout's check to its ConfigError; packed accepts grad_accum now.
+    # config_lib maps the layout's check to its ConfigError; packed accepts grad_accum now.
     c = with_overrides(base_config("apo_down", None), {"data.layout": "packed", "grad_accum": 2})
-    assert run_config.validate(c, device_count=1).grad_accum == 2
+    assert config_lib.validate(c, device_count=1).grad_accum == 2
     c = with_overrides(c, {"batch_size": 8, "grad_accum": 4})
-    with pytest.raises(run_config.ConfigError, match="do not split into config.grad_accum = 4"):
-        run_config.validate(c, device_count=1, process_count=4)
+    with pytest.raises(config_lib.ConfigError, match="do not split into config.grad_accum = 4"):
+        config_lib.validate(c, device_count=1, process_count=4)
 
 
 def test_packed_micro_batches_are_packed_apart_with_one_row_count():

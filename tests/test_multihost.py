@@ -21,7 +21,8 @@ import time
 
 import pytest
 
-from apo_jax import distributed, run_config
+from apo_jax import config as config_lib
+from apo_jax import distributed
 from apo_jax.config_base import with_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,11 +117,11 @@ def _losses(rows: dict[int, dict[str, float]], keys=("train/loss", "train/grad_n
 def runs(tmp_path_factory):
     """Trains 3 steps on 2x4 and on 1x8 devices, then resumes each for a 4th step on the other."""
     tmp = str(tmp_path_factory.mktemp("multihost"))
-    from apo_jax import trainer
+    from apo_jax import assemble
 
     c = _get_config()
     c.demo.cache_dir, c.demo.n_train, c.demo.n_eval = os.path.join(tmp, "demo"), 64, 16
-    trainer.resolve_data(run_config.validate(c, device_count=8))  # build the demo once, up front
+    assemble.resolve_data(config_lib.validate(c, device_count=8))  # build the demo once, up front
     w2, w1 = os.path.join(tmp, "two"), os.path.join(tmp, "one")
     t0 = time.perf_counter()
     out, took = {}, {}
@@ -184,13 +185,13 @@ def test_two_processes_with_buckets_match_one_process_concat(runs, layout, bucke
     """Buckets: each process pads its own pairs to the smallest bucket that fits, so at step 2
     and in the eval batch process 0 has rows of the bucket and process 1 of 128; both grow to 128
     before the global batch is built, and the losses are the single process's."""
-    from apo_jax import layouts, trainer
+    from apo_jax import assemble, layouts
     from apo_jax.data import loader
 
     tmp = os.path.dirname(runs["dirs"]["two"])
     c = _get_config()
     c.demo.cache_dir, c.demo.n_train, c.demo.n_eval = os.path.join(tmp, "demo"), 64, 16
-    paths = trainer.resolve_data(run_config.validate(c, device_count=8))  # built by `runs`
+    paths = assemble.resolve_data(config_lib.validate(c, device_count=8))  # built by `runs`
     lengths = []  # the premise: the processes' row lengths differ for one step
     for split, epochs, steps in ((paths.train, None, 3), (paths.eval, 1, 1)):
         for p in range(2):
@@ -285,15 +286,15 @@ def _config(**over):
 
 def test_mesh_and_batch_that_do_not_divide_name_the_fix():
     with pytest.raises(
-        run_config.ConfigError, match=r"does not divide the 8 devices of all processes"
+        config_lib.ConfigError, match=r"does not divide the 8 devices of all processes"
     ):
-        run_config.validate(_config(**{"mesh.tensor": 3}), device_count=8, process_count=2)
-    with pytest.raises(run_config.ConfigError, match=r"make data\*fsdp\*tensor equal 8"):
-        run_config.validate(_config(**{"mesh.data": 2, "mesh.fsdp": 2}), device_count=8)
-    with pytest.raises(run_config.ConfigError, match="must divide across the 3 processes"):
-        run_config.validate(_config(batch_size=32), device_count=6, process_count=3)
-    with pytest.raises(run_config.ConfigError, match="process_id 2 must be < num_processes 2"):
-        run_config.validate(
+        config_lib.validate(_config(**{"mesh.tensor": 3}), device_count=8, process_count=2)
+    with pytest.raises(config_lib.ConfigError, match=r"make data\*fsdp\*tensor equal 8"):
+        config_lib.validate(_config(**{"mesh.data": 2, "mesh.fsdp": 2}), device_count=8)
+    with pytest.raises(config_lib.ConfigError, match="must divide across the 3 processes"):
+        config_lib.validate(_config(batch_size=32), device_count=6, process_count=3)
+    with pytest.raises(config_lib.ConfigError, match="process_id 2 must be < num_processes 2"):
+        config_lib.validate(
             _config(**{"distributed.num_processes": 2, "distributed.process_id": 2}), device_count=8
         )
 

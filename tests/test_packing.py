@@ -13,7 +13,7 @@ from conftest import assert_same_grads
 from data_helpers import small_pairs, small_shards, tok_dir  # noqa: F401  (fixtures)
 from flax import nnx
 
-from apo_jax import layouts, losses, train
+from apo_jax import layouts, losses, trainer
 from apo_jax import train_step as ts
 from apo_jax.config_base import base_config, with_overrides
 from apo_jax.data import demo, loader, shards
@@ -208,7 +208,7 @@ def test_training_packed_gives_the_concat_losses(tmp_path):
     runs = {}
     for layout in ("concat", "packed"):
         config = with_overrides(base_config("apo_down", None), {**over, "data.layout": layout})
-        train.run(config, str(tmp_path / layout))
+        trainer.train_and_evaluate(config, str(tmp_path / layout))
         runs[layout] = _metrics(str(tmp_path / layout))
     a, b = runs["concat"], runs["packed"]
     assert sorted(a) == sorted(b) == [1, 2, 3]

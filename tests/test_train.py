@@ -10,10 +10,11 @@ import time
 import numpy as np
 import pytest
 
-from apo_jax import train
+from apo_jax import cli as cli_lib
+from apo_jax import trainer
+from apo_jax.config import ConfigError
 from apo_jax.config_base import base_config, with_overrides
 from apo_jax.data import demo
-from apo_jax.run_config import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,13 +83,17 @@ def cli(workdir, overrides, env=None, **popen):
 
 
 def test_same_seed_same_losses_online_reference_and_prefix_layout(demo_cache, tmp_path):
-    pre = train.run(make_config(small_overrides(demo_cache, num_steps=3)), str(tmp_path / "a"))
-    again = train.run(make_config(small_overrides(demo_cache, num_steps=3)), str(tmp_path / "b"))
-    online = train.run(
+    pre = trainer.train_and_evaluate(
+        make_config(small_overrides(demo_cache, num_steps=3)), str(tmp_path / "a")
+    )
+    again = trainer.train_and_evaluate(
+        make_config(small_overrides(demo_cache, num_steps=3)), str(tmp_path / "b")
+    )
+    online = trainer.train_and_evaluate(
         make_config(small_overrides(demo_cache, num_steps=3, **{"reference.mode": "online"})),
         str(tmp_path / "c"),
     )
-    train.run(
+    trainer.train_and_evaluate(
         make_config(
             small_overrides(demo_cache, num_steps=3, **{"data.layout": "prefix", "data.seq_len": 0})
         ),
@@ -102,9 +107,11 @@ def test_same_seed_same_losses_online_reference_and_prefix_layout(demo_cache, tm
     np.testing.assert_allclose([a[s] for s in a], [d[s] for s in a], rtol=1e-4)
     assert pre["steps"] == again["steps"] == online["steps"] == 3
     # The same command on a finished workdir restores the last checkpoint and runs nothing more.
-    done = train.run(make_config(small_overrides(demo_cache, num_steps=3)), str(tmp_path / "a"))
+    done = trainer.train_and_evaluate(
+        make_config(small_overrides(demo_cache, num_steps=3)), str(tmp_path / "a")
+    )
     assert done["steps"] == 3 and "train/loss" not in done
-    train._print_summary(done)
+    assert "no step to run" in cli_lib.summary_text(done)
     # Precomputed log-probs were written beside the shards, keyed to this reference.
     assert os.path.exists(
         os.path.join(demo_cache, os.listdir(demo_cache)[0], "train_shards", "reference_logps.npz")
@@ -184,7 +191,7 @@ def test_paper_preset_without_paths_is_a_one_line_error(tmp_path):
     ],
 )
 def test_config_errors_name_the_field(overrides, message):
-    from apo_jax import run_config
+    from apo_jax import config as config_lib
 
     with pytest.raises(ConfigError, match=message):
-        run_config.validate(make_config(overrides), device_count=1)
+        config_lib.validate(make_config(overrides), device_count=1)

@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 
 from apo_jax.data import shards
+from apo_jax.errors import UserError
 
 REFERENCE_FILE = "reference_logps.npz"
 
 
-class ReferenceMismatchError(ValueError):
+class ReferenceMismatchError(UserError, ValueError):
     """The stored reference log-probs do not belong to these shards or this reference."""
 
 

@@ -12,12 +12,14 @@ import json
 import os
 from typing import Any
 
+from apo_jax.errors import UserError
+
 REMAT_POLICIES = ("none", "full", "save_dots")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "blocked")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A LlamaConfig field or a Hugging Face config.json that this model cannot represent."""
 
 

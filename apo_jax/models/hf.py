@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from apo_jax import sharding
+from apo_jax.errors import UserError
 from apo_jax.models.config import ConfigError, LlamaConfig
 from apo_jax.models.llama import Llama
 from apo_jax.models.safetensors_io import SafetensorsFile, write_safetensors
@@ -45,7 +46,7 @@ TOKENIZER_FILES = (
 )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read into (or written from) this model; the message says why."""
 
 

@@ -6,10 +6,15 @@ fingerprint of the reference weights, tokenizer and dtype (plus the shard conten
 
   python -m apo_jax.reference --config=configs/apo_down.py:llama3_8b --config.model.hf_path=... \
       --config.data.train=...
+
+`prepare` decides, from the run's reference mode, what the train step gets: nothing, the frozen
+parameters (online), or the stored log-probs' fingerprint for the loader (precomputed, computing
+them first when none match).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -18,13 +23,16 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
 from apo_jax import layouts, sharding
+from apo_jax.config import RunConfig
 from apo_jax.data import loader as loader_lib
 from apo_jax.data import refs, shards
+from apo_jax.models.llama import Llama
 
 log = logging.getLogger("apo_jax")
 
@@ -124,17 +132,67 @@ def compute_and_store(
     return path
 
 
-def main(argv: Any) -> None:
-    """`python -m apo_jax.reference`: the reference pass alone, with the training config."""
-    from apo_jax import train
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """What the train step needs of the reference model.
 
-    del argv
-    train.command(train.run_reference_only)
+    Attributes:
+      mode: 'precomputed' (log-probs come with each batch), 'online' or 'none'.
+      graphdef: the reference's graph (its compute dtype may differ from the policy's).
+      params: the frozen reference parameters (online only, else None).
+      info: the fingerprint info the stored log-probs must match (precomputed only, else None).
+    """
+
+    mode: str
+    graphdef: nnx.GraphDef
+    params: nnx.State | None
+    info: dict[str, Any] | None
 
 
-if __name__ == "__main__":
-    from absl import app
+def _graphdef(dtype: str, graphdef: nnx.GraphDef, model_cfg: Any) -> nnx.GraphDef:
+    """The policy's graph rebuilt with the reference's compute and parameter dtype."""
+    if dtype == model_cfg.dtype and dtype == model_cfg.param_dtype:
+        return graphdef
+    cfg = dataclasses.replace(model_cfg, dtype=dtype, param_dtype=dtype)
+    abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+    return nnx.split(abstract, nnx.Param, ...)[0]
 
-    from apo_jax import train  # noqa: F401 - defines the --config and --workdir flags
 
-    app.run(main)
+def prepare(
+    rc: RunConfig,
+    shard_dirs: tuple[str, str],
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    model_cfg: Any,
+    weights_fp: str,
+    mesh: jax.sharding.Mesh,
+) -> Reference:
+    """The run's reference: frozen params (online), or stored log-probs made first if missing.
+
+    Args:
+      rc: the run config (its reference mode and dtype, batch size, seq_len, chunk).
+      shard_dirs: (train, eval) shard directories; eval may be ''.
+      graphdef, params: the policy at step 0, which is the reference.
+      model_cfg: the policy's model config.
+      weights_fp: the fingerprint of the starting weights (`weights_fingerprint`).
+      mesh: the device mesh.
+
+    Returns:
+      The Reference the train step and the loaders use.
+    """
+    mode, dtype = rc.reference.mode, rc.reference.dtype
+    ref_graphdef = _graphdef(dtype, graphdef, model_cfg)
+    if mode == "none":
+        return Reference(mode, ref_graphdef, None, None)
+    # A copy in the reference dtype; no optimizer state is ever made for it.
+    ref_params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
+    if mode == "online":
+        return Reference(mode, ref_graphdef, ref_params, None)
+    info = fingerprint_info(shard_dirs[0], weights_fp, dtype)
+    for shard_dir in filter(None, shard_dirs):
+        if not stored_matches(shard_dir, info):
+            log.info("no matching reference log-probs beside %s: computing them first", shard_dir)
+            compute_and_store(shard_dir, ref_graphdef, ref_params, mesh, info,
+                              batch_size=rc.batch_size, seq_len=rc.data.seq_len,
+                              chunk=rc.logprob_chunk)  # fmt: skip
+    return Reference(mode, ref_graphdef, None, info)  # read from the data: one model in memory

@@ -1,0 +1,195 @@
+"""The parts of a run, each built from the validated RunConfig by one function.
+
+`apo_jax.trainer.train_and_evaluate` calls them in order (data, model, loaders, optimizer, state,
+compiled steps); a notebook or a benchmark can call any one of them alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any
+
+import jax
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from apo_jax import metrics as metrics_lib
+from apo_jax import reference, sharding
+from apo_jax import train_step as ts
+from apo_jax.config import ConfigError, RunConfig
+from apo_jax.data import loader as loader_lib
+from apo_jax.data import shards
+from apo_jax.models import config as model_config
+from apo_jax.models import hf
+from apo_jax.models.llama import Llama
+
+
+@dataclasses.dataclass(frozen=True)
+class DataPaths:
+    """The run's shard directories, the tokenizer directory ('' = none) and the train manifest."""
+
+    train: str
+    eval: str
+    tokenizer: str
+    manifest: dict[str, Any]
+
+
+def resolve_data(rc: RunConfig) -> DataPaths:
+    """The shard and tokenizer directories of the run; builds the embedded demo when none is given."""
+    train, eval_, tokenizer = rc.data.train, rc.data.eval, rc.data.tokenizer
+    if rc.is_demo:
+        from apo_jax.data import demo
+
+        assets = demo.build_demo(
+            rc.demo.cache_dir or None,
+            n_train=rc.demo.n_train,
+            n_eval=rc.demo.n_eval,
+            multi_turn=rc.demo.multi_turn,
+        )
+        train, eval_ = assets.train_shards, eval_ or assets.eval_shards
+        tokenizer = tokenizer or assets.tokenizer_dir
+    manifest = shards.read_manifest(train)
+    tokenizer = tokenizer or manifest.get("tokenizer", {}).get("dir", "")
+    return DataPaths(
+        train, eval_, tokenizer if tokenizer and os.path.isdir(tokenizer) else "", manifest
+    )
+
+
+def build_model(rc: RunConfig, paths: DataPaths, mesh: jax.sharding.Mesh) -> tuple[Llama, Any, str]:
+    """(model on the mesh, its model config, weights fingerprint)."""
+    overrides = rc.model.overrides()
+    vocab = int(paths.manifest.get("tokenizer", {}).get("vocab_size") or 0)
+    if rc.model.hf_path:
+        model, cfg = hf.load_hf(rc.model.hf_path, mesh=mesh, **overrides)
+        desc: dict[str, Any] = {}
+    else:
+        seq = int(paths.manifest.get("settings", {}).get("max_length") or 512)
+        extra = {"vocab_size": vocab} if vocab else {}
+        cfg = model_config.get_preset(
+            rc.model.preset, max_seq_len=max(seq, 512), **extra, **overrides
+        )
+        with jax.set_mesh(mesh):
+            model = Llama(cfg, rngs=nnx.Rngs(rc.seed))
+        sharding.shard_model(model, mesh)
+        desc = {"preset": rc.model.preset, "seed": rc.seed, "config": repr(cfg)}
+    if vocab and vocab > cfg.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {vocab} tokens but the model's vocabulary only {cfg.vocab_size}"
+        )
+    return model, cfg, reference.weights_fingerprint(rc.model.hf_path, desc)
+
+
+def make_loader(
+    rc: RunConfig, shard_dir: str, reference_info: dict[str, Any] | None, *, train: bool
+) -> loader_lib.PairLoader:
+    """This process's loader of `shard_dir`: the training stream, or one pass for evaluation."""
+    # Packed rows of all processes must split evenly over the mesh's data*fsdp batch shards.
+    ways, procs = rc.mesh.batch_ways, jax.process_count()
+    epochs = rc.data.num_epochs if train else 1
+    if train and rc.num_steps:
+        epochs = None  # repeat until num_steps
+    cfg = loader_lib.LoaderConfig(
+        batch_size=rc.batch_size // procs,
+        seq_len=rc.data.seq_len,
+        buckets=rc.data.buckets,
+        layout=rc.data.layout,
+        row_multiple=ways // math.gcd(ways, procs),
+        micro_batches=rc.grad_accum if train else 1,
+        seed=rc.seed,
+        shuffle=rc.data.shuffle if train else False,
+        num_epochs=epochs,
+        drop_remainder=train,
+        worker_count=rc.data.worker_count if train else 0,
+        reference_info=reference_info,
+    )
+    try:
+        return loader_lib.make_loader(shard_dir, cfg)
+    except ValueError as e:  # the loader's checks of seq_len, batch size and shards
+        raise ConfigError(f"config.data: {e}") from None
+
+
+def state_shardings(
+    params: nnx.State, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
+) -> ts.TrainState:
+    """Shardings of the whole TrainState: params as placed, optimizer moments like their params."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    params_sh = jax.tree.map(lambda x: x.sharding, params)
+    opt_sh = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        jax.eval_shape(tx.init, params),
+        params_sh,
+        transform_non_params=lambda _: replicated,
+    )
+    return ts.TrainState(step=replicated, params=params_sh, opt_state=opt_sh, rng=replicated,
+                         bad_steps=replicated, skipped=replicated)  # fmt: skip
+
+
+def init_state(
+    params: nnx.State, tx: optax.GradientTransformation, seed: int, state_sh: ts.TrainState
+) -> ts.TrainState:
+    """A fresh TrainState laid out on `state_sh`."""
+    return jax.jit(lambda p: ts.init_state(p, tx, seed), out_shardings=state_sh)(params)
+
+
+def step_config(rc: RunConfig) -> ts.StepConfig:
+    return ts.StepConfig(
+        loss=rc.loss.name,
+        beta=rc.loss.beta,
+        loss_hparams=rc.loss.hparams,
+        logprob_chunk=rc.logprob_chunk,
+        grad_accum=rc.grad_accum,
+        reference=rc.reference.mode,
+        layout=rc.data.layout,
+    )
+
+
+class Steps:
+    """The jitted train and eval steps: state donated, batch rows sharded over ('data', 'fsdp').
+
+    Each train-batch shape (buckets and packed rows vary it) is compiled ahead of time once and
+    kept, so its model FLOPs are known for MFU (`flops` is the last call's).
+    """
+
+    def __init__(self, rc: RunConfig, graphdef, ref, tx, schedule, state_sh, mesh, model_cfg):
+        scfg = step_config(rc)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        ref_graphdef = ref.graphdef
+
+        def train_fn(state, batch, ref_params):
+            return ts.train_step(state, batch, ref_params, graphdef=graphdef, tx=tx, cfg=scfg,
+                                 schedule=schedule, ref_graphdef=ref_graphdef)  # fmt: skip
+
+        def eval_fn(params, batch, ref_params):
+            return ts.eval_step(params, batch, ref_params, graphdef=graphdef, cfg=scfg,
+                                ref_graphdef=ref_graphdef)  # fmt: skip
+
+        self._train = jax.jit(train_fn, in_shardings=(state_sh, None, None),
+                              out_shardings=(state_sh, replicated), donate_argnames=("state",))  # fmt: skip
+        self._eval = jax.jit(eval_fn, in_shardings=(state_sh.params, None, None),
+                             out_shardings=replicated)  # fmt: skip
+        self.ref_params = ref.params
+        self._online = rc.reference.mode == "online"
+        self._model_cfg = model_cfg
+        self._compiled: dict[Any, tuple[Any, float]] = {}
+        self.flops: float | None = None
+
+    def train(self, state: ts.TrainState, batch: dict[str, Any]) -> tuple[ts.TrainState, Any]:
+        """One optimizer step on a global batch; returns (state, device metrics)."""
+        key = batch["input_ids"].shape
+        if key not in self._compiled:
+            exe = self._train.lower(state, batch, self.ref_params).compile()
+            rows, seq_len = key
+            flops = metrics_lib.model_flops(
+                self._model_cfg, rows, seq_len, online_reference=self._online
+            )
+            self._compiled[key] = exe, flops
+        exe, self.flops = self._compiled[key]
+        return exe(state, batch, self.ref_params)
+
+    def evaluate(self, params: nnx.State, batch: dict[str, Any]) -> Any:
+        """Loss metrics of a held-out global batch (device values)."""
+        return self._eval(params, batch, self.ref_params)

@@ -1,0 +1,214 @@
+"""Side tasks of the training loop, each a hook with a cadence.
+
+The loop body is batch -> step -> hooks (`apo_jax.trainer`). A hook sees the live `Run` after
+every step, acts when it is due (every `every` steps, and at the last step), and may act once more
+when the loop ends. Hooks run in list order, so held-out metrics exist before the checkpoint that
+ranks by them is saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from apo_jax import metrics as metrics_lib
+from apo_jax.errors import UserError
+
+log = logging.getLogger("apo_jax")
+
+
+class NonFiniteError(UserError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass
+class Run:
+    """What the loop and its hooks share: settings, the live state and the latest results."""
+
+    rc: Any  # the RunConfig
+    workdir: str
+    paths: Any  # assemble.DataPaths
+    graphdef: nnx.GraphDef
+    model_cfg: Any
+    steps_fn: Any  # assemble.Steps
+    train_data: Any  # this process's training loader
+    state: Any  # the TrainState, replaced after every step
+    num_steps: int  # the last step of the run
+    start_step: int
+    writer: metrics_lib.MetricWriter
+    ckpt: Any  # checkpoint.Checkpointer
+    bar: Any  # the tqdm progress bar (bar.write prints even when it is disabled)
+    row_sharding: Any  # how batch rows are laid over the mesh
+    step: int = 0
+    batch: dict[str, np.ndarray] | None = None  # this process's batch of `step`
+    step_metrics: Any = None  # `step`'s device metrics (not yet fetched)
+    tokens_seen: int = 0  # real tokens of all processes trained on by this invocation
+    stopping: bool = False  # a stop signal was agreed: save and leave after this step
+    train_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # last logged
+    eval_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # last held-out
+    eval_step: int = -1  # the step of eval_metrics
+    hf_export: str = ""
+
+    @property
+    def last(self) -> bool:
+        return self.step == self.num_steps
+
+    def print(self, line: str) -> None:
+        """A console line from process 0, above the progress bar."""
+        if jax.process_index() == 0:
+            self.bar.write(line)
+
+
+class Hook:
+    """Acts every `every` steps (0: only at the last step) and at the last step."""
+
+    every: int = 0
+
+    def due(self, run: Run) -> bool:
+        return bool(self.every and run.step % self.every == 0) or run.last
+
+    def after_step(self, run: Run) -> None:
+        if self.due(run):
+            self.act(run)
+
+    def act(self, run: Run) -> None:
+        """The hook's work at a due step."""
+
+    def at_end(self, run: Run, *, finished: bool) -> None:
+        """Called once when the loop ends (`finished`: it reached the last step)."""
+
+
+class TrainMetrics(Hook):
+    """Fetches each step's metrics after the next step is dispatched (so the host never stalls
+    the device), stops on too many non-finite steps, and logs window means every `every` steps."""
+
+    def __init__(self, every: int, max_bad_steps: int):
+        self.every, self.max_bad_steps = every, max_bad_steps
+        self.window: list[dict[str, float]] = []
+        self.pending: tuple[int, Any, Any] | None = None
+        self.tokens_logged = 0
+        self.t_log = time.perf_counter()
+        self.peak = metrics_lib.chip_peak_flops()
+
+    def after_step(self, run: Run) -> None:
+        if self.pending is not None:
+            self.window.append(self._fetch(*self.pending))
+        self.pending = (run.step, run.step_metrics, run.batch["index"])
+        if self.due(run):
+            self.window.append(self._fetch(*self.pending))
+            self.pending = None
+            self.act(run)
+
+    def _fetch(self, step: int, m: Any, index: Any) -> dict[str, float]:
+        host = {k: float(v) for k, v in jax.device_get(m).items()}
+        if host["bad_steps"] >= self.max_bad_steps:
+            raise NonFiniteError(
+                f"{int(host['bad_steps'])} consecutive steps with non-finite loss or gradients, "
+                f"the last at step {step} (records {np.asarray(index).tolist()}); lower the "
+                "learning rate or check the data"
+            )
+        return host
+
+    def act(self, run: Run) -> None:
+        now = time.perf_counter()
+        mean = {k: float(np.mean([w[k] for w in self.window])) for k in self.window[-1]}
+        mean["tokens_per_sec"] = (run.tokens_seen - self.tokens_logged) / (now - self.t_log)
+        steps_per_sec = mean["tokens_per_sec"] / max(mean["tokens"], 1.0)
+        flops = run.steps_fn.flops
+        if flops:
+            mean["flops_per_sec"] = flops * steps_per_sec
+            if self.peak:
+                mean["mfu"] = mean["flops_per_sec"] / (self.peak * jax.device_count())
+        run.train_metrics = {f"train/{k}": v for k, v in mean.items()}
+        run.writer.write(run.step, run.train_metrics)
+        run.print(metrics_lib.console_line(run.step, run.num_steps, mean))
+        self.window, self.t_log, self.tokens_logged = [], now, run.tokens_seen
+
+
+class HeldOutEval(Hook):
+    """Loss metrics over the held-out split (weighted by its real pairs), every `every` steps."""
+
+    def __init__(self, every: int, make_loader: Any, max_batches: int):
+        self.every, self.make_loader, self.max_batches = every, make_loader, max_batches
+
+    def act(self, run: Run) -> None:
+        data = self.make_loader()
+        sums: dict[str, float] = {}
+        total = 0
+        for i, batch in enumerate(data):
+            if self.max_batches and i >= self.max_batches:
+                break
+            n = int(np.sum(batch["index"] >= 0))
+            g = data.global_batch(batch, run.row_sharding)
+            m = jax.device_get(run.steps_fn.evaluate(run.state.params, g))
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * n
+            total += n
+        run.eval_metrics = {f"eval/{k}": v / max(total, 1) for k, v in sums.items()}
+        run.eval_step = run.step
+        run.writer.write(run.step, run.eval_metrics)
+        line = metrics_lib.console_line(
+            run.step,
+            run.num_steps,
+            {"loss": run.eval_metrics["eval/loss"],
+             "rewards/accuracies": run.eval_metrics["eval/rewards/accuracies"]},
+        )  # fmt: skip
+        run.print(line.replace("loss", "held-out loss", 1))
+
+
+class Checkpoint(Hook):
+    """Saves state, data position and run facts every `every` steps, at the end and on a stop."""
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def due(self, run: Run) -> bool:
+        return super().due(run) or run.stopping
+
+    def act(self, run: Run) -> None:
+        # Checkpoints are ranked (keep_best) by the held-out loss measured at their own step.
+        ranked = None
+        if run.eval_step == run.step:
+            ranked = {"eval/loss": run.eval_metrics["eval/loss"]}
+        meta = {"step": run.step, "preset": run.rc.preset, "loss": run.rc.loss.name,
+                "data": run.paths.train}  # fmt: skip
+        run.ckpt.save(run.step, run.state, run.train_data.get_state(), meta, ranked)
+
+    def at_end(self, run: Run, *, finished: bool) -> None:
+        run.ckpt.wait()
+
+
+class ExportHF(Hook):
+    """Writes `<workdir>/hf` (safetensors, config, tokenizer) when the run reaches its end."""
+
+    def after_step(self, run: Run) -> None:
+        pass
+
+    def at_end(self, run: Run, *, finished: bool) -> None:
+        if not finished:
+            return
+        out_dir = os.path.join(run.workdir, "hf")
+        export_hf(run, out_dir)
+        run.hf_export = out_dir
+
+
+def export_hf(run: Run, out_dir: str) -> None:
+    """The current policy as a Hugging Face checkpoint directory (written by process 0)."""
+    from apo_jax.models import hf
+
+    if jax.process_count() == 1:
+        params = jax.device_get(run.state.params)
+    else:
+        from jax.experimental import multihost_utils
+
+        params = multihost_utils.process_allgather(run.state.params, tiled=True)
+    if jax.process_index() == 0:
+        model = nnx.merge(run.graphdef, params)
+        hf.save_hf(model, run.model_cfg, out_dir, tokenizer_dir=run.paths.tokenizer or None)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from apo_jax.data import demo
@@ -76,3 +80,33 @@ def hf_greedy(model, tok, row, eos: list[int], n: int = N_NEW) -> list[int]:
             max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=tok.pad_token_id,
         )  # fmt: skip
     return out[0, len(ids) :].tolist()
+
+
+@contextlib.contextmanager
+def loopback_server(reply: Callable[[dict], bytes]) -> Iterator[str]:
+    """An OpenAI-compatible chat endpoint on 127.0.0.1 answering `reply(request body)`; its URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            data = reply(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def chat_reply(text: str) -> bytes:
+    """A chat-completions reply body holding `text`."""
+    return json.dumps({"choices": [{"message": {"content": text}}]}).encode()

@@ -6,7 +6,15 @@ import subprocess
 import sys
 
 import pytest
-from eval_helpers import N_NEW, demo_prompts, hf_greedy, make_model_dir, write_jsonl
+from eval_helpers import (
+    N_NEW,
+    chat_reply,
+    demo_prompts,
+    hf_greedy,
+    loopback_server,
+    make_model_dir,
+    write_jsonl,
+)
 
 from apo_jax.eval import generation, prompts, runner
 from apo_jax.eval.generation import Sampling
@@ -211,3 +219,23 @@ def test_command_sharded_over_4_devices_gives_the_same_responses(model, greedy_r
     assert ff[0] == {**rows[1], "response": gens[1]["response"]}
     assert summary["exports"]["mixeval"] == [str(base / "tiny_close_freeform_hard.jsonl"),
                                              str(base / "tiny_close_multichoice_hard.jsonl")]  # fmt: skip
+
+
+def test_rerun_with_a_judge_scores_without_regenerating(greedy_run, tmp_path):
+    """The judge block of summary.json, through the command's runner (a judge that always says A)."""
+    import dataclasses
+
+    from apo_jax.eval import judge
+
+    rows, _, gens, s = greedy_run
+    baseline = write_jsonl(str(tmp_path / "base.jsonl"), [{**g, "response": g["response"] + "!"}
+                                                          for g in gens[:8]])  # fmt: skip
+    with loopback_server(lambda body: chat_reply("[[A]]")) as url:
+        js = judge.JudgeSettings(baseline=baseline, url=url, model="j", baseline_name="sft")
+        summary = runner.run(dataclasses.replace(s, judge=js))
+    assert summary["counts"]["generated"] == 0  # resumed from progress.jsonl
+    j = summary["judge"]
+    assert (j["pairs"], j["pairs_scored"], j["unmatched_ours"]) == (8, 8, 2)
+    assert j["win_rate"] == 0.5 and j["orders_agree"] == 0.0 and j["first_position_picked"] == 1.0
+    assert j["mean_length"]["sft"]["chars"] == j["mean_length"]["ours"]["chars"] + 1
+    assert json.loads(open(os.path.join(s.out, "summary.json")).read())["judge"] == j

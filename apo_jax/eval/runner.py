@@ -280,15 +280,15 @@ def run(s: Settings, *, on_batch: Callable[[int], None] | None = None) -> dict[s
             gen = _generate(s, model_dir, tokenizer, prompt_ids, row_ids, done, log, on_batch)
     finally:
         log.close()
-    rows, records = [], []
+    rows, row_examples = [], []
     for ex in examples:
         for j in range(n):
             rows.append(generation.result_row(ex, j, done[(ex.index, j)], n))
-            records.append(ex.record)
+            row_examples.append(ex)
     summary = _summary(s, model_dir, tok_dir, identity, examples, rejects, rows, resumed, gen)
     summary["corrupt_progress_lines"] = log.corrupt_lines
     if checker is not None:
-        scoring.apply_checker(checker, rows, records, name=s.checker)
+        scoring.apply_checker(checker, rows, [ex.record for ex in row_examples], name=s.checker)
         summary["checker"] = scoring.accuracy(rows, s.checker)
     _write_jsonl(os.path.join(s.out, "generations.jsonl"), rows)
     name = s.model_name or default_model_name(s.model, model_dir)
@@ -300,7 +300,7 @@ def run(s: Settings, *, on_batch: Callable[[int], None] | None = None) -> dict[s
     if s.judge is not None:
         from apo_jax.eval import judge
 
-        summary["judge"] = judge.run(s.judge, s.out, examples, rows)
+        summary["judge"] = judge.run(s.judge, s.out, row_examples, rows)
     with open(os.path.join(s.out, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
     return summary

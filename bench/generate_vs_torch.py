@@ -46,7 +46,10 @@ def make_model(path: str) -> torch.nn.Module:
 
 def make_prompts(n: int, seed: int = 0) -> list[list[int]]:
     rng = np.random.default_rng(seed)
-    return [rng.integers(3, MODEL["vocab_size"], size=int(rng.integers(16, 97))).tolist() for _ in range(n)]
+    return [
+        rng.integers(3, MODEL["vocab_size"], size=int(rng.integers(16, 97))).tolist()
+        for _ in range(n)
+    ]
 
 
 def jax_generate(model, prompts: list[list[int]], new: int) -> list[list[int]]:

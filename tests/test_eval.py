@@ -16,7 +16,7 @@ from eval_helpers import (
     write_jsonl,
 )
 
-from apo_jax.eval import generation, prompts, runner
+from apo_jax.eval import generation, progress, prompts, runner
 from apo_jax.eval.generation import Sampling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,7 +129,7 @@ def test_killed_run_resumes_without_regenerating(model, tmp_path):
     assert whole["counts"]["responses"] == 12
     again = runner.run(settings("killed"))  # nothing left to do: the model is not even loaded
     assert again["counts"]["generated"] == 0 and again["generation"]["tokens"] == 0
-    with pytest.raises(runner.EvalError, match="temperature"):
+    with pytest.raises(progress.ResumeError, match="temperature"):
         runner.run(runner.Settings(model=model[0], prompts=src, out=str(tmp_path / "killed"),
                                    sampling=Sampling(max_new_tokens=N_NEW)))  # fmt: skip
 

@@ -141,6 +141,56 @@ def _backend(s: JudgeSettings, out: str) -> clair_client.OpenAIChatBackend:
     )  # fmt: skip
 
 
+def _chats(pairs: Sequence[tuple[Example, dict, dict]]) -> list[list[dict[str, str]]]:
+    """Two chats per pair: our response as reply A, then as reply B."""
+    chats = []
+    for ex, mine, base in pairs:
+        q = question_text(ex)
+        for a, b in ((mine, base), (base, mine)):
+            user = TEMPLATE.format(question=q, a=a["response"], b=b["response"])
+            chats.append([{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}])
+    return chats
+
+
+def _judge_pair(row_id: Any, replies: Sequence[Any]) -> dict[str, Any]:
+    """A judgments.jsonl record from a pair's two replies (ours first, then baseline first)."""
+    orders = {}
+    for name, reply, ours_is_a in (
+        ("ours_first", replies[0], True),
+        ("baseline_first", replies[1], False),
+    ):
+        if isinstance(reply, clair_client.RequestError):
+            orders[name] = {"verdict": None, "score": None, "error": str(reply)}
+        else:
+            verdict = parse_verdict(reply)
+            orders[name] = {"verdict": verdict, "score": _score(verdict, ours_is_a), "reply": reply}
+    got = [o["score"] for o in orders.values() if o["score"] is not None]
+    return {"id": row_id, "score": float(np.mean(got)) if got else None, **orders}
+
+
+def _tally(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Win rate, interval, outcome counts and position statistics of the judged pairs."""
+    scores = [r["score"] for r in records if r["score"] is not None]
+    orders = [r[k] for r in records for k in ("ours_first", "baseline_first")]
+    verdicts = [o["verdict"] for o in orders if o["verdict"] in ("A", "B")]
+    both = [
+        r for r in records if None not in (r["ours_first"]["score"], r["baseline_first"]["score"])
+    ]
+    return {
+        "pairs_scored": len(scores),
+        "requests_failed": sum("error" in o for o in orders),
+        "replies_unparsed": sum("reply" in o and o["verdict"] is None for o in orders),
+        "wins": sum(x > 0.5 for x in scores),
+        "ties": sum(x == 0.5 for x in scores),
+        "losses": sum(x < 0.5 for x in scores),
+        "win_rate": float(np.mean(scores)) if scores else None,
+        "ci95": bootstrap_ci(scores),
+        "orders_agree": float(np.mean([r["ours_first"]["score"] == r["baseline_first"]["score"]
+                                       for r in both])) if both else None,
+        "first_position_picked": float(np.mean([v == "A" for v in verdicts])) if verdicts else None,
+    }  # fmt: skip
+
+
 def run(
     s: JudgeSettings, out: str, examples: Sequence[Example], rows: Sequence[dict[str, Any]]
 ) -> dict[str, Any]:
@@ -158,70 +208,33 @@ def run(
     baseline, unreadable = read_baseline(s.baseline)
     ours = [(ex, r) for ex, r in zip(examples, rows, strict=True) if r.get("sample", 0) == 0]
     pairs = [(ex, r, baseline[str(r["id"])]) for ex, r in ours if str(r["id"]) in baseline]
-    chats = []
-    for ex, mine, base in pairs:
-        q = question_text(ex)
-        for a, b in ((mine, base), (base, mine)):
-            user = TEMPLATE.format(question=q, a=a["response"], b=b["response"])
-            chats.append([{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}])
+    chats = _chats(pairs)
     backend = _backend(s, out)
     try:
-        replies = (
-            backend.complete(chats, {"temperature": 0.0, "max_tokens": s.max_tokens})
-            if chats
-            else []
-        )
+        params = {"temperature": 0.0, "max_tokens": s.max_tokens}
+        replies = backend.complete(chats, params) if chats else []
     finally:
-        if backend.cache is not None:
-            backend.cache.close()
-    records, scores, failed, unparsed, first_slot, agree = [], [], 0, 0, [], []
-    for n, (_, mine, _) in enumerate(pairs):
-        orders = {}
-        for name, reply, ours_is_a in (
-            ("ours_first", replies[2 * n], True),
-            ("baseline_first", replies[2 * n + 1], False),
-        ):
-            if isinstance(reply, clair_client.RequestError):
-                failed += 1
-                orders[name] = {"verdict": None, "score": None, "error": str(reply)}
-                continue
-            verdict = parse_verdict(reply)
-            unparsed += verdict is None
-            if verdict in ("A", "B"):
-                first_slot.append(verdict == "A")
-            orders[name] = {"verdict": verdict, "score": _score(verdict, ours_is_a), "reply": reply}
-        got = [o["score"] for o in orders.values() if o["score"] is not None]
-        score = float(np.mean(got)) if got else None
-        if len(got) == 2:
-            agree.append(got[0] == got[1])
-        if score is not None:
-            scores.append(score)
-        records.append({"id": mine["id"], "score": score, **orders})
-    with open(os.path.join(out, "judgments.jsonl.tmp"), "w", encoding="utf-8") as f:
+        backend.cache.close()
+    records = [
+        _judge_pair(m["id"], replies[2 * n : 2 * n + 2]) for n, (_, m, _) in enumerate(pairs)
+    ]
+    path = os.path.join(out, "judgments.jsonl")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    os.replace(os.path.join(out, "judgments.jsonl.tmp"), os.path.join(out, "judgments.jsonl"))
+    os.replace(path + ".tmp", path)
     return {
         "judge_model": s.model,
         "judge_url": s.url,
         "baseline": os.path.abspath(s.baseline),
         "baseline_name": s.baseline_name,
         "pairs": len(pairs),
-        "pairs_scored": len(scores),
         "unmatched_ours": len(ours) - len(pairs),
         "unmatched_baseline": len(baseline) - len(pairs),
         "baseline_lines_unusable": unreadable,
-        "requests_failed": failed,
-        "replies_unparsed": unparsed,
-        "wins": sum(x > 0.5 for x in scores),
-        "ties": sum(x == 0.5 for x in scores),
-        "losses": sum(x < 0.5 for x in scores),
-        "win_rate": float(np.mean(scores)) if scores else None,
-        "ci95": bootstrap_ci(scores),
-        "orders_agree": float(np.mean(agree)) if agree else None,
-        "first_position_picked": float(np.mean(first_slot)) if first_slot else None,
-        "requests": backend.usage.summary(),
+        **_tally(records),
         "mean_length": {
             "ours": _lengths([m for _, m, _ in pairs]),
             s.baseline_name: _lengths([b for _, _, b in pairs]),
         },
+        "requests": backend.usage.summary(),
     }

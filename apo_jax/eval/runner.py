@@ -2,10 +2,8 @@
 
 Files under ``--out``:
 
-- ``progress.jsonl``: every finished response as it completes (appended, flushed and fsynced), in
-  completion order. It is the resume log: a rerun reads it and generates only what is missing.
-  ``run.json`` pins what the responses depend on (weights and tokenizer fingerprints, sampling
-  settings); a rerun with different ones is refused rather than mixing two models' answers.
+- ``progress.jsonl`` and ``run.json``: the resume log and what it depends on
+  (:mod:`apo_jax.eval.progress`).
 - ``generations.jsonl``: one line per prompt row (and sample), in input order, written whole at
   the end: ``id, prompt, response, finish_reason, num_tokens`` (+ ``sample``, ``correct``).
 - ``rejects.jsonl``: rows that cannot be evaluated, with a stable reason.
@@ -24,7 +22,7 @@ from typing import Any
 
 from apo_jax.data import tokenize
 from apo_jax.errors import UserError
-from apo_jax.eval import exports, generation, scoring
+from apo_jax.eval import exports, generation, progress, scoring
 from apo_jax.eval import prompts as prompts_lib
 from apo_jax.eval.generation import Key, Sampling
 
@@ -101,77 +99,6 @@ def weights_fingerprint(model_dir: str) -> str:
     return h.hexdigest()[:16]
 
 
-class ProgressLog:
-    """The append-only resume log of finished responses (see the module docstring)."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.corrupt_lines = 0
-        self._file = None
-
-    def load(self, ids: dict[int, Any], num_samples: int) -> dict[Key, dict[str, Any]]:
-        """Finished rows by (index, sample); refuses a log written for other prompts."""
-        done: dict[Key, dict[str, Any]] = {}
-        if not os.path.exists(self.path):
-            return done
-        with open(self.path, "rb") as f:
-            lines = f.read().splitlines()
-        for line in lines:
-            try:
-                row = json.loads(line)
-                key = (int(row["index"]), int(row["sample"]))
-            except (ValueError, KeyError, TypeError):
-                self.corrupt_lines += 1  # a torn last line from a kill mid-write
-                continue
-            if key[0] not in ids or row.get("id") != ids[key[0]] or key[1] >= num_samples:
-                raise EvalError(
-                    f"{self.path}: row {key[0]} (id {row.get('id')!r}) does not match the "
-                    "current prompts: this --out holds generations of other prompts; use a new "
-                    "--out or delete it"
-                )
-            done[key] = row
-        return done
-
-    def append(self, key: Key, row_id: Any, gen: dict[str, Any]) -> None:
-        """Appends one finished row, flushed and fsynced so a kill cannot lose it."""
-        if self._file is None:
-            needs_newline = os.path.exists(self.path) and os.path.getsize(self.path) > 0
-            if needs_newline:
-                with open(self.path, "rb") as f:
-                    f.seek(-1, os.SEEK_END)
-                    needs_newline = f.read(1) != b"\n"
-            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-            if needs_newline:
-                self._file.write("\n")
-        line = {"index": key[0], "sample": key[1], "id": row_id, **gen}
-        self._file.write(json.dumps(line, ensure_ascii=False) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-
-def _check_run_identity(out: str, identity: dict[str, Any]) -> None:
-    path = os.path.join(out, "run.json")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            before = json.load(f)
-        changed = sorted(k for k in identity if before.get(k) != identity[k])
-        if changed:
-            detail = "; ".join(f"{k}: {before.get(k)!r} -> {identity[k]!r}" for k in changed)
-            raise EvalError(
-                f"--out={out} holds generations made with other settings ({detail}); use a new "
-                "--out, or delete it to start over"
-            )
-        return
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(identity, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
 def _write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
@@ -209,7 +136,7 @@ def _generate(
     prompt_ids: dict[int, list[int]],
     row_ids: dict[int, Any],
     done: dict[Key, dict[str, Any]],
-    log: ProgressLog,
+    log: progress.ProgressLog,
     on_batch: Callable[[int], None] | None,
 ) -> generation.Generator:
     """Loads the model onto the mesh and generates every missing response into `done` and `log`."""
@@ -268,9 +195,9 @@ def run(s: Settings, *, on_batch: Callable[[int], None] | None = None) -> dict[s
         "prompt_field": s.prompt_field,
         "sampling": dataclasses.asdict(s.sampling),
     }
-    _check_run_identity(s.out, identity)
+    progress.check_run_identity(s.out, identity)
     n = s.sampling.num_samples
-    log = ProgressLog(os.path.join(s.out, "progress.jsonl"))
+    log = progress.ProgressLog(os.path.join(s.out, "progress.jsonl"))
     row_ids = {ex.index: ex.id for ex in examples}
     done = log.load(row_ids, n)
     resumed = len(done)
@@ -287,12 +214,18 @@ def run(s: Settings, *, on_batch: Callable[[int], None] | None = None) -> dict[s
             row_examples.append(ex)
     summary = _summary(s, model_dir, tok_dir, identity, examples, rejects, rows, resumed, gen)
     summary["corrupt_progress_lines"] = log.corrupt_lines
+    _score_and_write(s, model_dir, checker, row_examples, rows, summary)
+    return summary
+
+
+def _score_and_write(s, model_dir, checker, row_examples, rows, summary) -> None:
+    """Checker, generations.jsonl, exports, judge, then summary.json (each after the one before)."""
     if checker is not None:
         scoring.apply_checker(checker, rows, [ex.record for ex in row_examples], name=s.checker)
         summary["checker"] = scoring.accuracy(rows, s.checker)
     _write_jsonl(os.path.join(s.out, "generations.jsonl"), rows)
     name = s.model_name or default_model_name(s.model, model_dir)
-    pairs = [(ex, row) for ex, row in zip(examples, rows, strict=True)] if n == 1 else []
+    pairs = list(zip(row_examples, rows, strict=True)) if s.sampling.num_samples == 1 else []
     summary["exports"] = exports.write(
         s.formats, s.out, pairs, name,
         mixeval_benchmark=s.mixeval_benchmark, mixeval_version=s.mixeval_version,
@@ -303,7 +236,6 @@ def run(s: Settings, *, on_batch: Callable[[int], None] | None = None) -> dict[s
         summary["judge"] = judge.run(s.judge, s.out, row_examples, rows)
     with open(os.path.join(s.out, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
-    return summary
 
 
 def _summary(s, model_dir, tok_dir, identity, examples, rejects, rows, resumed, gen) -> dict:

@@ -130,9 +130,16 @@ def _lengths(rows: Sequence[dict[str, Any]]) -> dict[str, float | None]:
     }
 
 
-def _backend(s: JudgeSettings, out: str) -> clair_client.OpenAIChatBackend:
+def check(s: JudgeSettings) -> None:
+    """Raises JudgeError before any generation when the judge settings cannot work."""
     if not s.url or not s.model:
         raise JudgeError("--judge_baseline needs --judge_url and --judge_model")
+    if not os.path.exists(s.baseline):
+        raise JudgeError(f"--judge_baseline={s.baseline}: no such file")
+
+
+def _backend(s: JudgeSettings, out: str) -> clair_client.OpenAIChatBackend:
+    check(s)
     return clair_client.OpenAIChatBackend(
         s.url, s.model, api_key_env=s.api_key_env,
         cache=clair_cache.RequestCache(os.path.join(out, "judge_cache.jsonl")),

@@ -183,6 +183,10 @@ def run(s: Settings, *, on_batch: Callable[[int], None] | None = None) -> dict[s
     exports.check_formats(s.formats, s.sampling.num_samples)
     if s.batch_size < 1:
         raise EvalError(f"--batch_size must be positive, got {s.batch_size}")
+    if s.judge is not None:
+        from apo_jax.eval import judge
+
+        judge.check(s.judge)
     model_dir = resolve_model_dir(s.model)
     tok_dir = s.tokenizer or model_dir
     tokenizer = _load_tokenizer(tok_dir)

@@ -1,6 +1,6 @@
 """Benchmark 7: generation tokens/s, apo_jax's KV-cache loop against transformers' `generate`.
 
-    python bench/generate_vs_torch.py [--prompts 32] [--new 128] [--repeats 3]
+    python bench/generate_vs_torch.py [--prompts 32] [--batch1_prompts 2] [--new 64] [--repeats 3]
 
 One random Llama-3-architecture model (d 256, 4 layers, 8 heads, 2 kv heads, head 32, mlp 768,
 vocab 32000, float32), saved as a Hugging Face checkpoint and loaded by both sides; the same
@@ -101,8 +101,8 @@ def run(n_prompts: int, batch1: int, new: int, repeats: int) -> list[list[object
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompts", type=int, default=32, help="prompts (the batch-32 batch)")
-    p.add_argument("--batch1_prompts", type=int, default=4, help="prompts generated one by one")
-    p.add_argument("--new", type=int, default=128, help="tokens generated per prompt")
+    p.add_argument("--batch1_prompts", type=int, default=2, help="prompts generated one by one")
+    p.add_argument("--new", type=int, default=64, help="tokens generated per prompt")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (median)")
     args = p.parse_args()
     rows = run(args.prompts, args.batch1_prompts, args.new, args.repeats)

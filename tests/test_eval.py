@@ -239,3 +239,31 @@ def test_rerun_with_a_judge_scores_without_regenerating(greedy_run, tmp_path):
     assert j["win_rate"] == 0.5 and j["orders_agree"] == 0.0 and j["first_position_picked"] == 1.0
     assert j["mean_length"]["sft"]["chars"] == j["mean_length"]["ours"]["chars"] + 1
     assert json.loads(open(os.path.join(s.out, "summary.json")).read())["judge"] == j
+
+
+def test_demo_checker_accepts_every_chosen_answer_and_no_rejected_one():
+    from apo_jax.data import demo
+    from apo_jax.eval import checkers, scoring
+
+    pairs = demo.generate_pairs(200, seed=5)
+    for pair in pairs:
+        chosen, rejected = pair["chosen"][-1]["content"], pair["rejected"][-1]["content"]
+        assert checkers.demo(pair, chosen), pair
+        assert not checkers.demo(pair, rejected), pair
+        chat = {"messages": pair["chosen"][:-1]}  # a chat row: the last user turn is the question
+        assert checkers.demo(chat, chosen)
+    with pytest.raises(ValueError, match="not a demo question"):
+        checkers.demo({"prompt": "Hello?"}, "hi")
+    assert checkers.contains_answer({"answer": ["Paris", "paris, france"]}, "It is PARIS.")
+    assert not checkers.contains_answer({"answer": 42}, "41")
+    rows = [{"id": i, "response": "x"} for i in range(4)]
+    with pytest.raises(scoring.CheckerError, match="raised on id 0"):
+        scoring.apply_checker(checkers.contains_answer, rows, [{}] * 4, name="c")
+    with pytest.raises(scoring.CheckerError, match="must return a bool"):
+        scoring.apply_checker(lambda row, r: "yes", rows, [{}] * 4)
+    scoring.apply_checker(lambda row, r: row["ok"], rows, [{"ok": i < 3} for i in range(4)])
+    acc = scoring.accuracy(rows, "c")
+    assert (acc["accuracy"], acc["correct"], acc["count"]) == (0.75, 3, 4)
+    assert 0.0 <= acc["ci95"][0] < 0.75 < acc["ci95"][1] <= 1.0
+    with pytest.raises(scoring.CheckerError, match="module:function"):
+        scoring.load_checker("nocolon")

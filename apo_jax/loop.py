@@ -64,9 +64,6 @@ class Loop:
             graphdef, ref_graphdef, self.tx, self.schedule, scfg, self.state_sh, mesh
         )
         self.row_sh = sharding.batch_sharding(mesh)
-        self.same_shape = loader_lib.shapes_always_agree(
-            str(rc.data["layout"]), tuple(rc.data["buckets"])
-        )
         self.ckpt = Checkpointer(
             os.path.join(workdir, "checkpoints"),
             keep=rc.checkpoint["keep"],
@@ -113,7 +110,7 @@ class Loop:
             if self.rc.eval_batches and i >= self.rc.eval_batches:
                 break
             n = int(np.sum(batch["index"] >= 0))
-            g = loader_lib.make_global_batch(batch, self.row_sh, same_shape=self.same_shape)
+            g = data.global_batch(batch, self.row_sh)
             m = jax.device_get(self.eval_jit(self.state.params, g, self.ref_params))
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * n
@@ -152,7 +149,7 @@ class Loop:
         try:
             for step in range(self.start_step + 1, self.steps + 1):
                 batch = next(self.train_data)
-                g = loader_lib.make_global_batch(batch, self.row_sh, same_shape=self.same_shape)
+                g = self.train_data.global_batch(batch, self.row_sh)
                 self.state, m = self._train_call(g)
                 tokens += int(np.sum(batch["segment_ids"] > 0)) * jax.process_count()
                 if pending is not None:  # step N's metrics are read after step N+1 is dispatched

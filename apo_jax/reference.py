@@ -22,8 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from apo_jax import sharding
-from apo_jax import train_step as ts
+from apo_jax import layouts, sharding
 from apo_jax.data import loader as loader_lib
 from apo_jax.data import refs, shards
 
@@ -93,28 +92,28 @@ def compute_and_store(
       The path of the written file.
     """
     procs = jax.process_count()
+    concat = layouts.get("concat")
     cfg = loader_lib.LoaderConfig(
         batch_size=batch_size // procs,
         seq_len=seq_len,
+        layout=concat,
         shuffle=False,
         num_epochs=1,
         drop_remainder=False,
-        reference="none",
     )
     data = loader_lib.make_loader(shard_dir, cfg)
-    fn = jax.jit(functools.partial(ts.row_logps, graphdef, chunk=chunk, one_sequence=True))
+    fn = jax.jit(functools.partial(concat.pair_logps, graphdef, chunk=chunk))
     row_sh = sharding.batch_sharding(mesh)
-    same = loader_lib.shapes_always_agree(cfg.layout, cfg.buckets)
     index, chosen, rejected = [], [], []
     for batch in data:
-        g = loader_lib.make_global_batch(batch, row_sh, same_shape=same)
-        logps_R, _ = fn(ref_params, g)
-        logps_R, index_N = multihost_utils.process_allgather((logps_R, g["index"]), tiled=True)
-        n = index_N.shape[0]
-        keep = np.asarray(index_N) >= 0
-        index.append(np.asarray(index_N)[keep])
-        chosen.append(np.asarray(logps_R[:n])[keep])
-        rejected.append(np.asarray(logps_R[n:])[keep])
+        g = data.global_batch(batch, row_sh)
+        sides = fn(ref_params, g)
+        got = multihost_utils.process_allgather(
+            (g["index"], sides.chosen, sides.rejected), tiled=True
+        )
+        keep = np.asarray(got[0]) >= 0
+        for out, x in zip((index, chosen, rejected), got, strict=True):
+            out.append(np.asarray(x)[keep])
     path = os.path.join(shard_dir, refs.REFERENCE_FILE)
     if jax.process_index() == 0:
         path = refs.write_reference_logps(

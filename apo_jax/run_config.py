@@ -11,7 +11,7 @@ import math
 import os
 from typing import Any
 
-from apo_jax import distributed, losses
+from apo_jax import distributed, layouts, losses
 from apo_jax.optim import OptimConfig
 
 
@@ -143,22 +143,15 @@ def validate(c: Any, *, device_count: int, process_count: int = 1) -> RunConfig:
         f"config.batch_size {c.batch_size} must divide across the {process_count} processes: "
         f"make it a multiple of {process_count}",
     )
-    _need(
-        c.data.layout in ("concat", "prefix", "packed"),
-        f"config.data.layout must be concat, prefix or packed, got {c.data.layout!r}",
-    )
-    _need(
-        c.data.layout != "packed" or c.grad_accum == 1,
-        "config.data.layout=packed needs config.grad_accum=1 (packed rows mix pairs, so a batch "
-        "does not split into micro-batches): raise batch_size or use layout concat",
-    )
-    # prefix, packed: the [N] pair arrays shard over the mesh (the loader rounds packed rows).
-    micro_rows = (2 if c.data.layout == "concat" else 1) * c.batch_size // c.grad_accum
-    _need(
-        micro_rows % data_ways == 0,
-        f"each micro-batch has {micro_rows} rows, which the mesh's data*fsdp = "
-        f"{data_ways} ways must divide: change config.batch_size, grad_accum or mesh",
-    )
+    try:
+        layouts.get(c.data.layout).check(
+            batch_size=c.batch_size,
+            grad_accum=c.grad_accum,
+            data_ways=data_ways,
+            process_count=process_count,
+        )
+    except layouts.LayoutError as e:
+        raise ConfigError(str(e)) from None
     _need(c.logprob_chunk > 0, "config.logprob_chunk must be positive")
     _need(c.log_every > 0 and c.eval_every >= 0, "config.log_every must be > 0 and eval_every >= 0")
     dist = distributed.DistributedConfig.from_mapping(

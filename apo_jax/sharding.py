@@ -15,6 +15,8 @@ import jax
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from apo_jax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
@@ -39,8 +41,40 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
-class MeshError(ValueError):
+class MeshError(UserError):
     """A mesh shape that does not fit the available devices."""
+
+
+def resolve_mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tuple[int, int, int]:
+    """The (data, fsdp, tensor) sizes with a -1 resolved; raises MeshError when they cannot be.
+
+    Args:
+      data, fsdp, tensor: axis sizes; at most one may be -1 (all the devices the others leave).
+      n_devices: devices of all processes together; the mesh must use them all.
+
+    Returns:
+      The three sizes, whose product is `n_devices`.
+    """
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise MeshError(
+            f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}"
+        )
+    if any(s == 0 or s < -1 for s in sizes):
+        raise MeshError(f"mesh sizes must be positive or -1, got {sizes}")
+    known = math.prod(s for s in sizes if s != -1)
+    if n_devices % known:
+        raise MeshError(
+            f"data*fsdp*tensor = {known} does not divide the {n_devices} devices of all processes"
+        )
+    if -1 in sizes:
+        sizes[sizes.index(-1)] = n_devices // known
+    if math.prod(sizes) != n_devices:
+        raise MeshError(
+            f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} "
+            f"does not match the {n_devices} devices of all processes"
+        )
+    return sizes[0], sizes[1], sizes[2]
 
 
 def make_mesh(
@@ -58,24 +92,8 @@ def make_mesh(
       A `jax.sharding.Mesh`. Raises MeshError when the sizes do not multiply to the device count.
     """
     n = len(devices) if devices is not None else jax.device_count()
-    sizes = [data, fsdp, tensor]
-    if sizes.count(-1) > 1:
-        raise MeshError(
-            f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}"
-        )
-    if any(s == 0 or s < -1 for s in sizes):
-        raise MeshError(f"mesh sizes must be positive or -1, got {sizes}")
-    known = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-        if n % known:
-            raise MeshError(f"{n} devices are not divisible by fsdp*tensor*data sizes {known}")
-        sizes[sizes.index(-1)] = n // known
-    if math.prod(sizes) != n:
-        raise MeshError(
-            f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} "
-            f"does not match the {n} available devices"
-        )
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    sizes = resolve_mesh_shape(data, fsdp, tensor, n)
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 def logical_to_spec(
@@ -166,11 +184,6 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
       The NamedSharding.
     """
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
-
-
-def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
-    """Returns the fully replicated sharding on `mesh`."""
-    return NamedSharding(mesh, PartitionSpec())
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:

@@ -1,8 +1,9 @@
 """The train state and the pure train and eval steps.
 
 The model is split once into a static graphdef and a state of parameters; the step is a pure
-function of (state, batch[, reference params]) that `jax.jit` compiles once over the mesh.
-Chosen and rejected rows run in one forward pass, so the weights stream once per step.
+function of (state, batch[, reference params]) that `jax.jit` compiles once over the mesh. The
+batch's row layout (`StepConfig.layout`, from `apo_jax.layouts`) gives the pairs' log-probs and
+the micro-batch split; chosen and rejected run in one forward pass, so the weights stream once.
 """
 
 from __future__ import annotations
@@ -18,10 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from apo_jax import losses
-from apo_jax.logprobs import sequence_logps
-from apo_jax.packing import packed_row_logps
-from apo_jax.prefix import prefix_row_logps
+from apo_jax import layouts, losses
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -49,7 +47,7 @@ class StepConfig:
     logprob_chunk: int = 128  # time steps per chunk of the log-prob head
     grad_accum: int = 1  # micro-batches per step
     reference: str = "precomputed"  # 'precomputed' (from the batch) | 'online' | 'none'
-    layout: str = "concat"  # 'concat' (chosen, then rejected rows) | 'prefix' | 'packed'
+    layout: layouts.Layout = layouts.get("concat")  # the batch's row layout (layouts.get(name))
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
@@ -73,43 +71,6 @@ def init_state(params: nnx.State, tx: optax.GradientTransformation, seed: int) -
     )
 
 
-def row_logps(
-    graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, chunk: int, one_sequence: bool = False
-) -> tuple[Array, Array]:
-    """Summed completion log-probs and token counts of every row of the batch.
-
-    `one_sequence`: every row holds one sequence from position 0, right-padded (the 'concat'
-    layout), so plain causal attention is exact at every real token and no mask is built.
-    """
-    model = nnx.merge(graphdef, params)
-    attn_mask = batch.get("attn_mask")
-    segments = None if attn_mask is not None or one_sequence else batch["segment_ids"]
-    hidden_BxTxD = model(
-        batch["input_ids"],
-        positions_BxT=batch["positions"],
-        segment_ids_BxT=segments,
-        attn_mask_BxTxT=attn_mask,
-        return_hidden=True,
-    )
-    return sequence_logps(
-        hidden_BxTxD,
-        model.unembedding(),
-        batch["input_ids"],
-        batch["completion_mask"],
-        chunk_size=chunk,
-    )
-
-
-def concat_row_logps(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, chunk: int):
-    """(chosen logps, rejected logps, chosen counts, rejected counts) of a 'concat' batch."""
-    logps_R, counts_R = row_logps(graphdef, params, batch, chunk, one_sequence=True)
-    n = logps_R.shape[0] // 2
-    return logps_R[:n], logps_R[n:], counts_R[:n], counts_R[n:]
-
-
-PAIR_ROWS = {"concat": concat_row_logps, "prefix": prefix_row_logps, "packed": packed_row_logps}
-
-
 def pair_logps(
     graphdef: nnx.GraphDef,
     params: nnx.State,
@@ -120,14 +81,13 @@ def pair_logps(
 ) -> losses.PairLogps:
     """Policy (and reference) log-probs of the N pairs of a batch in `cfg.layout`.
 
-    'concat' batches hold 2N rows (chosen, then rejected); 'prefix' batches N rows of prompt,
-    chosen and rejected (`apo_jax.prefix`). The online reference runs through `ref_graphdef`
-    (default: the policy's graph), which may differ in compute dtype.
+    The online reference runs through `ref_graphdef` (default: the policy's graph), which may
+    differ in compute dtype; a precomputed one is read from the batch.
     """
-    rows_fn = PAIR_ROWS[cfg.layout]
-    chosen, rejected, n_w, n_l = rows_fn(graphdef, params, batch, cfg.logprob_chunk)
+    layout = cfg.layout
+    chosen, rejected, n_w, n_l = layout.pair_logps(graphdef, params, batch, cfg.logprob_chunk)
     if cfg.reference == "online":
-        ref = rows_fn(ref_graphdef or graphdef, ref_params, batch, cfg.logprob_chunk)
+        ref = layout.pair_logps(ref_graphdef or graphdef, ref_params, batch, cfg.logprob_chunk)
         ref_w, ref_l = jax.lax.stop_gradient(ref[0]), jax.lax.stop_gradient(ref[1])
     elif cfg.reference == "precomputed":
         ref_w, ref_l = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
@@ -153,26 +113,6 @@ def loss_fn(params, graphdef, batch, cfg: StepConfig, ref_params=None, ref_graph
     return jnp.sum(jnp.where(valid_N, loss_N, 0.0)) / jnp.maximum(jnp.sum(valid_N), 1), metrics
 
 
-def micro_batches(batch: Batch, k: int) -> dict[str, Array]:
-    """Splits a 'concat' batch of N pairs into k micro-batches of N/k pairs, stacked on axis 0.
-
-    Row arrays hold chosen rows then rejected rows; each micro-batch keeps that order.
-    """
-    n = batch["index"].shape[0]
-    if "sequence_ids" in batch:  # rows hold sequences of any pairs: no split keeps pairs whole
-        raise ValueError("a packed batch does not split into micro-batches; use grad_accum=1")
-    if n % k:
-        raise ValueError(f"{n} pairs per step do not split into {k} micro-batches")
-    out = {}
-    for key, x in batch.items():
-        if x.shape[0] == 2 * n:  # rows: chosen block then rejected block
-            halves = x.reshape(2, k, n // k, *x.shape[1:])
-            out[key] = jnp.concatenate([halves[0], halves[1]], axis=1)
-        else:  # one value per pair
-            out[key] = x.reshape(k, n // k, *x.shape[1:])
-    return out
-
-
 def _grads(state: TrainState, graphdef, batch: Batch, cfg: StepConfig, ref_params, ref_graphdef):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if cfg.grad_accum == 1:
@@ -184,7 +124,7 @@ def _grads(state: TrainState, graphdef, batch: Batch, cfg: StepConfig, ref_param
         return jax.tree.map(jnp.add, acc, g), m
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    grads, metrics_K = jax.lax.scan(body, zeros, micro_batches(batch, cfg.grad_accum))
+    grads, metrics_K = jax.lax.scan(body, zeros, cfg.layout.micro_batches(batch, cfg.grad_accum))
     grads = jax.tree.map(lambda g: g / cfg.grad_accum, grads)
     return grads, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics_K)
 
@@ -204,7 +144,7 @@ def train_step(
 
     Args:
       state: the TrainState (donated by the caller's jit).
-      batch: a 'concat' batch of N pairs (2N rows).
+      batch: a batch of N pairs in `cfg.layout`, laid out for `cfg.grad_accum` micro-batches.
       ref_params: frozen reference parameters, for ``cfg.reference == 'online'``.
       graphdef: the model's static graph.
       tx: the optax transformation (clipping included).

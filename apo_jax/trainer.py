@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from apo_jax import reference, sharding
+from apo_jax import layouts, reference, sharding
 from apo_jax import train_step as ts
 from apo_jax.data import loader as loader_lib
 from apo_jax.data import shards
@@ -164,14 +164,14 @@ def loader_config(rc: RunConfig, *, train: bool, info: dict[str, Any] | None, re
         batch_size=rc.batch_size // procs,
         seq_len=rc.data["seq_len"] or None,
         buckets=tuple(rc.data["buckets"]) or None,
-        layout=rc.data["layout"],
+        layout=layouts.get(rc.data["layout"]),
         row_multiple=shards // math.gcd(shards, procs),
+        micro_batches=rc.grad_accum if train else 1,
         seed=rc.seed,
         shuffle=rc.data["shuffle"] if train else False,
         num_epochs=rc.data["num_epochs"] if train else 1,
         drop_remainder=train,
         worker_count=rc.data["worker_count"] if train else 0,
-        reference="require" if ref_mode == "precomputed" else "none",
         reference_info=info if ref_mode == "precomputed" else None,
     )
 
@@ -188,7 +188,7 @@ def step_config(rc: RunConfig, ref_mode: str) -> ts.StepConfig:
         logprob_chunk=rc.logprob_chunk,
         grad_accum=rc.grad_accum,
         reference=ref_mode,
-        layout=rc.data["layout"],
+        layout=layouts.get(rc.data["layout"]),
     )
 
 

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from apo_jax import layouts
 from apo_jax.data import demo, loader, prepare, shards
 
 
@@ -71,7 +72,11 @@ def bench_loader(shard_dir: str, n_batches: int) -> list[dict]:
     for layout, seq_len in (("concat", 4096), ("prefix", 8192)):
         for workers in (0, 2):
             cfg = loader.LoaderConfig(
-                batch_size=8, seq_len=seq_len, layout=layout, worker_count=workers, seed=0
+                batch_size=8,
+                seq_len=seq_len,
+                layout=layouts.get(layout),
+                worker_count=workers,
+                seed=0,
             )
             ld = loader.make_loader(shard_dir, cfg, process_index=0, process_count=1)
             next(ld)  # start-up (worker spawn) is not throughput

@@ -38,7 +38,7 @@ import numpy as np
 from common import Shapes, concat_batch, forward_flops, median, table, time_interleaved, ts
 from flax import nnx
 
-from apo_jax.data.batch import prefix_attention_mask
+from apo_jax.layouts.prefix import attention_mask as prefix_attention_mask
 from apo_jax.models.config import get_preset
 from apo_jax.models.llama import Llama
 from apo_jax.optim import OptimConfig, make_optimizer

@@ -5,7 +5,7 @@
 The same pairs go through the loader's collate in both layouts ('concat': 2 rows of
 prompt + completion; 'prefix': 1 row of prompt + chosen + rejected) and through a jitted APO-down
 train step (precomputed reference, AdamW); the concat step uses `train_step.pair_logps`, the prefix
-step `train_step.pair_logps` with `StepConfig(layout='prefix')`. The two are timed interleaved (median of the rounds).
+step `train_step.pair_logps` with `StepConfig(layout=layouts.get('prefix'))`. The two are timed interleaved (median of the rounds).
 Model: benchmark 1's shapes with `--layers` layers (default 4, to keep the run short).
 """
 
@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from common import STEP_MODEL, machine, median, table, time_interleaved, ts
 
+from apo_jax import layouts
 from apo_jax.data import shards
-from apo_jax.data.batch import Collate
 
 
 def pair_batches(n: int, prompt: int, completion: int, vocab: int, seed: int = 0):
@@ -34,7 +34,7 @@ def pair_batches(n: int, prompt: int, completion: int, vocab: int, seed: int = 0
     refs = np.full(n, -700.0, np.float32)
     out = {}
     for layout, t in (("concat", prompt + completion), ("prefix", prompt + 2 * completion)):
-        collate = Collate(layout, t, pad_id=0, ref_chosen_R=refs, ref_rejected_R=refs)
+        collate = layouts.Collate(layouts.get(layout), layouts.RowSpec(t), refs, refs)
         out[layout] = {k: jnp.asarray(v) for k, v in collate(items).items()}
     return out
 
@@ -49,7 +49,7 @@ def runner(cfg, step_cfg, batch, prefix: bool):
     tx, _ = make_optimizer(OptimConfig(learning_rate=1e-6, schedule="constant"), 1000)
     state = jax.tree.map(jnp.copy, ts.init_state(params, tx, 0))
 
-    step_cfg = dataclasses.replace(step_cfg, layout="prefix" if prefix else "concat")
+    step_cfg = dataclasses.replace(step_cfg, layout=layouts.get("prefix" if prefix else "concat"))
 
     def fn(state, batch):
         return ts.train_step(state, batch, None, graphdef=graphdef, tx=tx, cfg=step_cfg)

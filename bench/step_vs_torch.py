@@ -44,6 +44,8 @@ from common import (
 )
 from torch_step import TorchStep
 
+from apo_jax import layouts
+
 # name: (LlamaConfig overrides, batch layout)
 JAX_VARIANTS = {
     "scan": (dict(scan_layers=True), "concat"),
@@ -56,7 +58,6 @@ JAX_VARIANTS = {
 def prefix_batch(concat: dict[str, np.ndarray], shp: Shapes) -> dict[str, np.ndarray]:
     """The same pairs as a 'prefix' batch (prompt + chosen + rejected in one row), via the loader."""
     from apo_jax.data import shards
-    from apo_jax.data.batch import Collate
 
     n, p = shp.pairs, shp.prompt
     ids = concat["input_ids"]
@@ -64,12 +65,11 @@ def prefix_batch(concat: dict[str, np.ndarray], shp: Shapes) -> dict[str, np.nda
         (i, shards.serialize(shards.PairRecord(ids[i, :p], ids[i, p:], ids[n + i, p:], i)))
         for i in range(n)
     ]
-    collate = Collate(
-        "prefix",
-        2 * shp.seq - p,
-        pad_id=0,
-        ref_chosen_R=concat["ref_chosen_logps"],
-        ref_rejected_R=concat["ref_rejected_logps"],
+    collate = layouts.Collate(
+        layouts.get("prefix"),
+        layouts.RowSpec(2 * shp.seq - p),
+        concat["ref_chosen_logps"],
+        concat["ref_rejected_logps"],
     )
     return collate(items)
 
@@ -116,7 +116,7 @@ def main():
             overrides, layout = JAX_VARIANTS[v]
             fns[f"apo_jax ({v})"] = jax_runner(
                 STEP_MODEL.replace(**overrides),
-                dataclasses.replace(step_cfg, layout=layout),
+                dataclasses.replace(step_cfg, layout=layouts.get(layout)),
                 prefix_batch(batch, shp) if layout == "prefix" else batch,
             )
         if not args.no_torch:

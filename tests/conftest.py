@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from data_helpers import small_pairs, small_shards, tok_dir  # noqa: F401  (the data fixtures)
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from apo_jax.data.clair_prompts import (
+from apo_jax.clair.prompts import (
     ParseError,
     judge_messages,
     parse_revision,
@@ -58,17 +58,18 @@ def test_code_answer_keeps_its_fence_and_last_marker_wins():
 @pytest.mark.parametrize(
     "reply, reason",
     [
-        ("The answer is fine as it is.", "no 'Corrected answer:' marker"),
-        ("Reasoning: the corrected answer is obvious", "no 'Corrected answer:' marker"),
-        ("", "no 'Corrected answer:' marker"),
-        ("Reasoning: fine.\nCorrected answer:\n   \n", "empty corrected answer"),
-        ("Reasoning: fine.\n**Corrected answer:**", "empty corrected answer"),
-        ("Reasoning: fine.\nCorrected answer:\n```\n```", "empty corrected answer"),
+        ("The answer is fine as it is.", "no_revision_marker"),
+        ("Reasoning: the corrected answer is obvious", "no_revision_marker"),
+        ("", "no_revision_marker"),
+        ("Reasoning: fine.\nCorrected answer:\n   \n", "empty_revision"),
+        ("Reasoning: fine.\n**Corrected answer:**", "empty_revision"),
+        ("Reasoning: fine.\nCorrected answer:\n```\n```", "empty_revision"),
     ],
 )
 def test_rejected_replies(reply, reason):
-    with pytest.raises(ParseError, match=reason):
+    with pytest.raises(ParseError, match="corrected answer|Corrected answer") as e:
         parse_revision(reply)
+    assert e.value.reason == reason
 
 
 @pytest.mark.parametrize(
@@ -89,8 +90,9 @@ def test_verdicts(reply, verdict):
 
 
 def test_unreadable_verdict():
-    with pytest.raises(ParseError, match="Verdict"):
+    with pytest.raises(ParseError, match="Verdict") as e:
         parse_verdict("Both answers have merits and flaws.")
+    assert e.value.reason == "no_verdict"
 
 
 def test_judge_prompt_shows_both_answers_in_given_order():

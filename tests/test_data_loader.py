@@ -6,16 +6,19 @@ import numpy as np
 import pytest
 from data_helpers import small_pairs, small_shards, tok_dir  # noqa: F401  (fixtures)
 
+from apo_jax import layouts
 from apo_jax.data import ingest, loader, prepare, refs, schema, tokenize
+from apo_jax.layouts import prefix
 
 N_RECORDS = 40
 
 
-def _loader(shard_dir, **kw):
+def _loader(shard_dir, layout="concat", **kw):
     proc = {k: kw.pop(k) for k in ("process_index", "process_count") if k in kw}
     proc.setdefault("process_index", 0)
     proc.setdefault("process_count", 1)
-    return loader.make_loader(shard_dir, loader.LoaderConfig(**{"seq_len": 256, **kw}), **proc)
+    cfg = loader.LoaderConfig(layout=layouts.get(layout), **{"seq_len": 256, **kw})
+    return loader.make_loader(shard_dir, cfg, **proc)
 
 
 def _indices(ld):
@@ -142,7 +145,7 @@ def test_prefix_layout_and_mask(small_shards):  # noqa: F811
     assert b["input_ids"][0, p : p + c].tolist() == chosen.tolist()
     assert b["input_ids"][0, p + c : p + c + len(rejected)].tolist() == rejected.tolist()
     assert b["positions"][0, p + c] == p  # rejected restarts at the prompt end
-    mask = loader.prefix_attention_mask(b["branch_ids"], b["segment_ids"])[0]
+    mask = prefix.attention_mask(b["branch_ids"], b["segment_ids"])[0]
     q_rej, q_ch = p + c, p + c - 1
     assert mask[q_rej, :p].all() and not mask[q_rej, p : p + c].any() and mask[q_rej, q_rej]
     assert mask[q_ch, : q_ch + 1].all() and not mask[q_ch, q_ch + 1 :].any()
@@ -159,6 +162,7 @@ def test_reference_logps_round_trip_and_fingerprint_refusal(tmp_path, tok_dir, s
         np.testing.assert_array_equal(b["ref_rejected_logps"], -2.0 * b["index"].astype(np.float32))
     with pytest.raises(refs.ReferenceMismatchError, match="fingerprint info"):
         _loader(out, batch_size=8, reference_info={"model": "m2"})
+    assert "ref_chosen_logps" not in next(_loader(out, batch_size=8))  # none asked for
     # Re-prepare other data (same pairs, other order): the shard fingerprint changes, the file is refused.
     import shutil
 
@@ -169,19 +173,20 @@ def test_reference_logps_round_trip_and_fingerprint_refusal(tmp_path, tok_dir, s
     prepare.prepare(other, tok_dir, out, prepare.Settings(max_length=256))
     shutil.copy(keep, f"{out}/reference_logps.npz")
     with pytest.raises(refs.ReferenceMismatchError, match="computed for shards"):
-        _loader(out, batch_size=8)
+        _loader(out, batch_size=8, reference_info={"model": "m1"})
     refs.write_reference_logps(out, [0, 1], [0.0, 0.0], [0.0, 0.0], {"model": "m1"})
     with pytest.raises(refs.ReferenceMismatchError, match="misses 38"):
-        _loader(out, batch_size=8, reference="require")
+        _loader(out, batch_size=8, reference_info={"model": "m1"})
 
 
 def test_make_global_batch_single_process(small_shards):  # noqa: F811
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
-    b = next(_loader(small_shards, batch_size=4, num_epochs=1))
+    ld = _loader(small_shards, batch_size=4, num_epochs=1)
+    b = next(ld)
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
-    g = loader.make_global_batch(b, NamedSharding(mesh, PartitionSpec("data")))
+    g = ld.global_batch(b, NamedSharding(mesh, PartitionSpec("data")))
     assert set(g) == set(b)
     for k in b:
         np.testing.assert_array_equal(np.asarray(g[k]), b[k])
@@ -194,24 +199,24 @@ PAD_ID = 7
 
 def _collated(layout, seq_len=32, buckets=(16,)):
     """Three pairs and a padding pair through the loader's collate, pad id 7, reference logps."""
-    from apo_jax.data import batch as batch_lib
     from apo_jax.data import shards
 
     rng = np.random.default_rng(0)
     items = [(i, shards.serialize(shards.PairRecord(*(rng.integers(8, 64, n).astype(np.int32) for n in lens), i)))
              for i, lens in enumerate(PAD_LENGTHS)] + [(-1, b"")]  # fmt: skip
     ref_w, ref_l = rng.normal(size=(2, len(items))).astype(np.float32) - 9
-    return batch_lib.Collate(layout, seq_len, PAD_ID, buckets, ref_w, ref_l)(items)
+    spec = layouts.RowSpec(seq_len, PAD_ID, buckets)
+    return layouts.Collate(layouts.get(layout), spec, ref_w, ref_l)(items)
 
 
 @pytest.mark.parametrize("layout", ["concat", "prefix", "packed"])
 def test_pad_batch_writes_the_padding_of_the_collate(layout):
     b = _collated(layout)
     if layout == "prefix":  # an [N, T, T] field grows on both last axes
-        b["attn_mask"] = loader.prefix_attention_mask(b["branch_ids"], b["segment_ids"])
+        b["attn_mask"] = prefix.attention_mask(b["branch_ids"], b["segment_ids"])
     rows, t = b["input_ids"].shape
     assert t == 16  # the bucket, so there is room to grow to 24
-    grown = loader.pad_batch(b, rows + 2 * (layout == "packed"), 24, PAD_ID)
+    grown = layouts.pad_batch(b, rows + 2 * (layout == "packed"), 24, PAD_ID)
     assert set(grown) == set(b)
     fills = {"input_ids": PAD_ID, "sequence_ids": -1}  # everything else: 0 / False
     for key, x in b.items():
@@ -230,7 +235,7 @@ def test_pad_batch_writes_the_padding_of_the_collate(layout):
     if layout != "packed":  # exactly the batch the collate writes at that length
         b.pop("attn_mask", None)
         want = _collated(layout, seq_len=24, buckets=None)
-        grown = loader.pad_batch(b, rows, 24, PAD_ID)
+        grown = layouts.pad_batch(b, rows, 24, PAD_ID)
         assert set(grown) == set(want)
         for key in want:
             np.testing.assert_array_equal(grown[key], want[key], err_msg=key)
@@ -249,10 +254,10 @@ def test_padding_to_a_larger_shape_keeps_logps_and_loss(layout):
     cfg = get_preset("tiny", vocab_size=64, n_layers=2, d_model=32, mlp_dim=64, n_heads=4,
                      n_kv_heads=2, head_dim=8)  # fmt: skip
     graphdef, params = ts.split_model(Llama(cfg, rngs=nnx.Rngs(0)))
-    step = ts.StepConfig(loss="apo_down", layout=layout)
+    step = ts.StepConfig(loss="apo_down", layout=layouts.get(layout))
     b = _collated(layout)
     rows, _ = b["input_ids"].shape
-    grown = loader.pad_batch(b, rows + 2 * (layout == "packed"), 40, PAD_ID)
+    grown = layouts.pad_batch(b, rows + 2 * (layout == "packed"), 40, PAD_ID)
     out = []
     for batch in (b, grown):
         batch = {k: jnp.asarray(v) for k, v in batch.items()}

@@ -6,7 +6,7 @@ import json
 import os
 
 import pytest
-from data_helpers import pair, small_pairs, small_shards, tok_dir, write_jsonl  # noqa: F401  (fixtures)
+from data_helpers import pair, write_jsonl
 
 from apo_jax.data import stats
 
@@ -63,7 +63,7 @@ def test_pair_stats_raw_file_with_outputs(tmp_path):
     assert len(open(tmp_path / "o" / "pair_stats.jsonl").readlines()) == 2
 
 
-def test_pair_stats_shards_match_raw_levenshtein(small_shards, small_pairs, tok_dir):  # noqa: F811
+def test_pair_stats_shards_match_raw_levenshtein(small_shards, small_pairs, tok_dir):
     shard_res = stats.pair_stats(small_shards)
     raw_res = stats.pair_stats(small_pairs[0], tokenizer_dir=tok_dir)
     assert shard_res["count"] == raw_res["count"] == 40
@@ -72,3 +72,27 @@ def test_pair_stats_shards_match_raw_levenshtein(small_shards, small_pairs, tok_
     assert [r["levenshtein"] for r in shard_res["per_pair"]] == [
         r["levenshtein"] for r in raw_res["per_pair"]
     ]
+
+
+def test_cli_flags_table_and_one_line_errors(tmp_path, small_pairs, capsys):
+    def run(*args):
+        try:
+            return stats.main(["apo_jax.data.stats", *args])
+        except SystemExit as e:
+            return e.code
+
+    assert run(f"--input={small_pairs[0]}", f"--out={tmp_path / 'o'}") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"40 pairs (0 unreadable skipped) from {small_pairs[0]}"
+    assert out[1].startswith("jaccard      [word tokens] mean ") and len(out) == 4
+    assert run(f"--input={tmp_path / 'nope.jsonl'}") == 2
+    assert (
+        capsys.readouterr().err == f"error: {tmp_path / 'nope.jsonl'}: no such file or directory\n"
+    )
+    assert run(small_pairs[0]) == 2  # the old positional form
+    assert "Flag --input must have a value" in capsys.readouterr().err
+    assert run("--help") == 0
+    help_flags = [
+        line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  --")
+    ]
+    assert help_flags == ["--input=...", "--tokenizer=...", "--out=...", "--split=train"]

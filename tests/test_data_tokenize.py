@@ -6,7 +6,6 @@ import os
 import shutil
 
 import pytest
-from data_helpers import tok_dir  # noqa: F401  (fixture)
 
 from apo_jax.data import demo, schema, tokenize
 
@@ -17,7 +16,7 @@ def _tok(path):
     return tokenize.load_tokenizer(str(path))
 
 
-def test_single_turn_boundary(tok_dir):  # noqa: F811
+def test_single_turn_boundary(tok_dir):
     tok = _tok(tok_dir)
     prompt = [{"role": "user", "content": "What is 2 + 3?"}]
     p, c, r = tokenize.split_pair(tok, prompt, "2 + 3 = 5.", "2 + 3 = 6.")
@@ -32,7 +31,7 @@ def test_single_turn_boundary(tok_dir):  # noqa: F811
     assert p + c == tok(full, add_special_tokens=False)["input_ids"]
 
 
-def test_multi_turn_keeps_history_and_completion_is_last_answer(tok_dir):  # noqa: F811
+def test_multi_turn_keeps_history_and_completion_is_last_answer(tok_dir):
     tok = _tok(tok_dir)
     prompt = [
         {"role": "system", "content": "Be exact."},
@@ -57,7 +56,7 @@ def _with_template(src, dst, template):
     return tokenize.load_tokenizer(str(dst))
 
 
-def test_template_not_prefix_consistent_is_rejected(tok_dir, tmp_path):  # noqa: F811
+def test_template_not_prefix_consistent_is_rejected(tok_dir, tmp_path):
     # The generation prompt says "assistant" but the rendered answer turn says "model".
     bad = demo.LLAMA3_CHAT_TEMPLATE.replace(
         "message['role']", "('model' if message['role'] == 'assistant' else message['role'])"
@@ -68,7 +67,7 @@ def test_template_not_prefix_consistent_is_rejected(tok_dir, tmp_path):  # noqa:
     assert e.value.reason == schema.TEMPLATE_NOT_PREFIX
 
 
-def test_template_without_end_of_turn_is_rejected(tok_dir, tmp_path):  # noqa: F811
+def test_template_without_end_of_turn_is_rejected(tok_dir, tmp_path):
     bad = demo.LLAMA3_CHAT_TEMPLATE.replace("+ '<|eot_id|>'", "")
     tok = _with_template(tok_dir, tmp_path / "t", bad)
     with pytest.raises(schema.RowError) as e:
@@ -82,7 +81,7 @@ def _pair(prompt_text):
     )
 
 
-def test_length_policy(tok_dir):  # noqa: F811
+def test_length_policy(tok_dir):
     tok = _tok(tok_dir)
     long_pair = _pair("Sort these numbers in ascending order: " + ", ".join(map(str, range(60))))
     p, c, r = tokenize.encode_pair(
@@ -96,9 +95,14 @@ def test_length_policy(tok_dir):  # noqa: F811
     assert e.value.reason == schema.PAIR_TOO_LONG
     with pytest.raises(schema.RowError) as e:
         tokenize.encode_pair(
-            tok, long_pair, max_length=4096, max_prompt_length=10, truncation="none"
+            tok, long_pair, max_length=4096, max_prompt_length=len(p) - 1, truncation="none"
         )
     assert e.value.reason == schema.PROMPT_TOO_LONG
+    with pytest.raises(schema.RowError) as e:  # so long in bytes that no tokenizing is needed
+        tokenize.encode_pair(
+            tok, long_pair, max_length=4096, max_prompt_length=10, truncation="none"
+        )
+    assert (e.value.reason, e.value.field) == (schema.TOO_MANY_BYTES, "prompt")
     with pytest.raises(schema.RowError) as e:
         tokenize.encode_pair(
             tok, long_pair, max_length=len(c) + 1, max_prompt_length=None, truncation="keep_end"
@@ -127,3 +131,23 @@ def test_demo_tokenizer_is_deterministic(tmp_path):
     assert tokenize.tokenizer_fingerprint(a) == tokenize.tokenizer_fingerprint(b)
     tok = tokenize.load_tokenizer(a)
     assert tok.eos_token == "<|eot_id|>" and tok.bos_token == "<|begin_of_text|>"
+
+
+def test_longest_token_bytes_bounds_the_bytes_of_any_text(tok_dir):
+    tok = _tok(tok_dir)
+    per_token = tokenize.longest_token_bytes(tok)
+    assert per_token == len("<|finetune_right_pad_id|>")  # the longest vocabulary string
+    texts = ["    " * 50, "é" * 300, "Sort 1, 2, 3." * 40, "\U0001f600" * 30, "x\n\n" * 90]
+    for text in texts:
+        assert len(text.encode("utf-8")) <= per_token * len(tokenize._encode(tok, text))
+
+
+def test_find_special_token(tok_dir):
+    tok = _tok(tok_dir)
+    assert tokenize.find_special_token(tok, "plain <|eot text |>") is None
+    assert (
+        tokenize.find_special_token(tok, "a<|start_header_id|>b<|eot_id|>") == "<|start_header_id|>"
+    )
+    assert (
+        tokenize.find_special_token(tok, "<|end_of_text|>") == "<|end_of_text|>"
+    )  # special, not eos

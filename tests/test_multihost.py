@@ -156,20 +156,26 @@ def test_two_processes_match_one_process(runs):
     assert ev2 == pytest.approx(ev1, rel=1e-5)
 
 
-def test_two_processes_packed_match_one_process_concat(runs):
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_two_processes_packed_match_one_process_concat(runs, grad_accum):
     """Packed rows: each process packs its own pairs, the sequence numbers refer to the global
     pairs, the row counts and lengths are agreed; the losses are the concat layout's. With rows of
     128 and a 64 bucket, step 2 packs to 8 x 64 on process 0 and 4 x 128 on process 1, so both
-    grow to 8 x 128."""
+    grow to 8 x 128. With grad_accum 2, each process packs its two micro-batches apart and global
+    micro-batch i is the union of the processes' micro-batches i (mesh data 4 x tensor 2, so the 4
+    pairs of a global micro-batch split over the batch axes)."""
     tmp = os.path.dirname(runs["dirs"]["two"])
-    w = os.path.join(tmp, "two_packed")
+    w = os.path.join(tmp, f"two_packed_accum{grad_accum}")
+    accum = () if grad_accum == 1 else ("--config.grad_accum=2", "--config.mesh.data=4",
+                                        "--config.mesh.tensor=2")  # fmt: skip
     _train_two(tmp, w, 3, "--config.export_hf=False", "--config.data.layout=packed",
-               "--config.data.seq_len=128", "--config.data.buckets=(64,)")  # fmt: skip
+               "--config.data.seq_len=128", "--config.data.buckets=(64,)", *accum)  # fmt: skip
     packed, one = _losses(_metrics(w)), _losses(runs["first"]["one"])
     assert set(packed) == set(one) and len(one) == 6, (packed, one)
     for key in one:
         assert packed[key] == pytest.approx(one[key], rel=1e-4), (
-            f"{key}: packed on 2 processes {packed[key]} != concat on 1 process {one[key]}"
+            f"{key}: packed (grad_accum {grad_accum}) on 2 processes {packed[key]} != concat on 1 "
+            f"process {one[key]}"
         )
 
 
@@ -178,7 +184,7 @@ def test_two_processes_with_buckets_match_one_process_concat(runs, layout, bucke
     """Buckets: each process pads its own pairs to the smallest bucket that fits, so at step 2
     and in the eval batch process 0 has rows of the bucket and process 1 of 128; both grow to 128
     before the global batch is built, and the losses are the single process's."""
-    from apo_jax import trainer
+    from apo_jax import layouts, trainer
     from apo_jax.data import loader
 
     tmp = os.path.dirname(runs["dirs"]["two"])
@@ -188,8 +194,9 @@ def test_two_processes_with_buckets_match_one_process_concat(runs, layout, bucke
     lengths = []  # the premise: the processes' row lengths differ for one step
     for split, epochs, steps in ((paths.train, None, 3), (paths.eval, 1, 1)):
         for p in range(2):
-            cfg = loader.LoaderConfig(batch_size=4, seq_len=128, buckets=(bucket,), layout=layout,
-                                      seed=c.seed, shuffle=epochs is None, num_epochs=epochs)  # fmt: skip
+            cfg = loader.LoaderConfig(batch_size=4, seq_len=128, buckets=(bucket,),
+                                      layout=layouts.get(layout), seed=c.seed,
+                                      shuffle=epochs is None, num_epochs=epochs)  # fmt: skip
             ld = loader.make_loader(split, cfg, process_index=p, process_count=2)
             lengths.append([next(ld)["input_ids"].shape[1] for _ in range(steps)])
     assert lengths == [[bucket, bucket, bucket], [bucket, 128, bucket], [bucket], [128]], lengths

@@ -1,5 +1,5 @@
 """The packed layout: every sequence once, in one row; the concat layout's log-probs, losses,
-gradients and training losses; resumable loading; the row count rule and its config refusal."""
+gradients and training losses; resumable loading; the row count rule."""
 
 import dataclasses
 import json
@@ -13,14 +13,13 @@ from conftest import assert_same_grads
 from data_helpers import small_pairs, small_shards, tok_dir  # noqa: F401  (fixtures)
 from flax import nnx
 
-from apo_jax import losses, run_config, train
+from apo_jax import layouts, losses, train
 from apo_jax import train_step as ts
 from apo_jax.config_base import base_config, with_overrides
 from apo_jax.data import demo, loader, shards
-from apo_jax.data.batch import Collate, pack_rows, packed_row_count
+from apo_jax.layouts.packed import global_sequence_ids, pack_rows, row_count, targets
 from apo_jax.models.config import get_preset
 from apo_jax.models.llama import Llama
-from apo_jax.packing import packed_targets
 
 CFG = get_preset(
     "tiny", vocab_size=64, n_layers=2, d_model=32, mlp_dim=64, n_heads=4, n_kv_heads=2, head_dim=8
@@ -42,7 +41,7 @@ def batches(seq_len=24, with_padding_pair=True):
     ref_w, ref_l = rng.normal(size=(2, n)).astype(np.float32) - 9
     out = []
     for layout in ("concat", "packed"):
-        collate = Collate(layout, seq_len, pad_id=0, ref_chosen_R=ref_w, ref_rejected_R=ref_l)
+        collate = layouts.Collate(layouts.get(layout), layouts.RowSpec(seq_len), ref_w, ref_l)
         out.append({k: jnp.asarray(v) for k, v in collate(items).items()})
     return out
 
@@ -51,8 +50,8 @@ def model_state(seed=0):
     return ts.split_model(Llama(CFG, rngs=nnx.Rngs(seed)))
 
 
-def _loader(shard_dir, **kw):
-    cfg = loader.LoaderConfig(**{"seq_len": 256, "num_epochs": 1, **kw})
+def _loader(shard_dir, layout="concat", **kw):
+    cfg = loader.LoaderConfig(layout=layouts.get(layout), **{"seq_len": 256, "num_epochs": 1, **kw})
     return loader.make_loader(shard_dir, cfg, process_index=0, process_count=1)
 
 
@@ -64,9 +63,9 @@ def test_pack_rows_first_fit_decreasing():
 
 def test_row_count_rule():
     # 2N = 64: multiples of 8 up to 64; with row_multiple 3: multiples of 9, capped at 66.
-    assert [packed_row_count(u, 64) for u in (0, 1, 8, 9, 33, 64)] == [8, 8, 8, 16, 40, 64]
-    assert [packed_row_count(u, 64, 3) for u in (1, 10, 60, 64)] == [9, 18, 63, 66]
-    assert packed_row_count(3, 6, 4) == 4 and packed_row_count(5, 6, 4) == 8
+    assert [row_count(u, 64) for u in (0, 1, 8, 9, 33, 64)] == [8, 8, 8, 16, 40, 64]
+    assert [row_count(u, 64, 3) for u in (1, 10, 60, 64)] == [9, 18, 63, 66]
+    assert row_count(3, 6, 4) == 4 and row_count(5, 6, 4) == 8
 
 
 def test_packed_batches_hold_each_sequence_once_in_one_segment(small_shards):  # noqa: F811
@@ -82,7 +81,7 @@ def test_packed_batches_hold_each_sequence_once_in_one_segment(small_shards):  #
         assert (p["index"] == c["index"]).all() and t == 256
         assert set(p) == set(c) | {"sequence_ids"}
         used = len({r for r in range(rows) if p["segment_ids"][r].any()})
-        assert rows == packed_row_count(used, 2 * n, 2) and rows % 2 == 0 and rows < 2 * n
+        assert rows == row_count(used, 2 * n, 2) and rows % 2 == 0 and rows < 2 * n
         assert ((p["sequence_ids"] >= 0) == (p["segment_ids"] > 0)).all()
         for s in range(2 * n):  # sequence s is concat row s
             real = c["segment_ids"][s] > 0
@@ -124,8 +123,8 @@ def test_packed_targets_never_cross_a_segment_boundary():
         "segment_ids": jnp.asarray([[1, 1, 1, 2, 2, 0]]),
         "sequence_ids": jnp.asarray([[0, 0, 0, 3, 3, -1]]),
     }
-    targets, mask, seq = packed_targets(batch)
-    np.testing.assert_array_equal(targets, [[12, 13, 14, 15, 0, 0]])
+    want, mask, seq = targets(batch)
+    np.testing.assert_array_equal(want, [[12, 13, 14, 15, 0, 0]])
     np.testing.assert_array_equal(mask, [[0, 1, 0, 1, 0, 0]])
     np.testing.assert_array_equal(seq, [[-1, 0, -1, 3, -1, -1]])
 
@@ -140,7 +139,7 @@ def test_pair_logps_equal_concat_layout(reference):
     cfg = ts.StepConfig(reference=reference, logprob_chunk=5)
     want = ts.pair_logps(graphdef, params, concat, cfg, ref_params)
     got = ts.pair_logps(
-        graphdef, params, packed, dataclasses.replace(cfg, layout="packed"), ref_params
+        graphdef, params, packed, dataclasses.replace(cfg, layout=layouts.get("packed")), ref_params
     )
     for name in losses.PairLogps._fields:
         np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-5,
@@ -156,7 +155,8 @@ def test_loss_and_grads_equal_concat_layout():
     cfg = ts.StepConfig(loss="apo_down")
 
     def loss(params, batch, layout):
-        return ts.loss_fn(params, graphdef, batch, dataclasses.replace(cfg, layout=layout))[0]
+        step = dataclasses.replace(cfg, layout=layouts.get(layout))
+        return ts.loss_fn(params, graphdef, batch, step)[0]
 
     l1, g1 = jax.value_and_grad(loss)(params, concat, "concat")
     l2, g2 = jax.value_and_grad(loss)(params, packed, "packed")
@@ -168,10 +168,10 @@ def test_global_sequence_ids_and_padding_to_the_agreed_shape():
     # Process 1 of 2 with 3 pairs each: its pairs are global 3..5 of 6.
     ids = np.array([[0, 0, 4, -1], [5, 2, 2, 3]], np.int32)
     np.testing.assert_array_equal(
-        loader.global_sequence_ids(ids, 3, 6, 3), [[3, 3, 10, -1], [11, 5, 5, 9]]
+        global_sequence_ids(ids, 3, 6, 3), [[3, 3, 10, -1], [11, 5, 5, 9]]
     )
     batch = {"sequence_ids": ids, "input_ids": ids + 1, "index": np.arange(3)}
-    grown = loader.pad_batch(batch, 4, 6)
+    grown = layouts.pad_batch(batch, 4, 6)
     assert grown["input_ids"].shape == grown["sequence_ids"].shape == (4, 6)
     assert (grown["sequence_ids"][2:] == -1).all() and (grown["sequence_ids"][:, 4:] == -1).all()
     assert (grown["input_ids"][2:] == 0).all() and (grown["index"] == np.arange(3)).all()
@@ -180,21 +180,13 @@ def test_global_sequence_ids_and_padding_to_the_agreed_shape():
 def test_make_global_batch_single_process_keeps_packed_batch(small_shards):  # noqa: F811
     from jax.sharding import NamedSharding, PartitionSpec
 
-    b = next(_loader(small_shards, batch_size=4, layout="packed"))
+    ld = _loader(small_shards, batch_size=4, layout="packed")
+    b = next(ld)
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
-    g = loader.make_global_batch(b, NamedSharding(mesh, PartitionSpec("data")))
+    g = ld.global_batch(b, NamedSharding(mesh, PartitionSpec("data")))
     assert set(g) == set(b)
     for k in b:
         np.testing.assert_array_equal(np.asarray(g[k]), b[k], err_msg=k)
-
-
-def test_packed_refuses_grad_accum():
-    c = with_overrides(base_config("apo_down", None), {"data.layout": "packed", "grad_accum": 2})
-    with pytest.raises(run_config.ConfigError, match="layout=packed needs config.grad_accum=1"):
-        run_config.validate(c, device_count=1)
-    _, packed = batches()
-    with pytest.raises(ValueError, match="does not split into micro-batches"):
-        ts.micro_batches(packed, 2)
 
 
 def _metrics(workdir):

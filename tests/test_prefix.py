@@ -9,13 +9,12 @@ import pytest
 from conftest import assert_same_grads
 from flax import nnx
 
-from apo_jax import losses
+from apo_jax import layouts, losses
 from apo_jax import train_step as ts
 from apo_jax.data import shards
-from apo_jax.data.batch import Collate
+from apo_jax.layouts.prefix import predictor_index
 from apo_jax.models.config import get_preset
 from apo_jax.models.llama import Llama
-from apo_jax.prefix import predictor_index
 
 CFG = get_preset(
     "tiny", vocab_size=64, n_layers=2, d_model=32, mlp_dim=64, n_heads=4, n_kv_heads=2, head_dim=8
@@ -40,7 +39,7 @@ def batches(seed=0, with_padding_pair=True):
     )
     out = []
     for layout, seq_len in (("concat", 16), ("prefix", 24)):
-        collate = Collate(layout, seq_len, pad_id=0, ref_chosen_R=ref_w, ref_rejected_R=ref_l)
+        collate = layouts.Collate(layouts.get(layout), layouts.RowSpec(seq_len), ref_w, ref_l)
         out.append({k: jnp.asarray(v) for k, v in collate(items).items()})
     return out
 
@@ -62,7 +61,7 @@ def test_pair_logps_equal_concat_layout(reference):
     cfg = ts.StepConfig(reference=reference, logprob_chunk=5)
     want = ts.pair_logps(graphdef, params, concat, cfg, ref_params)
     got = ts.pair_logps(
-        graphdef, params, prefix, dataclasses.replace(cfg, layout="prefix"), ref_params
+        graphdef, params, prefix, dataclasses.replace(cfg, layout=layouts.get("prefix")), ref_params
     )
     for name in losses.PairLogps._fields:
         np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-4,
@@ -77,7 +76,8 @@ def test_loss_and_grads_equal_concat_layout():
     cfg = ts.StepConfig(loss="apo_down")
 
     def loss(params, batch, layout):
-        logps = ts.pair_logps(graphdef, params, batch, dataclasses.replace(cfg, layout=layout))
+        step = dataclasses.replace(cfg, layout=layouts.get(layout))
+        logps = ts.pair_logps(graphdef, params, batch, step)
         valid = batch["index"] >= 0
         loss_N, _ = losses.preference_loss(cfg.loss, logps, beta=cfg.beta, where=valid)
         return jnp.sum(jnp.where(valid, loss_N, 0.0)) / jnp.sum(valid)

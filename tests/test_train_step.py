@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from apo_jax import layouts
 from apo_jax import train_step as ts
+from apo_jax.layouts import concat
 from apo_jax.models.config import get_preset
 from apo_jax.models.llama import Llama
 from apo_jax.optim import OptimConfig, make_optimizer
@@ -76,7 +78,7 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 def test_micro_batches_keep_pairs_together():
     batch = make_batch(n=4)
-    micro = ts.micro_batches(batch, 2)
+    micro = layouts.get("concat").micro_batches(batch, 2)
     np.testing.assert_array_equal(micro["input_ids"][1][:2], batch["input_ids"][2:4])  # chosen 2, 3
     np.testing.assert_array_equal(
         micro["input_ids"][1][2:], batch["input_ids"][6:8]
@@ -88,7 +90,7 @@ def test_online_reference_equals_precomputed():
     batch = make_batch(seed=3)
     graphdef, state, _ = setup()
     ref_params = jax.tree.map(lambda x: x, state.params)
-    ref_R, _ = ts.row_logps(graphdef, ref_params, batch, 256)
+    ref_R, _ = concat.row_logps(graphdef, ref_params, batch, 256)
     pre = dict(batch, ref_chosen_logps=ref_R[:4], ref_rejected_logps=ref_R[4:])
     _, s_pre, step_pre = setup(ts.StepConfig(reference="precomputed"))
     _, s_on, step_on = setup(ts.StepConfig(reference="online"))

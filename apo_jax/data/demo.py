@@ -15,7 +15,7 @@ import random
 import shutil
 import tempfile
 
-VERSION = "demo-v1"
+VERSION = "demo-v2"  # v2: manifests carry shard sizes and hashes (shards.verify)
 SPECIAL_TOKENS = (
     "<|begin_of_text|>",
     "<|end_of_text|>",

@@ -1,23 +1,38 @@
-"""Reading raw preference rows from JSONL, JSON, Parquet, `save_to_disk` dirs and HF datasets.
+"""Reading raw rows from JSONL (also gzipped), JSON, Parquet, `save_to_disk` dirs and HF datasets.
 
 Rows are yielded raw (JSONL lines as bytes, so decoding errors become per-row rejects); the
 validation into :class:`~apo_jax.data.schema.Pair` happens in :func:`parse_row`, usually in a
-worker process.
+worker process. The CLAIR builders read their prompt files through the same functions.
+
+A JSONL line longer than ``max_row_bytes`` is never held in memory: it is skipped as it is read
+and comes back as an :class:`Oversize` payload, which :func:`decode_row` rejects as
+``too_many_bytes``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import os
+import zlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import IO, Any
 
+from apo_jax import errors
 from apo_jax.data import schema
 
 
-class InputError(Exception):
-    """An input that cannot be read at all; the message says what to fix."""
+class InputError(errors.UserError):
+    """An input that cannot be read at all; the message names the file and what to fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Oversize:
+    """The payload of a JSONL line longer than the byte limit (the line itself is dropped)."""
+
+    nbytes: int
+    limit: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,20 +45,41 @@ class RawRow:
     payload: Any
 
 
-def _jsonl_rows(path: str) -> Iterator[tuple[int, bytes]]:
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if raw.strip():
-                yield lineno, raw
+def _open(path: str) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")  # noqa: SIM115
+
+
+def _skip_line(f: IO[bytes], head: bytes) -> int:
+    """Reads past the rest of a long line in 1 MiB pieces; returns the line's length."""
+    n, piece = len(head), head
+    while piece and not piece.endswith(b"\n"):
+        piece = f.readline(1 << 20)
+        n += len(piece)
+    return n - 1 if piece.endswith(b"\n") else n
+
+
+def _jsonl_rows(path: str, max_row_bytes: int | None) -> Iterator[tuple[int, bytes | Oversize]]:
+    limit = max_row_bytes + 1 if max_row_bytes else -1  # room for the newline
+    try:
+        with _open(path) as f:
+            lineno = 0
+            while raw := f.readline(limit):
+                lineno += 1
+                if len(raw) == limit and not raw.endswith(b"\n"):
+                    yield lineno, Oversize(_skip_line(f, raw), max_row_bytes)
+                elif not raw.isspace():
+                    yield lineno, raw
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise InputError(f"{path}: damaged gzip file ({e})") from None
 
 
 def _json_rows(path: str) -> Iterator[tuple[int, Any]]:
-    with open(path, "rb") as f:
+    with _open(path) as f:
         data = f.read()
     try:
         obj = json.loads(data)
     except (ValueError, UnicodeDecodeError):
-        yield from _jsonl_rows(path)  # a .json file that is really JSON lines
+        yield from _jsonl_rows(path, None)  # a .json file that is really JSON lines
         return
     if isinstance(obj, dict):
         lists = [v for v in obj.values() if isinstance(v, list)]
@@ -89,36 +125,38 @@ def _hf_rows(spec: str, split: str) -> Iterator[tuple[int, Any]]:
     yield from enumerate(ds)
 
 
-def _file_rows(path: str, split: str) -> Iterator[tuple[int, Any]]:
-    if os.path.isdir(path):
+def _file_rows(path: str, split: str, max_row_bytes: int | None) -> Iterator[tuple[int, Any]]:
+    if os.path.isdir(path) or (not os.path.exists(path) and _is_hub_name(path)):
         return _hf_rows(path, split)
     if not os.path.exists(path):
-        if path.count("/") == 1 and not path.startswith((".", "/")):
-            return _hf_rows(path, split)  # looks like a hub dataset name
         raise InputError(f"{path}: no such file or directory")
     if not os.access(path, os.R_OK):
         raise InputError(f"{path}: not readable (check permissions)")
-    lower = path.lower()
+    lower = path.lower().removesuffix(".gz")
     if lower.endswith(".parquet"):
         return _parquet_rows(path)
     if lower.endswith(".json"):
         return _json_rows(path)
-    return _jsonl_rows(path)
+    return _jsonl_rows(path, max_row_bytes)
 
 
-def read_rows(inputs: str | Sequence[str], *, split: str = "train") -> Iterator[RawRow]:
+def read_rows(
+    inputs: str | Sequence[str], *, split: str = "train", max_row_bytes: int | None = None
+) -> Iterator[RawRow]:
     """Yields every raw row of every input, in order, with a global source index.
 
     Args:
-      inputs: paths to .jsonl/.json/.parquet files, `save_to_disk` directories or hub
-        dataset names ("org/name").
+      inputs: paths to .jsonl/.jsonl.gz/.json/.parquet files, `save_to_disk` directories or
+        hub dataset names ("org/name").
       split: the split to read from a DatasetDict or hub dataset.
+      max_row_bytes: a JSONL line longer than this is not read into memory; its payload is an
+        :class:`Oversize` (None: no limit).
 
     Raises:
       InputError: when an input cannot be opened or parsed at all.
     """
     inputs = check_inputs(inputs)
-    return _read_rows(inputs, split)
+    return _read_rows(inputs, split, max_row_bytes)
 
 
 def _is_hub_name(path: str) -> bool:
@@ -137,29 +175,41 @@ def check_inputs(inputs: str | Sequence[str]) -> list[str]:
     return list(inputs)
 
 
-def _read_rows(inputs: list[str], split: str) -> Iterator[RawRow]:
+def _read_rows(inputs: list[str], split: str, max_row_bytes: int | None) -> Iterator[RawRow]:
     index = 0
     for path in inputs:
-        for line, payload in _file_rows(path, split):
+        for line, payload in _file_rows(path, split, max_row_bytes):
             yield RawRow(index, str(path), line, payload)
             index += 1
 
 
+def decode_row(raw: RawRow) -> Any:
+    """The row's object: a JSONL line decoded as UTF-8 JSON, any other payload as it is.
+
+    Raises:
+      schema.RowError: ``too_many_bytes``, ``non_utf8`` or ``malformed_json`` (field ``<line>``).
+    """
+    payload = raw.payload
+    if isinstance(payload, Oversize):
+        detail = f"{payload.nbytes} bytes > max_row_bytes {payload.limit}"
+        raise schema.RowError("<line>", schema.TOO_MANY_BYTES, detail)
+    if not isinstance(payload, bytes):
+        return payload
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise schema.RowError("<line>", schema.NON_UTF8, str(e)) from None
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise schema.RowError("<line>", schema.MALFORMED_JSON, str(e)) from None
+
+
 def parse_row(raw: RawRow, fields: schema.FieldMap) -> schema.Pair | schema.Reject:
     """Decodes and validates one raw row; never raises for bad data."""
-    payload = raw.payload
     try:
-        if isinstance(payload, bytes):
-            try:
-                text = payload.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise schema.RowError("<line>", schema.NON_UTF8, str(e)) from None
-            try:
-                payload = json.loads(text)
-            except ValueError as e:
-                raise schema.RowError("<line>", schema.MALFORMED_JSON, str(e)) from None
         return schema.to_pair(
-            payload, fields, source_index=raw.source_index, file=raw.file, line=raw.line
+            decode_row(raw), fields, source_index=raw.source_index, file=raw.file, line=raw.line
         )
     except schema.RowError as e:
         return schema.Reject(

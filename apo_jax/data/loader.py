@@ -7,71 +7,58 @@ together form exactly the global batch and a run on P hosts sees the same data a
 With a finite number of epochs, a stream that does not fill the last global batch is cut
 (``drop_remainder=True``, counted in ``dropped``) or filled with padding pairs (``index == -1``).
 
-Batch keys: see :mod:`apo_jax.data.batch` and docs/architecture.md.
+The rows of a batch are the layout's (:mod:`apo_jax.layouts`): the loader asks it for the
+collate, the default ``seq_len`` and the longest row of the shards, and
+:meth:`PairLoader.global_batch` hands a batch to its global-batch rules.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
-from apo_jax.data import batch as batch_lib
+from apo_jax import layouts
 from apo_jax.data import refs, shards
-
-pad_batch = batch_lib.pad_batch
-prefix_attention_mask = batch_lib.prefix_attention_mask
-write_reference_logps = refs.write_reference_logps
 
 
 @dataclasses.dataclass(frozen=True)
 class LoaderConfig:
     """How to read the shards. ``batch_size`` counts pairs per process."""
 
-    batch_size: int = 8  # N pairs per process and step (concat rows = 2N)
-    seq_len: int | None = (
-        None  # T; None: the manifest's max_length (concat, packed) or longest row (prefix)
-    )
+    batch_size: int = 8  # N pairs per process and step
+    seq_len: int | None = None  # T; None: the layout's default (layouts.Layout.default_seq_len)
     buckets: tuple[int, ...] | None = None  # pad each batch to the smallest bucket that fits
-    layout: str = "concat"  # concat | prefix | packed
-    row_multiple: int = 1  # packed: rows per process are a multiple of this
+    layout: layouts.Layout = layouts.get("concat")  # the row layout, from layouts.get(name)
+    row_multiple: int = 1  # packed: rows per micro-batch and process are a multiple of this
+    micro_batches: int = 1  # micro-batches per step (packed rows pack each one apart)
     seed: int = 0
     shuffle: bool = True
     num_epochs: int | None = None  # None: repeat forever
     drop_remainder: bool = True  # False: fill the last batch with padding pairs
     worker_count: int = 0  # grain worker processes (0: read in this process)
     worker_buffer_size: int = 2
-    reference: str = "auto"  # auto: use reference_logps.npz when present | require | none
-    reference_info: Mapping[str, Any] | None = None  # must equal the stored fingerprint info
+    # Reference log-probs to add to each batch: None: none; else the fingerprint info that the
+    # stored reference_logps.npz must hold (it must exist and cover every record).
+    reference_info: Mapping[str, Any] | None = None
 
     def __post_init__(self):
-        if self.layout not in batch_lib.LAYOUTS:
-            raise ValueError(f"layout must be one of {batch_lib.LAYOUTS}, got {self.layout!r}")
+        if not isinstance(self.layout, layouts.Layout):
+            raise ValueError(f"layout must be a layouts.get(name) object, got {self.layout!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.row_multiple < 1:
             raise ValueError(f"row_multiple must be >= 1, got {self.row_multiple}")
-        if self.reference not in ("auto", "require", "none"):
-            raise ValueError(f"reference must be auto, require or none, got {self.reference!r}")
+        if self.micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
 
 
 def _with_index(num_records: int, index: int, record: bytes) -> tuple[int, bytes]:
     # grain passes the repeated stream's position down, so epoch e sees index e * n + i.
     return index % num_records, record
-
-
-def _default_seq_len(manifest: dict[str, Any], layout: str) -> int:
-    if layout != "prefix":
-        return int(manifest["settings"]["max_length"])
-    longest = (
-        manifest["lengths"].get("prefix_row", {}).get("max")
-        or 2 * manifest["settings"]["max_length"]
-    )
-    return int(math.ceil(longest / 64) * 64)
 
 
 class PairLoader:
@@ -135,33 +122,35 @@ class PairLoader:
         self._dataset = ds.batch(config.batch_size, drop_remainder=True, batch_fn=self._collate)
         self._iter = self._new_iter()
 
-    def _make_collate(self, config: LoaderConfig) -> batch_lib.Collate:
-        seq_len = config.seq_len or _default_seq_len(self.manifest, config.layout)
-        key = "prefix_row" if config.layout == "prefix" else "row_max"
-        longest = (self.manifest.get("lengths", {}).get(key) or {}).get("max")
+    def _make_collate(self, config: LoaderConfig) -> layouts.Collate:
+        layout = config.layout
+        seq_len = config.seq_len or layout.default_seq_len(self.manifest)
+        longest = layout.longest_row(self.manifest)
         if longest is not None and longest > seq_len:
-            raise ValueError(f"{self.shard_dir} has {config.layout} rows of {int(longest)} tokens > seq_len {seq_len}; "
+            raise ValueError(f"{self.shard_dir} has {layout.name} rows of {longest} tokens > seq_len {seq_len}; "
                              "raise seq_len or re-prepare with a smaller --max-length")  # fmt: skip
         ref_c = ref_r = None
-        use_ref = config.reference == "require" or (
-            config.reference == "auto" and refs.has_reference_logps(self.shard_dir)
-        )
-        if use_ref:
+        if config.reference_info is not None:
             ref_c, ref_r = refs.load_reference_logps(self.shard_dir, config.reference_info)
         pad_id = int(self.manifest["tokenizer"].get("pad_id") or 0)
-        return batch_lib.Collate(
-            config.layout, seq_len, pad_id, config.buckets, ref_c, ref_r, config.row_multiple
+        spec = layouts.RowSpec(
+            seq_len, pad_id, config.buckets, config.row_multiple, config.micro_batches
         )
+        return layouts.Collate(layout, spec, ref_c, ref_r)
 
-    @property
-    def seq_len(self) -> int:
-        """The longest row length T a batch can have."""
-        return self._collate.seq_len
+    def global_batch(self, batch: Mapping[str, np.ndarray], sharding: Any) -> dict[str, Any]:
+        """This process's batch -> global jax arrays, by the layout's rules.
 
-    @property
-    def dataset(self) -> Any:
-        """The grain MapDataset of this process's batches (random access by batch number)."""
-        return self._dataset
+        Every process must call it for every batch (it may all-gather the batch shapes). See
+        :meth:`apo_jax.layouts.Layout.global_batch`; ``sharding`` names the batch mesh axes.
+        """
+        c = self.config
+        return c.layout.global_batch(
+            batch,
+            sharding,
+            micro_batches=c.micro_batches,
+            same_shape=c.layout.shapes_always_agree(c.buckets),
+        )
 
     def _new_iter(self, start_batch: int = 0) -> Any:
         import grain
@@ -214,11 +203,6 @@ class PairLoader:
             epochs or data (the process count may differ).
         """
         want = self._signature()
-        if "global_batch_size" not in state and "batch_size" in state:  # states saved before it
-            state = {
-                **state,
-                "global_batch_size": state["batch_size"] * state.get("process_count", 1),
-            }
         got = {k: state.get(k) for k in want}
         if got != want:
             diff = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
@@ -240,123 +224,3 @@ def make_loader(
         process_index=process_index,
         process_count=process_count,
     )
-
-
-def make_global_batch(
-    batch: Mapping[str, np.ndarray], sharding: Any, *, same_shape: bool = False
-) -> dict[str, Any]:
-    """Turns each process's local batch into global jax arrays sharded on the row axis.
-
-    Args:
-      batch: this process's batch from the loader (concat layout: ``[2N, T]`` rows, chosen first).
-      sharding: a ``NamedSharding`` whose spec's first entry names the batch mesh axes
-        (e.g. ``P(('data', 'fsdp'))``); other dims are replicated.
-      same_shape: the caller knows every process's batch has this shape (concat or prefix rows
-        without buckets, see :func:`shapes_always_agree`): skips the shape all-gather, a
-        device round trip that would otherwise wait for the running step.
-
-    Returns:
-      Global arrays of shape ``[2 * N * P, T]`` (concat keys) or ``[N * P, ...]`` keeping the
-      layout globally: rows ``0..NP-1`` are the chosen rows of all processes, then the rejected.
-      Packed batches: the processes' rows one after the other, ``sequence_ids`` renumbered to
-      the global pairs. Every layout is first padded to the largest row count and length of any
-      process (:func:`agree_shape`), so buckets may pick another ``T`` on each process.
-    """
-    import jax
-    from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
-
-    axis = sharding.spec[0] if len(sharding.spec) else None
-    # Auto axes let the compiler move the rows of the [2, N, T] -> [2N, T] merge between devices.
-    mesh = Mesh(
-        sharding.mesh.devices,
-        sharding.mesh.axis_names,
-        axis_types=(AxisType.Auto,) * len(sharding.mesh.axis_names),
-    )
-    n = len(batch["index"])
-    procs = jax.process_count()
-    packed = "sequence_ids" in batch
-    if not same_shape:
-        batch = agree_shape(batch)
-    if packed:
-        batch = _number_sequences_globally(batch, NamedSharding(mesh, PartitionSpec(axis)))
-    out = {}
-    for key, x in batch.items():
-        rest = (None,) * (x.ndim - 1)
-        if (
-            not packed
-            and x.shape[0] == 2 * n
-            and x.ndim == 2
-            and "input_ids" in batch
-            and batch["input_ids"].shape[0] == 2 * n
-        ):
-            # [2N, T] -> [2, N, T] so each process contributes its own chosen and rejected halves.
-            sh3 = NamedSharding(mesh, PartitionSpec(None, axis, *rest))
-            x3 = jax.make_array_from_process_local_data(
-                sh3, x.reshape(2, n, -1), (2, n * procs, x.shape[1])
-            )
-            merged = _merge_halves(x3, NamedSharding(mesh, PartitionSpec(axis, *rest)))
-        else:
-            sh = NamedSharding(mesh, PartitionSpec(axis, *rest))
-            shape = (x.shape[0] * procs, *x.shape[1:])
-            merged = jax.make_array_from_process_local_data(sh, x, shape)
-        out[key] = jax.device_put(merged, NamedSharding(sharding.mesh, PartitionSpec(axis, *rest)))
-    return out
-
-
-def _merge_halves(x_2xNxT: Any, out_sharding: Any) -> Any:
-    import jax
-
-    return jax.jit(lambda x: x.reshape(-1, x.shape[-1]), out_shardings=out_sharding)(x_2xNxT)
-
-
-def global_sequence_ids(sequence_ids: np.ndarray, n: int, n_global: int, offset: int) -> np.ndarray:
-    """Local sequence numbers (i chosen, n + i rejected of local pair i) -> global ones.
-
-    The process's pairs are global pairs ``offset .. offset + n - 1``; padding (-1) stays -1.
-    """
-    chosen = sequence_ids + offset
-    rejected = sequence_ids - n + n_global + offset
-    return np.where(sequence_ids < 0, -1, np.where(sequence_ids < n, chosen, rejected)).astype(
-        sequence_ids.dtype
-    )
-
-
-def shapes_always_agree(layout: str, buckets: Any) -> bool:
-    """True when every process's batches have one shape by construction: concat or prefix rows
-    padded to ``seq_len`` (no buckets). Packed rows and buckets vary per process and step."""
-    return layout != "packed" and not buckets
-
-
-def agree_shape(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """This process's batch padded to the largest row count and length of any process.
-
-    Buckets (any layout) and packing (the row count too) let the processes' batches of one step
-    differ in shape, and a global array needs one. With several processes this all-gathers the
-    shapes (every process must call it, once per batch) and pads with :func:`pad_batch`; the pad
-    id is the one the batch's own padding (segment 0) holds, else 0. One process: unchanged.
-    """
-    import jax
-
-    if jax.process_count() == 1:
-        return dict(batch)
-    from jax.experimental import multihost_utils
-
-    shape = np.asarray(batch["input_ids"].shape, np.int32)
-    rows, t = (int(d) for d in np.max(multihost_utils.process_allgather(shape), axis=0))
-    if (rows, t) == batch["input_ids"].shape:
-        return dict(batch)
-    pads = batch["input_ids"][batch["segment_ids"] == 0]
-    return pad_batch(batch, rows, t, int(pads[0]) if pads.size else 0)
-
-
-def _number_sequences_globally(
-    batch: Mapping[str, np.ndarray], pair_sharding: Any
-) -> dict[str, np.ndarray]:
-    import jax
-
-    n, procs = len(batch["index"]), jax.process_count()
-    # Where make_array_from_process_local_data puts this process's pairs in the global [N * P].
-    index_map = pair_sharding.addressable_devices_indices_map((n * procs,))
-    offset = min(idx[0].start or 0 for idx in index_map.values())
-    ids = global_sequence_ids(batch["sequence_ids"], n, n * procs, offset)
-    return {**batch, "sequence_ids": ids}

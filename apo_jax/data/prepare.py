@@ -1,9 +1,11 @@
 """Raw preference pairs -> tokenized ArrayRecord shards, rejects.jsonl and manifest.json.
 
-Run: ``python -m apo_jax.data.prepare --input pairs.jsonl --tokenizer TOKDIR --out shards/``.
+Command: ``python -m apo_jax.data.prepare --input=pairs.jsonl --tokenizer=TOKDIR --out=shards/``.
 Python: ``prepare(inputs, tokenizer_dir, out_dir, Settings(...)) -> manifest dict``.
 Workers tokenize chunks of rows; the main process writes results in input order, so the output
-is the same for any worker count.
+is the same for any worker count. Memory stays bounded whatever the rows hold: a JSONL line over
+``max_row_bytes`` is skipped unread, text that cannot fit ``max_length`` is rejected before it is
+tokenized, and the rows in flight are capped in bytes as well as in number.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import collections
 import concurrent.futures
 import dataclasses
 import glob
-import itertools
 import json
 import multiprocessing
 import os
@@ -21,13 +22,22 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from absl import flags
+
+from apo_jax import commands, errors
 from apo_jax.data import ingest, schema, shards, stats, tokenize
 
-FORMAT = "apo_jax.pairs/v1"
+FORMAT = "apo_jax.pairs/v2"  # v2: shard entries carry bytes and sample_sha256
+CHUNK_BYTES = 64 << 20  # raw bytes of rows per worker task, at most
 
 
-class PrepareError(Exception):
-    """A fatal problem (a reject under --strict); the message names the row."""
+class PrepareError(errors.UserError):
+    """Prepare cannot go on: a row rejected under ``strict`` (the message names the file, line,
+    field and reason), or a file it cannot read or write."""
+
+
+class SettingsError(errors.UserError, ValueError):
+    """A :class:`Settings` field out of range; the message names the flag."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +50,7 @@ class Settings:
     fields: schema.FieldMap = schema.FieldMap()
     split: str = "train"  # for DatasetDicts and hub datasets
     records_per_shard: int = 10_000
+    max_row_bytes: int = 64 << 20  # a JSONL line longer than this is rejected unread
     workers: int = 0  # 0: tokenize in this process
     chunk_size: int = 256  # rows per worker task
     strict: bool = False  # any reject is fatal
@@ -47,11 +58,14 @@ class Settings:
 
     def __post_init__(self):
         if self.truncation not in ("none", "keep_start", "keep_end"):
-            raise ValueError(
-                f"truncation must be none, keep_start or keep_end, got {self.truncation!r}"
+            raise SettingsError(
+                f"--truncation must be none, keep_start or keep_end, got {self.truncation!r}"
             )
         if self.max_length < 2:
-            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+            raise SettingsError(f"--max_length must be >= 2, got {self.max_length}")
+        for name in ("records_per_shard", "max_row_bytes", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"--{name} must be >= 1, got {getattr(self, name)}")
 
 
 def _process_chunk(
@@ -88,9 +102,20 @@ def _process_chunk(
     return out
 
 
+def _payload_bytes(raw: ingest.RawRow) -> int:
+    return len(raw.payload) if isinstance(raw.payload, bytes) else 0
+
+
 def _chunks(rows: Iterable[ingest.RawRow], size: int) -> Iterable[list[ingest.RawRow]]:
-    it = iter(rows)
-    while chunk := list(itertools.islice(it, size)):
+    """Chunks of at most ``size`` rows and about CHUNK_BYTES raw bytes (at least one row)."""
+    chunk, nbytes = [], 0
+    for raw in rows:
+        chunk.append(raw)
+        nbytes += _payload_bytes(raw)
+        if len(chunk) >= size or nbytes >= CHUNK_BYTES:
+            yield chunk
+            chunk, nbytes = [], 0
+    if chunk:
         yield chunk
 
 
@@ -159,13 +184,73 @@ def _tokenizer_info(tokenizer_dir: str) -> dict[str, Any]:
     }
 
 
+@dataclasses.dataclass
+class _Tally:
+    """What the writing loop counts: rows read, rejects by reason, lengths, contrastiveness."""
+
+    read: int = 0
+    by_reason: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    lengths: dict[str, list[int]] = dataclasses.field(
+        default_factory=lambda: {
+            k: [] for k in ("prompt", "chosen", "rejected", "row_max", "prefix_row")
+        }
+    )
+    jaccard: list[float] = dataclasses.field(default_factory=list)
+    levenshtein: list[int] = dataclasses.field(default_factory=list)
+
+    def add(self, rec: shards.PairRecord, jaccard: float, levenshtein: int) -> None:
+        p, c, r = len(rec.prompt), len(rec.chosen), len(rec.rejected)
+        for key, n in (
+            ("prompt", p),
+            ("chosen", c),
+            ("rejected", r),
+            ("row_max", p + max(c, r)),
+            ("prefix_row", p + c + r),
+        ):
+            self.lengths[key].append(n)
+        self.jaccard.append(jaccard)
+        self.levenshtein.append(levenshtein)
+
+
+def _write(
+    tokenizer_dir: str,
+    settings: Settings,
+    rows: Iterable[ingest.RawRow],
+    writer: shards.ShardWriter,
+) -> _Tally:
+    """Tokenizes the rows, writes records to ``writer`` and rejects to rejects.jsonl."""
+    from tqdm import tqdm
+
+    tally = _Tally()
+    bar = tqdm(desc="prepare", unit="pair", disable=not settings.progress)
+    with open(os.path.join(writer.out_dir, shards.REJECTS), "w", encoding="utf-8") as rejects:
+        for chunk in _results(tokenizer_dir, settings, rows):
+            for item in chunk:
+                tally.read += 1
+                if item[0] == "ok":
+                    writer.write(item[1])
+                    tally.add(item[1], *item[2])
+                    continue
+                rej = item[1]
+                if settings.strict:
+                    raise PrepareError(
+                        f"{rej.file}:{rej.line}: {rej.field}: {rej.reason} {rej.detail}".strip()
+                        + " (--strict)"
+                    )
+                tally.by_reason[rej.reason] += 1
+                rejects.write(json.dumps(rej.to_json(), ensure_ascii=False) + "\n")
+            bar.update(len(chunk))
+    bar.close()
+    return tally
+
+
 def prepare(
     inputs: str | Sequence[str], tokenizer_dir: str, out_dir: str, settings: Settings | None = None
 ) -> dict[str, Any]:
     """Tokenizes preference pairs into shards; returns the manifest (also written to out_dir).
 
     Args:
-      inputs: files (.jsonl/.json/.parquet), `save_to_disk` dirs or hub dataset names.
+      inputs: files (.jsonl/.jsonl.gz/.json/.parquet), `save_to_disk` dirs or hub dataset names.
       tokenizer_dir: a local Hugging Face tokenizer directory with a chat template.
       out_dir: where shards, rejects.jsonl and manifest.json go (old ones are replaced).
       settings: length policy, field names, workers; defaults to ``Settings()``.
@@ -173,82 +258,53 @@ def prepare(
     Raises:
       ingest.InputError: an input cannot be read at all.
       tokenize.TokenizerError: the tokenizer is missing or has no chat template.
-      PrepareError: a row was rejected and ``settings.strict`` is set.
+      PrepareError: a row was rejected and ``settings.strict`` is set, or ``out_dir`` cannot be
+        written.
     """
     settings = settings or Settings()
     inputs = ingest.check_inputs(inputs)
     tok_info = _tokenizer_info(tokenizer_dir)  # fail fast on a bad tokenizer
-    rows = ingest.read_rows(inputs, split=settings.split)
-    _clear_outputs(out_dir)
+    rows = ingest.read_rows(inputs, split=settings.split, max_row_bytes=settings.max_row_bytes)
     start = time.perf_counter()
-    writer = shards.ShardWriter(out_dir, settings.records_per_shard)
-    by_reason: collections.Counter = collections.Counter()
-    lengths: dict[str, list[int]] = {
-        "prompt": [],
-        "chosen": [],
-        "rejected": [],
-        "row_max": [],
-        "prefix_row": [],
-    }
-    jac, lev = [], []
-    read = 0
-    from tqdm import tqdm
-
-    bar = tqdm(desc="prepare", unit="pair", disable=not settings.progress)
-    with open(os.path.join(out_dir, shards.REJECTS), "w", encoding="utf-8") as rejects:
-        for chunk in _results(tokenizer_dir, settings, rows):
-            for item in chunk:
-                read += 1
-                if item[0] == "reject":
-                    rej = item[1]
-                    if settings.strict:
-                        writer.close()
-                        raise PrepareError(
-                            f"{rej.file}:{rej.line}: {rej.field}: {rej.reason} {rej.detail}".strip()
-                        )
-                    by_reason[rej.reason] += 1
-                    rejects.write(json.dumps(rej.to_json(), ensure_ascii=False) + "\n")
-                    continue
-                rec, (j, d) = item[1], item[2]
-                writer.write(rec)
-                for key, n in (
-                    ("prompt", len(rec.prompt)),
-                    ("chosen", len(rec.chosen)),
-                    ("rejected", len(rec.rejected)),
-                ):
-                    lengths[key].append(n)
-                lengths["row_max"].append(len(rec.prompt) + max(len(rec.chosen), len(rec.rejected)))
-                lengths["prefix_row"].append(len(rec.prompt) + len(rec.chosen) + len(rec.rejected))
-                jac.append(j)
-                lev.append(d)
-            bar.update(len(chunk))
-    bar.close()
-    paths = writer.close()
-    seconds = time.perf_counter() - start
-    manifest = {
-        "format": FORMAT,
-        "record_layout": "int64[4] (source_index, n_prompt, n_chosen, n_rejected) + int32 ids",
-        "inputs": [os.path.abspath(p) if os.path.exists(p) else p for p in inputs],
-        "tokenizer": tok_info,
-        "settings": _settings_json(settings),
-        "counts": {
-            "read": read,
-            "written": writer.count,
-            "rejected": sum(by_reason.values()),
-            "rejected_by_reason": dict(sorted(by_reason.items())),
-        },
-        "shards": _shard_entries(paths, settings.records_per_shard, writer.count),
-        "lengths": {k: stats.summarize(v) for k, v in lengths.items()},
-        "contrastiveness": {
-            "jaccard_tokens": stats.summarize(jac),
-            "levenshtein_chars": stats.summarize(lev),
-        },
-        "seconds": round(seconds, 3),
-    }
-    manifest["shard_fingerprint"] = shards.shard_fingerprint(out_dir) if paths else None
-    with open(os.path.join(out_dir, shards.MANIFEST), "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2, sort_keys=False)
+    try:
+        _clear_outputs(out_dir)
+        writer = shards.ShardWriter(out_dir, settings.records_per_shard)
+        try:
+            tally = _write(tokenizer_dir, settings, rows, writer)
+        finally:
+            paths = writer.close()
+        manifest = {
+            "format": FORMAT,
+            "record_layout": "int64[4] (source_index, n_prompt, n_chosen, n_rejected) + int32 ids",
+            "inputs": [os.path.abspath(p) if os.path.exists(p) else p for p in inputs],
+            "tokenizer": tok_info,
+            "settings": _settings_json(settings),
+            "counts": {
+                "read": tally.read,
+                "written": writer.count,
+                "rejected": sum(tally.by_reason.values()),
+                "rejected_by_reason": dict(sorted(tally.by_reason.items())),
+            },
+            "shards": _shard_entries(paths, settings.records_per_shard, writer.count),
+            "lengths": {k: stats.summarize(v) for k, v in tally.lengths.items()},
+            "contrastiveness": {
+                "jaccard_tokens": stats.summarize(tally.jaccard),
+                "levenshtein_chars": stats.summarize(tally.levenshtein),
+            },
+            "seconds": round(time.perf_counter() - start, 3),
+            "shard_fingerprint": shards.shard_fingerprint(out_dir) if paths else None,
+        }
+        _write_manifest(out_dir, manifest)
+    except OSError as e:
+        raise PrepareError(f"{e.filename or out_dir}: {e.strerror or e}") from None
     return manifest
+
+
+def _write_manifest(out_dir: str, manifest: dict[str, Any]) -> None:
+    path = os.path.join(out_dir, shards.MANIFEST)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, sort_keys=False)
+    os.replace(path + ".tmp", path)  # a manifest exists only for a finished directory
 
 
 def _settings_json(settings: Settings) -> dict[str, Any]:
@@ -260,10 +316,7 @@ def _settings_json(settings: Settings) -> dict[str, Any]:
 
 def _shard_entries(paths: list[str], per_shard: int, total: int) -> list[dict[str, Any]]:
     counts = [min(per_shard, total - i * per_shard) for i in range(len(paths))]
-    return [
-        {"file": os.path.basename(p), "records": n, "sha256": shards.file_sha256(p)}
-        for p, n in zip(paths, counts, strict=True)
-    ]
+    return [shards.shard_entry(p, n) for p, n in zip(paths, counts, strict=True)]
 
 
 def summary_line(manifest: dict[str, Any]) -> str:
@@ -273,62 +326,78 @@ def summary_line(manifest: dict[str, Any]) -> str:
     return f"read {c['read']} = written {c['written']} + rejected {c['rejected']} ({reasons})"
 
 
-def _parse_args(argv: Sequence[str] | None) -> Any:
-    import argparse
+def _flag_values() -> flags.FlagValues:
+    fv = flags.FlagValues()
+    d, kw = Settings(), {"flag_values": fv}
+    flags.DEFINE_multi_string(
+        "input",
+        None,
+        "pair file (.jsonl, .jsonl.gz, .json, .parquet), save_to_disk dir or hub name",
+        **kw,
+    )
+    flags.DEFINE_string("tokenizer", None, "Hugging Face tokenizer dir with a chat template", **kw)
+    flags.DEFINE_string("out", None, "output dir: shards, manifest.json, rejects.jsonl", **kw)
+    flags.DEFINE_integer("max_length", d.max_length, "prompt + completion tokens, each side", **kw)
+    flags.DEFINE_integer("max_prompt_length", None, "prompt tokens at most (default: none)", **kw)
+    flags.DEFINE_enum(
+        "truncation",
+        d.truncation,
+        ["none", "keep_start", "keep_end"],
+        "a too long prompt: reject it (none), keep its start or its end",
+        **kw,
+    )
+    flags.DEFINE_string("prompt_field", d.fields.prompt, "input field of the prompt", **kw)
+    flags.DEFINE_string("chosen_field", d.fields.chosen, "input field of the chosen side", **kw)
+    flags.DEFINE_string(
+        "rejected_field", d.fields.rejected, "input field of the rejected side", **kw
+    )
+    flags.DEFINE_string("system_field", None, "input field of a system prompt, put first", **kw)
+    flags.DEFINE_string("split", d.split, "split of a DatasetDict or hub dataset", **kw)
+    flags.DEFINE_integer("records_per_shard", d.records_per_shard, "records per shard file", **kw)
+    flags.DEFINE_integer(
+        "max_row_bytes",
+        d.max_row_bytes,
+        "a longer JSONL line is rejected unread (too_many_bytes)",
+        **kw,
+    )
+    flags.DEFINE_integer(
+        "workers",
+        min(8, os.cpu_count() or 1),
+        "tokenizer processes (0: tokenize in this one)",
+        **kw,
+    )
+    flags.DEFINE_bool("strict", False, "stop at the first rejected row (exit 2)", **kw)
+    flags.DEFINE_bool("progress", True, "show a progress bar on stderr", **kw)
+    for name in ("input", "tokenizer", "out"):
+        flags.mark_flag_as_required(name, flag_values=fv)
+    return fv
 
-    p = argparse.ArgumentParser(
-        prog="python -m apo_jax.data.prepare", description=__doc__.splitlines()[0]
-    )
-    p.add_argument(
-        "--input",
-        "-i",
-        nargs="+",
-        required=True,
-        help="JSONL/JSON/Parquet files, dataset dirs or names",
-    )
-    p.add_argument(
-        "--tokenizer", required=True, help="Hugging Face tokenizer directory with a chat template"
-    )
-    p.add_argument(
-        "--out", required=True, help="output directory for shards, manifest.json, rejects.jsonl"
-    )
-    p.add_argument("--max-length", type=int, default=2048)
-    p.add_argument("--max-prompt-length", type=int, default=None)
-    p.add_argument("--truncation", choices=("none", "keep_start", "keep_end"), default="none")
-    p.add_argument("--prompt-field", default="prompt")
-    p.add_argument("--chosen-field", default="chosen")
-    p.add_argument("--rejected-field", default="rejected")
-    p.add_argument("--system-field", default=None)
-    p.add_argument("--split", default="train")
-    p.add_argument("--records-per-shard", type=int, default=10_000)
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
-    p.add_argument("--strict", action="store_true", help="any rejected row is fatal")
-    p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+
+def run(argv: Sequence[str]) -> int:
+    """Parses the flags, prepares the shards and prints the summary; returns the exit status.
+
+    Raises:
+      UserError: a flag, input or tokenizer problem, or a reject under ``--strict``.
+    """
+    fv = _flag_values()
+    usage = "python -m apo_jax.data.prepare --input=PATH --tokenizer=DIR --out=DIR [flags]"
+    if commands.parse(fv, argv, usage, __doc__.splitlines()[0])[1:]:
+        raise commands.FlagError(f"unexpected arguments {list(argv)[1:]}: use --input=PATH")
+    fields = schema.FieldMap(fv.prompt_field, fv.chosen_field, fv.rejected_field, fv.system_field)
+    settings = Settings(
+        max_length=fv.max_length, max_prompt_length=fv.max_prompt_length, truncation=fv.truncation,
+        fields=fields, split=fv.split, records_per_shard=fv.records_per_shard,
+        max_row_bytes=fv.max_row_bytes, workers=fv.workers, strict=fv.strict, progress=fv.progress,
+    )  # fmt: skip
+    manifest = prepare(fv.input, fv.tokenizer, fv.out, settings)
+    print(summary_line(manifest))
+    print(f"shards in {fv.out}; rejects in {os.path.join(fv.out, shards.REJECTS)}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: prints the summary line; exit 2 on unusable input/tokenizer, 1 on a --strict reject."""
-    args = _parse_args(argv)
-    try:
-        fields = schema.FieldMap(
-            args.prompt_field, args.chosen_field, args.rejected_field, args.system_field
-        )
-        settings = Settings(
-            max_length=args.max_length, max_prompt_length=args.max_prompt_length, truncation=args.truncation,
-            fields=fields, split=args.split, records_per_shard=args.records_per_shard, workers=args.workers,
-            strict=args.strict, progress=not args.no_progress,
-        )  # fmt: skip
-        manifest = prepare(args.input, args.tokenizer, args.out, settings)
-    except (ingest.InputError, tokenize.TokenizerError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except PrepareError as e:
-        print(f"error (--strict): {e}", file=sys.stderr)
-        return 1
-    print(summary_line(manifest))
-    print(f"shards in {args.out}; rejects in {os.path.join(args.out, shards.REJECTS)}")
-    return 0
+    """The command: :func:`run` under :func:`apo_jax.errors.guard` (one-line errors, exit 2)."""
+    return errors.guard(lambda: run(sys.argv if argv is None else argv))
 
 
 if __name__ == "__main__":

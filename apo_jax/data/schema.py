@@ -28,27 +28,10 @@ PROMPT_TOO_LONG = "prompt_too_long"
 PAIR_TOO_LONG = "pair_too_long"
 COMPLETION_TOO_LONG = "completion_too_long"
 TEMPLATE_ERROR = "template_error"
+TOO_MANY_BYTES = "too_many_bytes"  # rejected by size before tokenizing
+SPECIAL_TOKEN_TEXT = "special_token_in_text"  # message text holds a control-token string
 
-REASONS = (
-    MALFORMED_JSON,
-    NON_UTF8,
-    NOT_AN_OBJECT,
-    MISSING_FIELD,
-    WRONG_TYPE,
-    BAD_ROLE,
-    EMPTY_PROMPT,
-    EMPTY_COMPLETION,
-    IDENTICAL_COMPLETIONS,
-    PROMPT_MISMATCH,
-    TEMPLATE_NOT_PREFIX,
-    NO_END_OF_TURN,
-    PROMPT_TOO_LONG,
-    PAIR_TOO_LONG,
-    COMPLETION_TOO_LONG,
-    TEMPLATE_ERROR,
-)
-
-ROLES = ("system", "user", "assistant", "tool")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +98,7 @@ def _messages(value: Any, field: str) -> list[dict[str, str]]:
             missing = "role" if "role" not in msg else "content"
             raise RowError(f"{field}[{i}].{missing}", MISSING_FIELD)
         role, content = msg["role"], msg["content"]
-        if not isinstance(role, str) or role not in ROLES:
+        if not isinstance(role, str) or role not in CHAT_ROLES:
             raise RowError(f"{field}[{i}].role", BAD_ROLE, f"role {role!r}")
         if not isinstance(content, str):
             raise RowError(f"{field}[{i}].content", WRONG_TYPE, type(content).__name__)

@@ -5,16 +5,20 @@ token-level measure. Which tokens: tokenizer token ids when a tokenizer is known
 dirs, or ``--tokenizer``), else word tokens (``\\w+`` runs and single punctuation marks). The
 Levenshtein distance is the character-level edit distance (rapidfuzz) between the two answers.
 
-Run: ``python -m apo_jax.data.stats PATH [--tokenizer DIR] [--out DIR]``.
+Command: ``python -m apo_jax.data.stats --input=PATH [--tokenizer=DIR] [--out=DIR]``.
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Hashable, Sequence
 from typing import Any
 
 import numpy as np
+from absl import flags
+
+from apo_jax import commands, errors
 
 _WORD = re.compile(r"\w+|[^\w\s]")
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
@@ -170,31 +174,23 @@ def plot_histograms(rows: list[dict[str, Any]], png_path: str, unit_j: str, unit
     return png_path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: prints the aggregate table; exit 2 when the input cannot be read."""
-    import argparse
-    import sys
+class StatsError(errors.UserError):
+    """An input whose statistics cannot be computed (an unreadable manifest or file)."""
 
-    p = argparse.ArgumentParser(
-        prog="python -m apo_jax.data.stats", description="Contrastiveness of pairs."
-    )
-    p.add_argument("path", help="raw pair file/dataset or prepared shard directory")
-    p.add_argument(
-        "--tokenizer", default=None, help="Jaccard over this tokenizer's tokens (raw pairs)"
-    )
-    p.add_argument(
-        "--out", default=None, help="directory for pair_stats.jsonl, summary.json, histograms.png"
-    )
-    p.add_argument("--split", default="train")
-    args = p.parse_args(argv)
-    try:
-        res = pair_stats(
-            args.path, tokenizer_dir=args.tokenizer, out_dir=args.out, split=args.split
-        )
-    except Exception as e:  # one line, no traceback, for any unreadable input
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    print(f"{res['count']} pairs ({res['skipped']} unreadable skipped) from {args.path}")
+
+def _flag_values() -> flags.FlagValues:
+    fv = flags.FlagValues()
+    kw = {"flag_values": fv}
+    flags.DEFINE_string("input", None, "raw pair file or dataset, or a prepared shard dir", **kw)
+    flags.DEFINE_string("tokenizer", None, "Jaccard over this tokenizer's tokens (raw pairs)", **kw)
+    flags.DEFINE_string("out", None, "dir for pair_stats.jsonl, summary.json, histograms.png", **kw)
+    flags.DEFINE_string("split", "train", "split of a DatasetDict or hub dataset", **kw)
+    flags.mark_flag_as_required("input", flag_values=fv)
+    return fv
+
+
+def _print_table(res: dict[str, Any]) -> None:
+    print(f"{res['count']} pairs ({res['skipped']} unreadable skipped) from {res['path']}")
     for name, unit in (
         ("jaccard", res["jaccard_tokens"] + " tokens"),
         ("levenshtein", res["levenshtein_unit"]),
@@ -203,9 +199,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         if s["count"]:
             print(f"{name:12s} [{unit}] mean {s['mean']:.3f} median {s['median']:.3f} "
                   f"p10 {s['p10']:.3f} p90 {s['p90']:.3f} min {s['min']:.3f} max {s['max']:.3f}")  # fmt: skip
-    if args.out:
-        print(f"wrote {args.out}/pair_stats.jsonl, summary.json, histograms.png")
+
+
+def run(argv: Sequence[str]) -> int:
+    """Parses the flags, computes the statistics and prints the aggregate table.
+
+    Raises:
+      UserError: a flag that does not parse, or an input that cannot be read.
+    """
+    fv = _flag_values()
+    usage = "python -m apo_jax.data.stats --input=PATH [--tokenizer=DIR] [--out=DIR]"
+    if commands.parse(fv, argv, usage, __doc__.splitlines()[0])[1:]:
+        raise commands.FlagError(f"unexpected arguments {list(argv)[1:]}: use --input=PATH")
+    try:
+        res = pair_stats(fv.input, tokenizer_dir=fv.tokenizer, out_dir=fv.out, split=fv.split)
+    except (OSError, ValueError, KeyError) as e:
+        raise StatsError(
+            f"{fv.input}: cannot compute statistics ({type(e).__name__}: {e})"
+        ) from None
+    _print_table(res)
+    if fv.out:
+        print(f"wrote {fv.out}/pair_stats.jsonl, summary.json, histograms.png")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command: :func:`run` under :func:`apo_jax.errors.guard` (one-line errors, exit 2)."""
+    return errors.guard(lambda: run(sys.argv if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,13 @@ conversation (prompt + final assistant answer) is rendered without it. The split
 when the prompt render is a prefix of the full render, both as text and as token ids, and the
 template appends something (the end-of-turn token, ``<|eot_id|>`` for Llama-3) after the answer;
 the completion ids then hold the answer and that end-of-turn marker.
+
+Two checks run before any tokenizing. A text too large to fit ``max_length`` tokens (more bytes
+than ``max_length`` times the tokenizer's longest token) is rejected as ``too_many_bytes``, so a
+huge row costs no tokenizer memory. Message text holding a special-token string of the tokenizer
+(``<|eot_id|>``, ``<|start_header_id|>`` ...) is rejected as ``special_token_in_text``: the
+rendered conversation is tokenized as one string, so such text would become real control tokens
+and could forge turns.
 """
 
 from __future__ import annotations
@@ -12,24 +19,20 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 from typing import Any
 
 import numpy as np
 
+from apo_jax import errors
 from apo_jax.data import schema
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-)
+# A truncated prompt (truncation keep_start/keep_end) may hold this many times the bytes that
+# max_length tokens can cover; beyond that it is rejected before tokenizing.
+TRUNCATED_PROMPT_FACTOR = 8
 
 
-class TokenizerError(Exception):
+class TokenizerError(errors.UserError):
     """The tokenizer directory is missing or unusable; the message says what to fix."""
 
 
@@ -77,8 +80,8 @@ def tokenizer_fingerprint(tokenizer_dir: str) -> str:
     h = hashlib.sha256()
     for name in sorted(os.listdir(tokenizer_dir)):
         path = os.path.join(tokenizer_dir, name)
-        if name in TOKENIZER_FILES or (
-            name.endswith((".json", ".jinja", ".model")) and os.path.isfile(path)
+        if os.path.isfile(path) and (
+            name.endswith((".json", ".jinja", ".model")) or name == "merges.txt"
         ):
             h.update(name.encode())
             with open(path, "rb") as f:
@@ -217,14 +220,87 @@ def fit_lengths(
     raise ValueError(f"truncation must be none, keep_start or keep_end, got {truncation!r}")
 
 
+@functools.lru_cache(maxsize=4)
+def longest_token_bytes(tok: Any) -> int:
+    """An upper bound on the text bytes one token covers: its longest vocabulary string in UTF-8.
+
+    Byte-level and SentencePiece vocabularies spell a token with at least as many UTF-8 bytes
+    as the text it stands for ("Ġ" or "▁" for one space, "<0x0A>" for one byte).
+    """
+    return max(len(t.encode("utf-8")) for t in tok.get_vocab())
+
+
+@functools.lru_cache(maxsize=4)
+def _special_re(tok: Any) -> re.Pattern[str] | None:
+    """Matches any special-token string of the tokenizer (added tokens flagged special)."""
+    added = getattr(tok, "added_tokens_decoder", {}).values()
+    texts = {t.content for t in added if t.special} | set(getattr(tok, "all_special_tokens", ()))
+    texts.discard("")
+    if not texts:
+        return None
+    return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
+
+
+def find_special_token(tok: Any, text: str) -> str | None:
+    """The first special-token string (``<|eot_id|>`` ...) in ``text``, or None.
+
+    Rendered chats are tokenized as one string, so such text would be encoded as the control
+    token itself; callers reject it instead.
+    """
+    special = _special_re(tok)
+    found = special.search(text) if special is not None else None
+    return found.group(0) if found else None
+
+
+def _texts(pair: schema.Pair) -> list[tuple[str, str]]:
+    """(field, text) of every message of the pair, named as in rejects.jsonl."""
+    out = [(f"prompt[{i}].content", m["content"]) for i, m in enumerate(pair.prompt)]
+    return out + [("chosen", pair.chosen), ("rejected", pair.rejected)]
+
+
+def check_text(
+    tok: Any, pair: schema.Pair, *, max_length: int, max_prompt_length: int | None, truncation: str
+) -> None:
+    """The checks that run before tokenizing: size in bytes, then special-token strings.
+
+    Raises:
+      RowError: TOO_MANY_BYTES when an answer, or the prompt, has more bytes than its token
+        budget can cover (``max_length``, or ``max_prompt_length``, times
+        :func:`longest_token_bytes`; a prompt that will be truncated may have
+        ``TRUNCATED_PROMPT_FACTOR`` times ``max_length``); SPECIAL_TOKEN_TEXT when a message
+        holds a special-token string.
+    """
+    per_token = longest_token_bytes(tok)
+    for field, text in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+        n = len(text.strip().encode("utf-8"))
+        if n > max_length * per_token:
+            raise schema.RowError(
+                field, schema.TOO_MANY_BYTES, f"{n} bytes > max_length {max_length} x {per_token}"
+            )
+    budget = max_length if max_prompt_length is None else min(max_length, max_prompt_length)
+    if truncation != "none":
+        budget = TRUNCATED_PROMPT_FACTOR * max_length
+    n = sum(len(m["content"].strip().encode("utf-8")) for m in pair.prompt)
+    if n > budget * per_token:
+        raise schema.RowError(
+            "prompt", schema.TOO_MANY_BYTES, f"{n} bytes > {budget} tokens x {per_token}"
+        )
+    for field, text in _texts(pair):
+        if found := find_special_token(tok, text):
+            raise schema.RowError(field, schema.SPECIAL_TOKEN_TEXT, repr(found))
+
+
 def encode_pair(
     tok: Any, pair: schema.Pair, *, max_length: int, max_prompt_length: int | None, truncation: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Tokenizes one pair into (prompt_ids, chosen_ids, rejected_ids) int32 arrays.
 
     Raises:
-      RowError: when the template split or the length policy fails.
+      RowError: when :func:`check_text`, the template split or the length policy fails.
     """
+    check_text(
+        tok, pair, max_length=max_length, max_prompt_length=max_prompt_length, truncation=truncation
+    )
     p_ids, c_ids, r_ids = split_pair(tok, list(pair.prompt), pair.chosen, pair.rejected)
     p_ids = fit_lengths(
         tok,

@@ -55,8 +55,18 @@ Explain your judgement briefly. Then finish with one final line that reads exact
 """
 
 
+# Reject reasons of replies that hold no usable result.
+NO_REVISION_MARKER = "no_revision_marker"
+EMPTY_REVISION = "empty_revision"
+NO_VERDICT = "no_verdict"
+
+
 class ParseError(ValueError):
-    """A reply that holds no usable result; the message is the reason recorded in rejects."""
+    """A reply that holds no usable result: ``reason`` (stable) and a message for the rejects."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,11 +140,11 @@ def parse_revision(reply: str) -> Revision:
     text = _unfence(reply or "")
     found = _markers(_ANSWER_RE, text)
     if not found:
-        raise ParseError("no 'Corrected answer:' marker in the reviser reply")
+        raise ParseError(NO_REVISION_MARKER, "no 'Corrected answer:' marker in the reviser reply")
     last = found[-1]
     answer = _strip_tags(_unfence(last.group("rest") + text[last.end() :]))
     if not answer.strip("`*_ \n\t"):
-        raise ParseError("empty corrected answer in the reviser reply")
+        raise ParseError(EMPTY_REVISION, "empty corrected answer in the reviser reply")
     reasoning = text[: last.start()].strip()
     heads = _markers(_REASONING_RE, reasoning)
     if heads:
@@ -176,4 +186,4 @@ def parse_verdict(reply: str) -> str:
     if brackets:
         last = brackets[-1].lower()
         return "tie" if last == "tie" else last.upper()
-    raise ParseError("no readable 'Verdict: A|B|tie' line in the judge reply")
+    raise ParseError(NO_VERDICT, "no readable 'Verdict: A|B|tie' line in the judge reply")

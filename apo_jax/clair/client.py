@@ -5,8 +5,15 @@ with the standard library only. It runs requests in a thread pool of ``concurren
 spaces them to at most ``rpm`` per minute, retries 429/5xx, malformed replies, connection
 errors and timeouts with exponential backoff and jitter (honouring ``Retry-After``), counts
 tokens and cost, and appends every finished request to a :class:`RequestCache` so a rerun
-resumes. The API key is read from the environment variable named by ``api_key_env`` and is only
-ever placed in the ``Authorization`` header.
+resumes.
+
+Keys (see :mod:`apo_jax.clair.keys`): the key is read from the environment variable named by
+``api_key_env`` (none by default: no key is sent), placed only in the ``Authorization`` header
+of requests to this backend's URL, and refused over plain http to a host that is not loopback.
+Redirects are not followed (urllib would carry the header to the new host). An error reply's
+body is never kept: a failed request records its status and at most the ``type`` / ``code``
+identifiers of an OpenAI-style error object, and every text this backend returns or caches has
+the key value redacted.
 """
 
 from __future__ import annotations
@@ -15,8 +22,8 @@ import concurrent.futures as cf
 import email.utils
 import http.client
 import json
-import os
 import random
+import re
 import threading
 import time
 import urllib.error
@@ -26,10 +33,12 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
-from apo_jax.data.clair_cache import RequestCache, Usage, request_key
-from apo_jax.data.clair_prompts import Messages
+from apo_jax.clair import keys
+from apo_jax.clair.cache import RequestCache, Usage, request_key
+from apo_jax.clair.prompts import Messages
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+_IDENTIFIER = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class RequestError(Exception):
@@ -96,6 +105,25 @@ class _Retry(Exception):
         self.wait = wait
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Turns a redirect into an HTTPError: the Authorization header must not follow it."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+def _error_status(err: urllib.error.HTTPError) -> str:
+    """``HTTP <code>`` plus the error object's ``type`` / ``code`` identifiers; never the body."""
+    try:
+        body = json.loads(err.read(4096))
+        found = body.get("error", body) if isinstance(body, dict) else {}
+        ids = [found.get(k) for k in ("type", "code")] if isinstance(found, dict) else []
+    except (ValueError, OSError, http.client.HTTPException):
+        ids = []
+    ids = [str(i) for i in ids if isinstance(i, (str, int)) and _IDENTIFIER.fullmatch(str(i))]
+    return f"HTTP {err.code}" + (f" ({', '.join(ids)})" if ids else "")
+
+
 class OpenAIChatBackend:
     """A chat-completions client for ``{base_url}/chat/completions``; see the module docstring."""
 
@@ -104,7 +132,8 @@ class OpenAIChatBackend:
         base_url: str,
         model: str,
         *,
-        api_key_env: str = "OPENAI_API_KEY",
+        api_key_env: str | None = None,
+        allow_http_key: bool = False,
         cache: RequestCache | None = None,
         concurrency: int = 8,
         rpm: float | None = None,
@@ -117,10 +146,13 @@ class OpenAIChatBackend:
         max_requests: int | None = None,
         progress: bool = True,
     ):
+        keys.check_endpoint(base_url, key_env=api_key_env, allow_http_key=allow_http_key)
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.api_key_env = api_key_env
-        self._api_key = os.environ.get(api_key_env) or None
+        self._api_key = keys.read_key(api_key_env) if api_key_env else None
+        self._redact = keys.Redactor({api_key_env: self._api_key} if api_key_env else {})
+        self._opener = urllib.request.build_opener(_NoRedirects)
         self.cache = cache
         self.concurrency = max(1, concurrency)
         self.max_retries = max_retries
@@ -136,10 +168,8 @@ class OpenAIChatBackend:
         self._stop = threading.Event()
 
     def __repr__(self) -> str:
-        key = "set" if self._api_key else "unset"
-        return (
-            f"OpenAIChatBackend(url={self.url!r}, model={self.model!r}, ${self.api_key_env} {key})"
-        )
+        key = f"key from ${self.api_key_env}" if self._api_key else "no key"
+        return f"OpenAIChatBackend(url={self.url!r}, model={self.model!r}, {key})"
 
     def complete(
         self, messages_list: Sequence[Messages], params: Mapping[str, Any]
@@ -202,14 +232,17 @@ class OpenAIChatBackend:
             except _Retry as err:
                 if attempt == self.max_retries:
                     self.usage.add(failed=1)
-                    return RequestError(f"gave up after {attempt + 1} attempts: {err}")
+                    return RequestError(
+                        self._redact.text(f"gave up after {attempt + 1} attempts: {err}")
+                    )
                 self.usage.add(retries=1)
                 if self._stop.wait(self._delay(attempt, err.wait)):
                     return RequestError("cancelled")
             except RequestError as err:
                 self.usage.add(failed=1)
-                return err
+                return RequestError(self._redact.text(str(err)))
             else:
+                reply = self._redact(reply)
                 usage = reply.get("usage") or {}
                 self.usage.add(
                     completed=1,
@@ -234,15 +267,16 @@ class OpenAIChatBackend:
         req = urllib.request.Request(self.url, json.dumps(body).encode(), headers, method="POST")
         self.usage.add(http_requests=1)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with self._opener.open(req, timeout=self.timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as err:
-            detail = err.read()[:200].decode("utf-8", "replace")
+            status = _error_status(err)
+            err.close()
             if err.code in RETRYABLE_STATUS:
-                raise _Retry(
-                    f"HTTP {err.code}", retry_after_seconds(err.headers.get("Retry-After"))
-                ) from None
-            raise RequestError(f"HTTP {err.code}: {detail}") from None
+                raise _Retry(status, retry_after_seconds(err.headers.get("Retry-After"))) from None
+            if 300 <= err.code < 400:
+                status += " (a redirect; not followed: give the final URL)"
+            raise RequestError(status) from None
         except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
             raise _Retry(f"connection error: {type(err).__name__}: {err}") from None
         return _parse_reply(raw)

@@ -1,9 +1,11 @@
-"""A :class:`~apo_jax.data.clair_client.Backend` that samples from a local checkpoint in Flax.
+"""A :class:`~apo_jax.clair.client.Backend` that samples from a local checkpoint in Flax.
 
 The chats are rendered with the checkpoint's chat template, sampled with
 ``apo_jax.models.generate.generate`` (imported lazily, so the HTTP path needs no JAX), and
-decoded. Finished batches are appended to the same request cache as the HTTP backend, so a
-rerun resumes here too.
+decoded. A chat whose text holds a special-token string of the tokenizer is not sampled (it
+would become a control token and could forge turns): it comes back as a ``RequestError``, as
+``prepare`` rejects such rows. Finished batches are appended to the same request cache as the
+HTTP backend, so a rerun resumes here too.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from apo_jax.data.clair_cache import RequestCache, Usage, request_key
-from apo_jax.data.clair_client import RequestError
-from apo_jax.data.clair_prompts import Messages
+from apo_jax.clair.cache import RequestCache, Usage, request_key
+from apo_jax.clair.client import RequestError
+from apo_jax.clair.prompts import Messages
+from apo_jax.data import tokenize
 
 
 def _load_checkpoint(path: str) -> tuple[Any, Any]:
@@ -22,8 +25,7 @@ def _load_checkpoint(path: str) -> tuple[Any, Any]:
 
     from apo_jax.models import hf
 
-    loaded = hf.load_hf(path)
-    model = loaded[0] if isinstance(loaded, tuple) else loaded
+    model, _ = hf.load_hf(path)
     return model, AutoTokenizer.from_pretrained(path)
 
 
@@ -52,7 +54,8 @@ class LocalBackend:
       batch_size: prompts per ``generate`` call.
       cache: optional request cache shared with reruns.
       loader: ``path -> (model, tokenizer)``; defaults to ``apo_jax.models.hf`` + transformers.
-      generate_fn: ``generate(model, prompts, **kw)``; defaults to ``apo_jax.models.generate``.
+      generate_fn: ``generate(model, prompts, **kw) -> completion ids``; defaults to
+        ``apo_jax.models.generate.generate``.
     """
 
     def __init__(
@@ -88,6 +91,8 @@ class LocalBackend:
                 self.usage.add(cache_hits=1)
             else:
                 todo.append(i)
+        if todo:
+            todo = self._refuse_special_tokens(messages_list, todo, results)
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start : start + self.batch_size]
             texts = self._sample([messages_list[i] for i in chunk], params)
@@ -97,12 +102,36 @@ class LocalBackend:
                     self.cache.put(keys[i], {"model": self.model, "content": text})
         return results  # type: ignore[return-value]
 
-    def _sample(self, chats: list[Messages], params: Mapping[str, Any]) -> list[str]:
+    def _load(self) -> tuple[Any, Any]:
         if self._loaded is None:
             self._loaded = self._loader(self.checkpoint)
+        return self._loaded
+
+    def _refuse_special_tokens(self, messages_list, todo: list[int], results: list) -> list[int]:
+        """Fills RequestErrors for chats holding special-token text; returns the others."""
+        tokenizer, keep = self._load()[1], []
+        for i in todo:
+            found = next(
+                filter(
+                    None,
+                    (
+                        tokenize.find_special_token(tokenizer, m["content"])
+                        for m in messages_list[i]
+                    ),
+                ),
+                None,
+            )
+            if found:
+                results[i] = RequestError(f"special token {found!r} in the chat text; not sampled")
+                self.usage.add(failed=1)
+            else:
+                keep.append(i)
+        return keep
+
+    def _sample(self, chats: list[Messages], params: Mapping[str, Any]) -> list[str]:
         if self._generate_fn is None:
             self._generate_fn = _default_generate()
-        model, tokenizer = self._loaded
+        model, tokenizer = self._load()
         rendered = [
             tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
             for c in chats
@@ -117,15 +146,7 @@ class LocalBackend:
             seed=int(params.get("seed", 0)),
             stop_tokens=_stop_ids(tokenizer),
         )
-        texts = []
-        for prompt_ids, out in zip(prompts, outputs, strict=True):
-            if isinstance(out, str):
-                texts.append(out)
-                continue
-            ids = list(out)
-            if ids[: len(prompt_ids)] == list(prompt_ids):  # sampler returned prompt + completion
-                ids = ids[len(prompt_ids) :]
-            texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+        texts = [tokenizer.decode(list(ids), skip_special_tokens=True) for ids in outputs]
         self.usage.add(
             completed=len(chats),
             prompt_tokens=sum(len(p) for p in prompts),

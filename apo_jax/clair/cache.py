@@ -4,7 +4,8 @@ Every finished request is appended, flushed and fsynced to the cache as soon as 
 keyed by a hash of (model, messages, parameters). A rerun after a crash or Ctrl-C reads the cache
 back and sends only the requests that have no entry, so no request is repeated and no finished
 one is lost. Failed requests are not cached: a rerun tries them again. The cache holds responses
-and token counts only, never request headers or API keys.
+and token counts only, never request headers; entries pass through the command's redactor, so
+an API key a server echoes in a reply is not stored either.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from apo_jax.data.clair_prompts import Messages
+from apo_jax.clair.prompts import Messages
 
 
 def request_key(
@@ -38,26 +39,34 @@ class RequestCache:
 
     A torn last line (the process died mid-write) is skipped on load and counted in
     ``corrupt_lines``; the next append starts on a fresh line.
+
+    Args:
+      path: the JSONL file (created with its directory when missing).
+      redact: applied to every entry before it is stored (e.g. a ``keys.Redactor``).
     """
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], redact: Callable[[Any], Any] | None = None):
         self.path = os.fspath(path)
+        self._redact = redact or (lambda entry: entry)
         self._lock = threading.Lock()
         self._entries: dict[str, dict[str, Any]] = {}
         self.corrupt_lines = 0
-        needs_newline = False
+        self._needs_newline = False
+        self._file = None  # opened by the first put(), so a run that fails early writes nothing
         if os.path.exists(self.path):
             with open(self.path, "rb") as f:
                 data = f.read()
-            needs_newline = bool(data) and not data.endswith(b"\n")
+            self._needs_newline = bool(data) and not data.endswith(b"\n")
             for line in data.splitlines():
                 self._load_line(line)
-        parent = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(parent, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        if needs_newline:
-            self._file.write("\n")
-            self._file.flush()
+
+    def _open(self) -> Any:
+        if self._file is None:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - see close()
+            if self._needs_newline:  # after a torn last line
+                self._file.write("\n")
+        return self._file
 
     def _load_line(self, line: bytes) -> None:
         if not line.strip():
@@ -78,18 +87,21 @@ class RequestCache:
 
     def put(self, key: str, entry: Mapping[str, Any]) -> None:
         """Appends ``entry`` under ``key`` and makes it durable before returning."""
-        record = {"key": key, **entry}
+        record = self._redact({"key": key, **entry})
         line = json.dumps(record, ensure_ascii=False) + "\n"
         with self._lock:
-            self._file.write(line)
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            f = self._open()
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
             self._entries[key] = record
 
     def close(self) -> None:
         """Closes the append handle."""
         with self._lock:
-            self._file.close()
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
     def __enter__(self) -> RequestCache:
         return self

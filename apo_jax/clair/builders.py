@@ -15,10 +15,11 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from apo_jax.data.clair_cache import user_turn
-from apo_jax.data.clair_client import Backend, RequestError
-from apo_jax.data.clair_io import BuildResult, PromptRow, Row, chat_pair
-from apo_jax.data.clair_prompts import (
+from apo_jax.clair import ledger
+from apo_jax.clair.cache import user_turn
+from apo_jax.clair.client import Backend, RequestError
+from apo_jax.clair.ledger import BuildResult, PromptRow, Row, chat_pair
+from apo_jax.clair.prompts import (
     Messages,
     ParseError,
     judge_messages,
@@ -26,6 +27,7 @@ from apo_jax.data.clair_prompts import (
     parse_verdict,
     revision_messages,
 )
+from apo_jax.data import schema
 
 
 @dataclasses.dataclass
@@ -44,11 +46,12 @@ class Role:
         return self.backend.complete(list(messages_list), {**self.params, **overrides})
 
 
-def _problem(reply: Any, who: str) -> str | None:
+def _problem(reply: Any) -> tuple[str, str] | None:
+    """(reason, detail) when a reply is unusable."""
     if isinstance(reply, RequestError):
-        return f"{who} request failed: {reply}"
+        return ledger.REQUEST_FAILED, str(reply)
     if not isinstance(reply, str) or not reply.strip():
-        return f"empty {who} answer"
+        return ledger.EMPTY_ANSWER, ""
     return None
 
 
@@ -57,9 +60,9 @@ def _answers(rows: list[PromptRow], role: Role, who: str, result: BuildResult, *
     replies = role.complete([user_turn(r.prompt) for r in rows], **kw)
     good = []
     for row, reply in zip(rows, replies, strict=True):
-        why = _problem(reply, who)
-        if why:
-            result.reject(row.line, row.record, why, stage=who)
+        problem = _problem(reply)
+        if problem:
+            result.reject(row.line, row.record, problem[0], who, problem[1])
         else:
             good.append((row, reply))
     return good
@@ -89,15 +92,15 @@ def build_clair(
     replies = reviser.complete([revision_messages(row.prompt, ans) for row, ans in answered])
     for (row, answer), reply in zip(answered, replies, strict=True):
         if isinstance(reply, RequestError):
-            result.reject(row.line, row.record, f"reviser request failed: {reply}", stage="reviser")
+            result.reject(row.line, row.record, ledger.REQUEST_FAILED, "reviser", str(reply))
             continue
         try:
             revision = parse_revision(reply)
         except ParseError as err:
-            result.reject(row.line, row.record, str(err), stage="reviser", reply=reply)
+            result.reject(row.line, row.record, err.reason, "reviser", str(err), reply=reply)
             continue
         if revision.answer.strip() == answer.strip() and not keep_identical:
-            result.reject(row.line, row.record, "revision identical to the answer", stage="reviser")
+            result.reject(row.line, row.record, ledger.UNCHANGED_REVISION, "reviser")
             continue
         pair = chat_pair(
             row.prompt,
@@ -124,7 +127,7 @@ def build_stronger_preferred(
         if row.line not in strong:
             continue
         if strong[row.line].strip() == answer.strip():
-            result.reject(row.line, row.record, "identical answers", stage="stronger")
+            result.reject(row.line, row.record, ledger.IDENTICAL_ANSWERS, "stronger")
             continue
         pair = chat_pair(
             row.prompt,
@@ -152,7 +155,7 @@ def build_onpolicy_judge(
             continue
         samples = (first[row.line], second[row.line])
         if samples[0].strip() == samples[1].strip():
-            result.reject(row.line, row.record, "identical samples", stage="target")
+            result.reject(row.line, row.record, ledger.IDENTICAL_ANSWERS, "target", "two samples")
             continue
         swap = random.Random(f"{seed}:{row.line}").random() < 0.5
         judged.append((row, samples, (1, 0) if swap else (0, 1)))
@@ -165,15 +168,19 @@ def build_onpolicy_judge(
 def _judged_pair(row, samples, order, reply, target: Role, judge: Role, result: BuildResult):
     shown = [f"sample_{i}" for i in order]
     if isinstance(reply, RequestError):
-        result.reject(row.line, row.record, f"judge request failed: {reply}", stage="judge")
+        result.reject(row.line, row.record, ledger.REQUEST_FAILED, "judge", str(reply))
         return
     try:
         verdict = parse_verdict(reply)
     except ParseError as err:
-        result.reject(row.line, row.record, str(err), stage="judge", reply=reply, judge_order=shown)
+        result.reject(
+            row.line, row.record, err.reason, "judge", str(err), reply=reply, judge_order=shown
+        )
         return
     if verdict == "tie":
-        result.reject(row.line, row.record, "judge tie", stage="judge", judge_order=shown)
+        result.reject(
+            row.line, row.record, ledger.JUDGE_TIE, "judge", reply=reply, judge_order=shown
+        )
         return
     winner = order[0] if verdict == "A" else order[1]
     pair = chat_pair(
@@ -224,7 +231,8 @@ def build_offpolicy_judge(rows: list[Row], result: BuildResult, *, seed: int = 0
     for row in rows:
         prompt = row.record.get("prompt", row.record.get("instruction"))
         if not isinstance(prompt, str) or not prompt.strip():
-            result.reject(row.line, row.record, "field 'prompt' missing or empty", stage="input")
+            reason = schema.MISSING_FIELD if prompt is None else schema.EMPTY_PROMPT
+            result.reject(row.line, row.record, reason, "input", "field 'prompt' or 'instruction'")
             continue
         scored = []
         for c in row.record.get("completions") or []:
@@ -234,14 +242,13 @@ def build_offpolicy_judge(rows: list[Row], result: BuildResult, *, seed: int = 0
                 scored.append((score, text, c.get("model")))
         if len(scored) < 2:
             why = "fewer than 2 completions with a response and a score in field 'completions'"
-            result.reject(row.line, row.record, why, stage="input")
+            result.reject(row.line, row.record, ledger.TOO_FEW_SCORED, "input", why)
             continue
         best = max(scored, key=lambda s: s[0])
         lower = [s for s in scored if s[0] < best[0] and s[1].strip() != best[1].strip()]
         if not lower:
-            result.reject(
-                row.line, row.record, "tie: no completion scores below the best", stage="judge"
-            )
+            why = "no completion scores below the best"
+            result.reject(row.line, row.record, ledger.SCORE_TIE, "judge", why)
             continue
         worse = random.Random(f"{seed}:{row.line}").choice(lower)
         pair = chat_pair(

@@ -1,0 +1,294 @@
+"""A run's settings: checked once, early, and frozen into nested dataclasses.
+
+`validate(config)` turns the ml_collections ConfigDict of `configs/<objective>.py` (fields and
+their meaning: `apo_jax/config_base.py`, docs/training.md) into a `RunConfig` that the rest of
+the run receives unchanged. Every setting has one vocabulary once validated (the reference mode
+is 'precomputed', 'online' or 'none'; the mesh has its real sizes), and every check lives here
+or in the module that owns the concept (the mesh rule in `sharding`, the distributed settings in
+`distributed`), with a message that names the field and what to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from apo_jax import distributed, losses, sharding
+from apo_jax.errors import UserError
+from apo_jax.optim import OptimConfig
+
+REFERENCE_MODES = ("auto", "precomputed", "online", "none")
+LAYOUTS = ("concat", "prefix", "packed")
+
+
+class ConfigError(UserError):
+    """A config field that cannot work; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+    preset: str  # models/config.py preset when hf_path is empty
+    hf_path: str  # Hugging Face checkpoint to start from ('' = a random preset)
+    dtype: str
+    param_dtype: str
+    remat: str
+    scan_layers: bool
+    attention: str
+
+    def overrides(self) -> dict[str, Any]:
+        """The LlamaConfig fields this run sets whatever the checkpoint says."""
+        keys = ("dtype", "param_dtype", "remat", "scan_layers", "attention")
+        return {k: getattr(self, k) for k in keys}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+    train: str  # '' = the embedded demo
+    eval: str
+    tokenizer: str
+    seq_len: int | None  # None: the shards' own length
+    buckets: tuple[int, ...] | None
+    layout: str  # one of LAYOUTS
+    num_epochs: int
+    shuffle: bool
+    worker_count: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+    name: str  # a losses.py name or mixture
+    beta: float
+    label_smoothing: float
+    discopop_tau: float
+    simpo_gamma: float
+
+    @property
+    def hparams(self) -> tuple[tuple[str, float], ...]:
+        """The losses.HParams fields besides beta, as a hashable tuple."""
+        skip = ("name", "beta")
+        return tuple((f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
+                     if f.name not in skip)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceSettings:
+    mode: str  # 'precomputed' (read from the data) | 'online' | 'none' (the loss needs none)
+    dtype: str
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshShape:
+    data: int
+    fsdp: int
+    tensor: int
+
+    @property
+    def batch_ways(self) -> int:
+        """How many ways the batch's rows are split (data * fsdp)."""
+        return self.data * self.fsdp
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSettings:
+    every: int
+    keep: int
+    keep_best: int
+    async_save: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSettings:
+    cache_dir: str
+    n_train: int
+    n_eval: int
+    multi_turn: float
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The validated run settings (see apo_jax/config_base.py for the meaning of each field)."""
+
+    preset: str
+    seed: int
+    model: ModelSettings
+    data: DataSettings
+    loss: LossSettings
+    reference: ReferenceSettings
+    optim: OptimConfig
+    mesh: MeshShape
+    batch_size: int
+    grad_accum: int
+    num_steps: int
+    logprob_chunk: int
+    max_bad_steps: int
+    log_every: int
+    eval_every: int
+    eval_batches: int
+    progress_bar: bool
+    wandb_project: str
+    checkpoint: CheckpointSettings
+    export_hf: bool
+    demo: DemoSettings
+    distributed: distributed.DistributedConfig
+
+    @property
+    def is_demo(self) -> bool:
+        return not self.data.train
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _section(cls: type, c: Any, name: str, **resolved: Any) -> Any:
+    """`cls` built from the ConfigDict block `name`, with `resolved` fields replacing raw ones."""
+    raw = c[name].to_dict()
+    try:
+        return cls(**{**raw, **resolved})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.{name}: {e}") from None
+
+
+def _check_paths(c: Any) -> None:
+    if c.preset != "demo":
+        _need(bool(c.model.hf_path), f"preset {c.preset} trains a pretrained model: pass "
+              "--config.model.hf_path=<Hugging Face checkpoint dir>")  # fmt: skip
+        _need(bool(c.data.train), f"preset {c.preset} needs data: pass "
+              "--config.data.train=<prepared shard dir>")  # fmt: skip
+    for field, path in (
+        ("model.hf_path", c.model.hf_path),
+        ("data.train", c.data.train),
+        ("data.eval", c.data.eval),
+        ("data.tokenizer", c.data.tokenizer),
+    ):
+        _need(not path or os.path.isdir(path), f"config.{field}: {path} is not a directory")
+    if c.data.train:
+        _need(
+            os.path.exists(os.path.join(c.data.train, "manifest.json")),
+            f"config.data.train: {c.data.train} has no manifest.json; make shards with "
+            "python -m apo_jax.data.prepare",
+        )
+
+
+def _loss(c: Any) -> LossSettings:
+    try:
+        losses.parse_spec(c.loss.name)
+    except ValueError as e:
+        raise ConfigError(f"config.loss.name: {e}") from None
+    _need(c.loss.beta > 0, f"config.loss.beta must be > 0, got {c.loss.beta}")
+    _need(
+        0 <= c.loss.label_smoothing < 0.5,
+        f"config.loss.label_smoothing must be in [0, 0.5), got {c.loss.label_smoothing}",
+    )
+    return _section(LossSettings, c, "loss")
+
+
+def _reference(c: Any) -> ReferenceSettings:
+    mode = c.reference.mode
+    _need(mode in REFERENCE_MODES, f"config.reference.mode must be one of {REFERENCE_MODES}, "
+          f"got {mode!r}")  # fmt: skip
+    needs = losses.needs_reference(c.loss.name)
+    _need(mode != "none" or not needs,
+          f"config.reference.mode=none but loss {c.loss.name!r} needs reference log-probs")  # fmt: skip
+    if not needs:
+        mode = "none"
+    elif mode == "auto":
+        mode = "precomputed"
+    return _section(ReferenceSettings, c, "reference", mode=mode)
+
+
+def _mesh(c: Any, device_count: int) -> MeshShape:
+    try:
+        sizes = sharding.resolve_mesh_shape(
+            int(c.mesh.data), int(c.mesh.fsdp), int(c.mesh.tensor), device_count
+        )
+    except sharding.MeshError as e:
+        raise ConfigError(f"config.mesh: {e}: set config.mesh.data/fsdp/tensor (one may be -1)") from None
+    return MeshShape(*sizes)
+
+
+def _data(c: Any) -> DataSettings:
+    _need(c.data.layout in LAYOUTS, f"config.data.layout must be one of {', '.join(LAYOUTS)}, "
+          f"got {c.data.layout!r}")  # fmt: skip
+    _need(c.data.seq_len >= 0, f"config.data.seq_len must be >= 0, got {c.data.seq_len}")
+    _need(c.data.num_epochs > 0, f"config.data.num_epochs must be > 0, got {c.data.num_epochs}")
+    return _section(DataSettings, c, "data", seq_len=int(c.data.seq_len) or None,
+                    buckets=tuple(int(b) for b in c.data.buckets) or None)  # fmt: skip
+
+
+def _check_batch(c: Any, mesh: MeshShape, process_count: int) -> None:
+    _need(c.batch_size > 0 and c.grad_accum > 0,
+          "config.batch_size and config.grad_accum must be positive")  # fmt: skip
+    _need(c.batch_size % c.grad_accum == 0, f"config.batch_size {c.batch_size} must be a "
+          f"multiple of config.grad_accum {c.grad_accum}")  # fmt: skip
+    _need(c.batch_size % process_count == 0, f"config.batch_size {c.batch_size} must divide "
+          f"across the {process_count} processes: make it a multiple of {process_count}")  # fmt: skip
+    _need(
+        c.data.layout != "packed" or c.grad_accum == 1,
+        "config.data.layout=packed needs config.grad_accum=1 (packed rows mix pairs, so a batch "
+        "does not split into micro-batches): raise batch_size or use layout concat",
+    )
+    # prefix, packed: the [N] pair arrays shard over the mesh (the loader rounds packed rows).
+    micro_rows = (2 if c.data.layout == "concat" else 1) * c.batch_size // c.grad_accum
+    _need(micro_rows % mesh.batch_ways == 0, f"each micro-batch has {micro_rows} rows, which the "
+          f"mesh's data*fsdp = {mesh.batch_ways} ways must divide: change config.batch_size, "
+          "grad_accum or mesh")  # fmt: skip
+
+
+def _distributed(c: Any) -> distributed.DistributedConfig:
+    dist = distributed.DistributedConfig.from_mapping(
+        c.distributed.to_dict() if "distributed" in c else None
+    )
+    try:
+        distributed.check(dist)
+    except distributed.DistributedError as e:
+        raise ConfigError(str(e)) from None
+    return dist
+
+
+def validate(c: Any, *, device_count: int, process_count: int = 1) -> RunConfig:
+    """Checks `c` (a ConfigDict from configs/*.py) and returns the frozen RunConfig.
+
+    Args:
+      c: the config.
+      device_count: devices of all processes together (the mesh must use them all).
+      process_count: processes of the run (the batch splits over them).
+
+    Returns:
+      The RunConfig. Raises ConfigError naming the field for anything that cannot work.
+    """
+    loss, reference = _loss(c), _reference(c)
+    _check_paths(c)
+    mesh = _mesh(c, device_count)
+    data = _data(c)
+    _check_batch(c, mesh, process_count)
+    _need(c.logprob_chunk > 0, "config.logprob_chunk must be positive")
+    _need(c.log_every > 0 and c.eval_every >= 0,
+          "config.log_every must be > 0 and eval_every >= 0")  # fmt: skip
+    _need(c.num_steps >= 0, f"config.num_steps must be >= 0 (0: as the epochs give), got {c.num_steps}")
+    return RunConfig(
+        preset=c.preset,
+        seed=int(c.seed),
+        model=_section(ModelSettings, c, "model"),
+        data=data,
+        loss=loss,
+        reference=reference,
+        optim=_section(OptimConfig, c, "optim"),
+        mesh=mesh,
+        batch_size=int(c.batch_size),
+        grad_accum=int(c.grad_accum),
+        num_steps=int(c.num_steps),
+        logprob_chunk=int(c.logprob_chunk),
+        max_bad_steps=int(c.max_bad_steps),
+        log_every=int(c.log_every),
+        eval_every=int(c.eval_every),
+        eval_batches=int(c.eval_batches),
+        progress_bar=bool(c.progress_bar),
+        wandb_project=str(c.wandb_project),
+        checkpoint=_section(CheckpointSettings, c, "checkpoint"),
+        export_hf=bool(c.export_hf),
+        demo=_section(DemoSettings, c, "demo"),
+        distributed=_distributed(c),
+    )

@@ -6,6 +6,7 @@ import threading
 import pytest
 from eval_helpers import chat_reply, loopback_server
 
+from apo_jax.clair import keys
 from apo_jax.eval import judge, prompts
 from apo_jax.eval.judge import parse_verdict
 
@@ -116,3 +117,18 @@ def test_failed_requests_are_counted_not_scored(tmp_path):
 )  # fmt: skip
 def test_parser_tolerates_verdict_styles(text, want):
     assert parse_verdict(text) == want
+
+
+def test_judge_key_rules_are_checked_before_any_request(tmp_path, monkeypatch):
+    _, _, baseline = _inputs(tmp_path)
+    monkeypatch.delenv("APO_JAX_TEST_JUDGE_KEY", raising=False)
+    missing = judge.JudgeSettings(baseline=baseline, url="http://127.0.0.1:9/v1", model="j",
+                                  api_key_env="APO_JAX_TEST_JUDGE_KEY")  # fmt: skip
+    with pytest.raises(keys.ApiKeyError, match=r"\$APO_JAX_TEST_JUDGE_KEY is not set"):
+        judge.check(missing)
+    monkeypatch.setenv("APO_JAX_TEST_JUDGE_KEY", "sk-secret")
+    judge.check(missing)  # set now, and loopback http may carry it
+    remote = judge.JudgeSettings(baseline=baseline, url="http://judge.example:8000/v1", model="j",
+                                 api_key_env="APO_JAX_TEST_JUDGE_KEY")  # fmt: skip
+    with pytest.raises(keys.ApiKeyError, match="http"):
+        judge.check(remote)

@@ -34,7 +34,7 @@ flags.DEFINE_string("checker", "", "module:function(row, response) -> bool; adds
 flags.DEFINE_string("judge_baseline", "", "Baseline generations.jsonl to judge against.")
 flags.DEFINE_string("judge_url", "", "Judge's OpenAI-compatible base URL (e.g. .../v1).")
 flags.DEFINE_string("judge_model", "", "Judge model name.")
-flags.DEFINE_string("judge_api_key_env", "OPENAI_API_KEY", "Env variable holding the judge's key.")
+flags.DEFINE_string("judge_api_key_env", "", "Env variable holding the judge's key ('' = none).")
 flags.DEFINE_integer("judge_concurrency", 8, "Judge requests in flight.")
 flags.DEFINE_integer("judge_max_tokens", 1024, "Most tokens of a judge reply.")
 flags.DEFINE_float("judge_rpm", 0.0, "Judge requests per minute (0 = no limit).")

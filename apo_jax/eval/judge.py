@@ -23,7 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from apo_jax.data import clair_cache, clair_client
+from apo_jax.clair import cache as clair_cache
+from apo_jax.clair import client as clair_client
+from apo_jax.clair import keys
 from apo_jax.errors import UserError
 from apo_jax.eval.prompts import Example
 from apo_jax.eval.scoring import bootstrap_ci
@@ -57,7 +59,7 @@ class JudgeSettings:
     baseline: str  # the baseline's generations.jsonl
     url: str  # OpenAI-compatible base URL, e.g. http://localhost:8000/v1
     model: str  # judge model name
-    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never written
+    api_key_env: str = ""  # read the key from this variable ("" = send none); never written
     concurrency: int = 8
     max_tokens: int = 1024
     rpm: float | None = None
@@ -136,13 +138,18 @@ def check(s: JudgeSettings) -> None:
         raise JudgeError("--judge_baseline needs --judge_url and --judge_model")
     if not os.path.exists(s.baseline):
         raise JudgeError(f"--judge_baseline={s.baseline}: no such file")
+    if s.api_key_env:
+        keys.read_key(s.api_key_env)  # a missing key fails now, not after the generation
+    keys.check_endpoint(s.url, key_env=s.api_key_env or None)
 
 
 def _backend(s: JudgeSettings, out: str) -> clair_client.OpenAIChatBackend:
     check(s)
+    env = s.api_key_env or None
+    redact = keys.Redactor({env: os.environ.get(env, "")} if env else {})
     return clair_client.OpenAIChatBackend(
-        s.url, s.model, api_key_env=s.api_key_env,
-        cache=clair_cache.RequestCache(os.path.join(out, "judge_cache.jsonl")),
+        s.url, s.model, api_key_env=env,
+        cache=clair_cache.RequestCache(os.path.join(out, "judge_cache.jsonl"), redact=redact),
         concurrency=s.concurrency, rpm=s.rpm, max_retries=s.max_retries,
         backoff_base=s.backoff_base, progress=False,
     )  # fmt: skip

@@ -118,6 +118,7 @@ def generate(
     rng: jax.Array | None = None,
     pad_id: int = 0,
     include_stop: bool = False,
+    pad_to: int = 0,
 ) -> list[list[int]]:
     """Samples continuations of a batch of prompts with a KV cache.
 
@@ -132,6 +133,8 @@ def generate(
       rng: a PRNG key; overrides `seed` when given.
       pad_id: id used to left-pad prompts (never attended to).
       include_stop: keep the stop token at the end of a trimmed row.
+      pad_to: left-pad prompts to at least this length, so callers that bucket prompt lengths
+        choose the compiled shapes (dropped when it would overflow `max_seq_len`).
 
     Returns:
       One list of generated ids per prompt, trimmed at the first stop token.
@@ -143,7 +146,7 @@ def generate(
     if temperature < 0 or not 0.0 < top_p <= 1.0:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
     lengths = np.array([len(p) for p in prompts], np.int32)
-    P = -(-int(lengths.max()) // PROMPT_BUCKET) * PROMPT_BUCKET
+    P = max(-(-int(lengths.max()) // PROMPT_BUCKET) * PROMPT_BUCKET, pad_to)
     if P + max_new_tokens > model.cfg.max_seq_len:
         P = int(lengths.max())
     tokens = np.full((len(prompts), P), pad_id, np.int32)

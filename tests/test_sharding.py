@@ -38,7 +38,7 @@ def test_make_mesh_sizes_and_errors():
     assert mesh.axis_names == sharding.MESH_AXES
     assert mesh.shape["data"] == jax.device_count()
     assert all(t == AxisType.Auto for t in mesh.axis_types)
-    with pytest.raises(sharding.MeshError, match="does not match"):
+    with pytest.raises(sharding.MeshError, match="does not divide"):
         sharding.make_mesh(data=1, fsdp=1, tensor=jax.device_count() + 1)
     with pytest.raises(sharding.MeshError, match="at most one"):
         sharding.make_mesh(data=-1, fsdp=-1)

@@ -7,6 +7,7 @@ compiled steps); a notebook or a benchmark can call any one of them alone.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from typing import Any
@@ -26,6 +27,8 @@ from apo_jax.models import config as model_config
 from apo_jax.models import hf
 from apo_jax.models.llama import Llama
 
+log = logging.getLogger("apo_jax")
+
 
 @dataclasses.dataclass(frozen=True)
 class DataPaths:
@@ -35,11 +38,13 @@ class DataPaths:
     eval: str
     tokenizer: str
     manifest: dict[str, Any]
+    sample_prompts: str = ""  # prompts file for the samples hook (the demo's held-out pairs)
 
 
 def resolve_data(rc: RunConfig) -> DataPaths:
     """The shard and tokenizer directories of the run; builds the embedded demo when none is given."""
     train, eval_, tokenizer = rc.data.train, rc.data.eval, rc.data.tokenizer
+    prompts = rc.samples.prompts
     if rc.is_demo:
         from apo_jax.data import demo
 
@@ -51,11 +56,11 @@ def resolve_data(rc: RunConfig) -> DataPaths:
         )
         train, eval_ = assets.train_shards, eval_ or assets.eval_shards
         tokenizer = tokenizer or assets.tokenizer_dir
+        prompts = prompts or assets.eval_pairs
     manifest = shards.read_manifest(train)
     tokenizer = tokenizer or manifest.get("tokenizer", {}).get("dir", "")
-    return DataPaths(
-        train, eval_, tokenizer if tokenizer and os.path.isdir(tokenizer) else "", manifest
-    )
+    tokenizer = tokenizer if tokenizer and os.path.isdir(tokenizer) else ""
+    return DataPaths(train, eval_, tokenizer, manifest, prompts)
 
 
 def build_model(rc: RunConfig, paths: DataPaths, mesh: jax.sharding.Mesh) -> tuple[Llama, Any, str]:
@@ -145,6 +150,30 @@ def step_config(rc: RunConfig) -> ts.StepConfig:
         reference=rc.reference.mode,
         layout=rc.data.layout,
     )
+
+
+def samples_hook(rc: RunConfig, paths: DataPaths, mesh: jax.sharding.Mesh) -> Any:
+    """The samples hook of the run, or None (off, several processes, or no tokenizer)."""
+    from apo_jax import hooks
+
+    if not rc.samples.num_prompts:
+        return None
+    if jax.process_count() > 1 or not paths.tokenizer:
+        why = "several processes" if jax.process_count() > 1 else "no tokenizer directory"
+        log.warning("config.samples is off for this run: %s", why)
+        return None
+    import transformers
+
+    from apo_jax.eval import generation, prompts, scoring
+
+    examples, _ = prompts.read(paths.sample_prompts)
+    rows = [ex.record for ex in examples[: rc.samples.num_prompts]]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(paths.tokenizer)
+    return hooks.Samples(
+        rc.eval_every, rows, tokenizer, max_new_tokens=rc.samples.max_new_tokens,
+        checker=scoring.load_checker(rc.samples.checker) if rc.samples.checker else None,
+        stop_tokens=generation.stop_token_ids(tokenizer, rc.model.hf_path or None), mesh=mesh,
+    )  # fmt: skip
 
 
 class Steps:

@@ -95,6 +95,12 @@ def summary_text(s: dict[str, Any]) -> str:
     lines.append(f"  checkpoint: {s['checkpoint']}")
     if s.get("hf_export"):
         lines.append(f"  Hugging Face export: {s['hf_export']}")
+    if s.get("plots"):
+        lines.append(f"  plots: {s['plots']}")
+    for row in s.get("samples", []):
+        mark = {True: "  [correct]", False: "  [wrong]"}.get(row.get("correct"), "")
+        prompt, response = (" ".join(str(x).split()) for x in (row["prompt"], row["response"]))
+        lines.append(f"  sample: {prompt[:70]!r} -> {response[:70]!r}{mark}")
     return "\n".join(lines)
 
 

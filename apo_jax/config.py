@@ -105,6 +105,14 @@ class DemoSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class SamplesSettings:
+    num_prompts: int  # 0: off
+    prompts: str  # prompts file ('' with the demo: its held-out pairs)
+    max_new_tokens: int
+    checker: str  # module:function or ''
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """The validated run settings (see apo_jax/config_base.py for the meaning of each field)."""
 
@@ -128,6 +136,8 @@ class RunConfig:
     wandb_project: str
     checkpoint: CheckpointSettings
     export_hf: bool
+    plots: bool
+    samples: SamplesSettings
     demo: DemoSettings
     distributed: distributed.DistributedConfig
 
@@ -230,6 +240,24 @@ def _data(c: Any, mesh: MeshShape, process_count: int) -> DataSettings:
                     buckets=tuple(int(b) for b in c.data.buckets) or None)  # fmt: skip
 
 
+def _samples(c: Any) -> SamplesSettings:
+    s = c.samples
+    _need(s.num_prompts >= 0 and s.max_new_tokens > 0,
+          "config.samples.num_prompts must be >= 0 and max_new_tokens > 0")  # fmt: skip
+    _need(not s.prompts or os.path.exists(s.prompts),
+          f"config.samples.prompts: {s.prompts} does not exist")  # fmt: skip
+    _need(not s.num_prompts or bool(s.prompts) or not c.data.train,
+          "config.samples.num_prompts needs config.samples.prompts=<file of prompt rows>")  # fmt: skip
+    if s.checker:
+        from apo_jax.eval import scoring  # imports the checker's module: fail now, not mid-run
+
+        try:
+            scoring.load_checker(s.checker)
+        except UserError as e:
+            raise ConfigError(f"config.samples.checker: {e}") from None
+    return _section(SamplesSettings, c, "samples")
+
+
 def _distributed(c: Any) -> distributed.DistributedConfig:
     dist = distributed.DistributedConfig.from_mapping(
         c.distributed.to_dict() if "distributed" in c else None
@@ -284,6 +312,8 @@ def validate(c: Any, *, device_count: int, process_count: int = 1) -> RunConfig:
         wandb_project=str(c.wandb_project),
         checkpoint=_section(CheckpointSettings, c, "checkpoint"),
         export_hf=bool(c.export_hf),
+        plots=bool(c.plots),
+        samples=_samples(c),
         demo=_section(DemoSettings, c, "demo"),
         distributed=_distributed(c),
     )

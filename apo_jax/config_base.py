@@ -89,6 +89,15 @@ def base_config(loss: str, preset: str | None) -> ml_collections.ConfigDict:
     c.checkpoint.keep_best = 1  # plus the best by held-out loss (0: off)
     c.checkpoint.async_save = True
     c.export_hf = True  # write <workdir>/hf at the end (safetensors + config + tokenizer)
+    c.plots = False  # write PNG figures of metrics.jsonl to <workdir>/plots at the end
+
+    c.samples = ml_collections.ConfigDict()  # greedy generations at each held-out evaluation
+    c.samples.num_prompts = 0  # prompts generated each time (0: off); one process only
+    c.samples.prompts = (
+        ""  # .jsonl/.json/.parquet of prompt or messages rows; demo: its held-out pairs
+    )
+    c.samples.max_new_tokens = 128  # tokens generated per prompt at most
+    c.samples.checker = ""  # module:function scoring each response, e.g. apo_jax.eval.checkers:demo
 
     c.distributed = ml_collections.ConfigDict()  # multi-process runs; see docs/scaling.md
     c.distributed.mode = "auto"  # auto: join when config/env/SLURM/TPU pod says so | on | off
@@ -115,6 +124,10 @@ def base_config(loss: str, preset: str | None) -> ml_collections.ConfigDict:
         c.eval_every = 50
         c.log_every = 10
         c.checkpoint.every = 50
+        c.plots = True
+        c.samples.num_prompts = 3
+        c.samples.max_new_tokens = 48
+        c.samples.checker = "apo_jax.eval.checkers:demo"
     elif preset in ("llama3_8b", "llama3_1b"):
         # The paper's setting for Llama-3-8B-Instruct on CLAIR pairs; pass model and data paths.
         c.model.preset = preset

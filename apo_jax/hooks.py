@@ -9,6 +9,7 @@ ranks by them is saved.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -55,6 +56,8 @@ class Run:
     eval_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # last held-out
     eval_step: int = -1  # the step of eval_metrics
     hf_export: str = ""
+    plots: str = ""  # directory of the end-of-run figures
+    samples: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the last round
 
     @property
     def last(self) -> bool:
@@ -212,3 +215,57 @@ def export_hf(run: Run, out_dir: str) -> None:
     if jax.process_index() == 0:
         model = nnx.merge(run.graphdef, params)
         hf.save_hf(model, run.model_cfg, out_dir, tokenizer_dir=run.paths.tokenizer or None)
+
+
+class Samples(Hook):
+    """Greedy generations of a few held-out prompts every `every` steps and at the end.
+
+    Each round is appended to `<workdir>/samples.jsonl` (one line per prompt, with its step), put
+    in TensorBoard's text tab, and, with a checker, scored as `samples/accuracy` in the metrics.
+    Runs on one process only (generation gathers results on the host).
+    """
+
+    def __init__(self, every: int, rows: list[dict[str, Any]], tokenizer: Any, *,
+                 max_new_tokens: int, checker: Any, stop_tokens: list[int], mesh: Any):  # fmt: skip
+        self.every, self.rows, self.tokenizer = every, rows, tokenizer
+        self.max_new_tokens, self.checker = max_new_tokens, checker
+        self.stop_tokens, self.mesh = stop_tokens, mesh
+
+    def act(self, run: Run) -> None:
+        from apo_jax.eval import generation
+
+        model = nnx.merge(run.graphdef, run.state.params)
+        ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        out = generation.sample(
+            model, self.tokenizer, self.rows,
+            sampling=generation.Sampling(max_new_tokens=self.max_new_tokens),
+            batch_size=-(-min(len(self.rows), 8) // ways) * ways,
+            stop_tokens=self.stop_tokens, checker=self.checker, mesh=self.mesh,
+        )  # fmt: skip
+        run.samples = out
+        with open(os.path.join(run.workdir, "samples.jsonl"), "a", encoding="utf-8") as f:
+            for row in out:
+                f.write(json.dumps({"step": run.step, **row}, ensure_ascii=False) + "\n")
+        text = "\n\n".join(f"**{r['prompt']}**\n\n{r['response']}" for r in out)
+        run.writer.write_text(run.step, "samples", text)
+        if self.checker is not None:
+            scored = [r["correct"] for r in out if r.get("correct") is not None]
+            if scored:
+                run.writer.write(run.step, {"samples/accuracy": float(np.mean(scored))})
+
+
+class Plots(Hook):
+    """PNG figures of the run's metrics.jsonl in `<workdir>/plots` when the loop ends."""
+
+    def after_step(self, run: Run) -> None:
+        pass
+
+    def at_end(self, run: Run, *, finished: bool) -> None:
+        if jax.process_index() != 0:
+            return
+        from apo_jax import plot
+
+        run.writer.flush()
+        out_dir = os.path.join(run.workdir, "plots")
+        plot.plot_runs([run.workdir], out_dir)
+        run.plots = out_dir

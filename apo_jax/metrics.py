@@ -109,6 +109,19 @@ class MetricWriter:
         if self._wandb is not None:
             self._wandb.log(clean, step=step)
 
+    def flush(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.flush()
+
+    def write_text(self, step: int, tag: str, text: str) -> None:
+        """A text entry (markdown) for TensorBoard's text tab and W&B; not in metrics.jsonl."""
+        if not self.active:
+            return
+        if self._tb is not None:
+            self._tb.add_text(tag, text, step)
+        if self._wandb is not None:
+            self._wandb.log({tag: text}, step=step)
+
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()

@@ -8,6 +8,7 @@ evaluation, checkpoints, export). The parts are built by `apo_jax.assemble`; the
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -42,6 +43,7 @@ def train_and_evaluate(config: Any, workdir: str = "") -> dict[str, Any]:
         config, device_count=jax.device_count(), process_count=jax.process_count()
     )
     workdir = workdir or default_workdir(config)
+    _record_config(config, workdir)
     paths = assemble.resolve_data(rc)
     mesh = sharding.make_mesh(rc.mesh.data, rc.mesh.fsdp, rc.mesh.tensor)
     model, model_cfg, weights_fp = assemble.build_model(rc, paths, mesh)
@@ -78,10 +80,26 @@ def train_and_evaluate(config: Any, workdir: str = "") -> dict[str, Any]:
     if paths.eval:
         eval_loader = lambda: assemble.make_loader(rc, paths.eval, ref.info, train=False)  # noqa: E731
         side_tasks.append(hooks.HeldOutEval(rc.eval_every, eval_loader, rc.eval_batches))
+    samples = assemble.samples_hook(rc, paths, mesh)
+    if samples is not None:
+        side_tasks.append(samples)
     side_tasks.append(hooks.Checkpoint(rc.checkpoint.every))
     if rc.export_hf:
         side_tasks.append(hooks.ExportHF())
+    if rc.plots:
+        side_tasks.append(hooks.Plots())
     return _loop(run, side_tasks)
+
+
+def _record_config(config: Any, workdir: str) -> None:
+    """Keeps the run's config as `<workdir>/config.json` (figures label runs with it)."""
+    path = os.path.join(workdir, "config.json")
+    if jax.process_index() != 0 or os.path.exists(path):
+        return
+    os.makedirs(workdir, exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(config.to_dict(), f, indent=1, sort_keys=True, default=str)
+    os.replace(path + ".tmp", path)
 
 
 def _restore(ckpt: Checkpointer, state: ts.TrainState, data: Any) -> tuple[int, ts.TrainState]:
@@ -152,6 +170,8 @@ def _summary(run: hooks.Run, seconds: float) -> dict[str, Any]:
         "data": run.paths.train,
         "checkpoint": os.path.join(run.ckpt.directory, str(run.step)),
         "hf_export": run.hf_export,
+        "plots": run.plots,
+        "samples": run.samples,
         "interrupted": run.stopping,
         **run.train_metrics,
         **run.eval_metrics,

@@ -1,9 +1,24 @@
-"""Shared pytest fixtures. Add fixtures here; keep heavy imports (torch) inside them."""
+"""Shared pytest fixtures. Add fixtures here; keep heavy imports (torch) inside them.
+
+Compiled programs go to a persistent JAX cache shared by the xdist workers and the subprocesses
+the tests start (they inherit the environment), so a step that several tests compile with the
+same shapes is compiled once per machine.
+"""
 
 from __future__ import annotations
 
+import os
+import tempfile
+
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "apo_jax_test_jax_cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+
 import pytest
-from data_helpers import small_pairs, small_shards, tok_dir  # noqa: F401  (the data fixtures)
+from data_helpers import write_jsonl
+
+from apo_jax.data import demo, prepare
 
 
 @pytest.fixture(scope="session")
@@ -86,3 +101,28 @@ def assert_same_grads(want, got, atol: float) -> None:
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=atol)
         norms.append(float(jnp.linalg.norm(a)))
     assert max(norms) > 1e-3  # the gradients are not all zero
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory) -> str:
+    """A small demo tokenizer (byte-level BPE, Llama-3 special tokens and chat template)."""
+    rows = demo.generate_pairs(300, seed=1)
+    texts = [m["content"] for r in rows for side in ("chosen", "rejected") for m in r[side]]
+    return demo.train_tokenizer(texts, str(tmp_path_factory.mktemp("tok")), vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def small_pairs(tmp_path_factory) -> tuple[str, list[dict]]:
+    """A JSONL of 40 generated CLAIR pairs (some multi-turn) and its rows."""
+    rows = demo.generate_pairs(40, seed=2)
+    return write_jsonl(os.path.join(tmp_path_factory.mktemp("pairs"), "pairs.jsonl"), rows), rows
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory, tok_dir, small_pairs) -> str:
+    """small_pairs prepared into 3 shards (16 records each at most)."""
+    out = str(tmp_path_factory.mktemp("shards"))
+    prepare.prepare(
+        small_pairs[0], tok_dir, out, prepare.Settings(max_length=256, records_per_shard=16)
+    )
+    return out

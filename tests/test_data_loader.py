@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from data_helpers import small_pairs, small_shards, tok_dir  # noqa: F401  (fixtures)
 
 from apo_jax import layouts
 from apo_jax.data import ingest, loader, prepare, refs, schema, tokenize
@@ -25,7 +24,7 @@ def _indices(ld):
     return [b["index"].tolist() for b in ld]
 
 
-def test_round_trip_exact_token_ids(small_shards, small_pairs, tok_dir):  # noqa: F811
+def test_round_trip_exact_token_ids(small_shards, small_pairs, tok_dir):
     tok = tokenize.load_tokenizer(tok_dir)
     seen = 0
     for b in _loader(small_shards, batch_size=4, num_epochs=1, shuffle=False):
@@ -50,7 +49,7 @@ def test_round_trip_exact_token_ids(small_shards, small_pairs, tok_dir):  # noqa
     assert seen == N_RECORDS
 
 
-def test_shuffles(small_shards):  # noqa: F811
+def test_shuffles(small_shards):
     a = sum(_indices(_loader(small_shards, batch_size=5, num_epochs=2, seed=1)), [])
     b = sum(_indices(_loader(small_shards, batch_size=5, num_epochs=2, seed=1)), [])
     c = sum(_indices(_loader(small_shards, batch_size=5, num_epochs=2, seed=2)), [])
@@ -61,7 +60,7 @@ def test_shuffles(small_shards):  # noqa: F811
 
 
 @pytest.mark.parametrize("procs", [2, 4])
-def test_processes_disjoint_complete_and_equal_to_one_process(small_shards, procs):  # noqa: F811
+def test_processes_disjoint_complete_and_equal_to_one_process(small_shards, procs):
     n = 5 if procs == 2 else 2  # global batch 10 / 8 divides 40
     per = [_indices(_loader(small_shards, batch_size=n, num_epochs=1, seed=3, process_index=p, process_count=procs))
            for p in range(procs)]  # fmt: skip
@@ -73,7 +72,7 @@ def test_processes_disjoint_complete_and_equal_to_one_process(small_shards, proc
         assert sorted(sum((per[p][step] for p in range(procs)), [])) == sorted(global_batch)
 
 
-def test_drop_remainder_counted_and_padding(small_shards):  # noqa: F811
+def test_drop_remainder_counted_and_padding(small_shards):
     ld = _loader(small_shards, batch_size=3, num_epochs=1, process_count=2, process_index=1)
     assert ld.num_batches == 6 and ld.dropped == 4 and len(list(ld)) == 6
     ld = _loader(small_shards, batch_size=3, num_epochs=1, drop_remainder=False, shuffle=False)
@@ -87,7 +86,7 @@ def test_drop_remainder_counted_and_padding(small_shards):  # noqa: F811
     )
 
 
-def test_resume_mid_epoch_gives_same_remaining_batches(small_shards):  # noqa: F811
+def test_resume_mid_epoch_gives_same_remaining_batches(small_shards):
     ld = _loader(small_shards, batch_size=4, num_epochs=2, seed=7)
     for _ in range(13):  # past the first epoch boundary
         next(ld)
@@ -99,7 +98,7 @@ def test_resume_mid_epoch_gives_same_remaining_batches(small_shards):  # noqa: F
     assert len(rest) == 7 and all((x == y).all() for x, y in zip(rest, rest2, strict=True))
 
 
-def test_grain_workers_same_batches_and_portable_state(small_shards):  # noqa: F811
+def test_grain_workers_same_batches_and_portable_state(small_shards):
     a = _indices(_loader(small_shards, batch_size=4, num_epochs=1, seed=5))
     ld = _loader(small_shards, batch_size=4, num_epochs=1, seed=5, worker_count=1)
     first = [next(ld)["index"].tolist() for _ in range(3)]
@@ -111,18 +110,18 @@ def test_grain_workers_same_batches_and_portable_state(small_shards):  # noqa: F
     assert _indices(resumed) == rest
 
 
-def test_seq_len_too_short_is_refused_up_front(small_shards):  # noqa: F811
+def test_seq_len_too_short_is_refused_up_front(small_shards):
     with pytest.raises(ValueError, match="re-prepare"):
         _loader(small_shards, batch_size=2, seq_len=16)
 
 
-def test_state_from_another_loader_is_refused(small_shards):  # noqa: F811
+def test_state_from_another_loader_is_refused(small_shards):
     state = _loader(small_shards, batch_size=4, seed=1).get_state()
     with pytest.raises(ValueError, match="seed"):
         _loader(small_shards, batch_size=4, seed=2).set_state(state)
 
 
-def test_buckets_pick_smallest_fitting_length(small_shards):  # noqa: F811
+def test_buckets_pick_smallest_fitting_length(small_shards):
     for b in _loader(small_shards, batch_size=4, num_epochs=1, buckets=(64, 128)):
         t = b["input_ids"].shape[1]
         longest = int(b["segment_ids"].sum(1).max())
@@ -131,7 +130,7 @@ def test_buckets_pick_smallest_fitting_length(small_shards):  # noqa: F811
         )
 
 
-def test_prefix_layout_and_mask(small_shards):  # noqa: F811
+def test_prefix_layout_and_mask(small_shards):
     concat = next(_loader(small_shards, batch_size=2, num_epochs=1, shuffle=False))
     b = next(
         _loader(
@@ -152,7 +151,7 @@ def test_prefix_layout_and_mask(small_shards):  # noqa: F811
     assert not mask[:p, p:].any()  # the prompt never sees completions
 
 
-def test_reference_logps_round_trip_and_fingerprint_refusal(tmp_path, tok_dir, small_pairs):  # noqa: F811
+def test_reference_logps_round_trip_and_fingerprint_refusal(tmp_path, tok_dir, small_pairs):
     out = str(tmp_path / "s")
     prepare.prepare(small_pairs[0], tok_dir, out, prepare.Settings(max_length=256))
     idx = np.arange(N_RECORDS)[::-1]
@@ -179,7 +178,7 @@ def test_reference_logps_round_trip_and_fingerprint_refusal(tmp_path, tok_dir, s
         _loader(out, batch_size=8, reference_info={"model": "m1"})
 
 
-def test_make_global_batch_single_process(small_shards):  # noqa: F811
+def test_make_global_batch_single_process(small_shards):
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 

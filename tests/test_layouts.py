@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from data_helpers import small_pairs, small_shards, tok_dir  # noqa: F401  (fixtures)
 from flax import nnx
 
 from apo_jax import config as config_lib
@@ -104,7 +103,7 @@ def test_packed_micro_batches_are_packed_apart_with_one_row_count():
     assert set(np.unique(micro["sequence_ids"][1]).tolist()) == {-1, 0, 2, 3, 4, 6, 7}
 
 
-def test_packed_global_batch_one_process_keeps_the_micro_batches(small_shards):  # noqa: F811
+def test_packed_global_batch_one_process_keeps_the_micro_batches(small_shards):
     from jax.sharding import NamedSharding, PartitionSpec
 
     cfg = loader.LoaderConfig(batch_size=8, seq_len=256, layout=PACKED, micro_batches=2)

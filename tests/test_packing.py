@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import assert_same_grads
-from data_helpers import small_pairs, small_shards, tok_dir  # noqa: F401  (fixtures)
 from flax import nnx
 
 from apo_jax import layouts, losses, trainer
@@ -68,7 +67,7 @@ def test_row_count_rule():
     assert row_count(3, 6, 4) == 4 and row_count(5, 6, 4) == 8
 
 
-def test_packed_batches_hold_each_sequence_once_in_one_segment(small_shards):  # noqa: F811
+def test_packed_batches_hold_each_sequence_once_in_one_segment(small_shards):
     """Against the concat batches of the same loader: same tokens, masks and positions."""
     kw = {"batch_size": 8, "seed": 3}
     concat = list(_loader(small_shards, **kw))
@@ -99,7 +98,7 @@ def test_packed_batches_hold_each_sequence_once_in_one_segment(small_shards):  #
             assert zeros.size == 0 or not seg[zeros[0] :].any()
 
 
-def test_packed_loader_resumes_mid_epoch(small_shards):  # noqa: F811
+def test_packed_loader_resumes_mid_epoch(small_shards):
     kw = {"batch_size": 4, "num_epochs": 2, "seed": 7, "layout": "packed", "row_multiple": 2}
     ld = _loader(small_shards, **kw)
     for _ in range(13):  # past the first epoch boundary
@@ -177,7 +176,7 @@ def test_global_sequence_ids_and_padding_to_the_agreed_shape():
     assert (grown["input_ids"][2:] == 0).all() and (grown["index"] == np.arange(3)).all()
 
 
-def test_make_global_batch_single_process_keeps_packed_batch(small_shards):  # noqa: F811
+def test_make_global_batch_single_process_keeps_packed_batch(small_shards):
     from jax.sharding import NamedSharding, PartitionSpec
 
     ld = _loader(small_shards, batch_size=4, layout="packed")

@@ -5,14 +5,14 @@
 
 import ml_collections
 
-PRESETS = ("demo", "llama3_1b", "llama3_8b")
+RUN_PRESETS = ("demo", "llama3_1b", "llama3_8b")
 
 
 def base_config(loss: str, preset: str | None) -> ml_collections.ConfigDict:
     """The full config for `loss` (a losses.py name or mixture) and a preset name."""
     preset = preset or "demo"
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if preset not in RUN_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(RUN_PRESETS)}")
     c = ml_collections.ConfigDict()
     c.preset = preset  # which preset filled the fields below (informational)
     c.seed = 0  # model init, data shuffle and step RNG
@@ -26,7 +26,9 @@ def base_config(loss: str, preset: str | None) -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # master weight dtype
     c.model.remat = "none"  # none | full | save_dots
     c.model.scan_layers = True  # one compiled block for all layers (False unrolls them)
-    c.model.attention = "auto"  # auto (cuDNN flash on GPU for 16-bit compute) | xla | cudnn
+    c.model.attention = (
+        "auto"  # auto (cuDNN on GPU for 16-bit, blocked on CPU) | xla | cudnn | blocked
+    )
 
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # prepared shard dir (python -m apo_jax.data.prepare); empty: the demo

@@ -48,7 +48,8 @@ class DataSettings:
     tokenizer: str
     seq_len: int | None  # None: the shards' own length
     buckets: tuple[int, ...] | None
-    layout: layouts.Layout  # the row layout object (config.data.layout names it)
+    layout: layouts.Layout | None  # the row layout (config.data.layout); None: 'auto', which
+    # assemble.resolve_layout replaces by the layout it picks once the shards are known
     num_epochs: int
     shuffle: bool
     worker_count: int
@@ -219,10 +220,10 @@ def _mesh(c: Any, device_count: int) -> MeshShape:
 
 
 def _data(c: Any, mesh: MeshShape, process_count: int) -> DataSettings:
-    try:
-        layout = layouts.get(c.data.layout)
-    except layouts.LayoutError as e:
-        raise ConfigError(str(e)) from None
+    _need(c.data.layout == "auto" or c.data.layout in layouts.NAMES,
+          f"config.data.layout must be auto or one of {', '.join(layouts.NAMES)}, "
+          f"got {c.data.layout!r}")  # fmt: skip
+    layout = None if c.data.layout == "auto" else layouts.get(c.data.layout)
     _need(c.data.seq_len >= 0, f"config.data.seq_len must be >= 0, got {c.data.seq_len}")
     _need(c.data.num_epochs > 0, f"config.data.num_epochs must be > 0, got {c.data.num_epochs}")
     _need(c.batch_size > 0 and c.grad_accum > 0,
@@ -231,9 +232,10 @@ def _data(c: Any, mesh: MeshShape, process_count: int) -> DataSettings:
           f"multiple of config.grad_accum {c.grad_accum}")  # fmt: skip
     _need(c.batch_size % process_count == 0, f"config.batch_size {c.batch_size} must divide "
           f"across the {process_count} processes: make it a multiple of {process_count}")  # fmt: skip
-    try:
-        layout.check(batch_size=c.batch_size, grad_accum=c.grad_accum,
-                     data_ways=mesh.batch_ways, process_count=process_count)  # fmt: skip
+    try:  # auto: concat must fit, the others are candidates when they do
+        (layout or layouts.get("concat")).check(
+            batch_size=c.batch_size, grad_accum=c.grad_accum, data_ways=mesh.batch_ways,
+            process_count=process_count)  # fmt: skip
     except layouts.LayoutError as e:
         raise ConfigError(str(e)) from None
     return _section(DataSettings, c, "data", layout=layout, seq_len=int(c.data.seq_len) or None,

@@ -47,6 +47,7 @@ def train_and_evaluate(config: Any, workdir: str = "") -> dict[str, Any]:
     paths = assemble.resolve_data(rc)
     mesh = sharding.make_mesh(rc.mesh.data, rc.mesh.fsdp, rc.mesh.tensor)
     model, model_cfg, weights_fp = assemble.build_model(rc, paths, mesh)
+    rc = assemble.resolve_layout(rc, paths, model_cfg)  # config.data.layout=auto
     graphdef, params = ts.split_model(model)
     ref = reference.prepare(rc, (paths.train, paths.eval), graphdef, params, model_cfg,
                             weights_fp, mesh)  # fmt: skip

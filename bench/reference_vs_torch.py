@@ -1,4 +1,4 @@
-"""Benchmark 8: the reference pass's forward against a PyTorch `no_grad` forward of the same rows.
+"""Benchmark 9: the reference pass's forward against a PyTorch `no_grad` forward of the same rows.
 
     python bench/reference_vs_torch.py [--pairs 4] [--seq 512] [--repeats 3] [--chunk 128]
 

@@ -1,4 +1,4 @@
-"""Benchmark 9: scanned layers against unrolled ones, and the scan's compile time at Llama-3-8B.
+"""Benchmark 10: scanned layers against unrolled ones, and the scan's compile time at Llama-3-8B.
 
     python bench/scan_layers.py [--rows 4] [--repeats 3] [--compile-8b]
 

@@ -47,9 +47,11 @@ def train_and_evaluate(config: Any, workdir: str = "") -> dict[str, Any]:
     paths = assemble.resolve_data(rc)
     mesh = sharding.make_mesh(rc.mesh.data, rc.mesh.fsdp, rc.mesh.tensor)
     model, model_cfg, weights_fp = assemble.build_model(rc, paths, mesh)
-    graphdef, params = ts.split_model(model)
-    ref = reference.prepare(rc, (paths.train, paths.eval), graphdef, params, model_cfg,
-                            weights_fp, mesh)  # fmt: skip
+    policy = assemble.split_policy(rc, model, mesh)  # with LoRA: adapters train, the base is frozen
+    graphdef, params = policy.graphdef, policy.params
+    ref = reference.prepare(rc, (paths.train, paths.eval), policy.base_graphdef,
+                            policy.base_params, model_cfg, weights_fp, mesh,
+                            shared=policy.frozen is not None)  # fmt: skip
 
     train_data = assemble.make_loader(rc, paths.train, ref.info, train=True)
     num_steps = rc.num_steps or (train_data.num_batches or 0)
@@ -59,7 +61,9 @@ def train_and_evaluate(config: Any, workdir: str = "") -> dict[str, Any]:
     tx, schedule = make_optimizer(rc.optim, num_steps)
     state_sh = assemble.state_shardings(params, tx, mesh)
     state = assemble.init_state(params, tx, rc.seed, state_sh)
-    steps_fn = assemble.Steps(rc, graphdef, ref, tx, schedule, state_sh, mesh, model_cfg)
+    steps_fn = assemble.Steps(rc, graphdef, ref, tx, schedule, state_sh, mesh, model_cfg,
+                              frozen=policy.frozen)  # fmt: skip
+    base = assemble.base_record(rc, weights_fp)
 
     ckpt = Checkpointer(
         os.path.join(workdir, "checkpoints"),
@@ -67,14 +71,14 @@ def train_and_evaluate(config: Any, workdir: str = "") -> dict[str, Any]:
         keep_best=rc.checkpoint.keep_best if paths.eval else 0,
         async_save=rc.checkpoint.async_save,
     )
-    start_step, state = _restore(ckpt, state, train_data)
+    start_step, state = _restore(ckpt, state, train_data, base)
 
     run = hooks.Run(
         rc=rc, workdir=workdir, paths=paths, graphdef=graphdef, model_cfg=model_cfg,
         steps_fn=steps_fn, train_data=train_data, state=state, num_steps=num_steps,
         start_step=start_step, writer=metrics_lib.MetricWriter(workdir, wandb_project=rc.wandb_project),
         ckpt=ckpt, bar=_progress_bar(rc, num_steps, start_step),
-        row_sharding=sharding.batch_sharding(mesh),
+        row_sharding=sharding.batch_sharding(mesh), policy=policy, base=base,
     )  # fmt: skip
     side_tasks: list[hooks.Hook] = [hooks.TrainMetrics(rc.log_every, rc.max_bad_steps)]
     if paths.eval:
@@ -102,13 +106,17 @@ def _record_config(config: Any, workdir: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _restore(ckpt: Checkpointer, state: ts.TrainState, data: Any) -> tuple[int, ts.TrainState]:
+def _restore(
+    ckpt: Checkpointer, state: ts.TrainState, data: Any, base: dict[str, str]
+) -> tuple[int, ts.TrainState]:
     """(step, state) of the newest checkpoint that restores, the loader moved to its position;
-    (0, state) when there is none."""
+    (0, state) when there is none. LoRA adapters resume only onto the base they were trained on."""
     restored = ckpt.restore(abstract_like(state))
     if restored is None:
         return 0, state
-    step, state, data_state, _ = restored
+    step, state, data_state, meta = restored
+    if base:
+        assemble.check_base(meta.get("base"), base, f"checkpoint {ckpt.directory}/{step}")
     data.set_state(data_state)
     log.info("resumed from %s at step %d", ckpt.directory, step)
     return step, state
@@ -191,4 +199,5 @@ def precompute_reference(config: Any, workdir: str = "") -> None:
     mesh = sharding.make_mesh(rc.mesh.data, rc.mesh.fsdp, rc.mesh.tensor)
     model, model_cfg, weights_fp = assemble.build_model(rc, paths, mesh)
     graphdef, params = ts.split_model(model)
-    reference.prepare(rc, (paths.train, paths.eval), graphdef, params, model_cfg, weights_fp, mesh)
+    reference.prepare(rc, (paths.train, paths.eval), graphdef, params, model_cfg, weights_fp, mesh,
+                      shared=rc.lora.enabled)  # fmt: skip

@@ -166,6 +166,8 @@ def prepare(
     model_cfg: Any,
     weights_fp: str,
     mesh: jax.sharding.Mesh,
+    *,
+    shared: bool = False,
 ) -> Reference:
     """The run's reference: frozen params (online), or stored log-probs made first if missing.
 
@@ -176,16 +178,22 @@ def prepare(
       model_cfg: the policy's model config.
       weights_fp: the fingerprint of the starting weights (`weights_fingerprint`).
       mesh: the device mesh.
+      shared: use `params` themselves as the reference, in the policy's dtypes (a LoRA run's
+        frozen base: the reference is the policy with its adapters off, and no copy is made).
 
     Returns:
       The Reference the train step and the loaders use.
     """
     mode, dtype = rc.reference.mode, rc.reference.dtype
-    ref_graphdef = _graphdef(dtype, graphdef, model_cfg)
+    if shared:
+        dtype, ref_graphdef = model_cfg.dtype, graphdef
+    else:
+        ref_graphdef = _graphdef(dtype, graphdef, model_cfg)
     if mode == "none":
         return Reference(mode, ref_graphdef, None, None)
-    # A copy in the reference dtype; no optimizer state is ever made for it.
-    ref_params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
+    ref_params = params
+    if not shared:  # a copy in the reference dtype; no optimizer state is ever made for it
+        ref_params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
     if mode == "online":
         return Reference(mode, ref_graphdef, ref_params, None)
     info = fingerprint_info(shard_dirs[0], weights_fp, dtype)

@@ -25,7 +25,8 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     # torch only for parity tests against transformers' PyTorch Llama; pinned to the CPU wheel.
-    "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0"],
+    # peft for the LoRA adapter round trip (tests/test_lora.py).
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "peft>=0.13"],
     "gpu": ["jax[cuda12]>=0.10.2"],
     "tpu": ["jax[tpu]>=0.10.2"],
     "dev": ["ruff>=0.6"],

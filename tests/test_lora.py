@@ -172,7 +172,7 @@ def test_config_lora_errors_name_the_field():
 def _run(workdir, hf_path, shards, tok_dir, steps, **extra):
     o = {
         "model.hf_path": str(hf_path), "data.train": shards, "data.tokenizer": tok_dir,
-        "data.seq_len": 128, "data.layout": "concat", "batch_size": 4, "num_steps": steps,
+        "data.seq_len": 144, "data.layout": "concat", "batch_size": 4, "num_steps": steps,
         "log_every": 1, "eval_every": 0, "checkpoint.every": 2, "checkpoint.async_save": False,
         "progress_bar": False, "lora.rank": 8, "optim.learning_rate": 1e-2,
         "optim.schedule": "constant", "reference.mode": "online", "samples.num_prompts": 0,

@@ -254,13 +254,13 @@ class Steps:
             return ts.eval_step(params, batch, ref_params, frozen, graphdef=graphdef, cfg=scfg,
                                 ref_graphdef=ref_graphdef)  # fmt: skip
 
-        # The frozen LoRA base (and an online reference made of the same arrays) keeps the
-        # sharding it was placed with; only the state is donated.
+        # The frozen LoRA base keeps the sharding it was placed with; only the state is donated.
         self._train = jax.jit(train_fn, in_shardings=(state_sh, None, None, None),
                               out_shardings=(state_sh, replicated), donate_argnames=("state",))  # fmt: skip
         self._eval = jax.jit(eval_fn, in_shardings=(state_sh.params, None, None, None),
                              out_shardings=replicated)  # fmt: skip
-        self.ref_params = ref.params
+        # LoRA: the online reference is the frozen base itself, found inside the step.
+        self.ref_params = None if frozen is not None else ref.params
         self.frozen = frozen
         self._online = rc.reference.mode == "online"
         self._model_cfg = model_cfg

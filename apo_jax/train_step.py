@@ -110,8 +110,14 @@ def pair_logps(
 
 def loss_fn(params, graphdef, batch, cfg: StepConfig, ref_params=None, ref_graphdef=None,
             frozen=None):  # fmt: skip
-    """Mean preference loss of a batch and its metrics (`frozen`: a LoRA run's frozen base)."""
+    """Mean preference loss of a batch and its metrics.
+
+    With LoRA, `frozen` is the frozen base; an online reference given as None is that base itself
+    (under `ref_graphdef`, the graph without adapters), so the step holds the weights once.
+    """
     if frozen is not None:
+        if cfg.reference == "online" and ref_params is None:
+            ref_params = lora.base_state(frozen)
         params = nnx.merge_state(frozen, params)
     logps = pair_logps(graphdef, params, batch, cfg, ref_params, ref_graphdef)
     valid_N = batch["index"] >= 0  # the loader pads a last partial batch with index -1
@@ -159,7 +165,8 @@ def train_step(
     Args:
       state: the TrainState (donated by the caller's jit).
       batch: a batch of N pairs in `cfg.layout`, laid out for `cfg.grad_accum` micro-batches.
-      ref_params: frozen reference parameters, for ``cfg.reference == 'online'``.
+      ref_params: frozen reference parameters, for ``cfg.reference == 'online'`` (None with
+        LoRA: the reference is then the frozen base without adapters).
       frozen: a LoRA run's frozen base (merged with the adapters in ``state.params``), or None.
       graphdef: the model's static graph.
       tx: the optax transformation (clipping included).

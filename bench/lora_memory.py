@@ -101,9 +101,8 @@ def compile_memory(preset: str, rank: int, reference: str, seq: int, pairs: int,
                            schedule=sched, ref_graphdef=base_graphdef)  # fmt: skip
     replicated = NamedSharding(mesh, PartitionSpec())
     jitted = jax.jit(fn, out_shardings=(state_sh, replicated), donate_argnums=(0,))
+    # With LoRA an online reference is the frozen base itself (ref_params None, one argument).
     ref_params = None
-    if reference == "online":  # LoRA: the frozen base itself, without the (absent) dropout keys
-        ref_params = lora.base_state(frozen)
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
         compiled = jitted.lower(state, abstract_batch(pairs, seq, mesh), ref_params,

@@ -92,6 +92,12 @@ def test_adapters_off_equals_base_log_probs():
     base_logps = ts.pair_logps(g0, p0, batch, ts.StepConfig(reference="none"))
     np.testing.assert_allclose(logps.ref_chosen, base_logps.chosen, rtol=1e-6)
     assert float(jnp.abs(logps.chosen - logps.ref_chosen).max()) > 1e-4
+    # Inside a step, an online reference given as None is the frozen base itself.
+    ev = jax.jit(lambda a, r, f: ts.eval_step(a, batch, r, f, graphdef=graphdef, cfg=cfg,
+                                              ref_graphdef=base_graphdef))  # fmt: skip
+    implicit, explicit = ev(adapters, None, frozen), ev(adapters, base_params, frozen)
+    np.testing.assert_allclose(implicit["rewards/chosen"], explicit["rewards/chosen"], rtol=1e-6)
+    assert abs(float(implicit["rewards/chosen"])) > 1e-6
 
 
 def test_gradients_and_optimizer_state_cover_the_adapters_only():
@@ -175,7 +181,7 @@ def _run(workdir, hf_path, shards, tok_dir, steps, **extra):
         "data.seq_len": 144, "data.layout": "concat", "batch_size": 4, "num_steps": steps,
         "log_every": 1, "eval_every": 0, "checkpoint.every": 2, "checkpoint.async_save": False,
         "progress_bar": False, "lora.rank": 8, "optim.learning_rate": 1e-2,
-        "optim.schedule": "constant", "reference.mode": "online", "samples.num_prompts": 0,
+        "optim.schedule": "constant", "optim.warmup_steps": 0, "reference.mode": "online", "samples.num_prompts": 0,
         "plots": False,
     }  # fmt: skip
     o.update(extra)

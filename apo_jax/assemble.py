@@ -88,7 +88,12 @@ def build_model(rc: RunConfig, paths: DataPaths, mesh: jax.sharding.Mesh) -> tup
 
 
 def make_loader(
-    rc: RunConfig, shard_dir: str, reference_info: dict[str, Any] | None, *, train: bool
+    rc: RunConfig,
+    shard_dir: str,
+    reference_info: dict[str, Any] | None,
+    *,
+    train: bool,
+    reference_dirs: tuple[str, ...] = (),
 ) -> loader_lib.PairLoader:
     """This process's loader of `shard_dir`: the training stream, or one pass for evaluation."""
     # Packed rows of all processes must split evenly over the mesh's data*fsdp batch shards.
@@ -109,6 +114,7 @@ def make_loader(
         drop_remainder=train,
         worker_count=rc.data.worker_count if train else 0,
         reference_info=reference_info,
+        reference_dirs=reference_dirs,
     )
     try:
         return loader_lib.make_loader(shard_dir, cfg)

@@ -52,6 +52,7 @@ class DataSettings:
     num_epochs: int
     shuffle: bool
     worker_count: int
+    verify: str = "fast"  # shards vs their manifest before training: fast | full | off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +225,8 @@ def _data(c: Any, mesh: MeshShape, process_count: int) -> DataSettings:
     except layouts.LayoutError as e:
         raise ConfigError(str(e)) from None
     _need(c.data.seq_len >= 0, f"config.data.seq_len must be >= 0, got {c.data.seq_len}")
+    _need(c.data.verify in ("fast", "full", "off"),
+          f"config.data.verify must be fast, full or off, got {c.data.verify!r}")  # fmt: skip
     _need(c.data.num_epochs > 0, f"config.data.num_epochs must be > 0, got {c.data.num_epochs}")
     _need(c.batch_size > 0 and c.grad_accum > 0,
           "config.batch_size and config.grad_accum must be positive")  # fmt: skip

@@ -40,6 +40,7 @@ def base_config(loss: str, preset: str | None) -> ml_collections.ConfigDict:
     c.data.num_epochs = 1  # passes over the training shards
     c.data.shuffle = True
     c.data.worker_count = 0  # grain worker processes (0 reads in the main process)
+    c.data.verify = "fast"  # shards vs manifest before training: fast (sizes, ends) | full | off
 
     c.loss = ml_collections.ConfigDict()
     c.loss.name = loss  # losses.py name or mixture, e.g. "apo_zero + 0.1*sft"

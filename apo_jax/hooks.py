@@ -52,6 +52,7 @@ class Run:
     step_metrics: Any = None  # `step`'s device metrics (not yet fetched)
     tokens_seen: int = 0  # real tokens of all processes trained on by this invocation
     stopping: bool = False  # a stop signal was agreed: save and leave after this step
+    finished: bool = False  # the loop reached num_steps (set when it ends)
     train_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # last logged
     eval_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # last held-out
     eval_step: int = -1  # the step of eval_metrics
@@ -175,6 +176,10 @@ class Checkpoint(Hook):
     def due(self, run: Run) -> bool:
         return super().due(run) or run.stopping
 
+    def after_step(self, run: Run) -> None:
+        run.ckpt.poll()  # a failed asynchronous save stops the run here, in one line
+        super().after_step(run)
+
     def act(self, run: Run) -> None:
         # Checkpoints are ranked (keep_best) by the held-out loss measured at their own step.
         ranked = None
@@ -183,6 +188,8 @@ class Checkpoint(Hook):
         meta = {"step": run.step, "preset": run.rc.preset, "loss": run.rc.loss.name,
                 "data": run.paths.train}  # fmt: skip
         run.ckpt.save(run.step, run.state, run.train_data.get_state(), meta, ranked)
+        if run.stopping:
+            run.ckpt.wait()  # the stop is announced only once this checkpoint is committed
 
     def at_end(self, run: Run, *, finished: bool) -> None:
         run.ckpt.wait()

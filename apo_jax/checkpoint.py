@@ -210,11 +210,21 @@ class Checkpointer:
     def _diagnose(self, step: int, e: BaseException) -> str:
         """'<file>: <reason>' for a step that does not restore, as short as the error allows."""
         step_dir = os.path.join(self.directory, str(step))
-        text = errors.one_line(e)
+        chain, x = [], e
+        while x is not None and len(chain) < 8:  # tensorstore's own error is in the context
+            chain.append(errors.one_line(x).split(" [tensorstore_spec")[0])
+            x = x.__cause__ or x.__context__
+        text = " | ".join(reversed(chain))
+        reason = text.split(" | ")[0].rsplit(": ", 1)[-1][:160]
         files = [f for f in re.findall(r'local file "([^"]+)"', text) if not f.endswith("/")]
         if files:
-            reason = text.split(f'local file "{files[-1]}"')[-1].split(" [tensorstore_spec")[0]
-            return f"{files[-1]}{reason}"[:300]
+            return f"{files[-1]}: {reason}"
+        sizes = {int(n) for n in re.findall(r"value of size (\d+)", text)}
+        for root, _, names in os.walk(step_dir):
+            for name in sorted(names):
+                path = os.path.join(root, name)
+                if os.path.getsize(path) in sizes:
+                    return f"{path}: {reason}"
         for item in _ITEMS:
             if not os.path.isdir(os.path.join(step_dir, item)):
                 return f"{os.path.join(step_dir, item)} is missing"
@@ -227,7 +237,7 @@ class Checkpointer:
                             json.load(f)
                     except (OSError, ValueError) as bad:
                         return f"{path}: {type(bad).__name__}: {errors.one_line(bad)}"[:300]
-        return f"{step_dir}: {type(e).__name__}: {text}"[:300]
+        return f"{step_dir}: {type(e).__name__}: {chain[0]}"[:300]
 
     def _set_aside(self, step: int, why: str, restored: int) -> None:
         """Moves the damaged `step` to `<step>.damaged` (process 0; the others wait)."""
@@ -313,6 +323,8 @@ class StopSignal:
         if self.count == 1:
             self.signal_name = name
             self._event.set()
+            print(f"apo_jax: {name}: stopping after this step with a checkpoint (a second signal "
+                  "waits for it, a third abandons it)", file=sys.stderr, flush=True)  # fmt: skip
         elif self.count == 2:
             print(f"apo_jax: {name} again: finishing the checkpoint save in flight, then stopping "
                   "(a third signal abandons it)", file=sys.stderr, flush=True)  # fmt: skip

@@ -170,7 +170,15 @@ def summary_text(s: dict[str, Any]) -> str:
 def train_main(argv: Sequence[str] | None = None) -> None:
     """`python -m apo_jax.train`: trains and prints the summary."""
     argv = sys.argv if argv is None else argv
-    summary = errors.guard(lambda: _run(argv, TRAIN_USAGE, TRAIN_ABOUT, trainer.train_and_evaluate))
+    try:
+        summary = errors.guard(
+            lambda: _run(argv, TRAIN_USAGE, TRAIN_ABOUT, trainer.train_and_evaluate)
+        )
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which turns it into a stop)
+        if errors.debug():
+            raise
+        print("apo_jax: interrupted outside the training loop", file=sys.stderr, flush=True)
+        sys.exit(130)
     import jax
 
     if jax.process_index() == 0:

@@ -93,6 +93,8 @@ def _train(config: Any, rc: config_lib.RunConfig, workdir: str, allow_config_cha
         async_save=rc.checkpoint.async_save,
     )
     start_step, state = _restore(ckpt, state, train_data)
+    if jax.process_index() == 0:  # the run's config, compared by the next resume; figures' labels
+        workdir_lib.write_config(workdir, config.to_dict())
     writer = metrics_lib.MetricWriter(workdir, wandb_project=rc.wandb_project,
                                       resume_step=start_step)  # fmt: skip
     if changes:
@@ -127,8 +129,8 @@ def _has_checkpoint(workdir: str) -> bool:
 
 
 def _check_config(config: Any, workdir: str, allow: bool) -> dict[str, list[Any]]:
-    """Refuses a resume that changes what defines the run (unless `allow`); keeps the run's
-    config as `<workdir>/config.json` (figures label runs with it). Returns the changes."""
+    """Refuses a resume that changes what defines the run (unless `allow`); returns the
+    changes. The caller keeps the config once the run has restored (`workdir.write_config`)."""
     new = config.to_dict()
     changes = (
         workdir_lib.check_resume(workdir, new, allow=allow) if _has_checkpoint(workdir) else {}
@@ -136,8 +138,6 @@ def _check_config(config: Any, workdir: str, allow: bool) -> dict[str, list[Any]
     if changes:
         log.warning("resuming %s with a changed config (--allow_config_change): %s", workdir,
                     ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))  # fmt: skip
-    if jax.process_index() == 0:
-        workdir_lib.write_config(workdir, new)
     return changes
 
 

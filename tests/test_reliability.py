@@ -301,3 +301,26 @@ def test_a_non_finite_stop_is_one_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1
     assert "2 consecutive steps with non-finite loss" in err[0] and "step 7" in err[0]
+
+
+def test_a_third_signal_abandons_the_save_and_exits_75(monkeypatch, capsys):
+    import signal
+
+    from apo_jax import checkpoint
+
+    exits, released = [], []
+
+    def fake_exit(code):
+        exits.append(code)
+
+    monkeypatch.setattr(checkpoint.os, "_exit", fake_exit)
+    stop = checkpoint.StopSignal(signals=(), on_abandon=lambda: released.append(True))
+    stop._handle(signal.SIGINT, None)
+    assert stop and stop.signal_name == "SIGINT" and not exits
+    stop._handle(signal.SIGINT, None)  # the second waits for the save
+    assert not exits and not released
+    stop._handle(signal.SIGINT, None)
+    assert exits == [checkpoint.EXIT_STOPPED] and released == [True]
+    err = capsys.readouterr().err
+    assert "stopping after this step" in err and "finishing the checkpoint save" in err
+    assert "abandoning the save in flight" in err

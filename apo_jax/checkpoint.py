@@ -6,8 +6,9 @@ temporary directory and renames it when complete, so a half-written checkpoint i
 A checkpoint that fails to restore is moved aside to `<step>.damaged` with a two-line warning naming
 the step and the damaged file, and the one before it is restored; when none restores, one error line.
 A failed asynchronous save (a full disk) is reported in one line by `poll()` at the next step; the
-checkpoints before it are kept. Orbax's own log records are dropped (`APO_JAX_DEBUG=1` shows
-them): every failure they describe is reported here in one line.
+checkpoints before it are kept. Orbax's own log records, and the exceptions of its reads left in
+flight by a failed restore, are dropped (`APO_JAX_DEBUG=1` shows them): every failure they
+describe is reported here in one line.
 
 `EXIT_STOPPED` (75, EX_TEMPFAIL) is the exit status of a run stopped by a signal before its last
 step, after its checkpoint was committed: resumable, not finished (SLURM requeue keys on it).
@@ -55,10 +56,33 @@ class _DropOrbaxRecords(logging.Filter):
         return errors.debug() or f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
+def _orbax_leftover(unraisable: Any) -> bool:
+    """An exception orbax could not raise: the reads still in flight when a damaged checkpoint's
+    restore failed (one per array), or their event loop already closed."""
+    tb, frames = unraisable.exc_traceback, []
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_filename)
+        tb = tb.tb_next
+    closed = isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(
+        unraisable.exc_value
+    )
+    return closed or any(f"{os.sep}orbax{os.sep}" in f for f in frames)
+
+
 def _quiet_orbax() -> None:
     absl_logger = logging.getLogger("absl")
     if not any(isinstance(f, _DropOrbaxRecords) for f in absl_logger.filters):
         absl_logger.addFilter(_DropOrbaxRecords())
+    previous = sys.unraisablehook
+    if getattr(previous, "_apo_jax", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if errors.debug() or not _orbax_leftover(unraisable):
+            previous(unraisable)
+
+    hook._apo_jax = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 class Checkpointer:

@@ -206,7 +206,9 @@ def _loop(run: hooks.Run, side_tasks: list[hooks.Hook], on_abandon: Any = None) 
 def _announce_stop(run: hooks.Run, stop: StopSignal) -> None:
     """Says what a stop left behind, once its checkpoint is committed (the loop waited)."""
     name = stop.signal_name or "a stop signal (on another process)"
-    if run.step in run.ckpt.steps():
+    if run.step == run.num_steps:
+        log.warning("%s received at the last step: the run is complete", name)
+    elif run.step in run.ckpt.steps():
         log.warning("%s received: checkpoint of step %d committed in %s; stopping (exit %d: "
                     "rerun the same command to resume)", name, run.step, run.ckpt.directory,
                     EXIT_STOPPED)  # fmt: skip

@@ -100,12 +100,26 @@ def test_resume_falls_back_from_a_damaged_checkpoint_and_never_changes_the_run(
     assert 'loss.name "apo_down" -> "dpo"' in str(e.value) and "num_steps 4 -> 5" in str(e.value)
     assert "--allow_config_change" in str(e.value) and "\n" not in str(e.value)
 
-    # Allowed explicitly: it goes on and metrics.jsonl records the change.
-    more = trainer.train_and_evaluate(_config(data, num_steps=5), wd, allow_config_change=True)
-    assert more["steps"] == 5
+    # Allowed explicitly: it goes on and metrics.jsonl records the change. Then the disk fills up
+    # during the asynchronous save of step 5: step 6 stops the run with one line, step 4 is kept.
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler
+
+    async def disk_full(self, x, directory):
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+
+    monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", disk_full)
+    cfg = _config(data, num_steps=6, **{"checkpoint.every": 1, "checkpoint.async_save": True})
+    with pytest.raises(SaveError) as e:
+        trainer.train_and_evaluate(cfg, wd, allow_config_change=True)
+    msg = str(e.value)
+    assert f"{wd}/checkpoints/5 failed: [Errno 28] No space left on device" in msg, msg
+    assert "last good checkpoint is step 4" in msg and "\n" not in msg
     counts, rows = _rows_per_step(wd)
-    assert counts == {1: 1, 2: 1, 3: 1, 4: 1, 5: 1}
-    assert {"step": 4, "config_change": {"num_steps": [4, 5]}} in rows
+    assert {"step": 4, "config_change": {"num_steps": [4, 6]}} in rows
+    # Reported at the step after the failed save (or at its own, when the save fails at once).
+    assert max(counts) in (5, 6), counts
+    steps = sorted(int(n) for n in os.listdir(f"{wd}/checkpoints") if n.isdigit())
+    assert steps[-1] == 4 and not os.path.exists(os.path.join(wd, workdir_lib.LOCK_FILE))
 
 
 def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, caplog):

@@ -23,6 +23,7 @@ from apo_jax.checkpoint import EXIT_STOPPED
 
 log = logging.getLogger("apo_jax")
 
+DEFAULT_CONFIG = "configs/apo_down.py"
 TRAIN_USAGE = "python -m apo_jax.train --config=configs/<objective>.py[:preset] [--config.<field>=value ...] [--workdir=DIR]"
 TRAIN_ABOUT = """Trains a preference objective; with no data or model paths, the embedded demo on a CPU.
 Restarting the same command resumes from the newest complete checkpoint in the workdir; a resume
@@ -38,7 +39,7 @@ def _flags() -> flags.FlagValues:
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file(
         "config",
-        "configs/apo_down.py",
+        DEFAULT_CONFIG,
         "Run config: configs/<objective>.py[:preset]; set any field with --config.<field>=value.",
         flag_values=fv,
         lock_config=True,
@@ -68,8 +69,8 @@ def _config_arg(argv: Sequence[str]) -> str | None:
 def _parse(argv: Sequence[str], usage: str, about: str) -> tuple[flags.FlagValues, list[str]]:
     """The flags (`_flags`) parsed by commands.parse, and the positional arguments; config-file
     problems are one-line FlagErrors naming the file or the field."""
-    path = (_config_arg(argv) or "").split(":", 1)[0]
-    if path and not os.path.isfile(path):
+    path = (_config_arg(argv) or DEFAULT_CONFIG).split(":", 1)[0]
+    if not os.path.isfile(path):
         raise commands.FlagError(
             f"config file {path} does not exist: pass --config=configs/<objective>.py[:preset] "
             f"(run from the repository root; objectives: {', '.join(_objectives())})"

@@ -82,7 +82,9 @@ def test_error_unsupported_model_type(checkpoint):
     cfg = json.loads((checkpoint / "config.json").read_text())
     cfg["model_type"] = "gpt2"
     (checkpoint / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="unsupported model_type 'gpt2'; supported: gemma3_text"):
+    with pytest.raises(
+        CheckpointError, match="unsupported model_type 'gpt2'; supported: gemma3_text"
+    ):
         load_hf(checkpoint)
 
 

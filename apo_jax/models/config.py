@@ -130,7 +130,9 @@ class LlamaConfig:
             )
         sw = self.sliding_window
         if sw is not None and (not isinstance(sw, int) or sw <= 0):
-            raise ConfigError(f"LlamaConfig.sliding_window must be a positive int or None, got {sw!r}")
+            raise ConfigError(
+                f"LlamaConfig.sliding_window must be a positive int or None, got {sw!r}"
+            )
         lt = self.layer_types
         if lt is not None:
             if not isinstance(lt, tuple) or len(lt) != self.n_layers:
@@ -140,7 +142,9 @@ class LlamaConfig:
             if any(t not in LAYER_TYPES for t in lt):
                 raise ConfigError(f"LlamaConfig.layer_types entries must be one of {LAYER_TYPES}")
             if "sliding_attention" in lt and sw is None:
-                raise ConfigError("LlamaConfig.layer_types has sliding layers but no sliding_window")
+                raise ConfigError(
+                    "LlamaConfig.layer_types has sliding layers but no sliding_window"
+                )
         for name in ("rope_local_theta", "query_pre_attn_scalar"):
             value = getattr(self, name)
             if value is not None and value <= 0:

@@ -24,8 +24,8 @@ from typing import Any
 
 from apo_jax.models.config import (
     ConfigError,
-    Llama3RopeScaling,
     LinearRopeScaling,
+    Llama3RopeScaling,
     LlamaConfig,
 )
 
@@ -253,6 +253,11 @@ def _rope_dict(theta: float, scaling: Any) -> dict[str, Any]:
     return {"rope_type": "llama3", "rope_theta": theta, **scaling.__dict__}
 
 
+def _scalar(cfg: LlamaConfig) -> int | float:
+    value = cfg.query_pre_attn_scalar or cfg.head_dim
+    return int(value) if float(value).is_integer() else float(value)  # transformers wants an int
+
+
 def to_hf(cfg: LlamaConfig) -> dict[str, Any]:
     """Returns the family's Hugging Face `config.json` dict (what `AutoConfig` reads back).
 
@@ -283,7 +288,7 @@ def to_hf(cfg: LlamaConfig) -> dict[str, Any]:
     if cfg.family == "gemma3":
         local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
         out.update(
-            hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=cfg.attn_scale**-2,
+            hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=_scalar(cfg),
             sliding_window=cfg.sliding_window, layer_types=types, attention_bias=False,
             rope_parameters={"full_attention": rope, "sliding_attention": local},
             final_logit_softcapping=None, attn_logit_softcapping=None,

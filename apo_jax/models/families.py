@@ -7,7 +7,7 @@ fields (docs/models.md):
 | --- | --- |
 | `llama` | nothing |
 | `qwen2` | bias on q/k/v; optional sliding layers (`use_sliding_window`) |
-| `qwen3` | RMSNorm per head on q and k before RoPE; explicit head_dim; optional q/k/v bias |
+| `qwen3` | RMSNorm per head on q and k before RoPE; explicit head_dim; optional sliding layers |
 | `mistral` | sliding-window attention in every layer (when `sliding_window` is set) |
 | `gemma3` (`gemma3_text`) | (1 + w) RMSNorm, sqrt(D)-scaled embeddings, GeGLU, sandwich norms, q/k norm, `query_pre_attn_scalar`, sliding and global layers with their own RoPE |
 
@@ -45,7 +45,7 @@ _PLAIN = dict(norm_offset=0.0, embed_scale=False, mlp_activation="silu", post_no
 FIXED: dict[str, dict[str, Any]] = {
     "llama": dict(_PLAIN, qkv_bias=False, qk_norm=False, sliding_window=None),
     "qwen2": dict(_PLAIN, qkv_bias=True, qk_norm=False),
-    "qwen3": dict(_PLAIN, qk_norm=True),
+    "qwen3": dict(_PLAIN, qkv_bias=False, qk_norm=True),
     "mistral": dict(_PLAIN, qkv_bias=False, qk_norm=False, layer_types=None),
     "gemma3": dict(qkv_bias=False, qk_norm=True, norm_offset=1.0, embed_scale=True,
                    mlp_activation="gelu_tanh", post_norms=True),
@@ -168,6 +168,8 @@ def _sliding(hf: dict[str, Any], n_layers: int) -> dict[str, Any]:
 def _qwen(hf: dict[str, Any]) -> dict[str, Any]:
     qwen3 = hf["model_type"] == "qwen3"
     _check_act(hf, "hidden_act", "silu")
+    if qwen3 and hf.get("attention_bias"):  # would put a bias on o_proj too
+        raise ConfigError("unsupported Qwen3 variant: attention_bias=true")
     fields = _shape(hf, 128 if qwen3 else None, 32768)
     theta, scaling = _flat_rope(hf, fields["max_seq_len"])
     fields.update(
@@ -175,7 +177,7 @@ def _qwen(hf: dict[str, Any]) -> dict[str, Any]:
         rope_theta=theta,
         rope_scaling=scaling,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=bool(hf.get("attention_bias", False)) if qwen3 else True,
+        qkv_bias=not qwen3,
         qk_norm=qwen3,
         **_sliding(hf, fields["n_layers"]),
     )
@@ -308,5 +310,5 @@ def to_hf(cfg: LlamaConfig) -> dict[str, Any]:
         max_window_layers=cfg.n_layers,
     )
     if cfg.family == "qwen3":
-        out["attention_bias"] = cfg.qkv_bias
+        out["attention_bias"] = False
     return out

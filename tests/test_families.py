@@ -245,3 +245,28 @@ def test_eight_devices_equal_one(make_hf):
         timeout=300,
     )
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-4000:]
+
+
+def test_multimodal_gemma3_checkpoint_loads_its_text_decoder(tmp_path):
+    """`Gemma3ForConditionalGeneration` files (vision tower, nested text_config) on text input."""
+    import torch
+    import transformers
+
+    vision = dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32,
+                  num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)  # fmt: skip
+    cfg = transformers.Gemma3Config(
+        text_config=hf_config("gemma3").to_dict(), vision_config=vision, mm_tokens_per_image=4,
+        boi_token_index=V - 3, eoi_token_index=V - 2, image_token_index=V - 1,
+    )  # fmt: skip
+    torch.manual_seed(1)
+    hf_model = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf_model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.3)
+    hf_model.save_pretrained(tmp_path)
+    ids = np.random.RandomState(5).randint(3, V - 3, (2, 14))
+    model, got_cfg = load_hf(tmp_path)
+    assert got_cfg.family == "gemma3" and got_cfg.sliding_window == 4
+    got = np.asarray(_forward(model, jnp.asarray(ids)))
+    np.testing.assert_allclose(got, _torch_logits(hf_model, ids), atol=1e-4, rtol=1e-4)

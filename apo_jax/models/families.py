@@ -92,6 +92,9 @@ def config_from_hf(config: dict[str, Any] | str | os.PathLike, **overrides: Any)
     """
     hf = read_config_json(config)
     model_type = hf.get("model_type")
+    if model_type == "gemma3":  # multimodal: the text decoder's config is nested
+        hf = {**(hf.get("text_config") or {}), "model_type": "gemma3_text"}
+        model_type = "gemma3_text"
     if model_type == "llama":
         return LlamaConfig.from_hf(hf, **overrides)
     readers = {"qwen2": _qwen, "qwen3": _qwen, "mistral": _mistral, "gemma3_text": _gemma3}
@@ -199,7 +202,34 @@ def _mistral(hf: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+# Gemma3TextConfig's defaults: a multimodal checkpoint's text_config leaves most of them out.
+_GEMMA3_DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216,
+                        num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
+                        head_dim=256, rms_norm_eps=1e-6, max_position_embeddings=131_072)  # fmt: skip
+
+# Where a multimodal Gemma 3 checkpoint keeps the text decoder ("model." of Gemma3ForCausalLM):
+# the Hub's transformers-4 files, then what transformers 5 writes. Vision tensors are skipped.
+MULTIMODAL_PREFIXES = ("language_model.model.", "model.language_model.")
+MULTIMODAL_SKIPPED = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                      "model.multi_modal_projector.", "language_model.lm_head.")  # fmt: skip
+
+
+def text_tensor_names(names: list[str]) -> dict[str, str] | None:
+    """For a multimodal Gemma 3 checkpoint: {Gemma3ForCausalLM name: stored name}; else None."""
+    for prefix in MULTIMODAL_PREFIXES:
+        if prefix + "embed_tokens.weight" in names:
+            out = {}
+            for n in names:
+                if n.startswith(prefix):
+                    out["model." + n[len(prefix) :]] = n
+                elif not n.startswith(MULTIMODAL_SKIPPED):
+                    out[n] = n
+            return out
+    return None
+
+
 def _gemma3(hf: dict[str, Any]) -> dict[str, Any]:
+    hf = {**_GEMMA3_DEFAULTS, **hf}
     _check_act(hf, "hidden_activation", "gelu_pytorch_tanh")
     for key in ("final_logit_softcapping", "attn_logit_softcapping"):
         if hf.get(key) is not None:

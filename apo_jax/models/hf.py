@@ -149,6 +149,9 @@ def load_hf(
     except (ConfigError, KeyError) as e:
         raise CheckpointError(f"{path}: {e}") from None
     tensors = _open_tensors(path)
+    renamed = families.text_tensor_names(list(tensors))
+    if renamed is not None:  # a multimodal Gemma 3: read its text decoder only
+        tensors = {ours: _Renamed(tensors[stored], stored) for ours, stored in renamed.items()}
     abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))
@@ -164,6 +167,19 @@ def load_hf(
         stacked = p[0] == "layers" and cfg.scan_layers
         var.set_value(_read(tensors, by_path[p], var.shape, var.dtype, target, stacked))
     return nnx.merge(graphdef, state), cfg
+
+
+class _Renamed:
+    """A tensor of a safetensors file read under another name."""
+
+    def __init__(self, st: SafetensorsFile, name: str):
+        self.st, self.name = st, name
+
+    def get(self, _: str) -> np.ndarray:
+        return self.st.get(self.name)
+
+    def shape(self, _: str) -> tuple[int, ...]:
+        return self.st.shape(self.name)
 
 
 def _read(tensors, entries, shape, dtype, target, stacked: bool) -> jax.Array:

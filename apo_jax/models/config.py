@@ -1,8 +1,14 @@
-"""LlamaConfig: the Llama-3 family's shape, RoPE, dtype and compilation settings, with presets.
+"""LlamaConfig: shape, RoPE, dtype and compilation settings of the decoder, with presets.
 
-`LlamaConfig.from_hf` reads a Hugging Face `config.json` (dict or path) in both the
+The family fields (`family`, `qkv_bias`, `qk_norm`, `sliding_window`, `layer_types`,
+`rope_local_theta`, `norm_offset`, `embed_scale`, `mlp_activation`, `post_norms`,
+`query_pre_attn_scalar`) default to Llama-3; `families.py` sets them from other families'
+`config.json`.
+
+`LlamaConfig.from_hf` reads a Hugging Face Llama `config.json` (dict or path) in both the
 transformers-4 layout (`rope_theta` + `rope_scaling`) and the transformers-5 layout
-(`rope_parameters`); `to_hf` writes a dict that either version loads.
+(`rope_parameters`); `to_hf` writes a dict that either version loads (other families:
+`families.config_from_hf` / `families.to_hf`).
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
-"""Llama-3 decoder in flax.nnx, parameter names following Hugging Face `LlamaForCausalLM`.
+"""The decoder in flax.nnx (Llama-3, Qwen2/2.5, Qwen3, Mistral, Gemma 3), named as Hugging Face's.
 
 Layout: `embed_tokens.embedding [V, D]`, `layers.{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj}
 .kernel [in, out]`, `layers.{input,post_attention}_layernorm.scale [D]`, `norm.scale [D]`,
-`lm_head.kernel [D, V]` (absent when tied). With `scan_layers` every layer parameter has a leading
-L axis (logical axis 'layers') and the layers run as one compiled block under `lax.scan`.
+`lm_head.kernel [D, V]` (absent when tied). Families add `self_attn.{q,k,v}_proj.bias`,
+`self_attn.{q,k}_norm.scale [Dh]` and `layers.{pre,post}_feedforward_layernorm.scale` through
+`LlamaConfig` fields (docs/models.md). With `scan_layers` every layer parameter has a leading
+L axis (logical axis 'layers') and the layers run as one compiled block under `lax.scan`; layers
+of two kinds (Gemma 3's sliding and global) scan a per-layer flag with the parameters.
 """
 
 from __future__ import annotations
@@ -168,7 +171,7 @@ def _remat(fn, policy: str):
 
 
 class Llama(nnx.Module):
-    """Llama-3 causal LM.
+    """Causal LM of any family in `families.MODEL_TYPES` (Llama-3 with the default config).
 
     Args:
       cfg: the LlamaConfig.

@@ -155,17 +155,15 @@ def _check_act(hf: dict[str, Any], key: str, want: str) -> None:
 def _sliding(hf: dict[str, Any], n_layers: int) -> dict[str, Any]:
     """Qwen2/Qwen3: sliding layers only with use_sliding_window, from max_window_layers on."""
     window = hf.get("sliding_window", 4096) if hf.get("use_sliding_window", False) else None
-    types = hf.get("layer_types")
-    if types is None:
-        start = int(hf.get("max_window_layers", 28))
-        types = [
-            "sliding_attention" if window is not None and i >= start else "full_attention"
-            for i in range(n_layers)
-        ]
+    if window is None:  # transformers drops the window, whatever layer_types says
+        return dict(sliding_window=None, layer_types=None)
+    start = int(hf.get("max_window_layers", 28))
+    types = hf.get("layer_types") or [
+        "sliding_attention" if i >= start else "full_attention" for i in range(n_layers)
+    ]
     if "sliding_attention" not in types:
         return dict(sliding_window=None, layer_types=None)
-    return dict(sliding_window=int(window or hf.get("sliding_window") or 4096),
-                layer_types=tuple(types))  # fmt: skip
+    return dict(sliding_window=int(window), layer_types=tuple(types))
 
 
 def _qwen(hf: dict[str, Any]) -> dict[str, Any]:

@@ -65,7 +65,13 @@ def make_hf(tmp_path_factory):
         import transformers
 
         torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(hf_config(family)).eval()
+        if family == "qwen2_sliding":  # sliding layers from max_window_layers on
+            config = hf_config(
+                "qwen2", use_sliding_window=True, sliding_window=3, max_window_layers=1
+            )
+        else:
+            config = hf_config(family)
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "norm" in name or name.endswith("bias"):
@@ -91,7 +97,7 @@ def _forward(model, ids, positions=None, segments=None, attn_mask=None):
     return model(ids, positions, segments, attn_mask)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "qwen2_sliding"])
 def test_right_padded_logits_match_transformers(make_hf, family):
     path, hf_model = make_hf(family)
     lengths = np.array([14, 9, 3])
@@ -101,7 +107,7 @@ def test_right_padded_logits_match_transformers(make_hf, family):
     ref = _torch_logits(hf_model, ids, mask)
     real = mask.astype(bool)
     model, cfg = load_hf(path)  # scanned layers, blocked attention on CPU
-    assert cfg.family == family
+    assert cfg.family == family.removesuffix("_sliding")
     for seg in (None, jnp.asarray(mask)):  # plain causal and with segment ids
         got = np.asarray(_forward(model, jnp.asarray(ids), segments=seg))
         np.testing.assert_allclose(got[real], ref[real], atol=1e-4, rtol=1e-4)

@@ -5,7 +5,15 @@
 
 import ml_collections
 
-RUN_PRESETS = ("demo", "llama3_1b", "llama3_8b")
+RUN_PRESETS = (
+    "demo",
+    "llama3_1b",
+    "llama3_8b",
+    "qwen2_5_7b",
+    "qwen3_8b",
+    "mistral_7b",
+    "gemma3_4b",
+)
 
 
 def base_config(loss: str, preset: str | None) -> ml_collections.ConfigDict:
@@ -20,7 +28,7 @@ def base_config(loss: str, preset: str | None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.preset = "tiny"  # models/config.py preset when hf_path is empty
     c.model.hf_path = (
-        ""  # Hugging Face Llama checkpoint directory to start from (policy and reference)
+        ""  # HF checkpoint dir (Llama, Qwen2/3, Mistral, Gemma 3 text) for policy and reference
     )
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
     c.model.param_dtype = "float32"  # master weight dtype
@@ -131,8 +139,9 @@ def base_config(loss: str, preset: str | None) -> ml_collections.ConfigDict:
         c.samples.num_prompts = 3
         c.samples.max_new_tokens = 48
         c.samples.checker = "apo_jax.eval.checkers:demo"
-    elif preset in ("llama3_8b", "llama3_1b"):
-        # The paper's setting for Llama-3-8B-Instruct on CLAIR pairs; pass model and data paths.
+    elif preset in RUN_PRESETS:
+        # The paper's setting for Llama-3-8B-Instruct on CLAIR pairs, for any family's checkpoint
+        # of about that size (models/config.py presets); pass model and data paths.
         c.model.preset = preset
         c.model.dtype = "bfloat16"
         c.model.remat = "full"

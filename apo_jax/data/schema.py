@@ -23,6 +23,7 @@ EMPTY_COMPLETION = "empty_completion"
 IDENTICAL_COMPLETIONS = "identical_completions"
 PROMPT_MISMATCH = "prompt_mismatch"
 TEMPLATE_NOT_PREFIX = "template_not_prefix_consistent"
+TEMPLATE_REWRITES_TEXT = "template_rewrites_text"  # e.g. Qwen3 drops <think> from earlier turns
 NO_END_OF_TURN = "no_end_of_turn"
 PROMPT_TOO_LONG = "prompt_too_long"
 PAIR_TOO_LONG = "pair_too_long"

@@ -2,8 +2,10 @@
 
 Every loss takes the summed completion log-probs of the policy and of the reference for the
 chosen (winning, y_w) and rejected (losing, y_l) output of N pairs and returns a per-pair loss of
-shape N. Names and formulas follow TRL's ``DPOTrainer`` ``loss_type`` values, so a run moves over
-unchanged; ``simpo`` and ``orpo`` (reference-free) and weighted mixtures come on top.
+shape N. Names and formulas follow TRL's ``DPOTrainer`` ``loss_type`` values (the differences are
+listed in docs/losses.md); ``simpo`` and ``orpo`` (reference-free) and weighted mixtures come on
+top, and TRL's DPO regularizers: f-divergences (``f_divergence_type``) and WPO weights. The
+unpaired objectives (``kto``, ``apo_zero_unpaired``) live in :mod:`apo_jax.losses.unpaired`.
 
 Notation: r_w = log pi(y_w|x) - log pi_ref(y_w|x), r_l likewise, d = r_w - r_l, sigma the
 logistic function and ls the label smoothing. Everything is computed in float32 whatever the input
@@ -19,6 +21,31 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from apo_jax.losses.unpaired import (
+    NEEDS_KL,
+    UNPAIRED_LOSSES,
+    UnpairedLogps,
+    kl_estimate,
+    unpaired_loss,
+)
+
+__all__ = [
+    "NEEDS_KL",
+    "UNPAIRED_LOSSES",
+    "HParams",
+    "PairLogps",
+    "UnpairedLogps",
+    "check_options",
+    "f_divergence_scores",
+    "is_unpaired",
+    "kl_estimate",
+    "names",
+    "needs_reference",
+    "parse_spec",
+    "preference_loss",
+    "unpaired_loss",
+]
+
 Array = jax.Array
 log_sigmoid = jax.nn.log_sigmoid
 
@@ -32,6 +59,8 @@ class PairLogps(NamedTuple):
     ref_rejected: Array | None = None
     chosen_tokens: Array | None = None  # number of completion tokens of y_w
     rejected_tokens: Array | None = None
+    chosen_weight: Array | None = None  # WPO weight of y_w (wpo_weight); only for use_weighting
+    rejected_weight: Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +72,11 @@ class HParams:
     discopop_tau: float = 0.05  # temperature of DiscoPOP's mixing coefficient
     simpo_gamma: float = 0.5  # SimPO's target reward margin
     exo_epsilon: float = 1e-3  # EXO's smoothing when label_smoothing is 0
+    f_divergence_type: str = (
+        "reverse_kl"  # reverse_kl | forward_kl | js_divergence | alpha_divergence
+    )
+    f_alpha_divergence_coef: float = 0.5  # alpha of alpha_divergence
+    use_weighting: bool = False  # WPO: multiply each pair's loss by its two WPO weights
 
 
 class _In(NamedTuple):
@@ -54,6 +88,8 @@ class _In(NamedTuple):
     rl: Array  # rejected log-ratio r_l
     nw: Array  # chosen token count (>= 1)
     nl: Array  # rejected token count (>= 1)
+    sw: Array  # chosen score: f'(pi/pi_ref) of the f-divergence (r_w for reverse KL)
+    sl: Array  # rejected score
 
 
 def _smoothed_logistic(z: Array, ls: float) -> Array:
@@ -62,30 +98,30 @@ def _smoothed_logistic(z: Array, ls: float) -> Array:
 
 def sigmoid(x: _In, h: HParams) -> Array:
     """DPO (Rafailov et al., 2023): -log sigma(beta d); with ls > 0 the conservative cDPO form."""
-    return _smoothed_logistic(h.beta * (x.rw - x.rl), h.label_smoothing)
+    return _smoothed_logistic(h.beta * (x.sw - x.sl), h.label_smoothing)
 
 
 def hinge(x: _In, h: HParams) -> Array:
     """SLiC hinge (Zhao et al., 2023): max(0, 1 - beta d)."""
-    return jax.nn.relu(1.0 - h.beta * (x.rw - x.rl))
+    return jax.nn.relu(1.0 - h.beta * (x.sw - x.sl))
 
 
 def ipo(x: _In, h: HParams) -> Array:
     """IPO (Azar et al., 2023, eq. 17), length-normalized as TRL: (d_avg - 1/(2 beta))^2."""
-    d_avg = x.rw / x.nw - x.rl / x.nl
+    d_avg = x.sw / x.nw - x.sl / x.nl
     return (d_avg - 1.0 / (2.0 * h.beta)) ** 2
 
 
 def robust(x: _In, h: HParams) -> Array:
     """Robust DPO (Chowdhury et al., 2024): unbiased under label noise of rate ls < 1/2."""
-    z, ls = h.beta * (x.rw - x.rl), h.label_smoothing
+    z, ls = h.beta * (x.sw - x.sl), h.label_smoothing
     return (-(1.0 - ls) * log_sigmoid(z) + ls * log_sigmoid(-z)) / (1.0 - 2.0 * ls)
 
 
 def exo_pair(x: _In, h: HParams) -> Array:
     """EXO (Ji et al., 2024, eq. 16): KL(softmax(beta r) || [1 - eps, eps]) over the pair."""
     eps = h.label_smoothing if h.label_smoothing > 0 else h.exo_epsilon
-    z = h.beta * (x.rw - x.rl)
+    z = h.beta * (x.sw - x.sl)
     log_qw, log_ql = log_sigmoid(z), log_sigmoid(-z)
     return jnp.exp(log_qw) * (log_qw - jnp.log1p(-eps)) + jnp.exp(log_ql) * (log_ql - jnp.log(eps))
 
@@ -147,7 +183,7 @@ def discopop(x: _In, h: HParams) -> Array:
     With z = beta d: (1 - sigma(z/tau)) (-log sigma(z)) + sigma(z/tau) exp(-z), the second term
     evaluated as exp(-z + log sigma(z/tau)) so it never forms inf * 0.
     """
-    z = h.beta * (x.rw - x.rl)
+    z = h.beta * (x.sw - x.sl)
     logistic = -log_sigmoid(z) * jax.nn.sigmoid(-z / h.discopop_tau)
     exponential = jnp.exp(-z + log_sigmoid(z / h.discopop_tau))
     return logistic + exponential
@@ -155,7 +191,7 @@ def discopop(x: _In, h: HParams) -> Array:
 
 def sigmoid_norm(x: _In, h: HParams) -> Array:
     """Length-normalized DPO (TRL's ``sigmoid_norm``): -log sigma(beta (r_w/|y_w| - r_l/|y_l|))."""
-    return -log_sigmoid(h.beta * (x.rw / x.nw - x.rl / x.nl))
+    return -log_sigmoid(h.beta * (x.sw / x.nw - x.sl / x.nl))
 
 
 def sft(x: _In, h: HParams) -> Array:
@@ -216,6 +252,12 @@ LOSSES: dict[str, LossFn] = {
 }
 ALIASES = {"dpo": "sigmoid"}
 REFERENCE_FREE = frozenset({"sft", "simpo", "orpo"})
+# The losses built on the chosen-minus-rejected score, which TRL lets an f-divergence change.
+F_DIVERGENCE_LOSSES = frozenset(
+    {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
+)
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+SORTING_LOSSES = frozenset({"aot", "aot_unpaired"})  # no per-pair WPO weight (TRL refuses too)
 
 
 def names() -> list[str]:
@@ -251,8 +293,15 @@ def parse_spec(spec: Spec) -> list[tuple[str, float, dict[str, Any]]]:
 
 
 def needs_reference(spec: Spec) -> bool:
-    """Whether any term of the loss uses reference log-probs."""
+    """Whether any term of the loss uses reference log-probs (every unpaired loss does)."""
+    if is_unpaired(spec):
+        return True
     return any(name not in REFERENCE_FREE for name, _, _ in parse_spec(spec))
+
+
+def is_unpaired(spec: Spec) -> bool:
+    """Whether `spec` names an unpaired objective (``kto``, ``apo_zero_unpaired``)."""
+    return isinstance(spec, str) and spec.strip() in UNPAIRED_LOSSES
 
 
 def _as_pair_logps(logps: PairLogps | Mapping[str, Array]) -> PairLogps:
@@ -264,7 +313,52 @@ def _as_pair_logps(logps: PairLogps | Mapping[str, Array]) -> PairLogps:
     return PairLogps(**logps)
 
 
-def _inputs(p: PairLogps, needs_ref: bool) -> _In:
+def f_divergence_scores(logratio: Array, kind: str = "reverse_kl", alpha: float = 0.5) -> Array:
+    """f'(pi/pi_ref) of an f-divergence, as a function of the log-ratio r (f-DPO, Wang et al. 2023).
+
+    ``reverse_kl``: r (plain DPO); ``forward_kl``: 1 - e^-r; ``js_divergence``:
+    log 2 + log sigma(r); ``alpha_divergence``: (e^((alpha - 1) r) - 1) / (alpha - 1), its
+    exponent clamped at 80 as TRL does, and r itself for alpha = 1 (the limit).
+    """
+    r = jnp.asarray(logratio, jnp.float32)
+    if kind == "reverse_kl":
+        return r
+    if kind == "forward_kl":
+        return -jnp.expm1(-r)
+    if kind == "js_divergence":
+        return jnp.log(2.0) + log_sigmoid(r)
+    if kind == "alpha_divergence":
+        if abs(alpha - 1.0) < 1e-6:
+            return r
+        return jnp.expm1(jnp.minimum((alpha - 1.0) * r, 80.0)) / (alpha - 1.0)
+    raise ValueError(f"f_divergence_type must be one of {', '.join(F_DIVERGENCES)}, got {kind!r}")
+
+
+def check_options(spec: Spec, hparams: Mapping[str, Any]) -> None:
+    """Raises ValueError when DPO options do not fit the loss terms (TRL refuses the same).
+
+    ``f_divergence_type`` other than ``reverse_kl`` only for the score-difference losses
+    (``F_DIVERGENCE_LOSSES``); ``use_weighting`` not with the sorting losses ``aot`` and
+    ``aot_unpaired``, whose per-pair weights would be misaligned.
+    """
+    terms = [name for name, _, _ in parse_spec(spec)]
+    kind = hparams.get("f_divergence_type", "reverse_kl")
+    if kind not in F_DIVERGENCES:
+        raise ValueError(
+            f"f_divergence_type must be one of {', '.join(F_DIVERGENCES)}, got {kind!r}"
+        )
+    if kind != "reverse_kl" and not set(terms) <= F_DIVERGENCE_LOSSES:
+        raise ValueError(
+            f"f_divergence_type={kind!r} works only with the losses "
+            f"{', '.join(sorted(F_DIVERGENCE_LOSSES))}; got {', '.join(terms)}"
+        )
+    if hparams.get("use_weighting") and set(terms) & SORTING_LOSSES:
+        raise ValueError(
+            "use_weighting (WPO) does not work with aot or aot_unpaired (they sort pairs)"
+        )
+
+
+def _inputs(p: PairLogps, needs_ref: bool, h: HParams = HParams()) -> _In:
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
     w, l = f32(p.chosen), f32(p.rejected)  # noqa: E741
     if p.ref_chosen is None or p.ref_rejected is None:
@@ -276,7 +370,9 @@ def _inputs(p: PairLogps, needs_ref: bool) -> _In:
     ones = jnp.ones_like(w)
     nw = ones if p.chosen_tokens is None else jnp.maximum(f32(p.chosen_tokens), 1.0)
     nl = ones if p.rejected_tokens is None else jnp.maximum(f32(p.rejected_tokens), 1.0)
-    return _In(w=w, l=l, rw=w - ref_w, rl=l - ref_l, nw=nw, nl=nl)
+    rw, rl = w - ref_w, l - ref_l
+    score = lambda r: f_divergence_scores(r, h.f_divergence_type, h.f_alpha_divergence_coef)  # noqa: E731
+    return _In(w=w, l=l, rw=rw, rl=rl, nw=nw, nl=nl, sw=score(rw), sl=score(rl))
 
 
 def preference_loss(
@@ -298,7 +394,11 @@ def preference_loss(
       beta: inverse temperature (0.1, the paper's and TRL's default).
       where: optional boolean mask of the real pairs (padding pairs False); metrics average
         over the real pairs only.
-      **hparams: other fields of ``HParams`` (``label_smoothing``, ``discopop_tau``, ...).
+      **hparams: other fields of ``HParams`` (``label_smoothing``, ``discopop_tau``,
+        ``f_divergence_type``, ``use_weighting`` ...). An f-divergence replaces each log-ratio by
+        its score (:func:`f_divergence_scores`) in the score-difference losses; ``use_weighting``
+        multiplies each pair's loss by ``chosen_weight * rejected_weight`` of ``logps`` (WPO,
+        Zhou et al. 2024, eq. 2; see :func:`apo_jax.logprobs.wpo_weights`).
 
     Returns:
       ``(loss_N, metrics)``: the weighted per-pair loss in float32 and scalar metrics
@@ -308,11 +408,20 @@ def preference_loss(
       losses).
     """
     terms = parse_spec(name)
+    check_options(terms, hparams)
     base = HParams(beta=beta, **hparams)
-    x = _inputs(_as_pair_logps(logps), needs_ref=needs_reference(terms))
+    p = _as_pair_logps(logps)
+    x = _inputs(p, needs_ref=needs_reference(terms), h=base)
     loss_N = jnp.zeros_like(x.w)
     for term, weight, overrides in terms:
         loss_N = loss_N + weight * LOSSES[term](x, dataclasses.replace(base, **overrides))
+    if base.use_weighting:
+        if p.chosen_weight is None or p.rejected_weight is None:
+            raise ValueError("use_weighting needs chosen_weight and rejected_weight (WPO weights)")
+        wpo_N = jax.lax.stop_gradient(
+            jnp.asarray(p.chosen_weight, jnp.float32) * jnp.asarray(p.rejected_weight, jnp.float32)
+        )
+        loss_N = loss_N * wpo_N
     return loss_N, pair_metrics(x, loss_N, beta, where)
 
 

@@ -149,6 +149,8 @@ def step_config(rc: RunConfig) -> ts.StepConfig:
         grad_accum=rc.grad_accum,
         reference=rc.reference.mode,
         layout=rc.data.layout,
+        ld_alpha=rc.loss.ld_alpha,
+        unpaired_weights=(rc.loss.desirable_weight, rc.loss.undesirable_weight),
     )
 
 

@@ -77,6 +77,9 @@ def train_and_evaluate(config: Any, workdir: str = "") -> dict[str, Any]:
         row_sharding=sharding.batch_sharding(mesh),
     )  # fmt: skip
     side_tasks: list[hooks.Hook] = [hooks.TrainMetrics(rc.log_every, rc.max_bad_steps)]
+    if rc.reference.sync_ref_model:  # TR-DPO: the online reference follows the policy
+        r = rc.reference
+        side_tasks.append(hooks.SyncReference(r.ref_model_sync_steps, r.ref_model_mixup_alpha))
     if paths.eval:
         eval_loader = lambda: assemble.make_loader(rc, paths.eval, ref.info, train=False)  # noqa: E731
         side_tasks.append(hooks.HeldOutEval(rc.eval_every, eval_loader, rc.eval_batches))

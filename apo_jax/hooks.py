@@ -192,8 +192,8 @@ class HeldOutEval(Hook):
         line = metrics_lib.console_line(
             run.step,
             run.num_steps,
-            {"loss": run.eval_metrics["eval/loss"],
-             "rewards/accuracies": run.eval_metrics["eval/rewards/accuracies"]},
+            {k: run.eval_metrics[f"eval/{k}"] for k in ("loss", "rewards/accuracies", "kl")
+             if f"eval/{k}" in run.eval_metrics},
         )  # fmt: skip
         run.print(line.replace("loss", "held-out loss", 1))
 

@@ -105,3 +105,70 @@ def test_ld_mask_gives_shared_plus_alpha_tail():
     )
     got, _ = logprobs.sequence_logps(hidden[1:], unembed, ids[1:], ml, chunk_size=4)
     np.testing.assert_allclose(got, head + 0.25 * (full - head), rtol=1e-5)
+
+
+def _trl_dpo_loss(token_logps, log_sum_sq, mask, ref_w, ref_l, **options):
+    """TRL 1.16's DPOTrainer._compute_loss on given per-token log-probs (a stub model returns
+    them; precomputed reference log-probs come with the batch)."""
+    import collections
+    import types
+
+    torch = pytest.importorskip("torch")
+    dpo_trainer = pytest.importorskip("trl.trainer.dpo_trainer")
+    rows, t = mask.shape
+    inputs = {"input_ids": torch.ones(rows, t, dtype=torch.long),
+              "attention_mask": torch.ones(rows, t, dtype=torch.long),
+              "completion_mask": torch.tensor(mask), "ref_chosen_logps": torch.tensor(ref_w),
+              "ref_rejected_logps": torch.tensor(ref_l)}  # fmt: skip
+    zeros = torch.zeros(rows, t - 1)
+    outputs = types.SimpleNamespace(
+        log_probs=torch.tensor(token_logps), log_sum_sq_probs=torch.tensor(log_sum_sq),
+        entropy=zeros, mean_logits=zeros, is_top1=zeros.bool(),
+    )  # fmt: skip
+    trainer = object.__new__(dpo_trainer.DPOTrainer)  # only the loss code, no model or data
+    acc = types.SimpleNamespace(device="cpu", gather_for_metrics=lambda x: x, gather=lambda x: x)
+    trainer.__dict__.update(
+        accelerator=acc, model=types.SimpleNamespace(training=True), aux_loss_enabled=False,
+        precompute_ref_logps=True, beta=0.2, label_smoothing=0.0, loss_types=["sigmoid"],
+        loss_weights=[1.0], ld_alpha=None, f_divergence_type="reverse_kl",
+        f_alpha_divergence_coef=0.5, use_weighting=False, _total_train_tokens=0, _tp_size=1,
+        _metrics={"train": collections.defaultdict(list)},
+    )  # fmt: skip
+    trainer.__dict__.update(options)
+    return float(trainer._compute_loss(lambda **_: outputs, inputs, return_outputs=False))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"f_divergence_type": "forward_kl"},
+        {"f_divergence_type": "js_divergence", "loss_types": ["ipo"]},
+        {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
+        {"ld_alpha": 0.4, "loss_types": ["apo_zero"]},
+        {"use_weighting": True, "loss_types": ["sigmoid", "apo_down"], "loss_weights": [1.0, 0.5]},
+    ],
+)
+def test_against_trl_dpo_trainer(options):
+    rng = np.random.default_rng(0)
+    n, t = 3, 7
+    mask = np.zeros((2 * n, t), np.int64)
+    for row, length in enumerate([3, 5, 2, 4, 2, 6]):
+        mask[row, t - length :] = 1
+    tok = ((rng.normal(size=(2 * n, t - 1)) - 2.0) * mask[:, 1:]).astype(np.float32)
+    lss = (rng.normal(size=(2 * n, t - 1)) - 1.5).astype(np.float32)
+    ref_w, ref_l = (rng.normal(size=n).astype(np.float32) - 8 for _ in range(2))
+    want = _trl_dpo_loss(tok, lss, mask, ref_w, ref_l, **options)
+
+    ld_w, ld_l = logprobs.ld_mask(mask[:n], mask[n:], options.get("ld_alpha", 1.0))
+    sums = np.sum(tok * np.concatenate([ld_w, ld_l])[:, 1:], axis=1)
+    counts = mask.sum(1).astype(np.float32)  # TRL counts ipo's tokens in input_ids coordinates
+    w = np.exp(((tok - lss) * mask[:, 1:]).sum(1) / mask[:, 1:].sum(1))
+    p = PairLogps(sums[:n], sums[n:], ref_w, ref_l, counts[:n], counts[n:], w[:n], w[n:])
+    spec = [(name, wt) for name, wt in zip(options.get("loss_types", ["sigmoid"]),
+                                           options.get("loss_weights", [1.0]), strict=True)]  # fmt: skip
+    hp = {k: options[k] for k in ("f_divergence_type", "f_alpha_divergence_coef", "use_weighting")
+          if k in options}  # fmt: skip
+    if "sft" in dict(spec):  # TRL's sft: the token mean of chosen per-token log-probs, as ours
+        p = p._replace(chosen_tokens=mask[:n, 1:].sum(1).astype(np.float32))
+    got, _ = preference_loss(spec, p, beta=0.2, **hp)
+    np.testing.assert_allclose(float(np.mean(got)), want, rtol=1e-5)

@@ -36,7 +36,7 @@ def base_config(loss: str, preset: str | None) -> ml_collections.ConfigDict:
     c.data.tokenizer = ""  # tokenizer dir copied into HF exports; default: the shards' manifest
     c.data.seq_len = 0  # row length T; 0 takes the shards' max_length
     c.data.buckets = ()  # optional row lengths to pad each batch to (fewer recompiles, less padding)
-    c.data.layout = "concat"  # concat | prefix (prompt once per row) | packed (no grad_accum)
+    c.data.layout = "concat"  # concat | prefix (prompt once per row) | packed | unpaired (kto ...)
     c.data.num_epochs = 1  # passes over the training shards
     c.data.shuffle = True
     c.data.worker_count = 0  # grain worker processes (0 reads in the main process)

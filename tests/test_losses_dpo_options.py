@@ -2,6 +2,7 @@
 the model's own distribution, TR-DPO's reference mixing, and the config's refusals."""
 
 import dataclasses
+from types import SimpleNamespace
 
 import jax.numpy as jnp
 import numpy as np
@@ -68,7 +69,11 @@ def test_mix_reference_is_trdpo_soft_update():
     mixed = hooks.mix_reference(ref, pol, 0.6)
     np.testing.assert_allclose(mixed["w"], [0.6 * 3 + 0.4 * 1, 0.6 * -2 + 0.4 * 2], rtol=1e-6)
     hook = hooks.SyncReference(every=4, alpha=0.6)
-    assert [s for s in range(1, 13) if hook.due(type("R", (), {"step": s})())] == [4, 8, 12]
+    assert [s for s in range(1, 13) if hook.due(SimpleNamespace(step=s))] == [4, 8, 12]
+    run = SimpleNamespace(step=4, steps_fn=SimpleNamespace(ref_params=ref),
+                          state=SimpleNamespace(params=pol))  # fmt: skip
+    hook.after_step(run)
+    np.testing.assert_allclose(run.steps_fn.ref_params["w"], mixed["w"], rtol=1e-6)
 
 
 def _validate(loss, **overrides):

@@ -131,3 +131,10 @@ def test_layout_rows_labels_and_refusals(prepared):
 
 def test_pairs_are_still_detected_as_pairs(small_shards):
     assert shards.record_kind(shards.read_manifest(small_shards)) == "pairs"
+
+
+def test_contrastiveness_stats_refuse_unpaired_shards(prepared):
+    from apo_jax.data import stats
+
+    with pytest.raises(stats.StatsError, match="unpaired records"):
+        stats.pair_stats(prepared[1])

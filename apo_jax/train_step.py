@@ -124,7 +124,7 @@ def unpaired_logps(logps: losses.PairLogps, batch: Batch, name: str) -> losses.U
     completions as ``rejected``) with the batch's KL estimate when the loss needs one."""
     valid_N = batch["index"] >= 0
     kl = None
-    if name in losses.NEEDS_KL:
+    if name.strip() in losses.NEEDS_KL:
         kl = losses.kl_estimate(logps.rejected, logps.ref_rejected, where=valid_N)
     return losses.UnpairedLogps(logps.chosen, logps.ref_chosen, batch["label"], kl)
 

@@ -86,6 +86,7 @@ def unpaired_loss(
     Raises:
       ValueError: an unknown name, or ``kto`` without a KL estimate.
     """
+    name = name.strip()
     if name not in UNPAIRED_LOSSES:
         raise ValueError(f"unknown unpaired loss {name!r}; known: {', '.join(UNPAIRED_LOSSES)}")
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731

@@ -17,8 +17,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from apo_jax import losses, reference, sharding
 from apo_jax import metrics as metrics_lib
-from apo_jax import reference, sharding
 from apo_jax import train_step as ts
 from apo_jax.config import ConfigError, RunConfig
 from apo_jax.data import loader as loader_lib
@@ -55,6 +55,9 @@ def resolve_data(rc: RunConfig) -> DataPaths:
             multi_turn=rc.demo.multi_turn,
         )
         train, eval_ = assets.train_shards, eval_ or assets.eval_shards
+        if losses.is_unpaired(rc.loss.name):  # the demo pairs split into unpaired records
+            train, demo_eval = demo.unpaired_shards(assets, kl_group=rc.batch_size)
+            eval_ = rc.data.eval or demo_eval
         tokenizer = tokenizer or assets.tokenizer_dir
         prompts = prompts or assets.eval_pairs
     manifest = shards.read_manifest(train)
@@ -116,6 +119,11 @@ def make_loader(
         reference_info=reference_info,
         reference_dirs=reference_dirs,
     )
+    kind = shards.record_kind(shards.read_manifest(shard_dir))
+    if (kind == "unpaired") != (rc.data.layout.name == "unpaired"):
+        raise ConfigError(f"{shard_dir} holds {kind} records but loss {rc.loss.name!r} trains on "
+                          f"{'unpaired examples' if kind == 'pairs' else 'pairs'}: prepare the "
+                          "matching data or pick a matching loss")  # fmt: skip
     try:
         return loader_lib.make_loader(shard_dir, cfg)
     except ValueError as e:  # the loader's checks of seq_len, batch size and shards
@@ -155,6 +163,8 @@ def step_config(rc: RunConfig) -> ts.StepConfig:
         grad_accum=rc.grad_accum,
         reference=rc.reference.mode,
         layout=rc.data.layout,
+        ld_alpha=rc.loss.ld_alpha,
+        unpaired_weights=(rc.loss.desirable_weight, rc.loss.undesirable_weight),
     )
 
 

@@ -141,15 +141,13 @@ def summary_text(s: dict[str, Any]) -> str:
         f"{s['tokens_per_sec']:,.0f} tokens/s",
     ]
     if "train/loss" in s:
-        lines.append(
-            f"  train: loss {s['train/loss']:.4f}, reward accuracy {s['train/rewards/accuracies']:.3f}"
-        )
+        lines.append(f"  train: loss {s['train/loss']:.4f}, " + _second(s, "train"))
     else:
         lines.append("  no step to run: the checkpoint already holds every step of this config")
     if "eval/loss" in s:
         lines.append(
-            f"  held-out: loss {s['eval/loss']:.4f}, reward accuracy "
-            f"{s['eval/rewards/accuracies']:.3f}, margin {s['eval/rewards/margins']:.4f}"
+            f"  held-out: loss {s['eval/loss']:.4f}, {_second(s, 'eval')}, "
+            f"margin {s['eval/rewards/margins']:.4f}"
         )
     lines.append(f"  checkpoint: {s['checkpoint']}")
     if s.get("finished") is False:
@@ -192,3 +190,10 @@ def reference_main(argv: Sequence[str] | None = None) -> None:
     """`python -m apo_jax.reference`: the reference pass alone."""
     argv = sys.argv if argv is None else argv
     errors.guard(lambda: _run(argv, REFERENCE_USAGE, REFERENCE_ABOUT, trainer.precompute_reference))
+
+
+def _second(s: dict, split: str) -> str:
+    """The reward accuracy of pair losses; the KL estimate of unpaired ones (which have none)."""
+    if f"{split}/rewards/accuracies" in s:
+        return f"reward accuracy {s[f'{split}/rewards/accuracies']:.3f}"
+    return f"kl {s.get(f'{split}/kl', float('nan')):.4f}"

@@ -44,7 +44,7 @@ def base_config(loss: str, preset: str | None) -> ml_collections.ConfigDict:
     c.data.tokenizer = ""  # tokenizer dir copied into HF exports; default: the shards' manifest
     c.data.seq_len = 0  # row length T; 0 takes the shards' max_length
     c.data.buckets = ()  # optional row lengths to pad each batch to (fewer recompiles, less padding)
-    c.data.layout = "concat"  # concat | prefix (prompt once per row) | packed (no grad_accum)
+    c.data.layout = "concat"  # concat | prefix (prompt once per row) | packed | unpaired (kto ...)
     c.data.num_epochs = 1  # passes over the training shards
     c.data.shuffle = True
     c.data.worker_count = 0  # grain worker processes (0 reads in the main process)
@@ -56,12 +56,23 @@ def base_config(loss: str, preset: str | None) -> ml_collections.ConfigDict:
     c.loss.label_smoothing = 0.0
     c.loss.discopop_tau = 0.05
     c.loss.simpo_gamma = 0.5
+    c.loss.f_divergence_type = (
+        "reverse_kl"  # | forward_kl | js_divergence | alpha_divergence (f-DPO)
+    )
+    c.loss.f_alpha_divergence_coef = 0.5  # alpha of alpha_divergence
+    c.loss.use_weighting = False  # WPO: weight each pair by its sequences' probabilities (concat)
+    c.loss.ld_alpha = 1.0  # LD-DPO: weight of the longer completion's tail; 1 = off (concat)
+    c.loss.desirable_weight = 1.0  # kto / apo_zero_unpaired: factor of desirable examples' loss
+    c.loss.undesirable_weight = 1.0  # and of undesirable examples' loss
 
     c.reference = ml_collections.ConfigDict()
     c.reference.mode = (
         "auto"  # auto | precomputed | online | none (auto: precompute once, then read)
     )
     c.reference.dtype = "float32"  # dtype of the frozen reference weights and compute
+    c.reference.sync_ref_model = False  # TR-DPO: mix the policy into the online reference
+    c.reference.ref_model_mixup_alpha = 0.6  # ref <- alpha * policy + (1 - alpha) * ref
+    c.reference.ref_model_sync_steps = 512  # every this many steps
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"  # adamw | rmsprop | adafactor | sgd

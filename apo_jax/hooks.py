@@ -136,6 +136,38 @@ class TrainMetrics(Hook):
         self.window, self.t_log, self.tokens_logged = [], now, run.tokens_seen
 
 
+def mix_reference(ref_params: Any, params: Any, alpha: float) -> Any:
+    """TR-DPO's soft update: ``alpha * policy + (1 - alpha) * reference``, in float32, each leaf
+    back in the reference's dtype and sharding."""
+    out_sh = jax.tree.map(lambda r: r.sharding, ref_params)
+
+    def mix(ref, pol):
+        return jax.tree.map(
+            lambda r, p: (alpha * p.astype("float32") + (1 - alpha) * r.astype("float32")).astype(
+                r.dtype
+            ),
+            ref,
+            pol,
+        )
+
+    return jax.jit(mix, out_shardings=out_sh)(ref_params, params)
+
+
+class SyncReference(Hook):
+    """TR-DPO (Gorbatovski et al., 2024), as TRL's ``sync_ref_model``: after every
+    `every`-th step the online reference becomes ``alpha * policy + (1 - alpha) * reference``."""
+
+    def __init__(self, every: int, alpha: float):
+        self.every, self.alpha = every, alpha
+
+    def due(self, run: Run) -> bool:
+        return run.step % self.every == 0  # TRL syncs at multiples of the period only
+
+    def act(self, run: Run) -> None:
+        steps = run.steps_fn
+        steps.ref_params = mix_reference(steps.ref_params, run.state.params, self.alpha)
+
+
 class HeldOutEval(Hook):
     """Loss metrics over the held-out split (weighted by its real pairs), every `every` steps."""
 
@@ -161,8 +193,8 @@ class HeldOutEval(Hook):
         line = metrics_lib.console_line(
             run.step,
             run.num_steps,
-            {"loss": run.eval_metrics["eval/loss"],
-             "rewards/accuracies": run.eval_metrics["eval/rewards/accuracies"]},
+            {k: run.eval_metrics[f"eval/{k}"] for k in ("loss", "rewards/accuracies", "kl")
+             if f"eval/{k}" in run.eval_metrics},
         )  # fmt: skip
         run.print(line.replace("loss", "held-out loss", 1))
 

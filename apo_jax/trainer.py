@@ -108,6 +108,9 @@ def _train(config: Any, rc: config_lib.RunConfig, workdir: str, allow_config_cha
         row_sharding=sharding.batch_sharding(mesh),
     )  # fmt: skip
     side_tasks: list[hooks.Hook] = [hooks.TrainMetrics(rc.log_every, rc.max_bad_steps)]
+    if rc.reference.sync_ref_model:  # TR-DPO: the online reference follows the policy
+        r = rc.reference
+        side_tasks.append(hooks.SyncReference(r.ref_model_sync_steps, r.ref_model_mixup_alpha))
     if paths.eval:
         eval_loader = lambda: assemble.make_loader(rc, paths.eval, ref.info, train=False,  # noqa: E731
                                                    reference_dirs=ref.dirs)  # fmt: skip

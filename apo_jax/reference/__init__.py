@@ -148,7 +148,7 @@ def compute_and_store(
             shard_dir, np.concatenate(index), np.concatenate(chosen), np.concatenate(rejected),
             info, out_dir,
         )  # fmt: skip
-        log.info("reference log-probs of %d pairs written to %s", sum(map(len, index)), path)
+        log.info("reference log-probs of %d records written to %s", sum(map(len, index)), path)
     multihost_utils.sync_global_devices("reference_logps_written")
     return path
 

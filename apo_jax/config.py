@@ -16,6 +16,7 @@ from typing import Any
 
 from apo_jax import distributed, layouts, losses, sharding
 from apo_jax.errors import UserError
+from apo_jax.models import lora as lora_lib
 from apo_jax.optim import OptimConfig
 
 REFERENCE_MODES = ("auto", "precomputed", "online", "none")
@@ -150,6 +151,7 @@ class RunConfig:
     samples: SamplesSettings
     demo: DemoSettings
     distributed: distributed.DistributedConfig
+    lora: lora_lib.LoraConfig = lora_lib.LoraConfig()  # rank 0: LoRA off
 
     @property
     def is_demo(self) -> bool:
@@ -284,6 +286,25 @@ def _data(c: Any, mesh: MeshShape, process_count: int) -> DataSettings:
                     buckets=tuple(int(b) for b in c.data.buckets) or None)  # fmt: skip
 
 
+def _lora(c: Any) -> lora_lib.LoraConfig:
+    if "lora" not in c:
+        return lora_lib.LoraConfig()
+    adapter = c.lora.adapter or (
+        c.model.hf_path if lora_lib.is_adapter_dir(c.model.hf_path) else ""
+    )
+    if adapter and (c.lora.rank or c.lora.adapter):
+        _need(lora_lib.is_adapter_dir(adapter),
+              f"config.lora.adapter: {adapter} has no {lora_lib.ADAPTER_CONFIG}")  # fmt: skip
+        try:  # a PEFT adapter brings its own rank, alpha, dropout and targets
+            return lora_lib.read_adapter_config(adapter)[0]
+        except (lora_lib.LoraError, KeyError, ValueError) as e:
+            raise ConfigError(f"config.lora.adapter: {e}") from None
+    try:
+        return lora_lib.LoraConfig(**{**c.lora.to_dict(), "adapter": ""})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.lora: {e}") from None
+
+
 def _samples(c: Any) -> SamplesSettings:
     s = c.samples
     _need(s.num_prompts >= 0 and s.max_new_tokens > 0,
@@ -360,4 +381,5 @@ def validate(c: Any, *, device_count: int, process_count: int = 1) -> RunConfig:
         samples=_samples(c),
         demo=_section(DemoSettings, c, "demo"),
         distributed=_distributed(c),
+        lora=_lora(c),
     )

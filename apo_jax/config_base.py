@@ -38,6 +38,14 @@ def base_config(loss: str, preset: str | None) -> ml_collections.ConfigDict:
         "auto"  # auto (cuDNN on GPU for 16-bit, blocked on CPU) | xla | cudnn | blocked
     )
 
+    c.lora = ml_collections.ConfigDict()  # LoRA adapters on a frozen base (docs/training.md)
+    c.lora.rank = 0  # adapter rank r; 0 = off (every parameter trains)
+    c.lora.alpha = 16.0  # scale = alpha / r (alpha / sqrt(r) with rslora)
+    c.lora.dropout = 0.0  # dropout on the adapters' input during training steps
+    c.lora.targets = "q,k,v,o,gate,up,down"  # adapted linears, short or HF names
+    c.lora.rslora = False  # rank-stabilized scaling
+    c.lora.adapter = ""  # PEFT adapter dir to continue from (its r, alpha, targets are used)
+
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # prepared shard dir (python -m apo_jax.data.prepare); empty: the demo
     c.data.eval = ""  # held-out shard dir; empty: no held-out evaluation (the demo has its own)

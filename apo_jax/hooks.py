@@ -59,6 +59,18 @@ class Run:
     hf_export: str = ""
     plots: str = ""  # directory of the end-of-run figures
     samples: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the last round
+    policy: Any = None  # assemble.Policy (the frozen LoRA base and the bare base graph)
+    base: dict[str, str] = dataclasses.field(default_factory=dict)  # LoRA: base path, fingerprint
+
+    @property
+    def frozen(self) -> Any:
+        """A LoRA run's frozen base state, else None."""
+        return None if self.policy is None else self.policy.frozen
+
+    def model(self) -> nnx.Module:
+        """The current policy as a module (base and adapters together under LoRA)."""
+        extra = () if self.frozen is None else (self.frozen,)
+        return nnx.merge(self.graphdef, self.state.params, *extra)
 
     @property
     def last(self) -> bool:
@@ -219,6 +231,8 @@ class Checkpoint(Hook):
             ranked = {"eval/loss": run.eval_metrics["eval/loss"]}
         meta = {"step": run.step, "preset": run.rc.preset, "loss": run.rc.loss.name,
                 "data": run.paths.train}  # fmt: skip
+        if run.base:  # LoRA: adapters and optimizer only; the base they need is recorded
+            meta["base"] = run.base
         run.ckpt.save(run.step, run.state, run.train_data.get_state(), meta, ranked)
         if run.stopping:
             run.ckpt.wait()  # the stop is announced only once this checkpoint is committed
@@ -228,7 +242,9 @@ class Checkpoint(Hook):
 
 
 class ExportHF(Hook):
-    """Writes `<workdir>/hf` (safetensors, config, tokenizer) when the run reaches its end."""
+    """Writes `<workdir>/hf` (safetensors, config, tokenizer) when the run reaches its end.
+
+    A LoRA run also writes `<workdir>/hf_adapter` (PEFT), `hf` being the merged model."""
 
     def after_step(self, run: Run) -> None:
         pass
@@ -241,19 +257,46 @@ class ExportHF(Hook):
         run.hf_export = out_dir
 
 
+def _host(tree: Any) -> Any:
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def export_hf(run: Run, out_dir: str) -> None:
     """The current policy as a Hugging Face checkpoint directory (written by process 0)."""
     from apo_jax.models import hf
 
-    if jax.process_count() == 1:
-        params = jax.device_get(run.state.params)
-    else:
-        from jax.experimental import multihost_utils
-
-        params = multihost_utils.process_allgather(run.state.params, tiled=True)
+    params = _host(run.state.params)
+    if run.frozen is not None:
+        return _export_lora(run, params, out_dir)
     if jax.process_index() == 0:
         model = nnx.merge(run.graphdef, params)
         hf.save_hf(model, run.model_cfg, out_dir, tokenizer_dir=run.paths.tokenizer or None)
+
+
+def _export_lora(run: Run, adapters: Any, out_dir: str) -> None:
+    """`out_dir`: the merged model; `<workdir>/hf_adapter`: the PEFT adapter of its base (a
+    randomly initialized base is written to `<workdir>/hf_base` so the adapter has one)."""
+    from apo_jax.models import hf, lora
+
+    base = _host(run.policy.base_params)
+    if jax.process_index() != 0:
+        return
+    tok = run.paths.tokenizer or None
+    merged = lora.merged_base(base, adapters, run.rc.lora)
+    hf.save_hf(nnx.merge(run.policy.base_graphdef, merged), run.model_cfg, out_dir,
+               tokenizer_dir=tok)  # fmt: skip
+    base_dir = run.base.get("path", "")
+    if not base_dir:
+        base_dir = os.path.join(run.workdir, "hf_base")
+        hf.save_hf(nnx.merge(run.policy.base_graphdef, base), run.model_cfg, base_dir,
+                   tokenizer_dir=tok)  # fmt: skip
+    lora.save_peft(adapters, run.rc.lora, run.model_cfg.n_layers,
+                   os.path.join(run.workdir, "hf_adapter"), base_path=base_dir,
+                   tokenizer_dir=tok)  # fmt: skip
 
 
 class Samples(Hook):
@@ -273,7 +316,7 @@ class Samples(Hook):
     def act(self, run: Run) -> None:
         from apo_jax.eval import generation
 
-        model = nnx.merge(run.graphdef, run.state.params)
+        model = run.model()
         ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         out = generation.sample(
             model, self.tokenizer, self.rows,

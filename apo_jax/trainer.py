@@ -70,9 +70,11 @@ def _train(config: Any, rc: config_lib.RunConfig, workdir: str, allow_config_cha
                               shards.read_manifest(paths.eval) if paths.eval else None)  # fmt: skip
     mesh = sharding.make_mesh(rc.mesh.data, rc.mesh.fsdp, rc.mesh.tensor)
     model, model_cfg, weights_fp = assemble.build_model(rc, paths, mesh)
-    graphdef, params = ts.split_model(model)
-    ref = reference.prepare(rc, (paths.train, paths.eval), graphdef, params, model_cfg,
-                            weights_fp, mesh, workdir)  # fmt: skip
+    policy = assemble.split_policy(rc, model, mesh)  # with LoRA: adapters train, the base is frozen
+    graphdef, params = policy.graphdef, policy.params
+    ref = reference.prepare(rc, (paths.train, paths.eval), policy.base_graphdef,
+                            policy.base_params, model_cfg, weights_fp, mesh, workdir,
+                            shared=policy.frozen is not None)  # fmt: skip
 
     train_data = assemble.make_loader(
         rc, paths.train, ref.info, train=True, reference_dirs=ref.dirs
@@ -84,7 +86,9 @@ def _train(config: Any, rc: config_lib.RunConfig, workdir: str, allow_config_cha
     tx, schedule = make_optimizer(rc.optim, num_steps)
     state_sh = assemble.state_shardings(params, tx, mesh)
     state = assemble.init_state(params, tx, rc.seed, state_sh)
-    steps_fn = assemble.Steps(rc, graphdef, ref, tx, schedule, state_sh, mesh, model_cfg)
+    steps_fn = assemble.Steps(rc, graphdef, ref, tx, schedule, state_sh, mesh, model_cfg,
+                              frozen=policy.frozen)  # fmt: skip
+    base = assemble.base_record(rc, weights_fp)
 
     ckpt = Checkpointer(
         os.path.join(workdir, "checkpoints"),
@@ -92,7 +96,7 @@ def _train(config: Any, rc: config_lib.RunConfig, workdir: str, allow_config_cha
         keep_best=rc.checkpoint.keep_best if paths.eval else 0,
         async_save=rc.checkpoint.async_save,
     )
-    start_step, state = _restore(ckpt, state, train_data)
+    start_step, state = _restore(ckpt, state, train_data, base)
     if jax.process_index() == 0:  # the run's config, compared by the next resume; figures' labels
         workdir_lib.write_config(workdir, config.to_dict())
     writer = metrics_lib.MetricWriter(workdir, wandb_project=rc.wandb_project,
@@ -105,7 +109,7 @@ def _train(config: Any, rc: config_lib.RunConfig, workdir: str, allow_config_cha
         steps_fn=steps_fn, train_data=train_data, state=state, num_steps=num_steps,
         start_step=start_step, writer=writer,
         ckpt=ckpt, bar=_progress_bar(rc, num_steps, start_step),
-        row_sharding=sharding.batch_sharding(mesh),
+        row_sharding=sharding.batch_sharding(mesh), policy=policy, base=base,
     )  # fmt: skip
     side_tasks: list[hooks.Hook] = [hooks.TrainMetrics(rc.log_every, rc.max_bad_steps)]
     if rc.reference.sync_ref_model:  # TR-DPO: the online reference follows the policy
@@ -144,13 +148,17 @@ def _check_config(config: Any, workdir: str, allow: bool) -> dict[str, list[Any]
     return changes
 
 
-def _restore(ckpt: Checkpointer, state: ts.TrainState, data: Any) -> tuple[int, ts.TrainState]:
+def _restore(
+    ckpt: Checkpointer, state: ts.TrainState, data: Any, base: dict[str, str]
+) -> tuple[int, ts.TrainState]:
     """(step, state) of the newest checkpoint that restores, the loader moved to its position;
-    (0, state) when there is none."""
+    (0, state) when there is none. LoRA adapters resume only onto the base they were trained on."""
     restored = ckpt.restore(abstract_like(state))
     if restored is None:
         return 0, state
-    step, state, data_state, _ = restored
+    step, state, data_state, meta = restored
+    if base:
+        assemble.check_base(meta.get("base"), base, f"checkpoint {ckpt.directory}/{step}")
     data.set_state(data_state)
     log.info("resumed from %s at step %d", ckpt.directory, step)
     return step, state
@@ -254,4 +262,4 @@ def precompute_reference(config: Any, workdir: str = "") -> None:
     model, model_cfg, weights_fp = assemble.build_model(rc, paths, mesh)
     graphdef, params = ts.split_model(model)
     reference.prepare(rc, (paths.train, paths.eval), graphdef, params, model_cfg, weights_fp, mesh,
-                      workdir)  # fmt: skip
+                      workdir, shared=rc.lora.enabled)  # fmt: skip

@@ -1,7 +1,9 @@
 """Llama building blocks in flax.nnx: Linear, Embed, RMSNorm, RoPE, attention masks.
 
 Every parameter carries its logical axes in `out_sharding` metadata (with `eager_sharding=False`,
-so construction never needs a mesh); `apo_jax.sharding` maps them to the mesh.
+so construction never needs a mesh); `apo_jax.sharding` maps them to the mesh. A `Linear` may carry
+LoRA adapters (`lora_a`, `lora_b` of the variable type `LoraParam`), which `apo_jax.models.lora`
+attaches; without them it is a plain matmul.
 """
 
 from __future__ import annotations
@@ -35,8 +37,24 @@ def param(
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
+class LoraParam(nnx.Param):
+    """A LoRA adapter matrix: the only trainable variable of a LoRA run."""
+
+
+class LoraKey(nnx.Variable):
+    """Per-layer LoRA dropout state, uint32 [..., 3]: a PRNG key's two words and an on flag.
+
+    Stored with the flag 0 (no dropout: evaluation, sampling, export); the train step fills in a
+    fresh key and sets the flag (`apo_jax.models.lora.fill_dropout_keys`).
+    """
+
+
 class Linear(nnx.Module):
-    """y = x @ kernel (+ bias), kernel stored [in, out] (Hugging Face stores the transpose)."""
+    """y = x @ kernel (+ bias) (+ scale * dropout(x) @ lora_a @ lora_b), kernel stored [in, out].
+
+    Hugging Face stores the transpose of `kernel`. The adapters `lora_a [in, r]`, `lora_b [r, out]`
+    exist only once `apo_jax.models.lora.attach` has added them.
+    """
 
     def __init__(
         self,
@@ -52,8 +70,20 @@ class Linear(nnx.Module):
         if bias:  # zeros, as Hugging Face initializes it
             self.bias = param(None, (d_out,), axes[1:], cfg.param_dtype, fill=0.0)
 
+    @property
+    def has_lora(self) -> bool:
+        return "lora_a" in vars(self)
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        return add_bias(jnp.dot(x, self.kernel[...].astype(x.dtype)), self)
+        y = add_bias(jnp.dot(x, self.kernel[...].astype(x.dtype)), self)
+        return y + self.lora_delta(x) if self.has_lora else y
+
+    def lora_delta(self, x: jax.Array) -> jax.Array:
+        """scale * dropout(x) @ lora_a @ lora_b, in the dtype of `x`."""
+        if "lora_key" in vars(self):
+            x = _lora_dropout(x, self.lora_key[...], self.lora_dropout)
+        h = jnp.dot(x, self.lora_a[...].astype(x.dtype))
+        return jnp.dot(h, self.lora_b[...].astype(x.dtype)) * jnp.asarray(self.lora_scale, x.dtype)
 
 
 def add_bias(y: jax.Array, linear: Linear) -> jax.Array:
@@ -63,15 +93,27 @@ def add_bias(y: jax.Array, linear: Linear) -> jax.Array:
     return y + linear.bias[...].astype(y.dtype)
 
 
+def _lora_dropout(x: jax.Array, key_bits: jax.Array, rate: float) -> jax.Array:
+    """Inverted dropout of `x` when the key's flag word is set, else `x` unchanged."""
+    key = jax.random.wrap_key_data(key_bits[:2])
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    dropped = jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+    return jnp.where(key_bits[2] > 0, dropped, x)
+
+
 def stacked_matmul(x_BxTxD: jax.Array, *linears: Linear) -> list[jax.Array]:
     """``[x @ l.kernel for l in linears]`` as one matmul against the kernels stacked on a new axis.
 
     x is read once and the wider matmul runs faster on CPU; the kernels (same shape) keep their
-    layout and sharding, the new axis is unsharded.
+    layout and sharding, the new axis is unsharded. A linear's LoRA adapters add their own term.
     """
     w_DxSxF = jnp.stack([lin.kernel[...] for lin in linears], axis=1).astype(x_BxTxD.dtype)
     y_BxTxSxF = jnp.einsum("btd,dsf->btsf", x_BxTxD, w_DxSxF)
-    return [add_bias(y_BxTxSxF[:, :, i], lin) for i, lin in enumerate(linears)]
+    ys = [add_bias(y_BxTxSxF[:, :, i], lin) for i, lin in enumerate(linears)]
+    return [
+        y + lin.lora_delta(x_BxTxD) if lin.has_lora else y
+        for y, lin in zip(ys, linears, strict=True)
+    ]
 
 
 class Embed(nnx.Module):

@@ -190,6 +190,8 @@ def prepare(
     weights_fp: str,
     mesh: jax.sharding.Mesh,
     workdir: str = "",
+    *,
+    shared: bool = False,
 ) -> Reference:
     """The run's reference: frozen params (online), or stored log-probs made first if missing.
 
@@ -202,16 +204,22 @@ def prepare(
       mesh: the device mesh.
       workdir: where to keep the log-probs of a read-only shard directory ('' = nowhere: such a
         directory is then an error).
+      shared: use `params` themselves as the reference, in the policy's dtypes (a LoRA run's
+        frozen base: the reference is the policy with its adapters off, and no copy is made).
 
     Returns:
       The Reference the train step and the loaders use.
     """
     mode, dtype = rc.reference.mode, rc.reference.dtype
-    ref_graphdef = _graphdef(dtype, graphdef, model_cfg)
+    if shared:
+        dtype, ref_graphdef = model_cfg.dtype, graphdef
+    else:
+        ref_graphdef = _graphdef(dtype, graphdef, model_cfg)
     if mode == "none":
         return Reference(mode, ref_graphdef, None, None)
-    # A copy in the reference dtype; no optimizer state is ever made for it.
-    ref_params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
+    ref_params = params
+    if not shared:  # a copy in the reference dtype; no optimizer state is ever made for it
+        ref_params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
     if mode == "online":
         return Reference(mode, ref_graphdef, ref_params, None)
     info = fingerprint_info(shard_dirs[0], weights_fp, dtype, seq_len=rc.data.seq_len,

@@ -17,12 +17,13 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from apo_jax import losses, reference, sharding
+from apo_jax import layouts, losses, reference, sharding
 from apo_jax import metrics as metrics_lib
 from apo_jax import train_step as ts
 from apo_jax.config import ConfigError, RunConfig
 from apo_jax.data import loader as loader_lib
 from apo_jax.data import shards
+from apo_jax.layouts import auto
 from apo_jax.models import config as model_config
 from apo_jax.models import lora as lora_lib
 from apo_jax.models.llama import Llama
@@ -145,6 +146,29 @@ def check_base(recorded: dict[str, Any] | None, expected: dict[str, str], where:
             f"{expected.get('path') or 'base'} (fingerprint {expected.get('fingerprint') or '-'}): "
             "pass the same config.model.hf_path or use a new workdir"
         )
+
+
+def resolve_layout(rc: RunConfig, paths: DataPaths, model_cfg: Any = None) -> RunConfig:
+    """`rc` with config.data.layout=auto replaced by the layout picked for the train shards.
+
+    The choice (:func:`apo_jax.layouts.auto.choose`) and why are logged in one line; a run with a
+    named layout is returned unchanged.
+    """
+    if rc.data.layout is not None:
+        return rc
+    choice = auto.choose(
+        paths.manifest,
+        seq_len=rc.data.seq_len,
+        buckets=rc.data.buckets,
+        batch_size=rc.batch_size,
+        grad_accum=rc.grad_accum,
+        data_ways=rc.mesh.batch_ways,
+        process_count=jax.process_count(),
+        model_cfg=model_cfg,
+    )
+    log.info("config.data.layout=auto chose %s: %s", choice.name, choice.reason)
+    data = dataclasses.replace(rc.data, layout=layouts.get(choice.name))
+    return dataclasses.replace(rc, data=data)
 
 
 def make_loader(

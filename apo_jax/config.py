@@ -49,7 +49,8 @@ class DataSettings:
     tokenizer: str
     seq_len: int | None  # None: the shards' own length
     buckets: tuple[int, ...] | None
-    layout: layouts.Layout  # the row layout object (config.data.layout names it)
+    layout: layouts.Layout | None  # the row layout (config.data.layout); None: 'auto', which
+    # assemble.resolve_layout replaces by the layout it picks once the shards are known
     num_epochs: int
     shuffle: bool
     worker_count: int
@@ -255,18 +256,23 @@ def _mesh(c: Any, device_count: int) -> MeshShape:
 
 
 def _data(c: Any, mesh: MeshShape, process_count: int) -> DataSettings:
-    try:
-        layout = layouts.get(c.data.layout)
-    except layouts.LayoutError as e:
-        raise ConfigError(str(e)) from None
+    name = c.data.layout
+    _need(name == "auto" or name in layouts.NAMES,
+          f"config.data.layout must be auto or one of {', '.join(layouts.NAMES)}, "
+          f"got {name!r}")  # fmt: skip
     unpaired = losses.is_unpaired(c.loss.name)
-    _need(unpaired == (layout.name == "unpaired"), "config.data.layout must be 'unpaired' for "
-          "the unpaired losses (kto, apo_zero_unpaired) and only for them, got "
-          f"{layout.name!r} with loss {c.loss.name!r}")  # fmt: skip
-    if unpaired:  # the KL rows run only for a loss that estimates the KL term
-        layout = dataclasses.replace(layout, kl=c.loss.name.strip() in losses.NEEDS_KL)
-    _need((c.loss.ld_alpha == 1 and not c.loss.use_weighting) or layout.name == "concat",
-          "config.loss.ld_alpha and use_weighting need config.data.layout=concat")  # fmt: skip
+    needs_concat = c.loss.ld_alpha != 1 or c.loss.use_weighting
+    if name == "auto" and (unpaired or needs_concat):  # the loss decides, not the data
+        name = "unpaired" if unpaired else "concat"
+    layout = None if name == "auto" else layouts.get(name)  # None: assemble.resolve_layout picks
+    if layout is not None:
+        _need(unpaired == (layout.name == "unpaired"), "config.data.layout must be 'unpaired' "
+              "for the unpaired losses (kto, apo_zero_unpaired) and only for them, got "
+              f"{layout.name!r} with loss {c.loss.name!r}")  # fmt: skip
+        if unpaired:  # the KL rows run only for a loss that estimates the KL term
+            layout = dataclasses.replace(layout, kl=c.loss.name.strip() in losses.NEEDS_KL)
+        _need(not needs_concat or layout.name == "concat",
+              "config.loss.ld_alpha and use_weighting need config.data.layout=concat")  # fmt: skip
     _need(c.data.seq_len >= 0, f"config.data.seq_len must be >= 0, got {c.data.seq_len}")
     _need(c.data.verify in ("fast", "full", "off"),
           f"config.data.verify must be fast, full or off, got {c.data.verify!r}")  # fmt: skip
@@ -277,9 +283,10 @@ def _data(c: Any, mesh: MeshShape, process_count: int) -> DataSettings:
           f"multiple of config.grad_accum {c.grad_accum}")  # fmt: skip
     _need(c.batch_size % process_count == 0, f"config.batch_size {c.batch_size} must divide "
           f"across the {process_count} processes: make it a multiple of {process_count}")  # fmt: skip
-    try:
-        layout.check(batch_size=c.batch_size, grad_accum=c.grad_accum,
-                     data_ways=mesh.batch_ways, process_count=process_count)  # fmt: skip
+    try:  # auto: concat must fit, the others are candidates when they do
+        (layout or layouts.get("concat")).check(
+            batch_size=c.batch_size, grad_accum=c.grad_accum, data_ways=mesh.batch_ways,
+            process_count=process_count)  # fmt: skip
     except layouts.LayoutError as e:
         raise ConfigError(str(e)) from None
     return _section(DataSettings, c, "data", layout=layout, seq_len=int(c.data.seq_len) or None,

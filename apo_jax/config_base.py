@@ -52,7 +52,7 @@ def base_config(loss: str, preset: str | None) -> ml_collections.ConfigDict:
     c.data.tokenizer = ""  # tokenizer dir copied into HF exports; default: the shards' manifest
     c.data.seq_len = 0  # row length T; 0 takes the shards' max_length
     c.data.buckets = ()  # optional row lengths to pad each batch to (fewer recompiles, less padding)
-    c.data.layout = "concat"  # concat | prefix (prompt once per row) | packed | unpaired (kto ...)
+    c.data.layout = "auto"  # auto (picked from the data) | concat | prefix | packed | unpaired
     c.data.num_epochs = 1  # passes over the training shards
     c.data.shuffle = True
     c.data.worker_count = 0  # grain worker processes (0 reads in the main process)
@@ -145,7 +145,6 @@ def base_config(loss: str, preset: str | None) -> ml_collections.ConfigDict:
     if preset == "demo":
         c.model.preset = "tiny"
         c.data.seq_len = 128  # single-turn demo rows are at most about 80 tokens
-        c.data.layout = "packed"  # about half of a concat row is padding here (docs/training.md)
         c.optim.learning_rate = 3e-3
         c.optim.warmup_steps = 10
         c.batch_size = 32

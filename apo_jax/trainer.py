@@ -70,6 +70,7 @@ def _train(config: Any, rc: config_lib.RunConfig, workdir: str, allow_config_cha
                               shards.read_manifest(paths.eval) if paths.eval else None)  # fmt: skip
     mesh = sharding.make_mesh(rc.mesh.data, rc.mesh.fsdp, rc.mesh.tensor)
     model, model_cfg, weights_fp = assemble.build_model(rc, paths, mesh)
+    rc = assemble.resolve_layout(rc, paths, model_cfg)  # config.data.layout=auto
     policy = assemble.split_policy(rc, model, mesh)  # with LoRA: adapters train, the base is frozen
     graphdef, params = policy.graphdef, policy.params
     ref = reference.prepare(rc, (paths.train, paths.eval), policy.base_graphdef,

@@ -8,6 +8,7 @@ split, config checks and documentation:
 - :mod:`~apo_jax.layouts.packed`: the sequences of concat packed several to a row.
 - :mod:`~apo_jax.layouts.unpaired`: labelled single completions (KTO data) and their KL rows.
 
+``config.data.layout=auto`` picks one of them from the shards' lengths (:mod:`~apo_jax.layouts.auto`).
 All three give the same log-probs, losses and gradients for the same pairs (tests/test_layouts*.py,
 test_prefix.py, test_packing.py). ``get(name)`` returns the layout object; it is a frozen,
 hashable dataclass, so ``StepConfig.layout`` holds it and the jitted step calls its methods.

@@ -162,9 +162,27 @@ def _stacked_blocks(cfg: LlamaConfig, rngs: nnx.Rngs) -> Block:
     return make(keys)
 
 
-def _remat(fn, policy: str):
+def _save_computed(prim, *_, **__) -> bool:
+    """Saveable: matmul outputs (attention's too), reductions and fused attention kernels.
+
+    Everything else is element-wise or data movement (norm scaling, RoPE, softmax's exp, SiLU,
+    slices, stacked kernels, transposes), which the backward recomputes from what is saved.
+    """
+    name = prim.name
+    return name == "dot_general" or name.startswith("reduce_") or "attention" in name
+
+
+def _remat(fn, policy: str, scanned: bool):
+    """The layer function under `policy`.
+
+    Scanned layers with 'none' keep every matmul output but recompute the element-wise ops and
+    data movement: under `lax.scan` each saved value becomes a stacked [L, ...] buffer that is
+    zero-filled and written layer by layer, and the slices, stacked kernels and softmax
+    probabilities of a layer cost more to stack than to recompute (docs/performance.md).
+    Unrolled layers keep everything: there XLA reads the saved values in place.
+    """
     if policy == "none":
-        return fn
+        return jax.checkpoint(fn, policy=_save_computed) if scanned else fn
     if policy == "full":
         return jax.checkpoint(fn)
     return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
@@ -275,7 +293,7 @@ class Llama(nnx.Module):
         if cfg.scan_layers:
             graphdef, state = nnx.split(self.layers)
             local = None if mixed else sliding[0]
-            step = _remat(functools.partial(layer_fn, graphdef, local), cfg.remat)
+            step = _remat(functools.partial(layer_fn, graphdef, local), cfg.remat, scanned=True)
             xs = (state, cache, jnp.asarray(sliding)) if mixed else (state, cache)
             x_BxTxD, cache = jax.lax.scan(lambda x, xs: step(x, *xs), x_BxTxD, xs)
         else:
@@ -283,7 +301,9 @@ class Llama(nnx.Module):
             for i, block in enumerate(self.layers):
                 graphdef, state = nnx.split(block)
                 kv = None if cache is None else (cache[0][i], cache[1][i])
-                step = _remat(functools.partial(layer_fn, graphdef, sliding[i]), cfg.remat)
+                step = _remat(
+                    functools.partial(layer_fn, graphdef, sliding[i]), cfg.remat, scanned=False
+                )
                 x_BxTxD, kv = step(x_BxTxD, state, kv)
                 new_kv.append(kv)
             if cache is not None:

@@ -125,6 +125,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"{r['pairs_per_source']} pairs per source on the same prompts; {s['seeds']} seed(s). "
         f"Wall time {r['seconds'] / 60:.1f} min ({r['steps_run']} of {r['steps_total']} steps run, "
         "the rest cached).", "",
+        _times(r["step_seconds"]), "",
         "## Held-out accuracy (mean over seeds; 95% interval over seeds and prompts)", "",
         "| pair source | " + " | ".join(NAMES.get(o, o) for o in objectives) + " |",
         "| --- |" + " --- |" * len(objectives),
@@ -168,3 +169,11 @@ def _claim_lines(title: str, claim: dict[str, Any], label: str) -> list[str]:
     for k, c in claim["comparisons"].items():
         out.append(f"- {label.format(k=NAMES.get(k, k))}: {c['diff']:+.3f} {_ci(c['ci95'])}")
     return out + [""]
+
+
+def _times(t: dict[str, Any]) -> str:
+    return (f"Step times when run: world {t['world']:.0f} s, target {t['target']:.0f} s, pairs "
+            f"{t['pairs']:.0f} s, {t['cells']} cells {t['cell_mean']:.0f} s each. The full default "
+            f"grid (4 sources x 4 objectives x 3 seeds, world, target and pairs counted twice for "
+            f"their larger sizes) would take about {t['full_grid_estimate'] / 60:.0f} min on this "
+            "machine at that pace.")  # fmt: skip

@@ -58,7 +58,7 @@ def run(out: str, s: Settings, *, progress: bool = True) -> dict[str, Any]:
 
     world_key = _key(s, WORLD_FIELDS)
     world_dir = os.path.join(out, "world")
-    step("world", world_key, lambda d: pipeline.build_world(d, s))
+    world = step("world", world_key, lambda d: pipeline.build_world(d, s))
     target_key = _key(s, TARGET_FIELDS, world=world_key)
     target = step("target", target_key, lambda d: pipeline.train_target(d, s, world_dir))
     target_hf = os.path.join(out, "target", target["hf"])
@@ -77,5 +77,17 @@ def run(out: str, s: Settings, *, progress: bool = True) -> dict[str, Any]:
                            "run": os.path.join(name, result["run"])})  # fmt: skip
     bar.close()
     meta = {"settings": dataclasses.asdict(s), "seconds": round(time.perf_counter() - started, 1),
-            "steps_run": ran, "steps_total": 3 + len(todo)}  # fmt: skip
+            "steps_run": ran, "steps_total": 3 + len(todo),
+            "step_seconds": step_seconds(world, target, pairs, conditions)}  # fmt: skip
     return report.write(out, meta, target, pairs, conditions)
+
+
+def step_seconds(world, target, pairs, conditions) -> dict[str, float]:
+    """Seconds each step took when it ran, and the full default grid's time estimated from them."""
+    per_cell = sum(c["seconds"] for c in conditions) / max(len(conditions), 1)
+    full = Settings()
+    n_full = len(full.sources) * len(full.objectives) * full.seeds
+    fixed = world["seconds"] + target["seconds"] + pairs["seconds"]
+    return {"world": world["seconds"], "target": target["seconds"], "pairs": pairs["seconds"],
+            "cell_mean": round(per_cell, 1), "cells": len(conditions),
+            "full_grid_estimate": round(fixed * 2 + n_full * per_cell, 1)}  # fmt: skip

@@ -33,7 +33,7 @@ class Settings:
     seed: int = 0  # world seed (questions, noise, judges' coin flips)
     n_sft: int = 2000  # demonstrations the target is trained on
     sft_noise: float = 0.0  # fraction of demonstrations with a wrong value
-    sft_steps: int = 300  # SFT steps of the target (few: under-trained on purpose)
+    sft_steps: int = 600  # SFT steps of the target (few: under-trained on purpose)
     sft_lr: float = 3e-3
     pair_prompts: int = 768  # prompts the sources are built from
     pairs: int = 256  # pairs per source (the same prompts for every source)

@@ -87,13 +87,14 @@ def _validate(loss, **overrides):
         ("apo_zero", {"loss.f_divergence_type": "js_divergence"}, "works only with"),
         ("dpo", {"loss.f_divergence_type": "chi2"}, "must be one of"),
         ("aot", {"loss.use_weighting": True, "data.layout": "concat"}, "aot"),
-        ("dpo", {"loss.ld_alpha": 0.5}, "need config.data.layout=concat"),
+        ("dpo", {"loss.ld_alpha": 0.5, "data.layout": "packed"}, "need config.data.layout=concat"),
         ("dpo", {"loss.ld_alpha": 1.5}, "ld_alpha must be in"),
         ("dpo", {"loss.ld_alpha": 0.5, "data.layout": "concat",
                  "reference.mode": "precomputed"}, "loss.ld_alpha needs the online"),
         ("dpo", {"reference.sync_ref_model": True, "reference.mode": "precomputed"},
          "sync_ref_model needs the online"),
-        ("kto", {}, "must be 'unpaired'"),
+        ("kto", {"data.layout": "packed"}, "must be 'unpaired'"),
+        ("dpo", {"data.layout": "unpaired"}, "must be 'unpaired'"),
         ("dpo", {"data.layout": "unpaired"}, "must be 'unpaired'"),
         ("kto", {"data.layout": "unpaired", "loss.use_weighting": True}, "takes no"),
     ],
@@ -111,3 +112,13 @@ def test_config_resolves_reference_and_layout():
     assert rc.reference.mode == "online"
     assert _validate("kto", **{"data.layout": "unpaired"}).data.layout.kl
     assert not _validate("apo_zero_unpaired", **{"data.layout": "unpaired"}).data.layout.kl
+
+
+def test_auto_layout_follows_the_loss():
+    """layout=auto is decided by the loss where the loss allows one layout only."""
+    assert _validate("kto").data.layout.name == "unpaired"
+    assert _validate("kto").data.layout.kl
+    assert not _validate("apo_zero_unpaired").data.layout.kl
+    assert _validate("dpo", **{"loss.ld_alpha": 0.5}).data.layout.name == "concat"
+    assert _validate("dpo", **{"loss.use_weighting": True}).data.layout.name == "concat"
+    assert _validate("dpo").data.layout is None  # picked from the data once the shards are known

@@ -162,8 +162,8 @@ def test_full_disk_during_an_async_save_is_one_line_and_keeps_the_last_checkpoin
         raise OSError(errno.ENOSPC, "No space left on device", str(directory))
 
     monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", disk_full)
-    ck.save(2, state(2), {"next": 2})
     with pytest.raises(SaveError) as e:
+        ck.save(2, state(2), {"next": 2})  # raises itself when the write fails at once
         for _ in range(1000):  # what the Checkpoint hook does after every step
             ck.poll()
             import time

@@ -57,7 +57,11 @@ def run(out: str, s: Settings, *, progress: bool = True) -> dict[str, Any]:
         bar.set_description(name)
         result, did = run_step(os.path.join(out, name), key, fn)
         ran += did
-        bar.update(weight.get(name, cell))
+        if did:
+            bar.update(weight.get(name, cell))
+        else:  # cached: no work done, so it must not speed up the ETA
+            bar.total = round(bar.total - weight.get(name, cell), 1)
+            bar.refresh()
         return result
 
     world_key = _key(s, WORLD_FIELDS)

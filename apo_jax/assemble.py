@@ -316,6 +316,8 @@ class Steps:
             flops = metrics_lib.model_flops(
                 self._model_cfg, rows, seq_len, online_reference=self._online
             )
+            if self.frozen is not None:  # LoRA: no weight gradients, 2 forwards' work, not 3
+                flops *= (2 + self._online) / (3 + self._online)
             self._compiled[key] = exe, flops
         exe, self.flops = self._compiled[key]
         return exe(state, batch, self.ref_params, self.frozen)

@@ -19,7 +19,7 @@ Trains an under-trained target on a toy world with checkable answers, builds fou
 from its own samples (CLAIR, stronger-preferred, on-policy judge, off-policy judge) with the clair
 builders, trains DPO, APO-zero, APO-down and SFT on each, scores held-out greedy answers, and
 writes <out>/results.json and <out>/report.md. Every step is cached: rerun to resume."""
-QUICK = {"sources": ("clair", "stronger_preferred"), "objectives": ("dpo", "apo_zero"),
+QUICK = {"sources": ("clair", "stronger_preferred"), "objectives": ("dpo", "apo_zero", "sft"),
          "seeds": 1, "pair_prompts": 384, "pairs": 128, "heldout": 200}  # fmt: skip
 FIELDS = {f.name: f for f in dataclasses.fields(pipeline.Settings)}
 HELP = {
@@ -43,7 +43,7 @@ HELP = {
 def _flag_values() -> flags.FlagValues:
     fv = flags.FlagValues()
     flags.DEFINE_string("out", None, "output directory (steps are cached there)", flag_values=fv)
-    flags.DEFINE_boolean("quick", False, "2 sources x 2 objectives x 1 seed, smaller world",
+    flags.DEFINE_boolean("quick", False, "2 sources x 3 objectives x 1 seed, smaller world",
                          flag_values=fv)  # fmt: skip
     flags.DEFINE_list("sources", None, f"pair sources, of {','.join(pipeline.SOURCES)}",
                       flag_values=fv)  # fmt: skip

@@ -41,7 +41,7 @@ class Settings:
     temperature: float = 0.7  # the target's sampling temperature for its own answers
     steps: int = 40  # preference-training steps of every cell
     batch_size: int = 32
-    lr: float = 5e-4
+    lr: float = 1e-4
     beta: float = 0.1
     sources: tuple[str, ...] = SOURCES
     objectives: tuple[str, ...] = OBJECTIVES

@@ -83,7 +83,8 @@ class Linear(nnx.Module):
         if "lora_key" in vars(self):
             x = _lora_dropout(x, self.lora_key[...], self.lora_dropout)
         h = jnp.dot(x, self.lora_a[...].astype(x.dtype))
-        return jnp.dot(h, self.lora_b[...].astype(x.dtype)) * jnp.asarray(self.lora_scale, x.dtype)
+        # The scale goes on B ([r, out], small), not on the [.., out] product.
+        return jnp.dot(h, (self.lora_b[...] * self.lora_scale).astype(x.dtype))
 
 
 def add_bias(y: jax.Array, linear: Linear) -> jax.Array:

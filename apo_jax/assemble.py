@@ -17,12 +17,13 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from apo_jax import layouts, losses, reference, sharding
 from apo_jax import metrics as metrics_lib
-from apo_jax import reference, sharding
 from apo_jax import train_step as ts
 from apo_jax.config import ConfigError, RunConfig
 from apo_jax.data import loader as loader_lib
 from apo_jax.data import shards
+from apo_jax.layouts import auto
 from apo_jax.models import config as model_config
 from apo_jax.models import lora as lora_lib
 from apo_jax.models.llama import Llama
@@ -55,6 +56,9 @@ def resolve_data(rc: RunConfig) -> DataPaths:
             multi_turn=rc.demo.multi_turn,
         )
         train, eval_ = assets.train_shards, eval_ or assets.eval_shards
+        if losses.is_unpaired(rc.loss.name):  # the demo pairs split into unpaired records
+            train, demo_eval = demo.unpaired_shards(assets, kl_group=rc.batch_size)
+            eval_ = rc.data.eval or demo_eval
         tokenizer = tokenizer or assets.tokenizer_dir
         prompts = prompts or assets.eval_pairs
     manifest = shards.read_manifest(train)
@@ -144,8 +148,36 @@ def check_base(recorded: dict[str, Any] | None, expected: dict[str, str], where:
         )
 
 
+def resolve_layout(rc: RunConfig, paths: DataPaths, model_cfg: Any = None) -> RunConfig:
+    """`rc` with config.data.layout=auto replaced by the layout picked for the train shards.
+
+    The choice (:func:`apo_jax.layouts.auto.choose`) and why are logged in one line; a run with a
+    named layout is returned unchanged.
+    """
+    if rc.data.layout is not None:
+        return rc
+    choice = auto.choose(
+        paths.manifest,
+        seq_len=rc.data.seq_len,
+        buckets=rc.data.buckets,
+        batch_size=rc.batch_size,
+        grad_accum=rc.grad_accum,
+        data_ways=rc.mesh.batch_ways,
+        process_count=jax.process_count(),
+        model_cfg=model_cfg,
+    )
+    log.info("config.data.layout=auto chose %s: %s", choice.name, choice.reason)
+    data = dataclasses.replace(rc.data, layout=layouts.get(choice.name))
+    return dataclasses.replace(rc, data=data)
+
+
 def make_loader(
-    rc: RunConfig, shard_dir: str, reference_info: dict[str, Any] | None, *, train: bool
+    rc: RunConfig,
+    shard_dir: str,
+    reference_info: dict[str, Any] | None,
+    *,
+    train: bool,
+    reference_dirs: tuple[str, ...] = (),
 ) -> loader_lib.PairLoader:
     """This process's loader of `shard_dir`: the training stream, or one pass for evaluation."""
     # Packed rows of all processes must split evenly over the mesh's data*fsdp batch shards.
@@ -166,7 +198,13 @@ def make_loader(
         drop_remainder=train,
         worker_count=rc.data.worker_count if train else 0,
         reference_info=reference_info,
+        reference_dirs=reference_dirs,
     )
+    kind = shards.record_kind(shards.read_manifest(shard_dir))
+    if (kind == "unpaired") != (rc.data.layout.name == "unpaired"):
+        raise ConfigError(f"{shard_dir} holds {kind} records but loss {rc.loss.name!r} trains on "
+                          f"{'unpaired examples' if kind == 'pairs' else 'pairs'}: prepare the "
+                          "matching data or pick a matching loss")  # fmt: skip
     try:
         return loader_lib.make_loader(shard_dir, cfg)
     except ValueError as e:  # the loader's checks of seq_len, batch size and shards
@@ -206,6 +244,8 @@ def step_config(rc: RunConfig) -> ts.StepConfig:
         grad_accum=rc.grad_accum,
         reference=rc.reference.mode,
         layout=rc.data.layout,
+        ld_alpha=rc.loss.ld_alpha,
+        unpaired_weights=(rc.loss.desirable_weight, rc.loss.undesirable_weight),
     )
 
 

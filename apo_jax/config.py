@@ -49,10 +49,12 @@ class DataSettings:
     tokenizer: str
     seq_len: int | None  # None: the shards' own length
     buckets: tuple[int, ...] | None
-    layout: layouts.Layout  # the row layout object (config.data.layout names it)
+    layout: layouts.Layout | None  # the row layout (config.data.layout); None: 'auto', which
+    # assemble.resolve_layout replaces by the layout it picks once the shards are known
     num_epochs: int
     shuffle: bool
     worker_count: int
+    verify: str = "fast"  # shards vs their manifest before training: fast | full | off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,11 +64,17 @@ class LossSettings:
     label_smoothing: float
     discopop_tau: float
     simpo_gamma: float
+    f_divergence_type: str
+    f_alpha_divergence_coef: float
+    use_weighting: bool
+    ld_alpha: float  # LD-DPO; 1 = off (the step weights log-probs, not the loss)
+    desirable_weight: float  # unpaired losses only
+    undesirable_weight: float
 
     @property
     def hparams(self) -> tuple[tuple[str, float], ...]:
         """The losses.HParams fields besides beta, as a hashable tuple."""
-        skip = ("name", "beta")
+        skip = ("name", "beta", "ld_alpha", "desirable_weight", "undesirable_weight")
         return tuple((f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
                      if f.name not in skip)  # fmt: skip
 
@@ -75,6 +83,9 @@ class LossSettings:
 class ReferenceSettings:
     mode: str  # 'precomputed' (read from the data) | 'online' | 'none' (the loss needs none)
     dtype: str
+    sync_ref_model: bool  # TR-DPO (online only)
+    ref_model_mixup_alpha: float
+    ref_model_sync_steps: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,15 +196,31 @@ def _check_paths(c: Any) -> None:
 
 def _loss(c: Any) -> LossSettings:
     try:
-        losses.parse_spec(c.loss.name)
+        if not losses.is_unpaired(c.loss.name):
+            losses.parse_spec(c.loss.name)
     except ValueError as e:
-        raise ConfigError(f"config.loss.name: {e}") from None
+        raise ConfigError(f"config.loss.name: {e} (unpaired: kto, apo_zero_unpaired)") from None
     _need(c.loss.beta > 0, f"config.loss.beta must be > 0, got {c.loss.beta}")
     _need(
         0 <= c.loss.label_smoothing < 0.5,
         f"config.loss.label_smoothing must be in [0, 0.5), got {c.loss.label_smoothing}",
     )
-    return _section(LossSettings, c, "loss")
+    _need(
+        0 <= c.loss.ld_alpha <= 1, f"config.loss.ld_alpha must be in [0, 1], got {c.loss.ld_alpha}"
+    )
+    _need(c.loss.desirable_weight > 0 and c.loss.undesirable_weight > 0,
+          "config.loss.desirable_weight and undesirable_weight must be > 0")  # fmt: skip
+    loss = _section(LossSettings, c, "loss")
+    if losses.is_unpaired(loss.name):
+        _need(loss.f_divergence_type == "reverse_kl" and not loss.use_weighting
+              and loss.ld_alpha == 1, f"config.loss: {loss.name} takes no f_divergence_type, "
+              "use_weighting or ld_alpha (DPO options)")  # fmt: skip
+        return loss
+    try:
+        losses.check_options(loss.name, dict(loss.hparams))
+    except ValueError as e:
+        raise ConfigError(f"config.loss: {e}") from None
+    return loss
 
 
 def _reference(c: Any) -> ReferenceSettings:
@@ -203,10 +230,18 @@ def _reference(c: Any) -> ReferenceSettings:
     needs = losses.needs_reference(c.loss.name)
     _need(mode != "none" or not needs,
           f"config.reference.mode=none but loss {c.loss.name!r} needs reference log-probs")  # fmt: skip
+    # Stored log-probs are plain sums of a fixed reference: LD-DPO weights them, TR-DPO moves it.
+    moving = "sync_ref_model" if c.reference.sync_ref_model else ""
+    moving = moving or ("loss.ld_alpha" if c.loss.ld_alpha != 1 else "")
+    _need(mode != "precomputed" or not moving, f"config.{moving} needs the online reference: "
+          "set config.reference.mode=online (or auto)")  # fmt: skip
     if not needs:
         mode = "none"
     elif mode == "auto":
-        mode = "precomputed"
+        mode = "online" if moving else "precomputed"
+    r = c.reference
+    _need(not r.sync_ref_model or (0 < r.ref_model_mixup_alpha <= 1 and r.ref_model_sync_steps > 0),
+          "config.reference: ref_model_mixup_alpha must be in (0, 1] and ref_model_sync_steps > 0")  # fmt: skip
     return _section(ReferenceSettings, c, "reference", mode=mode)
 
 
@@ -221,11 +256,26 @@ def _mesh(c: Any, device_count: int) -> MeshShape:
 
 
 def _data(c: Any, mesh: MeshShape, process_count: int) -> DataSettings:
-    try:
-        layout = layouts.get(c.data.layout)
-    except layouts.LayoutError as e:
-        raise ConfigError(str(e)) from None
+    name = c.data.layout
+    _need(name == "auto" or name in layouts.NAMES,
+          f"config.data.layout must be auto or one of {', '.join(layouts.NAMES)}, "
+          f"got {name!r}")  # fmt: skip
+    unpaired = losses.is_unpaired(c.loss.name)
+    needs_concat = c.loss.ld_alpha != 1 or c.loss.use_weighting
+    if name == "auto" and (unpaired or needs_concat):  # the loss decides, not the data
+        name = "unpaired" if unpaired else "concat"
+    layout = None if name == "auto" else layouts.get(name)  # None: assemble.resolve_layout picks
+    if layout is not None:
+        _need(unpaired == (layout.name == "unpaired"), "config.data.layout must be 'unpaired' "
+              "for the unpaired losses (kto, apo_zero_unpaired) and only for them, got "
+              f"{layout.name!r} with loss {c.loss.name!r}")  # fmt: skip
+        if unpaired:  # the KL rows run only for a loss that estimates the KL term
+            layout = dataclasses.replace(layout, kl=c.loss.name.strip() in losses.NEEDS_KL)
+        _need(not needs_concat or layout.name == "concat",
+              "config.loss.ld_alpha and use_weighting need config.data.layout=concat")  # fmt: skip
     _need(c.data.seq_len >= 0, f"config.data.seq_len must be >= 0, got {c.data.seq_len}")
+    _need(c.data.verify in ("fast", "full", "off"),
+          f"config.data.verify must be fast, full or off, got {c.data.verify!r}")  # fmt: skip
     _need(c.data.num_epochs > 0, f"config.data.num_epochs must be > 0, got {c.data.num_epochs}")
     _need(c.batch_size > 0 and c.grad_accum > 0,
           "config.batch_size and config.grad_accum must be positive")  # fmt: skip
@@ -233,9 +283,10 @@ def _data(c: Any, mesh: MeshShape, process_count: int) -> DataSettings:
           f"multiple of config.grad_accum {c.grad_accum}")  # fmt: skip
     _need(c.batch_size % process_count == 0, f"config.batch_size {c.batch_size} must divide "
           f"across the {process_count} processes: make it a multiple of {process_count}")  # fmt: skip
-    try:
-        layout.check(batch_size=c.batch_size, grad_accum=c.grad_accum,
-                     data_ways=mesh.batch_ways, process_count=process_count)  # fmt: skip
+    try:  # auto: concat must fit, the others are candidates when they do
+        (layout or layouts.get("concat")).check(
+            batch_size=c.batch_size, grad_accum=c.grad_accum, data_ways=mesh.batch_ways,
+            process_count=process_count)  # fmt: skip
     except layouts.LayoutError as e:
         raise ConfigError(str(e)) from None
     return _section(DataSettings, c, "data", layout=layout, seq_len=int(c.data.seq_len) or None,

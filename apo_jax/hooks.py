@@ -52,6 +52,7 @@ class Run:
     step_metrics: Any = None  # `step`'s device metrics (not yet fetched)
     tokens_seen: int = 0  # real tokens of all processes trained on by this invocation
     stopping: bool = False  # a stop signal was agreed: save and leave after this step
+    finished: bool = False  # the loop reached num_steps (set when it ends)
     train_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # last logged
     eval_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # last held-out
     eval_step: int = -1  # the step of eval_metrics
@@ -147,6 +148,38 @@ class TrainMetrics(Hook):
         self.window, self.t_log, self.tokens_logged = [], now, run.tokens_seen
 
 
+def mix_reference(ref_params: Any, params: Any, alpha: float) -> Any:
+    """TR-DPO's soft update: ``alpha * policy + (1 - alpha) * reference``, in float32, each leaf
+    back in the reference's dtype and sharding."""
+    out_sh = jax.tree.map(lambda r: r.sharding, ref_params)
+
+    def mix(ref, pol):
+        return jax.tree.map(
+            lambda r, p: (alpha * p.astype("float32") + (1 - alpha) * r.astype("float32")).astype(
+                r.dtype
+            ),
+            ref,
+            pol,
+        )
+
+    return jax.jit(mix, out_shardings=out_sh)(ref_params, params)
+
+
+class SyncReference(Hook):
+    """TR-DPO (Gorbatovski et al., 2024), as TRL's ``sync_ref_model``: after every
+    `every`-th step the online reference becomes ``alpha * policy + (1 - alpha) * reference``."""
+
+    def __init__(self, every: int, alpha: float):
+        self.every, self.alpha = every, alpha
+
+    def due(self, run: Run) -> bool:
+        return run.step % self.every == 0  # TRL syncs at multiples of the period only
+
+    def act(self, run: Run) -> None:
+        steps = run.steps_fn
+        steps.ref_params = mix_reference(steps.ref_params, run.state.params, self.alpha)
+
+
 class HeldOutEval(Hook):
     """Loss metrics over the held-out split (weighted by its real pairs), every `every` steps."""
 
@@ -172,8 +205,8 @@ class HeldOutEval(Hook):
         line = metrics_lib.console_line(
             run.step,
             run.num_steps,
-            {"loss": run.eval_metrics["eval/loss"],
-             "rewards/accuracies": run.eval_metrics["eval/rewards/accuracies"]},
+            {k: run.eval_metrics[f"eval/{k}"] for k in ("loss", "rewards/accuracies", "kl")
+             if f"eval/{k}" in run.eval_metrics},
         )  # fmt: skip
         run.print(line.replace("loss", "held-out loss", 1))
 
@@ -187,6 +220,10 @@ class Checkpoint(Hook):
     def due(self, run: Run) -> bool:
         return super().due(run) or run.stopping
 
+    def after_step(self, run: Run) -> None:
+        run.ckpt.poll()  # a failed asynchronous save stops the run here, in one line
+        super().after_step(run)
+
     def act(self, run: Run) -> None:
         # Checkpoints are ranked (keep_best) by the held-out loss measured at their own step.
         ranked = None
@@ -197,6 +234,8 @@ class Checkpoint(Hook):
         if run.base:  # LoRA: adapters and optimizer only; the base they need is recorded
             meta["base"] = run.base
         run.ckpt.save(run.step, run.state, run.train_data.get_state(), meta, ranked)
+        if run.stopping:
+            run.ckpt.wait()  # the stop is announced only once this checkpoint is committed
 
     def at_end(self, run: Run, *, finished: bool) -> None:
         run.ckpt.wait()

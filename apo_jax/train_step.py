@@ -53,6 +53,8 @@ class StepConfig:
     grad_accum: int = 1  # micro-batches per step
     reference: str = "precomputed"  # 'precomputed' (from the batch) | 'online' | 'none'
     layout: layouts.Layout = layouts.get("concat")  # the batch's row layout (layouts.get(name))
+    ld_alpha: float = 1.0  # LD-DPO weight of the longer completion's tail (1: off; concat)
+    unpaired_weights: tuple[float, float] = (1.0, 1.0)  # desirable, undesirable (kto ...)
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
@@ -90,9 +92,21 @@ def pair_logps(
     differ in compute dtype; a precomputed one is read from the batch.
     """
     layout = cfg.layout
-    chosen, rejected, n_w, n_l = layout.pair_logps(graphdef, params, batch, cfg.logprob_chunk)
+    wpo = bool(dict(cfg.loss_hparams).get("use_weighting"))
+    weights = (None, None)
+    if cfg.ld_alpha != 1.0 or wpo:  # TRL's DPO options (concat rows, checked by config)
+        side, *weights = layout.regularized_logps(
+            graphdef, params, batch, cfg.logprob_chunk, ld_alpha=cfg.ld_alpha, wpo=wpo
+        )
+    else:
+        side = layout.pair_logps(graphdef, params, batch, cfg.logprob_chunk)
+    chosen, rejected, n_w, n_l = side
     if cfg.reference == "online":
-        ref = layout.pair_logps(ref_graphdef or graphdef, ref_params, batch, cfg.logprob_chunk)
+        if cfg.ld_alpha != 1.0:  # TRL weights the reference's log-probs alike
+            ref, _, _ = layout.regularized_logps(ref_graphdef or graphdef, ref_params, batch,
+                                                 cfg.logprob_chunk, ld_alpha=cfg.ld_alpha, wpo=False)  # fmt: skip
+        else:
+            ref = layout.pair_logps(ref_graphdef or graphdef, ref_params, batch, cfg.logprob_chunk)
         ref_w, ref_l = jax.lax.stop_gradient(ref[0]), jax.lax.stop_gradient(ref[1])
     elif cfg.reference == "precomputed":
         ref_w, ref_l = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
@@ -105,7 +119,19 @@ def pair_logps(
         ref_rejected=ref_l,
         chosen_tokens=n_w,
         rejected_tokens=n_l,
+        chosen_weight=weights[0],
+        rejected_weight=weights[1],
     )
+
+
+def unpaired_logps(logps: losses.PairLogps, batch: Batch, name: str) -> losses.UnpairedLogps:
+    """An unpaired batch's log-probs (its layout runs completions as ``chosen`` and the KL
+    completions as ``rejected``) with the batch's KL estimate when the loss needs one."""
+    valid_N = batch["index"] >= 0
+    kl = None
+    if name.strip() in losses.NEEDS_KL:
+        kl = losses.kl_estimate(logps.rejected, logps.ref_rejected, where=valid_N)
+    return losses.UnpairedLogps(logps.chosen, logps.ref_chosen, batch["label"], kl)
 
 
 def loss_fn(params, graphdef, batch, cfg: StepConfig, ref_params=None, ref_graphdef=None,
@@ -121,9 +147,16 @@ def loss_fn(params, graphdef, batch, cfg: StepConfig, ref_params=None, ref_graph
         params = nnx.merge_state(frozen, params)
     logps = pair_logps(graphdef, params, batch, cfg, ref_params, ref_graphdef)
     valid_N = batch["index"] >= 0  # the loader pads a last partial batch with index -1
-    loss_N, metrics = losses.preference_loss(
-        cfg.loss, logps, beta=cfg.beta, where=valid_N, **dict(cfg.loss_hparams)
-    )
+    if losses.is_unpaired(cfg.loss):
+        wd, wu = cfg.unpaired_weights
+        loss_N, metrics = losses.unpaired_loss(
+            cfg.loss, unpaired_logps(logps, batch, cfg.loss), beta=cfg.beta,
+            desirable_weight=wd, undesirable_weight=wu, where=valid_N,
+        )  # fmt: skip
+    else:
+        loss_N, metrics = losses.preference_loss(
+            cfg.loss, logps, beta=cfg.beta, where=valid_N, **dict(cfg.loss_hparams)
+        )
     return jnp.sum(jnp.where(valid_N, loss_N, 0.0)) / jnp.maximum(jnp.sum(valid_N), 1), metrics
 
 

@@ -18,7 +18,10 @@ FLOP count for every candidate, over its time:
 - "needed": the work the loss needs: causal attention (half the square) and the unembedding only
   at the completion tokens (the prompt's logits are never used). apo_jax executes about this;
   the PyTorch step executes the full head, so its "needed" share is lower than its "model" one.
-The prefix rows do less work than either count for the same pairs, so their FLOP columns say n/a.
+The prefix rows do less work for the same pairs: their "model" column says n/a and their "needed"
+count is that of their own rows (prompt once, both completions attending to it).
+The 'default' candidate is what a user gets without settings: LlamaConfig's defaults (scanned
+layers, remat 'none') in the layout config.data.layout=auto picks for these rows.
 """
 
 from __future__ import annotations
@@ -46,8 +49,10 @@ from torch_step import TorchStep
 
 from apo_jax import layouts
 
-# name: (LlamaConfig overrides, batch layout)
+# name: (LlamaConfig overrides, batch layout); 'default' takes LlamaConfig's defaults and the
+# layout that config.data.layout=auto picks for these rows (default_layout).
 JAX_VARIANTS = {
+    "default": ({}, "auto"),
     "scan": (dict(scan_layers=True), "concat"),
     "unrolled": (dict(scan_layers=False), "concat"),
     "prefix-scan": (dict(scan_layers=True), "prefix"),
@@ -74,6 +79,31 @@ def prefix_batch(concat: dict[str, np.ndarray], shp: Shapes) -> dict[str, np.nda
     return collate(items)
 
 
+def default_layout(shp: Shapes, cfg, batch_size: int) -> str:
+    """What config.data.layout=auto picks for benchmark rows (every pair the same lengths)."""
+    from apo_jax.layouts import auto
+
+    p, c = shp.prompt, shp.seq - shp.prompt
+    one = lambda n: {"mean": n, "max": n, "p90": n}  # noqa: E731
+    manifest = {"settings": {"max_length": shp.seq},
+                "lengths": {"prompt": one(p), "chosen": one(c), "rejected": one(c),
+                            "row_max": one(p + c), "prefix_row": one(p + 2 * c)}}  # fmt: skip
+    return auto.choose(manifest, seq_len=None, buckets=None, batch_size=batch_size, grad_accum=1,
+                       data_ways=1, process_count=1, model_cfg=cfg).name  # fmt: skip
+
+
+def prefix_needed_flops(cfg, shp: Shapes, online: bool) -> float:
+    """The "needed" count for prefix rows: N rows of prompt + both completions, the head on the
+    completions, attention over the prompt (causal) and each completion (prompt + causal self)."""
+    p, c = shp.prompt, shp.seq - shp.prompt
+    D, H, K, Dh, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim
+    body_per_token = cfg.n_layers * (D * Dh * (2 * H + 2 * K) + 3 * D * F)
+    head = D * cfg.vocab_size * shp.pairs * 2 * c
+    scores = shp.pairs * (p * p / 2 + 2 * (c * p + c * c / 2))
+    forward = 2 * (body_per_token * shp.pairs * (p + 2 * c) + head)
+    return (3 + online) * (forward + cfg.n_layers * 4 * scores * H * Dh)
+
+
 def step_flops(cfg, shp: Shapes, online: bool, needed: bool = False) -> float:
     if needed:
         return (3 + online) * forward_flops(cfg, shp, causal=True, head_tokens=shp.seq - shp.prompt)
@@ -96,7 +126,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--modes", default="online,precomputed")
-    ap.add_argument("--jax", default="scan,unrolled,prefix-unrolled",
+    ap.add_argument("--jax", default="default,scan,unrolled",
                     help=f"comma list of {sorted(JAX_VARIANTS)}")  # fmt: skip
     ap.add_argument("--chunk", type=int, default=ts.StepConfig().logprob_chunk)
     ap.add_argument("--pairs", type=int, default=4)
@@ -114,6 +144,9 @@ def main():
         fns = {}
         for v in args.jax.split(","):
             overrides, layout = JAX_VARIANTS[v]
+            if layout == "auto":
+                layout = default_layout(shp, STEP_MODEL, shp.pairs)
+                v = f"default: scan, {layout}"
             fns[f"apo_jax ({v})"] = jax_runner(
                 STEP_MODEL.replace(**overrides),
                 dataclasses.replace(step_cfg, layout=layouts.get(layout)),
@@ -128,7 +161,11 @@ def main():
         t_torch = median(times["pytorch (TRL-style)"]) if not args.no_torch else float("nan")
         for name, t in times.items():
             # A prefix row does less work for the same pairs: its FLOP columns would not compare.
-            fl = (None, None) if "prefix" in name else (flops, needed)
+            fl = (
+                (None, prefix_needed_flops(STEP_MODEL, shp, mode == "online"))
+                if "prefix" in name
+                else (flops, needed)
+            )
             rows.append((mode, name, f"{median(t):.2f}", " ".join(f"{x:.2f}" for x in t),
                          f"{tokens / median(t):.0f}", f"{t_torch / median(t):.2f}x",
                          *(f"{f / median(t) / 1e9:.1f}" if f else "n/a" for f in fl),

@@ -18,6 +18,7 @@ from apo_jax import errors, layouts
 from apo_jax import train_step as ts
 from apo_jax.config_base import base_config, with_overrides
 from apo_jax.data import loader, shards
+from apo_jax.layouts import auto
 from apo_jax.models.config import get_preset
 from apo_jax.models.llama import Llama
 from apo_jax.optim import OptimConfig, make_optimizer
@@ -48,16 +49,16 @@ def collate(name, its, micro_batches=1):
 
 
 def test_registry_gives_hashable_layout_objects():
-    assert layouts.NAMES == ("concat", "prefix", "packed")
+    assert layouts.NAMES == ("concat", "prefix", "packed", "unpaired")
     for name in layouts.NAMES:
         layout = layouts.get(name)
         assert layout.name == name and layout is layouts.get(name)
         assert hash(layout) == hash(dataclasses.replace(layout))
     assert layouts.get("concat") != layouts.get("prefix")
     steps = {ts.StepConfig(layout=layouts.get(n)) for n in layouts.NAMES}  # hashable, distinct
-    assert len(steps) == 3
+    assert len(steps) == 4
     with pytest.raises(layouts.LayoutError, match="config.data.layout must be one of concat, "
-                       "prefix, packed, got 'pack'") as e:  # fmt: skip
+                       "prefix, packed, unpaired, got 'pack'") as e:  # fmt: skip
         layouts.get("pack")
     assert isinstance(e.value, errors.UserError)
     with pytest.raises(ValueError, match="layout must be a layouts.get"):
@@ -155,3 +156,66 @@ def test_packed_grad_accum_equals_concat_and_one_micro_batch():
     one = _step(collate("packed", its), "packed", 1)
     two = _step(collate("packed", its, micro_batches=2), "packed", 2)
     _assert_same_step(two, one)
+
+
+def test_every_layout_gives_the_same_step():
+    its = items(padding_pair_at=3)
+    concat = _step(collate("concat", its), "concat", 1)
+    for name in ("prefix", "packed"):
+        _assert_same_step(_step(collate(name, its), name, 1), concat)
+
+
+def _manifest(prompt, chosen, rejected, max_length):
+    """A manifest whose pairs all have these lengths."""
+    one = lambda n: {"mean": n, "max": n, "p90": n}  # noqa: E731
+    return {
+        "settings": {"max_length": max_length},
+        "lengths": {"prompt": one(prompt), "chosen": one(chosen), "rejected": one(rejected),
+                    "row_max": one(prompt + max(chosen, rejected)),
+                    "prefix_row": one(prompt + chosen + rejected)},
+    }  # fmt: skip
+
+
+RUN = dict(seq_len=None, buckets=None, batch_size=16, grad_accum=1, data_ways=1, process_count=1)
+
+
+@pytest.mark.parametrize(
+    "lengths,run,want",
+    [
+        ((384, 128, 128, 512), {}, "prefix"),  # long shared prompts fill the rows
+        ((16, 200, 200, 216), {}, "concat"),  # short prompts, full rows: nothing to save
+        ((20, 40, 40, 512), {"seq_len": 512}, "packed"),  # short rows padded to 512
+        ((384, 128, 128, 512), {"seq_len": 512}, "concat"),  # a prefix row needs 640
+        ((384, 128, 128, 512), {"batch_size": 12, "data_ways": 8}, "concat"),  # 12 rows / 8
+    ],
+)
+def test_auto_layout_choice(lengths, run, want):
+    choice = auto.choose(_manifest(*lengths), **{**RUN, **run}, model_cfg=CFG)
+    assert choice.name == want, choice.reason
+    assert choice.costs["concat"] == 1.0
+    assert f"{want} " in choice.reason or want == "concat"
+
+
+def test_auto_layout_says_why_and_what_was_ruled_out():
+    choice = auto.choose(_manifest(384, 128, 128, 512), **{**RUN, "seq_len": 512})
+    assert "prefix (rows of 640 > seq_len 512)" in choice.reason
+    assert "mean prompt 384, chosen 128, rejected 128 tokens; rows of 512" in choice.reason
+    choice = auto.choose({"settings": {"max_length": 64}}, **RUN)
+    assert choice.name == "concat" and "no row lengths" in choice.reason
+
+
+def test_auto_is_the_default_and_resolved_from_the_shards():
+    from apo_jax import assemble
+
+    c = with_overrides(base_config("apo_down", None), {"data.seq_len": 0})
+    rc = config_lib.validate(c, device_count=1)
+    assert rc.data.layout is None  # auto, until the shards are known
+    paths = assemble.DataPaths("", "", "", _manifest(384, 128, 128, 512))
+    assert assemble.resolve_layout(rc, paths, CFG).data.layout is layouts.get("prefix")
+    named = config_lib.validate(
+        with_overrides(base_config("apo_down", None), {"data.layout": "concat"}), device_count=1
+    )
+    assert assemble.resolve_layout(named, paths) is named
+    bad = with_overrides(base_config("apo_down", None), {"data.layout": "pack"})
+    with pytest.raises(config_lib.ConfigError, match="must be auto or one of concat, prefix, "):
+        config_lib.validate(bad, device_count=1)

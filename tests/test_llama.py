@@ -249,3 +249,31 @@ def test_config_hf_round_trip():
     assert config_lib.LlamaConfig.from_hf(legacy).rope_scaling.factor == 32.0
     with pytest.raises(config_lib.ConfigError, match="not a Llama"):
         config_lib.LlamaConfig.from_hf({"model_type": "mistral"})
+
+
+def test_scanned_layers_give_unrolled_grads(make_hf_llama):
+    """Scanned layers recompute their element-wise ops in the backward (remat 'none' under
+    lax.scan); the gradients must still be those of the unrolled layers, which keep everything."""
+    path, _ = make_hf_llama(n_kv_heads=2, n_layers=3)
+    ids = jnp.asarray(np.random.RandomState(3).randint(0, 256, (2, 70)))
+    grads = {}
+    for scan in (True, False):
+        model, cfg = load_hf(path, scan_layers=scan)
+        assert cfg.remat == "none"
+        graphdef, state = nnx.split(model)
+
+        @jax.jit
+        def grad(st, graphdef=graphdef):
+            return jax.grad(lambda s: jnp.sum(jnp.sin(nnx.merge(graphdef, s)(ids))))(st)
+
+        flat = jax.tree_util.tree_flatten_with_path(grad(state))[0]
+        grads[scan] = {jax.tree_util.keystr(p): np.asarray(g) for p, g in flat}
+    for key, g in grads[True].items():
+        if key.startswith("['layers']"):  # [L, ...] against layer i's own gradient
+            rest = key[len("['layers']") :]
+            want = np.stack([grads[False][f"['layers'][{i}]{rest}"] for i in range(3)])
+        else:
+            want = grads[False][key]
+        scale = np.abs(want).max()
+        assert scale > 1e-3, key
+        np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-5 * scale, err_msg=key)

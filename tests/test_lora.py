@@ -207,7 +207,10 @@ def test_lora_run_resumes_exactly_and_exports_peft(make_hf_llama, small_shards, 
     import torch
     import transformers
 
-    path, _ = make_hf_llama(vocab_size=512)
+    tok = transformers.AutoTokenizer.from_pretrained(tok_dir)  # training refuses other special ids
+    path, _ = make_hf_llama(
+        vocab_size=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id
+    )
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     _run(straight, path, small_shards, tok_dir, 4)
     # The checkpoint holds adapters and optimizer only, and names its base.

@@ -233,3 +233,31 @@ def test_lora_run_resumes_exactly_and_exports_peft(make_hf_llama, small_shards, 
         plain = transformers.LlamaForCausalLM.from_pretrained(path).eval()(ids).logits.numpy()
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     assert np.abs(a - plain).max() > 1e-4  # training moved the adapters off B = 0
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma3"])
+def test_peft_round_trip_other_families(family, tmp_path):
+    """Adapters on a family with biases and tied embeddings (Qwen2) and one with scaled
+    embeddings, extra norms and sliding layers (Gemma 3) load into PEFT with equal logits."""
+    import peft
+    import torch
+    import transformers
+    from test_families import hf_config
+
+    torch.manual_seed(0)
+    base_t = transformers.AutoModelForCausalLM.from_config(hf_config(family)).eval()
+    path = str(tmp_path / "base")
+    base_t.save_pretrained(path)
+    model, cfg = hf.load_hf(path)
+    lcfg = lora.LoraConfig(rank=2, alpha=4.0)
+    lora.attach(model, lcfg, seed=0)
+    for _, lin in lora.targeted(model, lcfg.modules):
+        lin.lora_b.set_value(0.2 * jax.random.normal(jax.random.key(3), lin.lora_b.shape))
+    ids = np.random.default_rng(4).integers(3, cfg.vocab_size, size=(1, 9))
+    ours = np.asarray(nnx.jit(lambda m: m(jnp.asarray(ids)))(model))
+    _, adapters, _ = lora.split(model)
+    lora.save_peft(adapters, lcfg, cfg.n_layers, str(tmp_path / "adapter"), base_path=path)
+    peft_model = peft.PeftModel.from_pretrained(base_t, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        theirs = peft_model(torch.as_tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=2e-4, atol=2e-4)

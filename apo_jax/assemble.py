@@ -74,6 +74,11 @@ def base_path(rc: RunConfig) -> str:
     return rc.model.hf_path
 
 
+def model_config_dir(rc: RunConfig) -> str:
+    """The directory of the starting model's config.json ('' = a preset; an adapter's base)."""
+    return lora_lib.config_dir(rc.model.hf_path) if rc.model.hf_path else ""
+
+
 def build_model(rc: RunConfig, paths: DataPaths, mesh: jax.sharding.Mesh) -> tuple[Llama, Any, str]:
     """(model on the mesh, its model config, weights fingerprint); with LoRA, the bare base."""
     overrides = rc.model.overrides()

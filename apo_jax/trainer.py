@@ -66,7 +66,7 @@ def _train(config: Any, rc: config_lib.RunConfig, workdir: str, allow_config_cha
     changes = _check_config(config, workdir, allow_config_change)
     paths = assemble.resolve_data(rc)
     integrity.verify_shards((paths.train, paths.eval), rc.data.verify)
-    integrity.check_tokenizer(paths.manifest, rc.model.hf_path,
+    integrity.check_tokenizer(paths.manifest, assemble.model_config_dir(rc),
                               shards.read_manifest(paths.eval) if paths.eval else None)  # fmt: skip
     mesh = sharding.make_mesh(rc.mesh.data, rc.mesh.fsdp, rc.mesh.tensor)
     model, model_cfg, weights_fp = assemble.build_model(rc, paths, mesh)

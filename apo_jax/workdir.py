@@ -46,6 +46,7 @@ RUN_DEFINING = (
     "demo.multi_turn",
     "model.preset",
     "model.hf_path",
+    "lora.",
     "model.dtype",
     "model.param_dtype",
     "reference.",

@@ -166,6 +166,19 @@ def test_peft_round_trip_equal_logits(make_hf_llama, tmp_path):
     assert (read_cfg.rank, read_cfg.rslora, read_base) == (4, True, os.path.abspath(path))
     lora.load_peft(lora.attach(fresh, read_cfg, seed=5), out, read_cfg)
     np.testing.assert_allclose(np.asarray(run(fresh)), ours, rtol=1e-4, atol=1e-4)
+    # `python -m apo_jax.eval --model=<adapter dir>` takes it, reading its base's config.
+    from apo_jax.eval import runner
+
+    assert runner.resolve_model_dir(out) == out
+    assert runner._max_positions(out) == cfg.max_seq_len
+    assert runner.weights_fingerprint(out) != runner.weights_fingerprint(str(path))
+    # A run given the adapter as its model continues training it on its base.
+    from apo_jax import config as config_lib
+
+    c = with_overrides(base_config("apo_down", None), {"model.hf_path": out, "lora.rank": 8})
+    rc = config_lib.validate(c, device_count=1)
+    assert (rc.lora.rank, rc.lora.rslora, rc.lora.adapter) == (4, True, out)
+    assert assemble.base_path(rc) == os.path.abspath(path)
 
 
 def test_a_resume_onto_another_base_is_refused():

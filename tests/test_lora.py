@@ -161,7 +161,7 @@ def test_peft_round_trip_equal_logits(make_hf_llama, tmp_path):
     # Back in: the adapter directory loads merged (evaluation) and onto fresh adapters (training).
     merged, _ = lora.load_merged(out)
     np.testing.assert_allclose(np.asarray(run(merged)), ours, rtol=1e-4, atol=1e-4)
-    fresh, _ = hf.load_hf(path, scan_layers=False)
+    fresh, _ = hf.load_hf(path)  # same graph as `model`: no recompile
     read_cfg, read_base = lora.read_adapter_config(out)
     assert (read_cfg.rank, read_cfg.rslora, read_base) == (4, True, os.path.abspath(path))
     lora.load_peft(lora.attach(fresh, read_cfg, seed=5), out, read_cfg)

@@ -102,7 +102,8 @@ def run(argv: Sequence[str]) -> int:
     from apo_jax.lab import run as lab_run
 
     fv = _flag_values()
-    commands.parse(fv, argv, USAGE, ABOUT)
+    if commands.parse(fv, argv, USAGE, ABOUT)[1:]:
+        raise commands.FlagError(f"unexpected arguments {list(argv)[1:]}: use --out=DIR")
     s = settings(fv)
     logging.getLogger("apo_jax").setLevel(logging.WARNING)
     _compilation_cache(fv.out)

@@ -20,7 +20,6 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from apo_jax.clair import prompts
 from apo_jax.clair.cache import Usage
 from apo_jax.lab import world
 
@@ -98,10 +97,3 @@ class CheckerJudge(_RuleBackend):
         verdict = "B" if ok_b and not ok_a else "A"
         why = "only one answer is right" if ok_a != ok_b else "no difference that matters"
         return f"{why}.\nVerdict: {verdict}"
-
-
-def check_reply_formats() -> None:
-    """Raises AssertionError when the project's prompts no longer parse back (a template change)."""
-    q = world.questions(1, 0)[0]
-    _parts(_REVISION_RE, _last_user(prompts.revision_messages(q, "x")), "revision")
-    _parts(_JUDGE_RE, _last_user(prompts.judge_messages(q, "a", "b")), "judging")

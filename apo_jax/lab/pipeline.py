@@ -12,6 +12,7 @@ import os
 import random
 from typing import Any
 
+from apo_jax.errors import UserError
 from apo_jax.lab import world
 from apo_jax.lab.steps import read_jsonl, write_jsonl
 
@@ -24,6 +25,10 @@ OFFPOLICY_POOL = (
     ("plain-lm", "plain", 0.6),
     ("weak-lm", "strong", 0.3),
 )
+
+
+class Interrupted(UserError):
+    """A training step stopped by a signal before its last step (resumable)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +111,8 @@ def _train(config: Any, workdir: str) -> dict[str, Any]:
 
     summary = trainer.train_and_evaluate(config, workdir)
     if summary["interrupted"] or not summary["hf_export"]:
-        raise RuntimeError(f"training in {workdir} stopped before its last step")
+        raise Interrupted(f"training in {workdir} stopped at step {summary['steps']}; its "
+                          "checkpoint is saved: rerun the same command to resume")  # fmt: skip
     return summary
 
 

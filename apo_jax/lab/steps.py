@@ -3,8 +3,8 @@
 A step is skipped when its `done.json` exists and records the same key (the settings and
 upstream results it depends on); a step whose key changed is redone from an empty directory. The
 marker is written last and atomically, so a step killed midway is never taken for done; a
-training step killed midway resumes from its own checkpoint because its directory is kept while
-the key matches (`key.json`, written first).
+training step stopped by a signal resumes from the checkpoint it saved, because its directory is
+kept while the key matches (`key.json`, written first).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from apo_jax import layouts, reference, sharding
+from apo_jax import layouts, losses, reference, sharding
 from apo_jax import metrics as metrics_lib
 from apo_jax import train_step as ts
 from apo_jax.config import ConfigError, RunConfig
@@ -25,7 +25,7 @@ from apo_jax.data import loader as loader_lib
 from apo_jax.data import shards
 from apo_jax.layouts import auto
 from apo_jax.models import config as model_config
-from apo_jax.models import hf
+from apo_jax.models import lora as lora_lib
 from apo_jax.models.llama import Llama
 
 log = logging.getLogger("apo_jax")
@@ -56,6 +56,9 @@ def resolve_data(rc: RunConfig) -> DataPaths:
             multi_turn=rc.demo.multi_turn,
         )
         train, eval_ = assets.train_shards, eval_ or assets.eval_shards
+        if losses.is_unpaired(rc.loss.name):  # the demo pairs split into unpaired records
+            train, demo_eval = demo.unpaired_shards(assets, kl_group=rc.batch_size)
+            eval_ = rc.data.eval or demo_eval
         tokenizer = tokenizer or assets.tokenizer_dir
         prompts = prompts or assets.eval_pairs
     manifest = shards.read_manifest(train)
@@ -64,12 +67,28 @@ def resolve_data(rc: RunConfig) -> DataPaths:
     return DataPaths(train, eval_, tokenizer, manifest, prompts)
 
 
+def base_path(rc: RunConfig) -> str:
+    """The starting checkpoint: model.hf_path, or with LoRA the base of the adapter it names."""
+    if rc.lora.enabled and lora_lib.is_adapter_dir(rc.model.hf_path):
+        return lora_lib.read_adapter_config(rc.model.hf_path)[1]
+    return rc.model.hf_path
+
+
+def model_config_dir(rc: RunConfig) -> str:
+    """The directory of the starting model's config.json ('' = a preset; an adapter's base)."""
+    return lora_lib.config_dir(rc.model.hf_path) if rc.model.hf_path else ""
+
+
 def build_model(rc: RunConfig, paths: DataPaths, mesh: jax.sharding.Mesh) -> tuple[Llama, Any, str]:
-    """(model on the mesh, its model config, weights fingerprint)."""
+    """(model on the mesh, its model config, weights fingerprint); with LoRA, the bare base."""
     overrides = rc.model.overrides()
     vocab = int(paths.manifest.get("tokenizer", {}).get("vocab_size") or 0)
-    if rc.model.hf_path:
-        model, cfg = hf.load_hf(rc.model.hf_path, mesh=mesh, **overrides)
+    hf_path = base_path(rc)
+    if hf_path:
+        try:
+            model, cfg = lora_lib.load_merged(hf_path, mesh=mesh, **overrides)
+        except lora_lib.LoraError as e:
+            raise ConfigError(f"config.model.hf_path: {e}") from None
         desc: dict[str, Any] = {}
     else:
         seq = int(paths.manifest.get("settings", {}).get("max_length") or 512)
@@ -85,7 +104,53 @@ def build_model(rc: RunConfig, paths: DataPaths, mesh: jax.sharding.Mesh) -> tup
         raise ConfigError(
             f"the tokenizer has {vocab} tokens but the model's vocabulary only {cfg.vocab_size}"
         )
-    return model, cfg, reference.weights_fingerprint(rc.model.hf_path, desc)
+    return model, cfg, reference.weights_fingerprint(hf_path, desc)
+
+
+@dataclasses.dataclass
+class Policy:
+    """The trained model split for the step: what trains, what stays frozen, the bare base."""
+
+    graphdef: nnx.GraphDef  # the policy's graph (with adapters under LoRA)
+    params: nnx.State  # what trains: every parameter, or the adapters alone
+    frozen: nnx.State | None  # LoRA: the frozen base (and dropout keys); None otherwise
+    base_graphdef: nnx.GraphDef  # the graph without adapters: the reference's
+    base_params: nnx.State  # the base's parameters (the very arrays inside `frozen`)
+
+
+def split_policy(rc: RunConfig, model: Llama, mesh: jax.sharding.Mesh) -> Policy:
+    """Splits `model`; with LoRA, attaches the adapters first (fresh or from lora.adapter)."""
+    base_graphdef, base_params = ts.split_model(model)
+    if not rc.lora.enabled:
+        return Policy(base_graphdef, base_params, None, base_graphdef, base_params)
+    lora_lib.attach(model, rc.lora, seed=rc.seed, mesh=mesh)
+    if rc.lora.adapter:
+        try:
+            lora_lib.load_peft(model, rc.lora.adapter, rc.lora)
+        except lora_lib.LoraError as e:
+            raise ConfigError(f"config.lora.adapter: {e}") from None
+    graphdef, adapters, frozen = lora_lib.split(model)
+    return Policy(graphdef, adapters, frozen, base_graphdef, base_params)
+
+
+def base_record(rc: RunConfig, weights_fp: str) -> dict[str, str]:
+    """What a LoRA checkpoint records of its base (checked on resume); {} without LoRA."""
+    if not rc.lora.enabled:
+        return {}
+    path = base_path(rc)
+    return {"path": os.path.abspath(path) if path else "", "fingerprint": weights_fp}
+
+
+def check_base(recorded: dict[str, Any] | None, expected: dict[str, str], where: str) -> None:
+    """Refuses to resume LoRA adapters onto a base other than the one they were trained on."""
+    recorded = recorded or {}
+    if expected.get("fingerprint", "") != recorded.get("fingerprint", ""):
+        raise ConfigError(
+            f"{where} was trained on base {recorded.get('path') or '(none recorded)'} "
+            f"(fingerprint {recorded.get('fingerprint') or '-'}), not on this run's "
+            f"{expected.get('path') or 'base'} (fingerprint {expected.get('fingerprint') or '-'}): "
+            "pass the same config.model.hf_path or use a new workdir"
+        )
 
 
 def resolve_layout(rc: RunConfig, paths: DataPaths, model_cfg: Any = None) -> RunConfig:
@@ -112,7 +177,12 @@ def resolve_layout(rc: RunConfig, paths: DataPaths, model_cfg: Any = None) -> Ru
 
 
 def make_loader(
-    rc: RunConfig, shard_dir: str, reference_info: dict[str, Any] | None, *, train: bool
+    rc: RunConfig,
+    shard_dir: str,
+    reference_info: dict[str, Any] | None,
+    *,
+    train: bool,
+    reference_dirs: tuple[str, ...] = (),
 ) -> loader_lib.PairLoader:
     """This process's loader of `shard_dir`: the training stream, or one pass for evaluation."""
     # Packed rows of all processes must split evenly over the mesh's data*fsdp batch shards.
@@ -133,7 +203,13 @@ def make_loader(
         drop_remainder=train,
         worker_count=rc.data.worker_count if train else 0,
         reference_info=reference_info,
+        reference_dirs=reference_dirs,
     )
+    kind = shards.record_kind(shards.read_manifest(shard_dir))
+    if (kind == "unpaired") != (rc.data.layout.name == "unpaired"):
+        raise ConfigError(f"{shard_dir} holds {kind} records but loss {rc.loss.name!r} trains on "
+                          f"{'unpaired examples' if kind == 'pairs' else 'pairs'}: prepare the "
+                          "matching data or pick a matching loss")  # fmt: skip
     try:
         return loader_lib.make_loader(shard_dir, cfg)
     except ValueError as e:  # the loader's checks of seq_len, batch size and shards
@@ -173,6 +249,8 @@ def step_config(rc: RunConfig) -> ts.StepConfig:
         grad_accum=rc.grad_accum,
         reference=rc.reference.mode,
         layout=rc.data.layout,
+        ld_alpha=rc.loss.ld_alpha,
+        unpaired_weights=(rc.loss.desirable_weight, rc.loss.undesirable_weight),
     )
 
 
@@ -207,24 +285,28 @@ class Steps:
     kept, so its model FLOPs are known for MFU (`flops` is the last call's).
     """
 
-    def __init__(self, rc: RunConfig, graphdef, ref, tx, schedule, state_sh, mesh, model_cfg):
+    def __init__(self, rc: RunConfig, graphdef, ref, tx, schedule, state_sh, mesh, model_cfg,
+                 frozen=None):  # fmt: skip
         scfg = step_config(rc)
         replicated = NamedSharding(mesh, PartitionSpec())
         ref_graphdef = ref.graphdef
 
-        def train_fn(state, batch, ref_params):
-            return ts.train_step(state, batch, ref_params, graphdef=graphdef, tx=tx, cfg=scfg,
-                                 schedule=schedule, ref_graphdef=ref_graphdef)  # fmt: skip
+        def train_fn(state, batch, ref_params, frozen):
+            return ts.train_step(state, batch, ref_params, frozen, graphdef=graphdef, tx=tx,
+                                 cfg=scfg, schedule=schedule, ref_graphdef=ref_graphdef)  # fmt: skip
 
-        def eval_fn(params, batch, ref_params):
-            return ts.eval_step(params, batch, ref_params, graphdef=graphdef, cfg=scfg,
+        def eval_fn(params, batch, ref_params, frozen):
+            return ts.eval_step(params, batch, ref_params, frozen, graphdef=graphdef, cfg=scfg,
                                 ref_graphdef=ref_graphdef)  # fmt: skip
 
-        self._train = jax.jit(train_fn, in_shardings=(state_sh, None, None),
+        # The frozen LoRA base keeps the sharding it was placed with; only the state is donated.
+        self._train = jax.jit(train_fn, in_shardings=(state_sh, None, None, None),
                               out_shardings=(state_sh, replicated), donate_argnames=("state",))  # fmt: skip
-        self._eval = jax.jit(eval_fn, in_shardings=(state_sh.params, None, None),
+        self._eval = jax.jit(eval_fn, in_shardings=(state_sh.params, None, None, None),
                              out_shardings=replicated)  # fmt: skip
-        self.ref_params = ref.params
+        # LoRA: the online reference is the frozen base itself, found inside the step.
+        self.ref_params = None if frozen is not None else ref.params
+        self.frozen = frozen
         self._online = rc.reference.mode == "online"
         self._model_cfg = model_cfg
         self._compiled: dict[Any, tuple[Any, float]] = {}
@@ -234,15 +316,17 @@ class Steps:
         """One optimizer step on a global batch; returns (state, device metrics)."""
         key = batch["input_ids"].shape
         if key not in self._compiled:
-            exe = self._train.lower(state, batch, self.ref_params).compile()
+            exe = self._train.lower(state, batch, self.ref_params, self.frozen).compile()
             rows, seq_len = key
             flops = metrics_lib.model_flops(
                 self._model_cfg, rows, seq_len, online_reference=self._online
             )
+            if self.frozen is not None:  # LoRA: no weight gradients, 2 forwards' work, not 3
+                flops *= (2 + self._online) / (3 + self._online)
             self._compiled[key] = exe, flops
         exe, self.flops = self._compiled[key]
-        return exe(state, batch, self.ref_params)
+        return exe(state, batch, self.ref_params, self.frozen)
 
     def evaluate(self, params: nnx.State, batch: dict[str, Any]) -> Any:
         """Loss metrics of a held-out global batch (device values)."""
-        return self._eval(params, batch, self.ref_params)
+        return self._eval(params, batch, self.ref_params, self.frozen)

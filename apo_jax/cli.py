@@ -9,6 +9,7 @@ console summary and the user-error mapping live here and nowhere else; the libra
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,13 +19,17 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from apo_jax import commands, distributed, errors, trainer
+from apo_jax.checkpoint import EXIT_STOPPED
 
 log = logging.getLogger("apo_jax")
 
+DEFAULT_CONFIG = "configs/apo_down.py"
 TRAIN_USAGE = "python -m apo_jax.train --config=configs/<objective>.py[:preset] [--config.<field>=value ...] [--workdir=DIR]"
 TRAIN_ABOUT = """Trains a preference objective; with no data or model paths, the embedded demo on a CPU.
-Restarting the same command resumes from the newest complete checkpoint in the workdir.
-Every config field and its meaning: docs/training.md."""
+Restarting the same command resumes from the newest complete checkpoint in the workdir; a resume
+that changes what defines the run is refused unless --allow_config_change is given.
+Exit status: 0 finished, 2 a user error (one line), 75 stopped early by a signal (resumable).
+Every config field and its meaning: docs/training.md; guarantees: docs/reliability.md."""
 REFERENCE_USAGE = "python -m apo_jax.reference --config=configs/<objective>.py[:preset] [--config.<field>=value ...]"
 REFERENCE_ABOUT = """Computes the frozen reference model's log-probs of every pair once and stores them
 beside the train and eval shards (what training does first when none match)."""
@@ -34,7 +39,7 @@ def _flags() -> flags.FlagValues:
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file(
         "config",
-        "configs/apo_down.py",
+        DEFAULT_CONFIG,
         "Run config: configs/<objective>.py[:preset]; set any field with --config.<field>=value.",
         flag_values=fv,
         lock_config=True,
@@ -43,7 +48,59 @@ def _flags() -> flags.FlagValues:
         "workdir", "", "Checkpoints, metrics and exports (default runs/<loss>_<preset>).",
         flag_values=fv,
     )  # fmt: skip
+    flags.DEFINE_boolean(
+        "allow_config_change", False,
+        "Resume even though the config changes what defines the run (recorded in metrics.jsonl).",
+        flag_values=fv,
+    )  # fmt: skip
     return fv
+
+
+def _config_arg(argv: Sequence[str]) -> str | None:
+    """The value of --config (either --config=X or --config X), if given."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _parse(argv: Sequence[str], usage: str, about: str) -> tuple[flags.FlagValues, list[str]]:
+    """The flags (`_flags`) parsed by commands.parse, and the positional arguments; config-file
+    problems are one-line FlagErrors naming the file or the field."""
+    path = (_config_arg(argv) or DEFAULT_CONFIG).split(":", 1)[0]
+    if not os.path.isfile(path):
+        raise commands.FlagError(
+            f"config file {path} does not exist: pass --config=configs/<objective>.py[:preset] "
+            f"(run from the repository root; objectives: {', '.join(_objectives())})"
+        )
+    try:
+        fv = _flags()  # config_flags reads the --config.<field> overrides from sys.argv here
+        return fv, commands.parse(fv, argv, usage, about)
+    except (AttributeError, KeyError) as e:  # ml_collections on --config.<unknown>=...
+        name = str(e).strip("\"' ")
+        given = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")]
+        hit = next((a for a in given if name in a[len("--config.") :].split(".")), None)
+        raise commands.FlagError(
+            f"unknown config field {hit[2:] if hit else name!r}: see docs/training.md for every "
+            "field (or --help)"
+        ) from None
+    except commands.FlagError as e:
+        text = str(e)
+        if "Traceback (most recent call last)" in text:  # an error raised by the config file
+            head = text.split("Traceback (most recent call last)")[0].rstrip(" :\n")
+            last = [ln.strip() for ln in text.splitlines() if ln.strip()][-1]
+            last = last.removesuffix("(see --help)").strip() or text.splitlines()[-2].strip()
+            raise commands.FlagError(f"{errors.one_line(head)}: {last}") from None
+        raise
+
+
+def _objectives() -> list[str]:
+    here = "configs"
+    if not os.path.isdir(here):
+        return ["configs/<objective>.py"]
+    return sorted(f"configs/{n}" for n in os.listdir(here) if n.endswith(".py") and n[0] != "_")
 
 
 def _setup_logging() -> None:
@@ -59,8 +116,8 @@ def _setup_logging() -> None:
 
 
 def _run(argv: Sequence[str], usage: str, about: str, fn: Callable[[Any, str], Any]) -> Any:
-    fv = _flags()
-    if commands.parse(fv, argv, usage, about)[1:]:
+    fv, positional = _parse(argv, usage, about)
+    if positional[1:]:
         raise commands.FlagError(
             f"unexpected arguments {list(argv)[1:]}: flags are --flag_name=value"
         )
@@ -70,6 +127,8 @@ def _run(argv: Sequence[str], usage: str, about: str, fn: Callable[[Any, str], A
 
     if jax.process_index() != 0:
         log.setLevel(logging.WARNING)  # process 0 narrates; the others only warn
+    if fn is trainer.train_and_evaluate:
+        return fn(fv.config, fv.workdir, allow_config_change=fv.allow_config_change)
     return fn(fv.config, fv.workdir)
 
 
@@ -82,17 +141,20 @@ def summary_text(s: dict[str, Any]) -> str:
         f"{s['tokens_per_sec']:,.0f} tokens/s",
     ]
     if "train/loss" in s:
-        lines.append(
-            f"  train: loss {s['train/loss']:.4f}, reward accuracy {s['train/rewards/accuracies']:.3f}"
-        )
+        lines.append(f"  train: loss {s['train/loss']:.4f}, " + _second(s, "train"))
     else:
         lines.append("  no step to run: the checkpoint already holds every step of this config")
     if "eval/loss" in s:
         lines.append(
-            f"  held-out: loss {s['eval/loss']:.4f}, reward accuracy "
-            f"{s['eval/rewards/accuracies']:.3f}, margin {s['eval/rewards/margins']:.4f}"
+            f"  held-out: loss {s['eval/loss']:.4f}, {_second(s, 'eval')}, "
+            f"margin {s['eval/rewards/margins']:.4f}"
         )
     lines.append(f"  checkpoint: {s['checkpoint']}")
+    if s.get("finished") is False:
+        lines.append(
+            f"  stopped early at step {s['steps']} of {s.get('num_steps', '?')}: rerun the same "
+            f"command to resume (exit status {EXIT_STOPPED})"
+        )
     if s.get("hf_export"):
         lines.append(f"  Hugging Face export: {s['hf_export']}")
     if s.get("plots"):
@@ -107,14 +169,31 @@ def summary_text(s: dict[str, Any]) -> str:
 def train_main(argv: Sequence[str] | None = None) -> None:
     """`python -m apo_jax.train`: trains and prints the summary."""
     argv = sys.argv if argv is None else argv
-    summary = errors.guard(lambda: _run(argv, TRAIN_USAGE, TRAIN_ABOUT, trainer.train_and_evaluate))
+    try:
+        summary = errors.guard(
+            lambda: _run(argv, TRAIN_USAGE, TRAIN_ABOUT, trainer.train_and_evaluate)
+        )
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which turns it into a stop)
+        if errors.debug():
+            raise
+        print("apo_jax: interrupted outside the training loop", file=sys.stderr, flush=True)
+        sys.exit(130)
     import jax
 
     if jax.process_index() == 0:
         print(summary_text(summary), flush=True)
+    if summary.get("finished") is False:
+        sys.exit(EXIT_STOPPED)  # resumable, not done: SLURM requeue and launchers key on it
 
 
 def reference_main(argv: Sequence[str] | None = None) -> None:
     """`python -m apo_jax.reference`: the reference pass alone."""
     argv = sys.argv if argv is None else argv
     errors.guard(lambda: _run(argv, REFERENCE_USAGE, REFERENCE_ABOUT, trainer.precompute_reference))
+
+
+def _second(s: dict, split: str) -> str:
+    """The reward accuracy of pair losses; the KL estimate of unpaired ones (which have none)."""
+    if f"{split}/rewards/accuracies" in s:
+        return f"reward accuracy {s[f'{split}/rewards/accuracies']:.3f}"
+    return f"kl {s.get(f'{split}/kl', float('nan')):.4f}"

@@ -16,6 +16,7 @@ from typing import Any
 
 from apo_jax import distributed, layouts, losses, sharding
 from apo_jax.errors import UserError
+from apo_jax.models import lora as lora_lib
 from apo_jax.optim import OptimConfig
 
 REFERENCE_MODES = ("auto", "precomputed", "online", "none")
@@ -53,6 +54,7 @@ class DataSettings:
     num_epochs: int
     shuffle: bool
     worker_count: int
+    verify: str = "fast"  # shards vs their manifest before training: fast | full | off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,11 +64,17 @@ class LossSettings:
     label_smoothing: float
     discopop_tau: float
     simpo_gamma: float
+    f_divergence_type: str
+    f_alpha_divergence_coef: float
+    use_weighting: bool
+    ld_alpha: float  # LD-DPO; 1 = off (the step weights log-probs, not the loss)
+    desirable_weight: float  # unpaired losses only
+    undesirable_weight: float
 
     @property
     def hparams(self) -> tuple[tuple[str, float], ...]:
         """The losses.HParams fields besides beta, as a hashable tuple."""
-        skip = ("name", "beta")
+        skip = ("name", "beta", "ld_alpha", "desirable_weight", "undesirable_weight")
         return tuple((f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
                      if f.name not in skip)  # fmt: skip
 
@@ -75,6 +83,9 @@ class LossSettings:
 class ReferenceSettings:
     mode: str  # 'precomputed' (read from the data) | 'online' | 'none' (the loss needs none)
     dtype: str
+    sync_ref_model: bool  # TR-DPO (online only)
+    ref_model_mixup_alpha: float
+    ref_model_sync_steps: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +152,7 @@ class RunConfig:
     samples: SamplesSettings
     demo: DemoSettings
     distributed: distributed.DistributedConfig
+    lora: lora_lib.LoraConfig = lora_lib.LoraConfig()  # rank 0: LoRA off
 
     @property
     def is_demo(self) -> bool:
@@ -184,15 +196,31 @@ def _check_paths(c: Any) -> None:
 
 def _loss(c: Any) -> LossSettings:
     try:
-        losses.parse_spec(c.loss.name)
+        if not losses.is_unpaired(c.loss.name):
+            losses.parse_spec(c.loss.name)
     except ValueError as e:
-        raise ConfigError(f"config.loss.name: {e}") from None
+        raise ConfigError(f"config.loss.name: {e} (unpaired: kto, apo_zero_unpaired)") from None
     _need(c.loss.beta > 0, f"config.loss.beta must be > 0, got {c.loss.beta}")
     _need(
         0 <= c.loss.label_smoothing < 0.5,
         f"config.loss.label_smoothing must be in [0, 0.5), got {c.loss.label_smoothing}",
     )
-    return _section(LossSettings, c, "loss")
+    _need(
+        0 <= c.loss.ld_alpha <= 1, f"config.loss.ld_alpha must be in [0, 1], got {c.loss.ld_alpha}"
+    )
+    _need(c.loss.desirable_weight > 0 and c.loss.undesirable_weight > 0,
+          "config.loss.desirable_weight and undesirable_weight must be > 0")  # fmt: skip
+    loss = _section(LossSettings, c, "loss")
+    if losses.is_unpaired(loss.name):
+        _need(loss.f_divergence_type == "reverse_kl" and not loss.use_weighting
+              and loss.ld_alpha == 1, f"config.loss: {loss.name} takes no f_divergence_type, "
+              "use_weighting or ld_alpha (DPO options)")  # fmt: skip
+        return loss
+    try:
+        losses.check_options(loss.name, dict(loss.hparams))
+    except ValueError as e:
+        raise ConfigError(f"config.loss: {e}") from None
+    return loss
 
 
 def _reference(c: Any) -> ReferenceSettings:
@@ -202,10 +230,18 @@ def _reference(c: Any) -> ReferenceSettings:
     needs = losses.needs_reference(c.loss.name)
     _need(mode != "none" or not needs,
           f"config.reference.mode=none but loss {c.loss.name!r} needs reference log-probs")  # fmt: skip
+    # Stored log-probs are plain sums of a fixed reference: LD-DPO weights them, TR-DPO moves it.
+    moving = "sync_ref_model" if c.reference.sync_ref_model else ""
+    moving = moving or ("loss.ld_alpha" if c.loss.ld_alpha != 1 else "")
+    _need(mode != "precomputed" or not moving, f"config.{moving} needs the online reference: "
+          "set config.reference.mode=online (or auto)")  # fmt: skip
     if not needs:
         mode = "none"
     elif mode == "auto":
-        mode = "precomputed"
+        mode = "online" if moving else "precomputed"
+    r = c.reference
+    _need(not r.sync_ref_model or (0 < r.ref_model_mixup_alpha <= 1 and r.ref_model_sync_steps > 0),
+          "config.reference: ref_model_mixup_alpha must be in (0, 1] and ref_model_sync_steps > 0")  # fmt: skip
     return _section(ReferenceSettings, c, "reference", mode=mode)
 
 
@@ -220,11 +256,26 @@ def _mesh(c: Any, device_count: int) -> MeshShape:
 
 
 def _data(c: Any, mesh: MeshShape, process_count: int) -> DataSettings:
-    _need(c.data.layout == "auto" or c.data.layout in layouts.NAMES,
+    name = c.data.layout
+    _need(name == "auto" or name in layouts.NAMES,
           f"config.data.layout must be auto or one of {', '.join(layouts.NAMES)}, "
-          f"got {c.data.layout!r}")  # fmt: skip
-    layout = None if c.data.layout == "auto" else layouts.get(c.data.layout)
+          f"got {name!r}")  # fmt: skip
+    unpaired = losses.is_unpaired(c.loss.name)
+    needs_concat = c.loss.ld_alpha != 1 or c.loss.use_weighting
+    if name == "auto" and (unpaired or needs_concat):  # the loss decides, not the data
+        name = "unpaired" if unpaired else "concat"
+    layout = None if name == "auto" else layouts.get(name)  # None: assemble.resolve_layout picks
+    if layout is not None:
+        _need(unpaired == (layout.name == "unpaired"), "config.data.layout must be 'unpaired' "
+              "for the unpaired losses (kto, apo_zero_unpaired) and only for them, got "
+              f"{layout.name!r} with loss {c.loss.name!r}")  # fmt: skip
+        if unpaired:  # the KL rows run only for a loss that estimates the KL term
+            layout = dataclasses.replace(layout, kl=c.loss.name.strip() in losses.NEEDS_KL)
+        _need(not needs_concat or layout.name == "concat",
+              "config.loss.ld_alpha and use_weighting need config.data.layout=concat")  # fmt: skip
     _need(c.data.seq_len >= 0, f"config.data.seq_len must be >= 0, got {c.data.seq_len}")
+    _need(c.data.verify in ("fast", "full", "off"),
+          f"config.data.verify must be fast, full or off, got {c.data.verify!r}")  # fmt: skip
     _need(c.data.num_epochs > 0, f"config.data.num_epochs must be > 0, got {c.data.num_epochs}")
     _need(c.batch_size > 0 and c.grad_accum > 0,
           "config.batch_size and config.grad_accum must be positive")  # fmt: skip
@@ -240,6 +291,25 @@ def _data(c: Any, mesh: MeshShape, process_count: int) -> DataSettings:
         raise ConfigError(str(e)) from None
     return _section(DataSettings, c, "data", layout=layout, seq_len=int(c.data.seq_len) or None,
                     buckets=tuple(int(b) for b in c.data.buckets) or None)  # fmt: skip
+
+
+def _lora(c: Any) -> lora_lib.LoraConfig:
+    if "lora" not in c:
+        return lora_lib.LoraConfig()
+    adapter = c.lora.adapter or (
+        c.model.hf_path if lora_lib.is_adapter_dir(c.model.hf_path) else ""
+    )
+    if adapter and (c.lora.rank or c.lora.adapter):
+        _need(lora_lib.is_adapter_dir(adapter),
+              f"config.lora.adapter: {adapter} has no {lora_lib.ADAPTER_CONFIG}")  # fmt: skip
+        try:  # a PEFT adapter brings its own rank, alpha, dropout and targets
+            return lora_lib.read_adapter_config(adapter)[0]
+        except (lora_lib.LoraError, KeyError, ValueError) as e:
+            raise ConfigError(f"config.lora.adapter: {e}") from None
+    try:
+        return lora_lib.LoraConfig(**{**c.lora.to_dict(), "adapter": ""})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.lora: {e}") from None
 
 
 def _samples(c: Any) -> SamplesSettings:
@@ -318,4 +388,5 @@ def validate(c: Any, *, device_count: int, process_count: int = 1) -> RunConfig:
         samples=_samples(c),
         demo=_section(DemoSettings, c, "demo"),
         distributed=_distributed(c),
+        lora=_lora(c),
     )

@@ -5,7 +5,15 @@
 
 import ml_collections
 
-RUN_PRESETS = ("demo", "llama3_1b", "llama3_8b")
+RUN_PRESETS = (
+    "demo",
+    "llama3_1b",
+    "llama3_8b",
+    "qwen2_5_7b",
+    "qwen3_8b",
+    "mistral_7b",
+    "gemma3_4b",
+)
 
 
 def base_config(loss: str, preset: str | None) -> ml_collections.ConfigDict:
@@ -20,7 +28,7 @@ def base_config(loss: str, preset: str | None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.preset = "tiny"  # models/config.py preset when hf_path is empty
     c.model.hf_path = (
-        ""  # Hugging Face Llama checkpoint directory to start from (policy and reference)
+        ""  # HF checkpoint dir (Llama, Qwen2/3, Mistral, Gemma 3 text) for policy and reference
     )
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
     c.model.param_dtype = "float32"  # master weight dtype
@@ -30,16 +38,25 @@ def base_config(loss: str, preset: str | None) -> ml_collections.ConfigDict:
         "auto"  # auto (cuDNN on GPU for 16-bit, blocked on CPU) | xla | cudnn | blocked
     )
 
+    c.lora = ml_collections.ConfigDict()  # LoRA adapters on a frozen base (docs/training.md)
+    c.lora.rank = 0  # adapter rank r; 0 = off (every parameter trains)
+    c.lora.alpha = 16.0  # scale = alpha / r (alpha / sqrt(r) with rslora)
+    c.lora.dropout = 0.0  # dropout on the adapters' input during training steps
+    c.lora.targets = "q,k,v,o,gate,up,down"  # adapted linears, short or HF names
+    c.lora.rslora = False  # rank-stabilized scaling
+    c.lora.adapter = ""  # PEFT adapter dir to continue from (its r, alpha, targets are used)
+
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # prepared shard dir (python -m apo_jax.data.prepare); empty: the demo
     c.data.eval = ""  # held-out shard dir; empty: no held-out evaluation (the demo has its own)
     c.data.tokenizer = ""  # tokenizer dir copied into HF exports; default: the shards' manifest
     c.data.seq_len = 0  # row length T; 0 takes the shards' max_length
     c.data.buckets = ()  # optional row lengths to pad each batch to (fewer recompiles, less padding)
-    c.data.layout = "auto"  # auto (picked from the data's lengths) | concat | prefix | packed
+    c.data.layout = "auto"  # auto (picked from the data) | concat | prefix | packed | unpaired
     c.data.num_epochs = 1  # passes over the training shards
     c.data.shuffle = True
     c.data.worker_count = 0  # grain worker processes (0 reads in the main process)
+    c.data.verify = "fast"  # shards vs manifest before training: fast (sizes, ends) | full | off
 
     c.loss = ml_collections.ConfigDict()
     c.loss.name = loss  # losses.py name or mixture, e.g. "apo_zero + 0.1*sft"
@@ -47,12 +64,23 @@ def base_config(loss: str, preset: str | None) -> ml_collections.ConfigDict:
     c.loss.label_smoothing = 0.0
     c.loss.discopop_tau = 0.05
     c.loss.simpo_gamma = 0.5
+    c.loss.f_divergence_type = (
+        "reverse_kl"  # | forward_kl | js_divergence | alpha_divergence (f-DPO)
+    )
+    c.loss.f_alpha_divergence_coef = 0.5  # alpha of alpha_divergence
+    c.loss.use_weighting = False  # WPO: weight each pair by its sequences' probabilities (concat)
+    c.loss.ld_alpha = 1.0  # LD-DPO: weight of the longer completion's tail; 1 = off (concat)
+    c.loss.desirable_weight = 1.0  # kto / apo_zero_unpaired: factor of desirable examples' loss
+    c.loss.undesirable_weight = 1.0  # and of undesirable examples' loss
 
     c.reference = ml_collections.ConfigDict()
     c.reference.mode = (
         "auto"  # auto | precomputed | online | none (auto: precompute once, then read)
     )
     c.reference.dtype = "float32"  # dtype of the frozen reference weights and compute
+    c.reference.sync_ref_model = False  # TR-DPO: mix the policy into the online reference
+    c.reference.ref_model_mixup_alpha = 0.6  # ref <- alpha * policy + (1 - alpha) * ref
+    c.reference.ref_model_sync_steps = 512  # every this many steps
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"  # adamw | rmsprop | adafactor | sgd
@@ -129,8 +157,9 @@ def base_config(loss: str, preset: str | None) -> ml_collections.ConfigDict:
         c.samples.num_prompts = 3
         c.samples.max_new_tokens = 48
         c.samples.checker = "apo_jax.eval.checkers:demo"
-    elif preset in ("llama3_8b", "llama3_1b"):
-        # The paper's setting for Llama-3-8B-Instruct on CLAIR pairs; pass model and data paths.
+    elif preset in RUN_PRESETS:
+        # The paper's setting for Llama-3-8B-Instruct on CLAIR pairs, for any family's checkpoint
+        # of about that size (models/config.py presets); pass model and data paths.
         c.model.preset = preset
         c.model.dtype = "bfloat16"
         c.model.remat = "full"

@@ -52,12 +52,25 @@ class Run:
     step_metrics: Any = None  # `step`'s device metrics (not yet fetched)
     tokens_seen: int = 0  # real tokens of all processes trained on by this invocation
     stopping: bool = False  # a stop signal was agreed: save and leave after this step
+    finished: bool = False  # the loop reached num_steps (set when it ends)
     train_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # last logged
     eval_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # last held-out
     eval_step: int = -1  # the step of eval_metrics
     hf_export: str = ""
     plots: str = ""  # directory of the end-of-run figures
     samples: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the last round
+    policy: Any = None  # assemble.Policy (the frozen LoRA base and the bare base graph)
+    base: dict[str, str] = dataclasses.field(default_factory=dict)  # LoRA: base path, fingerprint
+
+    @property
+    def frozen(self) -> Any:
+        """A LoRA run's frozen base state, else None."""
+        return None if self.policy is None else self.policy.frozen
+
+    def model(self) -> nnx.Module:
+        """The current policy as a module (base and adapters together under LoRA)."""
+        extra = () if self.frozen is None else (self.frozen,)
+        return nnx.merge(self.graphdef, self.state.params, *extra)
 
     @property
     def last(self) -> bool:
@@ -135,6 +148,38 @@ class TrainMetrics(Hook):
         self.window, self.t_log, self.tokens_logged = [], now, run.tokens_seen
 
 
+def mix_reference(ref_params: Any, params: Any, alpha: float) -> Any:
+    """TR-DPO's soft update: ``alpha * policy + (1 - alpha) * reference``, in float32, each leaf
+    back in the reference's dtype and sharding."""
+    out_sh = jax.tree.map(lambda r: r.sharding, ref_params)
+
+    def mix(ref, pol):
+        return jax.tree.map(
+            lambda r, p: (alpha * p.astype("float32") + (1 - alpha) * r.astype("float32")).astype(
+                r.dtype
+            ),
+            ref,
+            pol,
+        )
+
+    return jax.jit(mix, out_shardings=out_sh)(ref_params, params)
+
+
+class SyncReference(Hook):
+    """TR-DPO (Gorbatovski et al., 2024), as TRL's ``sync_ref_model``: after every
+    `every`-th step the online reference becomes ``alpha * policy + (1 - alpha) * reference``."""
+
+    def __init__(self, every: int, alpha: float):
+        self.every, self.alpha = every, alpha
+
+    def due(self, run: Run) -> bool:
+        return run.step % self.every == 0  # TRL syncs at multiples of the period only
+
+    def act(self, run: Run) -> None:
+        steps = run.steps_fn
+        steps.ref_params = mix_reference(steps.ref_params, run.state.params, self.alpha)
+
+
 class HeldOutEval(Hook):
     """Loss metrics over the held-out split (weighted by its real pairs), every `every` steps."""
 
@@ -160,8 +205,8 @@ class HeldOutEval(Hook):
         line = metrics_lib.console_line(
             run.step,
             run.num_steps,
-            {"loss": run.eval_metrics["eval/loss"],
-             "rewards/accuracies": run.eval_metrics["eval/rewards/accuracies"]},
+            {k: run.eval_metrics[f"eval/{k}"] for k in ("loss", "rewards/accuracies", "kl")
+             if f"eval/{k}" in run.eval_metrics},
         )  # fmt: skip
         run.print(line.replace("loss", "held-out loss", 1))
 
@@ -175,6 +220,10 @@ class Checkpoint(Hook):
     def due(self, run: Run) -> bool:
         return super().due(run) or run.stopping
 
+    def after_step(self, run: Run) -> None:
+        run.ckpt.poll()  # a failed asynchronous save stops the run here, in one line
+        super().after_step(run)
+
     def act(self, run: Run) -> None:
         # Checkpoints are ranked (keep_best) by the held-out loss measured at their own step.
         ranked = None
@@ -182,14 +231,20 @@ class Checkpoint(Hook):
             ranked = {"eval/loss": run.eval_metrics["eval/loss"]}
         meta = {"step": run.step, "preset": run.rc.preset, "loss": run.rc.loss.name,
                 "data": run.paths.train}  # fmt: skip
+        if run.base:  # LoRA: adapters and optimizer only; the base they need is recorded
+            meta["base"] = run.base
         run.ckpt.save(run.step, run.state, run.train_data.get_state(), meta, ranked)
+        if run.stopping:
+            run.ckpt.wait()  # the stop is announced only once this checkpoint is committed
 
     def at_end(self, run: Run, *, finished: bool) -> None:
         run.ckpt.wait()
 
 
 class ExportHF(Hook):
-    """Writes `<workdir>/hf` (safetensors, config, tokenizer) when the run reaches its end."""
+    """Writes `<workdir>/hf` (safetensors, config, tokenizer) when the run reaches its end.
+
+    A LoRA run also writes `<workdir>/hf_adapter` (PEFT), `hf` being the merged model."""
 
     def after_step(self, run: Run) -> None:
         pass
@@ -202,19 +257,46 @@ class ExportHF(Hook):
         run.hf_export = out_dir
 
 
+def _host(tree: Any) -> Any:
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def export_hf(run: Run, out_dir: str) -> None:
     """The current policy as a Hugging Face checkpoint directory (written by process 0)."""
     from apo_jax.models import hf
 
-    if jax.process_count() == 1:
-        params = jax.device_get(run.state.params)
-    else:
-        from jax.experimental import multihost_utils
-
-        params = multihost_utils.process_allgather(run.state.params, tiled=True)
+    params = _host(run.state.params)
+    if run.frozen is not None:
+        return _export_lora(run, params, out_dir)
     if jax.process_index() == 0:
         model = nnx.merge(run.graphdef, params)
         hf.save_hf(model, run.model_cfg, out_dir, tokenizer_dir=run.paths.tokenizer or None)
+
+
+def _export_lora(run: Run, adapters: Any, out_dir: str) -> None:
+    """`out_dir`: the merged model; `<workdir>/hf_adapter`: the PEFT adapter of its base (a
+    randomly initialized base is written to `<workdir>/hf_base` so the adapter has one)."""
+    from apo_jax.models import hf, lora
+
+    base = _host(run.policy.base_params)
+    if jax.process_index() != 0:
+        return
+    tok = run.paths.tokenizer or None
+    merged = lora.merged_base(base, adapters, run.rc.lora)
+    hf.save_hf(nnx.merge(run.policy.base_graphdef, merged), run.model_cfg, out_dir,
+               tokenizer_dir=tok)  # fmt: skip
+    base_dir = run.base.get("path", "")
+    if not base_dir:
+        base_dir = os.path.join(run.workdir, "hf_base")
+        hf.save_hf(nnx.merge(run.policy.base_graphdef, base), run.model_cfg, base_dir,
+                   tokenizer_dir=tok)  # fmt: skip
+    lora.save_peft(adapters, run.rc.lora, run.model_cfg.n_layers,
+                   os.path.join(run.workdir, "hf_adapter"), base_path=base_dir,
+                   tokenizer_dir=tok)  # fmt: skip
 
 
 class Samples(Hook):
@@ -234,7 +316,7 @@ class Samples(Hook):
     def act(self, run: Run) -> None:
         from apo_jax.eval import generation
 
-        model = nnx.merge(run.graphdef, run.state.params)
+        model = run.model()
         ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         out = generation.sample(
             model, self.tokenizer, self.rows,

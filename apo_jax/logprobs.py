@@ -281,3 +281,67 @@ def naive_sequence_logps(
     targets_BxT, mask_BxT = shift_targets(input_ids_BxT, completion_mask_BxT)
     logps_BxT = _token_logps(hidden_BxTxD, unembed_DxV, targets_BxT)
     return jnp.sum(logps_BxT * mask_BxT, axis=-1), jnp.sum(mask_BxT, axis=-1)
+
+
+def ld_mask(chosen_mask_NxT: Array, rejected_mask_NxT: Array, alpha: float) -> tuple[Array, Array]:
+    """LD-DPO's token weights (Liu et al., 2024): 1 on the first ``min(|y_w|, |y_l|)`` completion
+    tokens of both sides, ``alpha`` on the longer side's tail, 0 off the completions.
+
+    Summing log-probs under these weights (:func:`segment_logps` takes float masks) gives
+    TRL's ``ld_alpha`` log-probs, shared + alpha * tail; alpha = 1 is plain DPO. Masks are in
+    ``input_ids`` coordinates, one row per pair and side.
+    """
+    out = []
+    cw, cl = (jnp.asarray(m, jnp.float32) for m in (chosen_mask_NxT, rejected_mask_NxT))
+    shared_Nx1 = jnp.minimum(jnp.sum(cw, axis=1), jnp.sum(cl, axis=1))[:, None]
+    for m_NxT in (cw, cl):
+        pos_NxT = jnp.cumsum(m_NxT, axis=1)  # 1-based position within the completion
+        out.append(m_NxT * jnp.where(pos_NxT <= shared_Nx1, 1.0, alpha))
+    return out[0], out[1]
+
+
+def wpo_weights(
+    hidden_BxTxD: Array,
+    unembed_DxV: Array,
+    input_ids_BxT: Array,
+    completion_mask_BxT: Array,
+    *,
+    chunk_size: int = 128,
+) -> Array:
+    """WPO's per-sequence weight (Zhou et al., 2024, eq. 2, TRL's ``use_weighting``), no gradient.
+
+    ``w[b] = exp(mean_t (log p_t(y_t) - log sum_v p_t(v)^2))`` over the completion tokens: the
+    length-normalized probability of the sequence, each token's probability divided by the
+    model's own sum of squared probabilities at that step (its expected probability of a token
+    sampled from itself). A pair's loss is multiplied by ``w_chosen * w_rejected``. Time chunks
+    of ``chunk_size`` steps bound the logits in memory as :func:`sequence_logps` does.
+    """
+    hidden_BxTxD = jax.lax.stop_gradient(hidden_BxTxD)
+    targets_BxT, mask_BxT = shift_targets(input_ids_BxT, completion_mask_BxT)
+    mask_BxT = (mask_BxT > 0).astype(jnp.float32)
+    B, T, D = hidden_BxTxD.shape
+    C = max(1, min(chunk_size, T))
+    pad = -T % C
+    h = jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0)))
+    t = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
+    m = jnp.pad(mask_BxT, ((0, 0), (0, pad)))
+    n = (T + pad) // C
+
+    def chunk(acc_B, xs):
+        h_BxCxD, t_BxC, m_BxC = xs
+        logits = jnp.einsum(
+            "bcd,dv->bcv", h_BxCxD, unembed_DxV.astype(h_BxCxD.dtype),
+            preferred_element_type=jnp.float32,
+        )  # fmt: skip
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        log_sum_sq = jax.nn.logsumexp(2.0 * logits, axis=-1) - 2.0 * lse
+        logp = jnp.take_along_axis(logits, t_BxC[..., None], axis=-1)[..., 0] - lse
+        return acc_B + jnp.sum((logp - log_sum_sq) * m_BxC, axis=1), None
+
+    xs = (
+        h.reshape(B, n, C, D).swapaxes(0, 1),
+        t.reshape(B, n, C).swapaxes(0, 1),
+        m.reshape(B, n, C).swapaxes(0, 1),
+    )
+    total_B, _ = jax.lax.scan(chunk, jnp.zeros((B,), jnp.float32), xs)
+    return jnp.exp(total_B / jnp.maximum(jnp.sum(mask_BxT, axis=1), 1.0))

@@ -1,6 +1,8 @@
 """Where metrics go: console, `metrics.jsonl`, TensorBoard, and Weights & Biases when asked.
 
-Only process 0 writes. Also the MFU estimate: the step's model FLOPs over the chip's peak.
+Only process 0 writes. A resumed run first drops the rows of steps after the restored checkpoint
+(metrics.jsonl, samples.jsonl; TensorBoard by its purge step), so every step is logged once.
+Also the MFU estimate: the step's model FLOPs over the chip's peak.
 """
 
 from __future__ import annotations
@@ -66,22 +68,69 @@ def model_flops(cfg: Any, rows: int, seq_len: int, *, online_reference: bool) ->
     return forward * (4 if online_reference else 3)
 
 
+JSONL_LOGS = ("metrics.jsonl", "samples.jsonl")  # per-step rows of a workdir
+
+
+def drop_rows_after(path: str, step: int) -> int:
+    """Removes the rows of `path` (JSON lines with a "step") logged after `step`; returns how
+    many. The file is replaced atomically; a line that does not parse is kept."""
+    if not os.path.exists(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                late = int(json.loads(line)["step"]) > step
+            except (ValueError, KeyError, TypeError):
+                late = False
+            if late:
+                dropped += 1
+            elif line.strip():
+                kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+    return dropped
+
+
 class MetricWriter:
-    """Writes scalar metrics of process 0 to metrics.jsonl, TensorBoard and optionally W&B."""
+    """Writes scalar metrics of process 0 to metrics.jsonl, TensorBoard and optionally W&B.
+
+    Args:
+      workdir: the run's directory.
+      wandb_project: log to this W&B project too ('' = off).
+      config: the run config for W&B.
+      resume_step: the step the run continues from (0 for a fresh start): rows of later steps,
+        left by a run that died after its last checkpoint, are dropped first.
+    """
 
     def __init__(
-        self, workdir: str, *, wandb_project: str = "", config: Mapping[str, Any] | None = None
+        self,
+        workdir: str,
+        *,
+        wandb_project: str = "",
+        config: Mapping[str, Any] | None = None,
+        resume_step: int | None = None,
     ):
         self.active = jax.process_index() == 0
         self._jsonl = self._tb = self._wandb = None
         if not self.active:
             return
         os.makedirs(workdir, exist_ok=True)
+        if resume_step is not None:
+            for name in JSONL_LOGS:
+                n = drop_rows_after(os.path.join(workdir, name), resume_step)
+                if n:
+                    log.info("%s: dropped %d rows after step %d (re-run now)", name, n, resume_step)
         self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
         try:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            # purge_step: TensorBoard discards the earlier events of steps >= it.
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
         except ImportError:
             log.warning("tensorboardX is not installed: no TensorBoard event files")
         if wandb_project:
@@ -108,6 +157,12 @@ class MetricWriter:
                     self._tb.add_scalar(k, v, step)
         if self._wandb is not None:
             self._wandb.log(clean, step=step)
+
+    def write_event(self, step: int, event: Mapping[str, Any]) -> None:
+        """A non-scalar row of metrics.jsonl (e.g. {"config_change": {...}}); not in TensorBoard."""
+        if self.active:
+            self._jsonl.write(json.dumps({"step": step, **event}, default=str) + "\n")
+            self._jsonl.flush()
 
     def flush(self) -> None:
         if self._jsonl is not None:

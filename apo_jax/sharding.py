@@ -29,6 +29,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "kv_heads": "tensor",
     "mlp": "tensor",
     "norm": None,
+    "lora_rank": None,  # a LoRA adapter's rank axis (small: replicated)
     # activations and batches
     "batch": ("data", "fsdp"),
     "length": None,

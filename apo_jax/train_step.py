@@ -1,9 +1,13 @@
 """The train state and the pure train and eval steps.
 
 The model is split once into a static graphdef and a state of parameters; the step is a pure
-function of (state, batch[, reference params]) that `jax.jit` compiles once over the mesh. The
-batch's row layout (`StepConfig.layout`, from `apo_jax.layouts`) gives the pairs' log-probs and
-the micro-batch split; chosen and rejected run in one forward pass, so the weights stream once.
+function of (state, batch[, reference params][, frozen]) that `jax.jit` compiles once over the
+mesh. The batch's row layout (`StepConfig.layout`, from `apo_jax.layouts`) gives the pairs' log-probs
+and the micro-batch split; chosen and rejected run in one forward pass, so the weights stream once.
+
+With LoRA (`apo_jax.models.lora`) the state's params are the adapters alone: the frozen base comes
+as a separate argument, is merged with them for the forward pass, and gets neither gradients nor
+optimizer state.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import optax
 from flax import nnx
 
 from apo_jax import layouts, losses
+from apo_jax.models import lora
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -30,7 +35,7 @@ class TrainState:
     """Everything a step changes; a checkpoint saves exactly this."""
 
     step: Array  # int32 scalar: optimizer updates applied or skipped so far
-    params: nnx.State  # trainable parameters (float32 master weights)
+    params: nnx.State  # trainable parameters (float32 master weights; the adapters with LoRA)
     opt_state: optax.OptState
     rng: Array  # PRNG key, split once per step
     bad_steps: Array  # int32: consecutive steps skipped for non-finite loss or gradients
@@ -48,6 +53,8 @@ class StepConfig:
     grad_accum: int = 1  # micro-batches per step
     reference: str = "precomputed"  # 'precomputed' (from the batch) | 'online' | 'none'
     layout: layouts.Layout = layouts.get("concat")  # the batch's row layout (layouts.get(name))
+    ld_alpha: float = 1.0  # LD-DPO weight of the longer completion's tail (1: off; concat)
+    unpaired_weights: tuple[float, float] = (1.0, 1.0)  # desirable, undesirable (kto ...)
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
@@ -85,9 +92,21 @@ def pair_logps(
     differ in compute dtype; a precomputed one is read from the batch.
     """
     layout = cfg.layout
-    chosen, rejected, n_w, n_l = layout.pair_logps(graphdef, params, batch, cfg.logprob_chunk)
+    wpo = bool(dict(cfg.loss_hparams).get("use_weighting"))
+    weights = (None, None)
+    if cfg.ld_alpha != 1.0 or wpo:  # TRL's DPO options (concat rows, checked by config)
+        side, *weights = layout.regularized_logps(
+            graphdef, params, batch, cfg.logprob_chunk, ld_alpha=cfg.ld_alpha, wpo=wpo
+        )
+    else:
+        side = layout.pair_logps(graphdef, params, batch, cfg.logprob_chunk)
+    chosen, rejected, n_w, n_l = side
     if cfg.reference == "online":
-        ref = layout.pair_logps(ref_graphdef or graphdef, ref_params, batch, cfg.logprob_chunk)
+        if cfg.ld_alpha != 1.0:  # TRL weights the reference's log-probs alike
+            ref, _, _ = layout.regularized_logps(ref_graphdef or graphdef, ref_params, batch,
+                                                 cfg.logprob_chunk, ld_alpha=cfg.ld_alpha, wpo=False)  # fmt: skip
+        else:
+            ref = layout.pair_logps(ref_graphdef or graphdef, ref_params, batch, cfg.logprob_chunk)
         ref_w, ref_l = jax.lax.stop_gradient(ref[0]), jax.lax.stop_gradient(ref[1])
     elif cfg.reference == "precomputed":
         ref_w, ref_l = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
@@ -100,27 +119,60 @@ def pair_logps(
         ref_rejected=ref_l,
         chosen_tokens=n_w,
         rejected_tokens=n_l,
+        chosen_weight=weights[0],
+        rejected_weight=weights[1],
     )
 
 
-def loss_fn(params, graphdef, batch, cfg: StepConfig, ref_params=None, ref_graphdef=None):
-    """Mean preference loss of a batch and its metrics."""
+def unpaired_logps(logps: losses.PairLogps, batch: Batch, name: str) -> losses.UnpairedLogps:
+    """An unpaired batch's log-probs (its layout runs completions as ``chosen`` and the KL
+    completions as ``rejected``) with the batch's KL estimate when the loss needs one."""
+    valid_N = batch["index"] >= 0
+    kl = None
+    if name.strip() in losses.NEEDS_KL:
+        kl = losses.kl_estimate(logps.rejected, logps.ref_rejected, where=valid_N)
+    return losses.UnpairedLogps(logps.chosen, logps.ref_chosen, batch["label"], kl)
+
+
+def loss_fn(params, graphdef, batch, cfg: StepConfig, ref_params=None, ref_graphdef=None,
+            frozen=None):  # fmt: skip
+    """Mean preference loss of a batch and its metrics.
+
+    With LoRA, `frozen` is the frozen base; an online reference given as None is that base itself
+    (under `ref_graphdef`, the graph without adapters), so the step holds the weights once.
+    """
+    if frozen is not None:
+        if cfg.reference == "online" and ref_params is None:
+            ref_params = lora.base_state(frozen)
+        params = nnx.merge_state(frozen, params)
     logps = pair_logps(graphdef, params, batch, cfg, ref_params, ref_graphdef)
     valid_N = batch["index"] >= 0  # the loader pads a last partial batch with index -1
-    loss_N, metrics = losses.preference_loss(
-        cfg.loss, logps, beta=cfg.beta, where=valid_N, **dict(cfg.loss_hparams)
-    )
+    if losses.is_unpaired(cfg.loss):
+        wd, wu = cfg.unpaired_weights
+        loss_N, metrics = losses.unpaired_loss(
+            cfg.loss, unpaired_logps(logps, batch, cfg.loss), beta=cfg.beta,
+            desirable_weight=wd, undesirable_weight=wu, where=valid_N,
+        )  # fmt: skip
+    else:
+        loss_N, metrics = losses.preference_loss(
+            cfg.loss, logps, beta=cfg.beta, where=valid_N, **dict(cfg.loss_hparams)
+        )
     return jnp.sum(jnp.where(valid_N, loss_N, 0.0)) / jnp.maximum(jnp.sum(valid_N), 1), metrics
 
 
-def _grads(state: TrainState, graphdef, batch: Batch, cfg: StepConfig, ref_params, ref_graphdef):
+def _grads(state: TrainState, graphdef, batch: Batch, cfg: StepConfig, ref_params, ref_graphdef,
+           frozen):  # fmt: skip
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if frozen is not None:  # LoRA dropout keys of this step (none without dropout)
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 1)
+        frozen = lora.fill_dropout_keys(frozen, step_key)
+    args = (cfg, ref_params, ref_graphdef, frozen)
     if cfg.grad_accum == 1:
-        (_, metrics), grads = grad_fn(state.params, graphdef, batch, cfg, ref_params, ref_graphdef)
+        (_, metrics), grads = grad_fn(state.params, graphdef, batch, *args)
         return grads, metrics
 
     def body(acc, micro):
-        (_, m), g = grad_fn(state.params, graphdef, micro, cfg, ref_params, ref_graphdef)
+        (_, m), g = grad_fn(state.params, graphdef, micro, *args)
         return jax.tree.map(jnp.add, acc, g), m
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -133,6 +185,7 @@ def train_step(
     state: TrainState,
     batch: Batch,
     ref_params: nnx.State | None = None,
+    frozen: nnx.State | None = None,
     *,
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
@@ -145,7 +198,9 @@ def train_step(
     Args:
       state: the TrainState (donated by the caller's jit).
       batch: a batch of N pairs in `cfg.layout`, laid out for `cfg.grad_accum` micro-batches.
-      ref_params: frozen reference parameters, for ``cfg.reference == 'online'``.
+      ref_params: frozen reference parameters, for ``cfg.reference == 'online'`` (None with
+        LoRA: the reference is then the frozen base without adapters).
+      frozen: a LoRA run's frozen base (merged with the adapters in ``state.params``), or None.
       graphdef: the model's static graph.
       tx: the optax transformation (clipping included).
       cfg: the StepConfig.
@@ -156,7 +211,7 @@ def train_step(
       (new state, metrics): the loss metrics plus ``grad_norm``, ``learning_rate``,
       ``skipped`` (1 when this update was skipped) and ``tokens``.
     """
-    grads, metrics = _grads(state, graphdef, batch, cfg, ref_params, ref_graphdef)
+    grads, metrics = _grads(state, graphdef, batch, cfg, ref_params, ref_graphdef, frozen)
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
@@ -185,11 +240,12 @@ def eval_step(
     params: nnx.State,
     batch: Batch,
     ref_params: nnx.State | None = None,
+    frozen: nnx.State | None = None,
     *,
     graphdef: nnx.GraphDef,
     cfg: StepConfig,
     ref_graphdef: nnx.GraphDef | None = None,
 ) -> dict[str, Array]:
-    """Loss and metrics of a held-out batch (no update)."""
-    _, metrics = loss_fn(params, graphdef, batch, cfg, ref_params, ref_graphdef)
+    """Loss and metrics of a held-out batch (no update; LoRA dropout off)."""
+    _, metrics = loss_fn(params, graphdef, batch, cfg, ref_params, ref_graphdef, frozen)
     return metrics

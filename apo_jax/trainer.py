@@ -8,7 +8,6 @@ evaluation, checkpoints, export). The parts are built by `apo_jax.assemble`; the
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -19,11 +18,13 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from apo_jax import assemble, hooks, reference, sharding
+from apo_jax import assemble, hooks, integrity, reference, sharding
 from apo_jax import config as config_lib
 from apo_jax import metrics as metrics_lib
 from apo_jax import train_step as ts
-from apo_jax.checkpoint import Checkpointer, StopSignal, abstract_like
+from apo_jax import workdir as workdir_lib
+from apo_jax.checkpoint import EXIT_STOPPED, Checkpointer, StopSignal, abstract_like
+from apo_jax.data import shards
 from apo_jax.optim import make_optimizer
 
 log = logging.getLogger("apo_jax")
@@ -35,24 +36,50 @@ def default_workdir(config: Any) -> str:
     return os.path.join("runs", f"{name}_{config.preset}")
 
 
-def train_and_evaluate(config: Any, workdir: str = "") -> dict[str, Any]:
+def train_and_evaluate(
+    config: Any, workdir: str = "", *, allow_config_change: bool = False
+) -> dict[str, Any]:
     """Trains per `config` (a ConfigDict of configs/*.py) in `workdir`, resuming if it holds a
     checkpoint; returns the run's summary (steps, seconds, last train and held-out metrics, paths).
+
+    The workdir is locked for the run (`apo_jax.workdir.Lock`). A resume must keep the config
+    fields that define the run (`workdir.RUN_DEFINING`); `allow_config_change` lets it go on with
+    the new ones, recorded in metrics.jsonl.
     """
     rc = config_lib.validate(
         config, device_count=jax.device_count(), process_count=jax.process_count()
     )
     workdir = workdir or default_workdir(config)
-    _record_config(config, workdir)
+    workdir_lib.check_usable(workdir)
+    lock = workdir_lib.Lock(workdir) if jax.process_index() == 0 else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        return _train(config, rc, workdir, allow_config_change, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: Any, rc: config_lib.RunConfig, workdir: str, allow_config_change: bool,
+           lock: workdir_lib.Lock | None) -> dict[str, Any]:  # fmt: skip
+    changes = _check_config(config, workdir, allow_config_change)
     paths = assemble.resolve_data(rc)
+    integrity.verify_shards((paths.train, paths.eval), rc.data.verify)
+    integrity.check_tokenizer(paths.manifest, assemble.model_config_dir(rc),
+                              shards.read_manifest(paths.eval) if paths.eval else None)  # fmt: skip
     mesh = sharding.make_mesh(rc.mesh.data, rc.mesh.fsdp, rc.mesh.tensor)
     model, model_cfg, weights_fp = assemble.build_model(rc, paths, mesh)
     rc = assemble.resolve_layout(rc, paths, model_cfg)  # config.data.layout=auto
-    graphdef, params = ts.split_model(model)
-    ref = reference.prepare(rc, (paths.train, paths.eval), graphdef, params, model_cfg,
-                            weights_fp, mesh)  # fmt: skip
+    policy = assemble.split_policy(rc, model, mesh)  # with LoRA: adapters train, the base is frozen
+    graphdef, params = policy.graphdef, policy.params
+    ref = reference.prepare(rc, (paths.train, paths.eval), policy.base_graphdef,
+                            policy.base_params, model_cfg, weights_fp, mesh, workdir,
+                            shared=policy.frozen is not None)  # fmt: skip
 
-    train_data = assemble.make_loader(rc, paths.train, ref.info, train=True)
+    train_data = assemble.make_loader(
+        rc, paths.train, ref.info, train=True, reference_dirs=ref.dirs
+    )
     num_steps = rc.num_steps or (train_data.num_batches or 0)
     if num_steps <= 0:
         raise config_lib.ConfigError(f"{paths.train} gives no full batch of {rc.batch_size} "
@@ -60,7 +87,9 @@ def train_and_evaluate(config: Any, workdir: str = "") -> dict[str, Any]:
     tx, schedule = make_optimizer(rc.optim, num_steps)
     state_sh = assemble.state_shardings(params, tx, mesh)
     state = assemble.init_state(params, tx, rc.seed, state_sh)
-    steps_fn = assemble.Steps(rc, graphdef, ref, tx, schedule, state_sh, mesh, model_cfg)
+    steps_fn = assemble.Steps(rc, graphdef, ref, tx, schedule, state_sh, mesh, model_cfg,
+                              frozen=policy.frozen)  # fmt: skip
+    base = assemble.base_record(rc, weights_fp)
 
     ckpt = Checkpointer(
         os.path.join(workdir, "checkpoints"),
@@ -68,18 +97,28 @@ def train_and_evaluate(config: Any, workdir: str = "") -> dict[str, Any]:
         keep_best=rc.checkpoint.keep_best if paths.eval else 0,
         async_save=rc.checkpoint.async_save,
     )
-    start_step, state = _restore(ckpt, state, train_data)
+    start_step, state = _restore(ckpt, state, train_data, base)
+    if jax.process_index() == 0:  # the run's config, compared by the next resume; figures' labels
+        workdir_lib.write_config(workdir, config.to_dict())
+    writer = metrics_lib.MetricWriter(workdir, wandb_project=rc.wandb_project,
+                                      resume_step=start_step)  # fmt: skip
+    if changes:
+        writer.write_event(start_step, {"config_change": changes})
 
     run = hooks.Run(
         rc=rc, workdir=workdir, paths=paths, graphdef=graphdef, model_cfg=model_cfg,
         steps_fn=steps_fn, train_data=train_data, state=state, num_steps=num_steps,
-        start_step=start_step, writer=metrics_lib.MetricWriter(workdir, wandb_project=rc.wandb_project),
+        start_step=start_step, writer=writer,
         ckpt=ckpt, bar=_progress_bar(rc, num_steps, start_step),
-        row_sharding=sharding.batch_sharding(mesh),
+        row_sharding=sharding.batch_sharding(mesh), policy=policy, base=base,
     )  # fmt: skip
     side_tasks: list[hooks.Hook] = [hooks.TrainMetrics(rc.log_every, rc.max_bad_steps)]
+    if rc.reference.sync_ref_model:  # TR-DPO: the online reference follows the policy
+        r = rc.reference
+        side_tasks.append(hooks.SyncReference(r.ref_model_sync_steps, r.ref_model_mixup_alpha))
     if paths.eval:
-        eval_loader = lambda: assemble.make_loader(rc, paths.eval, ref.info, train=False)  # noqa: E731
+        eval_loader = lambda: assemble.make_loader(rc, paths.eval, ref.info, train=False,  # noqa: E731
+                                                   reference_dirs=ref.dirs)  # fmt: skip
         side_tasks.append(hooks.HeldOutEval(rc.eval_every, eval_loader, rc.eval_batches))
     samples = assemble.samples_hook(rc, paths, mesh)
     if samples is not None:
@@ -89,27 +128,38 @@ def train_and_evaluate(config: Any, workdir: str = "") -> dict[str, Any]:
         side_tasks.append(hooks.ExportHF())
     if rc.plots:
         side_tasks.append(hooks.Plots())
-    return _loop(run, side_tasks)
+    return _loop(run, side_tasks, on_abandon=lock.release if lock is not None else None)
 
 
-def _record_config(config: Any, workdir: str) -> None:
-    """Keeps the run's config as `<workdir>/config.json` (figures label runs with it)."""
-    path = os.path.join(workdir, "config.json")
-    if jax.process_index() != 0 or os.path.exists(path):
-        return
-    os.makedirs(workdir, exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(config.to_dict(), f, indent=1, sort_keys=True, default=str)
-    os.replace(path + ".tmp", path)
+def _has_checkpoint(workdir: str) -> bool:
+    d = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d))
 
 
-def _restore(ckpt: Checkpointer, state: ts.TrainState, data: Any) -> tuple[int, ts.TrainState]:
+def _check_config(config: Any, workdir: str, allow: bool) -> dict[str, list[Any]]:
+    """Refuses a resume that changes what defines the run (unless `allow`); returns the
+    changes. The caller keeps the config once the run has restored (`workdir.write_config`)."""
+    new = config.to_dict()
+    changes = (
+        workdir_lib.check_resume(workdir, new, allow=allow) if _has_checkpoint(workdir) else {}
+    )
+    if changes:
+        log.warning("resuming %s with a changed config (--allow_config_change): %s", workdir,
+                    ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))  # fmt: skip
+    return changes
+
+
+def _restore(
+    ckpt: Checkpointer, state: ts.TrainState, data: Any, base: dict[str, str]
+) -> tuple[int, ts.TrainState]:
     """(step, state) of the newest checkpoint that restores, the loader moved to its position;
-    (0, state) when there is none."""
+    (0, state) when there is none. LoRA adapters resume only onto the base they were trained on."""
     restored = ckpt.restore(abstract_like(state))
     if restored is None:
         return 0, state
-    step, state, data_state, _ = restored
+    step, state, data_state, meta = restored
+    if base:
+        assemble.check_base(meta.get("base"), base, f"checkpoint {ckpt.directory}/{step}")
     data.set_state(data_state)
     log.info("resumed from %s at step %d", ckpt.directory, step)
     return step, state
@@ -130,35 +180,52 @@ def _stop_agreed(stop: StopSignal) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.array([int(bool(stop))], np.int32))))
 
 
-def _loop(run: hooks.Run, side_tasks: list[hooks.Hook]) -> dict[str, Any]:
+def _loop(run: hooks.Run, side_tasks: list[hooks.Hook], on_abandon: Any = None) -> dict[str, Any]:
     """batch -> step -> hooks, to the last step or a stop signal; then the summary."""
-    stop, t_start, run.step, finished = StopSignal(), time.perf_counter(), run.start_step, False
+    stop = StopSignal(on_abandon=on_abandon)
+    t_start, run.step, finished = time.perf_counter(), run.start_step, False
     try:
-        for step in range(run.start_step + 1, run.num_steps + 1):
-            batch = next(run.train_data)
-            global_batch = run.train_data.global_batch(batch, run.row_sharding)
-            run.state, run.step_metrics = run.steps_fn.train(run.state, global_batch)
-            run.step, run.batch = step, batch
-            run.tokens_seen += int(np.sum(batch["segment_ids"] > 0)) * jax.process_count()
-            run.bar.update(1)
-            run.stopping = _stop_agreed(stop)
-            for task in side_tasks:
-                task.after_step(run)
-            if run.stopping:
-                name = stop.signal_name or "a stop signal (on another process)"
-                log.warning("%s received: checkpoint at step %d saved, stopping", name, step)
-                break
-        finished = run.step == run.num_steps
+        try:
+            for step in range(run.start_step + 1, run.num_steps + 1):
+                batch = next(run.train_data)
+                global_batch = run.train_data.global_batch(batch, run.row_sharding)
+                run.state, run.step_metrics = run.steps_fn.train(run.state, global_batch)
+                run.step, run.batch = step, batch
+                run.tokens_seen += int(np.sum(batch["segment_ids"] > 0)) * jax.process_count()
+                run.bar.update(1)
+                run.stopping = _stop_agreed(stop)
+                for task in side_tasks:
+                    task.after_step(run)
+                if run.stopping:
+                    break
+            finished = run.step == run.num_steps
+        finally:
+            run.bar.close()
+            run.ckpt.wait()  # a failed save raises here (one line) unless something else did
+        if run.stopping:
+            _announce_stop(run, stop)
+        seconds = time.perf_counter() - t_start
+        for task in side_tasks:
+            task.at_end(run, finished=finished and not run.stopping)
+        run.ckpt.close()
+        run.writer.close()
     finally:
-        run.bar.close()
-        run.ckpt.wait()
         stop.restore()
-    seconds = time.perf_counter() - t_start
-    for task in side_tasks:
-        task.at_end(run, finished=finished and not run.stopping)
-    run.ckpt.close()
-    run.writer.close()
+    run.finished = finished  # the last step ran (a stop at the last step still finished)
     return _summary(run, seconds)
+
+
+def _announce_stop(run: hooks.Run, stop: StopSignal) -> None:
+    """Says what a stop left behind, once its checkpoint is committed (the loop waited)."""
+    name = stop.signal_name or "a stop signal (on another process)"
+    if run.step == run.num_steps:
+        log.warning("%s received at the last step: the run is complete", name)
+    elif run.step in run.ckpt.steps():
+        log.warning("%s received: checkpoint of step %d committed in %s; stopping (exit %d: "
+                    "rerun the same command to resume)", name, run.step, run.ckpt.directory,
+                    EXIT_STOPPED)  # fmt: skip
+    else:
+        log.warning("%s received: stopping at step %d without a checkpoint of it", name, run.step)
 
 
 def _summary(run: hooks.Run, seconds: float) -> dict[str, Any]:
@@ -174,6 +241,8 @@ def _summary(run: hooks.Run, seconds: float) -> dict[str, Any]:
         "plots": run.plots,
         "samples": run.samples,
         "interrupted": run.stopping,
+        "finished": run.finished,
+        "num_steps": run.num_steps,
         **run.train_metrics,
         **run.eval_metrics,
     }
@@ -181,15 +250,17 @@ def _summary(run: hooks.Run, seconds: float) -> dict[str, Any]:
 
 def precompute_reference(config: Any, workdir: str = "") -> None:
     """The reference pass of `config` alone (`python -m apo_jax.reference`): writes the stored
-    log-probs beside the train and eval shards unless matching ones are there."""
+    log-probs beside the train and eval shards unless matching ones are there (into `workdir`
+    for a read-only shard directory, when one is given)."""
     config.unlock()
     config.reference.mode = "precomputed"
     rc = config_lib.validate(
         config, device_count=jax.device_count(), process_count=jax.process_count()
     )
-    del workdir  # the log-probs live beside the shards
     paths = assemble.resolve_data(rc)
+    integrity.verify_shards((paths.train, paths.eval), rc.data.verify)
     mesh = sharding.make_mesh(rc.mesh.data, rc.mesh.fsdp, rc.mesh.tensor)
     model, model_cfg, weights_fp = assemble.build_model(rc, paths, mesh)
     graphdef, params = ts.split_model(model)
-    reference.prepare(rc, (paths.train, paths.eval), graphdef, params, model_cfg, weights_fp, mesh)
+    reference.prepare(rc, (paths.train, paths.eval), graphdef, params, model_cfg, weights_fp, mesh,
+                      workdir, shared=rc.lora.enabled)  # fmt: skip

@@ -1,7 +1,10 @@
-"""Benchmark 3: does the Llama-3-8B APO train step fit? Ahead-of-time compile on 8 simulated devices.
+"""Benchmark 3: does a preset's APO train step fit? Ahead-of-time compile on 8 simulated devices.
 
-    python bench/llama8b_memory.py [--seqs 2048,4096,8192] [--pairs 1,2,4] [--remat save_dots,full]
-        [--attention xla|blocked]
+    python bench/llama8b_memory.py [--preset llama3_8b[,qwen3_8b,...]] [--seqs 2048,4096,8192]
+        [--pairs 1,2,4] [--remat save_dots,full] [--attention xla|blocked]
+
+Any `apo_jax.models.config.PRESETS` name works (Llama, Qwen2.5, Qwen3, Mistral, Gemma 3); a
+comma list compiles each in turn and prints one table.
 
 No weights exist: the model, optimizer state and batch are abstract (`nnx.eval_shape`,
 `jax.eval_shape`, `jax.ShapeDtypeStruct`) with their shardings on an 8-device FSDP mesh
@@ -104,28 +107,30 @@ def main():
     ap.add_argument("--pairs", default="1,2,4", help="pairs per device")
     ap.add_argument("--remat", default="full", help="comma list of none, full, save_dots")
     ap.add_argument("--chunk", type=int, default=ts.StepConfig().logprob_chunk)
-    ap.add_argument("--preset", default="llama3_8b")
+    ap.add_argument("--preset", default="llama3_8b", help="comma list of models/config.py presets")
     ap.add_argument("--attention", default="xla",
                     help="xla (default: what a GPU/TPU compile without cuDNN runs; CPU's 'auto' "
                          "would pick blocked) | blocked")  # fmt: skip
     args = ap.parse_args()
     mesh = sharding.make_mesh(data=1, fsdp=8, tensor=1)
     rows = []
-    for remat in args.remat.split(","):
-        cfg = get_preset(args.preset, remat=remat, scan_layers=True, attention=args.attention)
-        for seq in map(int, args.seqs.split(",")):
-            for ppd in map(int, args.pairs.split(",")):
-                m, total, secs = compile_one(cfg, seq, ppd, mesh, args.chunk)
-                fits = [("yes" if total / GiB + HEADROOM_GIB <= cap else "no") for _, cap in CARDS]
-                rows.append((remat, seq, ppd, 2 * ppd * seq,
-                             f"{(m.argument_size_in_bytes - m.alias_size_in_bytes) / GiB:.1f}",
-                             f"{m.temp_size_in_bytes / GiB:.1f}", f"{total / GiB:.1f}",
-                             *fits, f"{secs:.0f}"))  # fmt: skip
-                print(rows[-1], flush=True)
-    print(f"machine: {machine()}; mesh {dict(mesh.shape)}; {args.preset} "
-          f"({cfg.n_params / 1e9:.2f} B params), bf16 compute, f32 master weights + AdamW, "
-          f"log-prob chunk {args.chunk}, attention {args.attention}")  # fmt: skip
-    header = ("remat", "seq", "pairs/device", "tokens/device", "args-donated GiB",
+    for preset in args.preset.split(","):
+        for remat in args.remat.split(","):
+            cfg = get_preset(preset, remat=remat, scan_layers=True, attention=args.attention)
+            for seq in map(int, args.seqs.split(",")):
+                for ppd in map(int, args.pairs.split(",")):
+                    m, total, secs = compile_one(cfg, seq, ppd, mesh, args.chunk)
+                    fits = [("yes" if total / GiB + HEADROOM_GIB <= cap else "no")
+                            for _, cap in CARDS]  # fmt: skip
+                    rows.append((preset, f"{cfg.n_params / 1e9:.2f}", remat, seq, ppd,
+                                 2 * ppd * seq,
+                                 f"{(m.argument_size_in_bytes - m.alias_size_in_bytes) / GiB:.1f}",
+                                 f"{m.temp_size_in_bytes / GiB:.1f}", f"{total / GiB:.1f}",
+                                 *fits, f"{secs:.0f}"))  # fmt: skip
+                    print(rows[-1], flush=True)
+    print(f"machine: {machine()}; mesh {dict(mesh.shape)}; bf16 compute, f32 master weights + "
+          f"AdamW, log-prob chunk {args.chunk}, attention {args.attention}")  # fmt: skip
+    header = ("preset", "params B", "remat", "seq", "pairs/device", "tokens/device", "args-donated GiB",
               "temp GiB", "total GiB/device", *(f"fits {n}" for n, _ in CARDS), "compile s")  # fmt: skip
     print(table(header, rows))
 

@@ -8,7 +8,8 @@
 #
 # Process 0 prints to the terminal; every process also logs to <log-dir>/process_<i>.log. If one
 # process fails the others are stopped; Ctrl-C / SIGTERM is passed on to all of them, and they
-# save a checkpoint together before exiting. Run it again with the same workdir to resume.
+# save a checkpoint together before exiting with status 75 (stopped early, resumable). Run it
+# again with the same workdir to resume.
 set -euo pipefail
 
 usage() {
@@ -125,10 +126,13 @@ while [[ $remaining -gt 0 ]]; do
     wait "${PIDS[$i]}" || rc=$?
     FINISHED[$i]=1
     remaining=$((remaining - 1))
-    if [[ $rc -ne 0 ]]; then
+    if [[ $rc -eq 75 ]]; then  # stopped by a signal after a common checkpoint: resumable
+      echo "local.sh: process $i stopped early (exit 75): run the same command to resume" >&2
+      [[ $status -ne 0 ]] || status=75
+    elif [[ $rc -ne 0 ]]; then
       echo "local.sh: process $i exited with status $rc; last lines of $LOG_DIR/process_$i.log:" >&2
       tail -n 5 "$LOG_DIR/process_$i.log" >&2 || true
-      if [[ $status -eq 0 ]]; then status=$rc; stop_all TERM; fi
+      if [[ $status -eq 0 || $status -eq 75 ]]; then status=$rc; stop_all TERM; fi
     fi
   done
   [[ $remaining -gt 0 ]] && sleep 1

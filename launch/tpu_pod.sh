@@ -12,7 +12,9 @@
 # directory and a preempted run resumes from it); run `python -m apo_jax.train` on all workers
 # with `--worker=all`; copy each worker's log to <workdir>/logs and then to --log-dir here.
 # JAX detects the slice's coordinator, process count and id itself (config.distributed.mode=on).
-# Re-running the same command resumes from the newest checkpoint in the workdir.
+# Re-running the same command resumes from the newest checkpoint in the workdir. Exit status 75
+# means the run was stopped early by a signal (preemption, maintenance) after committing a
+# checkpoint: recreate the slice if it is gone and re-run to resume (docs/reliability.md).
 set -euo pipefail
 
 usage() {
@@ -139,4 +141,7 @@ for i in "${!CMDS[@]}"; do
     bash -c "${CMDS[$i]}" || { status=$?; echo "tpu_pod.sh: failed: ${CMDS[$i]}" >&2; [[ $i -eq $((last - 1)) ]] || exit "$status"; }
   fi
 done
+if [[ $status -eq 75 ]]; then
+  echo "tpu_pod.sh: training stopped early (exit 75, resumable): re-run this command to resume" >&2
+fi
 exit "$status"

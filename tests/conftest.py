@@ -25,7 +25,8 @@ from apo_jax.data import demo, prepare
 def make_hf_llama(tmp_path_factory):
     """Factory: a random tiny transformers `LlamaForCausalLM` saved with safetensors.
 
-    Call `make_hf_llama(n_heads=4, n_kv_heads=2, head_dim=16, tied=False, llama3=False)`; returns
+    Call `make_hf_llama(n_heads=4, n_kv_heads=2, head_dim=16, tied=False, llama3=False)` (and
+    `bos_token_id=`, `eos_token_id=` to match a tokenizer that trains with it); returns
     `(checkpoint_dir, torch_model)`. Weights use initializer_range 0.3 so logits are O(1) and a
     wrong rotation, norm or head mapping shows up far above float32 round-off. Cached per args.
     """
@@ -42,8 +43,11 @@ def make_hf_llama(tmp_path_factory):
         hidden_size: int = 64,
         n_layers: int = 2,
         seed: int = 0,
+        bos_token_id: int = 1,
+        eos_token_id: int = 2,
     ):
-        key = (n_heads, n_kv_heads, head_dim, tied, llama3, vocab_size, hidden_size, n_layers, seed)
+        key = (n_heads, n_kv_heads, head_dim, tied, llama3, vocab_size, hidden_size, n_layers, seed,
+               bos_token_id, eos_token_id)  # fmt: skip
         if key in cache:
             return cache[key]
         import torch
@@ -72,8 +76,8 @@ def make_hf_llama(tmp_path_factory):
             rms_norm_eps=1e-5,
             tie_word_embeddings=tied,
             initializer_range=0.3,
-            bos_token_id=1,
-            eos_token_id=2,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
             pad_token_id=0,
         )
         torch.manual_seed(seed)

@@ -167,10 +167,12 @@ def test_reference_logps_round_trip_and_fingerprint_refusal(tmp_path, tok_dir, s
 
     from data_helpers import write_jsonl
 
-    keep = shutil.copy(f"{out}/reference_logps.npz", tmp_path / "ref.npz")
+    stored = refs.find_reference_logps(out, {"model": "m1"})
+    assert stored == f"{out}/{refs.reference_file({'model': 'm1'})}"
+    keep = shutil.copy(stored, tmp_path / "ref.npz")
     other = write_jsonl(tmp_path / "rev.jsonl", small_pairs[1][::-1])
     prepare.prepare(other, tok_dir, out, prepare.Settings(max_length=256))
-    shutil.copy(keep, f"{out}/reference_logps.npz")
+    shutil.copy(keep, stored)
     with pytest.raises(refs.ReferenceMismatchError, match="computed for shards"):
         _loader(out, batch_size=8, reference_info={"model": "m1"})
     refs.write_reference_logps(out, [0, 1], [0.0, 0.0], [0.0, 0.0], {"model": "m1"})

@@ -78,11 +78,13 @@ def _rewrite(ckpt, edit):
     write_safetensors(ckpt / "model.safetensors", tensors)
 
 
-def test_error_not_a_llama(checkpoint):
+def test_error_unsupported_model_type(checkpoint):
     cfg = json.loads((checkpoint / "config.json").read_text())
-    cfg["model_type"] = "mistral"
+    cfg["model_type"] = "gpt2"
     (checkpoint / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="not a Llama checkpoint: model_type='mistral'"):
+    with pytest.raises(
+        CheckpointError, match="unsupported model_type 'gpt2'; supported: gemma3_text"
+    ):
         load_hf(checkpoint)
 
 

@@ -49,16 +49,16 @@ def collate(name, its, micro_batches=1):
 
 
 def test_registry_gives_hashable_layout_objects():
-    assert layouts.NAMES == ("concat", "prefix", "packed")
+    assert layouts.NAMES == ("concat", "prefix", "packed", "unpaired")
     for name in layouts.NAMES:
         layout = layouts.get(name)
         assert layout.name == name and layout is layouts.get(name)
         assert hash(layout) == hash(dataclasses.replace(layout))
     assert layouts.get("concat") != layouts.get("prefix")
     steps = {ts.StepConfig(layout=layouts.get(n)) for n in layouts.NAMES}  # hashable, distinct
-    assert len(steps) == 3
+    assert len(steps) == 4
     with pytest.raises(layouts.LayoutError, match="config.data.layout must be one of concat, "
-                       "prefix, packed, got 'pack'") as e:  # fmt: skip
+                       "prefix, packed, unpaired, got 'pack'") as e:  # fmt: skip
         layouts.get("pack")
     assert isinstance(e.value, errors.UserError)
     with pytest.raises(ValueError, match="layout must be a layouts.get"):

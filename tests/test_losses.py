@@ -229,7 +229,7 @@ def test_sft_is_token_mean_over_the_batch():
 def test_jit_and_vmap():
     p = _pairs(10, n=8)
     f = jax.jit(lambda x: losses.preference_loss("apo_down", x)[0])
-    batched = PairLogps(*[a.reshape(2, 4) for a in p])
+    batched = PairLogps(*[None if a is None else a.reshape(2, 4) for a in p])
     out = jax.vmap(lambda x: losses.preference_loss("apo_down", x)[0])(batched)
     np.testing.assert_allclose(out.reshape(-1), f(p), rtol=1e-6)
 

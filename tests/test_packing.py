@@ -140,7 +140,7 @@ def test_pair_logps_equal_concat_layout(reference):
     got = ts.pair_logps(
         graphdef, params, packed, dataclasses.replace(cfg, layout=layouts.get("packed")), ref_params
     )
-    for name in losses.PairLogps._fields:
+    for name in [f for f in losses.PairLogps._fields if getattr(want, f) is not None]:
         np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-5,
                                    err_msg=name)  # fmt: skip
     assert float(got.chosen[2]) == 0.0 and float(got.chosen_tokens[2]) == 0.0  # padding pair

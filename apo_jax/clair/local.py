@@ -37,7 +37,7 @@ def _default_generate() -> Callable[..., Any]:
 
 def _stop_ids(tokenizer: Any) -> tuple[int, ...]:
     """End-of-sequence and end-of-turn ids: sampling stops there instead of at max_tokens."""
-    ids = {tokenizer.eos_token_id}
+    ids = {tokenizer.eos_token_id, *tokenize.end_of_turn_ids(tokenizer)}
     for token in ("<|eot_id|>", "<|end_of_text|>"):
         tid = tokenizer.convert_tokens_to_ids(token)
         if isinstance(tid, int) and tid != getattr(tokenizer, "unk_token_id", None):

@@ -279,3 +279,36 @@ def build_demo(
         train_shards=os.path.join(root, "train_shards"),
         eval_shards=os.path.join(root, "eval_shards"),
     )
+
+
+def unpaired_shards(assets: DemoAssets, *, kl_group: int = 8) -> tuple[str, str]:
+    """(train, eval) shards of the demo pairs split into unpaired records; built once.
+
+    Each pair gives a desirable record (its chosen answer) and an undesirable one (its rejected
+    answer), ordered as TRL's ``unpair_preference_dataset`` orders them; KL completions rotate
+    within groups of ``kl_group`` records (:mod:`apo_jax.data.unpaired`).
+    """
+    from apo_jax.data import prepare, unpaired
+
+    out = []
+    for split, pairs in (("train", assets.train_pairs), ("eval", assets.eval_pairs)):
+        shard_dir = os.path.join(assets.root, f"{split}_unpaired_kl{kl_group}_shards")
+        out.append(shard_dir)
+        if os.path.exists(os.path.join(shard_dir, "manifest.json")):
+            continue
+        tmp = tempfile.mkdtemp(prefix=".build-", dir=assets.root)
+        try:
+            rows = unpaired.unpair_file(pairs, os.path.join(tmp, f"{split}_unpaired.jsonl"))
+            settings = prepare.Settings(max_length=256, records_per_shard=2048, kl_group=kl_group,
+                                        records="unpaired")  # fmt: skip
+            manifest = prepare.prepare(rows, assets.tokenizer_dir, os.path.join(tmp, "s"), settings)
+            if manifest["counts"]["rejected"]:  # generated data is valid by construction
+                raise RuntimeError(f"demo unpaired {split} rows rejected: {manifest['counts']}")
+            try:
+                os.rename(os.path.join(tmp, "s"), shard_dir)  # atomic; a concurrent build may win
+            except OSError:
+                if not os.path.exists(os.path.join(shard_dir, "manifest.json")):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out[0], out[1]

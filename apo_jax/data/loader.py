@@ -42,8 +42,9 @@ class LoaderConfig:
     worker_count: int = 0  # grain worker processes (0: read in this process)
     worker_buffer_size: int = 2
     # Reference log-probs to add to each batch: None: none; else the fingerprint info that the
-    # stored reference_logps.npz must hold (it must exist and cover every record).
+    # stored reference_logps-<key>.npz must hold (it must exist and cover every record).
     reference_info: Mapping[str, Any] | None = None
+    reference_dirs: tuple[str, ...] = ()  # where else to look for that file (data.refs)
 
     def __post_init__(self):
         if not isinstance(self.layout, layouts.Layout):
@@ -131,7 +132,9 @@ class PairLoader:
                              "raise seq_len or re-prepare with a smaller --max-length")  # fmt: skip
         ref_c = ref_r = None
         if config.reference_info is not None:
-            ref_c, ref_r = refs.load_reference_logps(self.shard_dir, config.reference_info)
+            ref_c, ref_r = refs.load_reference_logps(
+                self.shard_dir, config.reference_info, config.reference_dirs
+            )
         pad_id = int(self.manifest["tokenizer"].get("pad_id") or 0)
         spec = layouts.RowSpec(
             seq_len, pad_id, config.buckets, config.row_multiple, config.micro_batches

@@ -1,5 +1,9 @@
 """Raw preference pairs -> tokenized ArrayRecord shards, rejects.jsonl and manifest.json.
 
+Unpaired rows (TRL's KTO layout: ``prompt``, ``completion``, ``label``) are recognized by their
+fields (or ``records="unpaired"``) and written as unpaired records with their KL completions
+(:mod:`apo_jax.data.unpaired`), with the same rejects and manifest.
+
 Command: ``python -m apo_jax.data.prepare --input=pairs.jsonl --tokenizer=TOKDIR --out=shards/``.
 Python: ``prepare(inputs, tokenizer_dir, out_dir, Settings(...)) -> manifest dict``.
 Workers tokenize chunks of rows; the main process writes results in input order, so the output
@@ -26,6 +30,7 @@ from absl import flags
 
 from apo_jax import commands, errors
 from apo_jax.data import ingest, schema, shards, stats, tokenize
+from apo_jax.data import unpaired as unpaired_lib
 
 FORMAT = "apo_jax.pairs/v2"  # v2: shard entries carry bytes and sample_sha256
 CHUNK_BYTES = 64 << 20  # raw bytes of rows per worker task, at most
@@ -55,15 +60,19 @@ class Settings:
     chunk_size: int = 256  # rows per worker task
     strict: bool = False  # any reject is fatal
     progress: bool = False  # tqdm bar on stderr
+    records: str = "auto"  # auto (from the first row's fields) | pairs | unpaired
+    kl_group: int = 8  # unpaired: KL completions rotate within groups of this many records
 
     def __post_init__(self):
+        if self.records not in ("auto", *unpaired_lib.RECORDS):
+            raise SettingsError(f"--records must be auto, pairs or unpaired, got {self.records!r}")
         if self.truncation not in ("none", "keep_start", "keep_end"):
             raise SettingsError(
                 f"--truncation must be none, keep_start or keep_end, got {self.truncation!r}"
             )
         if self.max_length < 2:
             raise SettingsError(f"--max_length must be >= 2, got {self.max_length}")
-        for name in ("records_per_shard", "max_row_bytes", "chunk_size"):
+        for name in ("records_per_shard", "max_row_bytes", "chunk_size", "kl_group"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"--{name} must be >= 1, got {getattr(self, name)}")
 
@@ -74,6 +83,10 @@ def _process_chunk(
     """Worker: validates and tokenizes rows; returns ("ok", ...) or ("reject", Reject) per row."""
     tok = tokenize.load_tokenizer(tokenizer_dir)
     out = []
+    if settings.records == "unpaired":
+        lengths = dict(max_length=settings.max_length, truncation=settings.truncation,
+                       max_prompt_length=settings.max_prompt_length)  # fmt: skip
+        return [unpaired_lib.encode_row(tok, raw, settings.fields, **lengths) for raw in rows]
     for raw in rows:
         pair = ingest.parse_row(raw, settings.fields)
         if isinstance(pair, schema.Reject):
@@ -197,6 +210,14 @@ class _Tally:
     )
     jaccard: list[float] = dataclasses.field(default_factory=list)
     levenshtein: list[int] = dataclasses.field(default_factory=list)
+    labels: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    def add_unpaired(self, rec: shards.UnpairedRecord) -> None:
+        p, c, k = len(rec.prompt), len(rec.completion), len(rec.kl_completion)
+        for key, n in (("prompt", p), ("completion", c), ("kl_completion", k),
+                       ("row_max", p + max(c, k)), ("prefix_row", p + c + k)):  # fmt: skip
+            self.lengths.setdefault(key, []).append(n)
+        self.labels[rec.label] += 1
 
     def add(self, rec: shards.PairRecord, jaccard: float, levenshtein: int) -> None:
         p, c, r = len(rec.prompt), len(rec.chosen), len(rec.rejected)
@@ -222,24 +243,39 @@ def _write(
     from tqdm import tqdm
 
     tally = _Tally()
-    bar = tqdm(desc="prepare", unit="pair", disable=not settings.progress)
+    unpaired = settings.records == "unpaired"
+    if unpaired:
+        tally.lengths = {k: [] for k in ("prompt", "completion", "kl_completion", "row_max",
+                                         "prefix_row")}  # fmt: skip
+    bar = tqdm(desc="prepare", unit="row" if unpaired else "pair", disable=not settings.progress)
     with open(os.path.join(writer.out_dir, shards.REJECTS), "w", encoding="utf-8") as rejects:
-        for chunk in _results(tokenizer_dir, settings, rows):
-            for item in chunk:
-                tally.read += 1
-                if item[0] == "ok":
-                    writer.write(item[1])
-                    tally.add(item[1], *item[2])
-                    continue
-                rej = item[1]
-                if settings.strict:
-                    raise PrepareError(
-                        f"{rej.file}:{rej.line}: {rej.field}: {rej.reason} {rej.detail}".strip()
-                        + " (--strict)"
-                    )
-                tally.by_reason[rej.reason] += 1
-                rejects.write(json.dumps(rej.to_json(), ensure_ascii=False) + "\n")
-            bar.update(len(chunk))
+
+        def accepted() -> Iterable[tuple]:
+            for chunk in _results(tokenizer_dir, settings, rows):
+                for item in chunk:
+                    tally.read += 1
+                    if item[0] == "ok":
+                        yield item
+                        continue
+                    rej = item[1]
+                    if settings.strict:
+                        raise PrepareError(
+                            f"{rej.file}:{rej.line}: {rej.field}: {rej.reason} {rej.detail}".strip()
+                            + " (--strict)"
+                        )
+                    tally.by_reason[rej.reason] += 1
+                    rejects.write(json.dumps(rej.to_json(), ensure_ascii=False) + "\n")
+                bar.update(len(chunk))
+
+        if unpaired:
+            examples = (item[1] for item in accepted())
+            for rec in unpaired_lib.with_kl(examples, settings.kl_group, settings.max_length):
+                writer.write(rec)
+                tally.add_unpaired(rec)
+        else:
+            for item in accepted():
+                writer.write(item[1])
+                tally.add(item[1], *item[2])
     bar.close()
     return tally
 
@@ -265,6 +301,9 @@ def prepare(
     inputs = ingest.check_inputs(inputs)
     tok_info = _tokenizer_info(tokenizer_dir)  # fail fast on a bad tokenizer
     rows = ingest.read_rows(inputs, split=settings.split, max_row_bytes=settings.max_row_bytes)
+    if settings.records == "auto":
+        kind, rows = unpaired_lib.detect(rows, settings.fields)
+        settings = dataclasses.replace(settings, records=kind)
     start = time.perf_counter()
     try:
         _clear_outputs(out_dir)
@@ -275,7 +314,8 @@ def prepare(
             paths = writer.close()
         manifest = {
             "format": FORMAT,
-            "record_layout": "int64[4] (source_index, n_prompt, n_chosen, n_rejected) + int32 ids",
+            "records": settings.records,
+            "record_layout": _RECORD_LAYOUTS[settings.records],
             "inputs": [os.path.abspath(p) if os.path.exists(p) else p for p in inputs],
             "tokenizer": tok_info,
             "settings": _settings_json(settings),
@@ -287,10 +327,7 @@ def prepare(
             },
             "shards": _shard_entries(paths, settings.records_per_shard, writer.count),
             "lengths": {k: stats.summarize(v) for k, v in tally.lengths.items()},
-            "contrastiveness": {
-                "jaccard_tokens": stats.summarize(tally.jaccard),
-                "levenshtein_chars": stats.summarize(tally.levenshtein),
-            },
+            **_record_stats(tally, settings.records),
             "seconds": round(time.perf_counter() - start, 3),
             "shard_fingerprint": shards.shard_fingerprint(out_dir) if paths else None,
         }
@@ -298,6 +335,19 @@ def prepare(
     except OSError as e:
         raise PrepareError(f"{e.filename or out_dir}: {e.strerror or e}") from None
     return manifest
+
+
+_RECORD_LAYOUTS = {
+    "pairs": "int64[4] (source_index, n_prompt, n_chosen, n_rejected) + int32 ids",
+    "unpaired": "int64[6] (-2, source_index, n_prompt, n_completion, n_kl, label) + int32 ids",
+}
+
+
+def _record_stats(tally: _Tally, records: str) -> dict[str, Any]:
+    if records == "unpaired":
+        return {"labels": {"desirable": tally.labels[True], "undesirable": tally.labels[False]}}
+    return {"contrastiveness": {"jaccard_tokens": stats.summarize(tally.jaccard),
+                                "levenshtein_chars": stats.summarize(tally.levenshtein)}}  # fmt: skip
 
 
 def _write_manifest(out_dir: str, manifest: dict[str, Any]) -> None:
@@ -367,6 +417,13 @@ def _flag_values() -> flags.FlagValues:
         **kw,
     )
     flags.DEFINE_bool("strict", False, "stop at the first rejected row (exit 2)", **kw)
+    flags.DEFINE_enum("records", d.records, ["auto", "pairs", "unpaired"],
+                      "pairs (prompt/chosen/rejected) or unpaired (prompt/completion/label); "
+                      "auto: from the first row's fields", **kw)  # fmt: skip
+    flags.DEFINE_integer("kl_group", d.kl_group, "unpaired: records per KL rotation group "
+                         "(TRL: the per-device batch size)", **kw)  # fmt: skip
+    flags.DEFINE_string("completion_field", d.fields.completion, "unpaired: completion field", **kw)
+    flags.DEFINE_string("label_field", d.fields.label, "unpaired: bool label field", **kw)
     flags.DEFINE_bool("progress", True, "show a progress bar on stderr", **kw)
     for name in ("input", "tokenizer", "out"):
         flags.mark_flag_as_required(name, flag_values=fv)
@@ -383,11 +440,13 @@ def run(argv: Sequence[str]) -> int:
     usage = "python -m apo_jax.data.prepare --input=PATH --tokenizer=DIR --out=DIR [flags]"
     if commands.parse(fv, argv, usage, __doc__.splitlines()[0])[1:]:
         raise commands.FlagError(f"unexpected arguments {list(argv)[1:]}: use --input=PATH")
-    fields = schema.FieldMap(fv.prompt_field, fv.chosen_field, fv.rejected_field, fv.system_field)
+    fields = schema.FieldMap(fv.prompt_field, fv.chosen_field, fv.rejected_field, fv.system_field,
+                             fv.completion_field, fv.label_field)  # fmt: skip
     settings = Settings(
         max_length=fv.max_length, max_prompt_length=fv.max_prompt_length, truncation=fv.truncation,
         fields=fields, split=fv.split, records_per_shard=fv.records_per_shard,
         max_row_bytes=fv.max_row_bytes, workers=fv.workers, strict=fv.strict, progress=fv.progress,
+        records=fv.records, kl_group=fv.kl_group,
     )  # fmt: skip
     manifest = prepare(fv.input, fv.tokenizer, fv.out, settings)
     print(summary_line(manifest))

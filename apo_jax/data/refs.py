@@ -1,16 +1,24 @@
 """Reference log-probs stored beside the shards, keyed by record index and shard fingerprint.
 
-The file ``reference_logps.npz`` holds ``index int64[M]``, ``chosen float32[M]``,
+Each reference gets its own file, ``reference_logps-<key>.npz``, where the key hashes the caller's
+fingerprint info (everything that changes the log-probs: reference weights, tokenizer, sequence
+length and truncation, dtype), so runs with other references keep theirs side by side and never
+overwrite one another. A file holds ``index int64[M]``, ``chosen float32[M]``,
 ``rejected float32[M]`` and ``meta`` (JSON: the shard fingerprint, the record count and the
-caller's fingerprint info, e.g. reference weights and tokenizer hashes). Loading refuses a file
-made for other shards, other fingerprint info, or one that misses records.
+fingerprint info). It is written under a unique temporary name and renamed, so a reader never sees
+half a file and concurrent writers of the same key leave one whole file. Loading refuses a file
+made for other shards, other fingerprint info, or one that misses records. When the shard
+directory is read-only the file goes to another directory (the run's workdir) that loading
+searches too (``search_dirs``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,7 +26,7 @@ import numpy as np
 from apo_jax.data import shards
 from apo_jax.errors import UserError
 
-REFERENCE_FILE = "reference_logps.npz"
+REFERENCE_PREFIX = "reference_logps"
 
 
 class ReferenceMismatchError(UserError, ValueError):
@@ -29,8 +37,53 @@ def _num_records(shard_dir: str) -> int:
     return int(shards.read_manifest(shard_dir)["counts"]["written"])
 
 
+def _canonical(info: Mapping[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(dict(info), sort_keys=True, default=str))
+
+
+def reference_key(fingerprint_info: Mapping[str, Any]) -> str:
+    """16 hex digits identifying `fingerprint_info` (the file name's key)."""
+    text = json.dumps(_canonical(fingerprint_info), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def reference_file(fingerprint_info: Mapping[str, Any]) -> str:
+    """The file name of the log-probs made with `fingerprint_info`."""
+    return f"{REFERENCE_PREFIX}-{reference_key(fingerprint_info)}.npz"
+
+
+def store_dir(shard_dir: str, workdir: str) -> str:
+    """Where a run keeps the log-probs of `shard_dir` when that directory is read-only."""
+    tag = hashlib.sha256(os.path.abspath(shard_dir).encode()).hexdigest()[:12]
+    return os.path.join(
+        workdir, "reference_logps", f"{os.path.basename(shard_dir.rstrip('/'))}-{tag}"
+    )
+
+
+def writable(directory: str) -> bool:
+    """Whether files can be created in `directory`."""
+    return os.path.isdir(directory) and os.access(directory, os.W_OK | os.X_OK)
+
+
+def find_reference_logps(
+    shard_dir: str, fingerprint_info: Mapping[str, Any], search_dirs: Sequence[str] = ()
+) -> str | None:
+    """The path of the log-probs made with `fingerprint_info`: beside the shards, else in the
+    first of `search_dirs` that holds them; None when there are none."""
+    name = reference_file(fingerprint_info)
+    for d in (shard_dir, *search_dirs):
+        if os.path.exists(os.path.join(d, name)):
+            return os.path.join(d, name)
+    return None
+
+
 def write_reference_logps(
-    shard_dir: str, index: Any, chosen: Any, rejected: Any, fingerprint_info: Mapping[str, Any]
+    shard_dir: str,
+    index: Any,
+    chosen: Any,
+    rejected: Any,
+    fingerprint_info: Mapping[str, Any],
+    out_dir: str | None = None,
 ) -> str:
     """Writes reference log-probs for the records of ``shard_dir``; returns the file path.
 
@@ -39,6 +92,7 @@ def write_reference_logps(
       index: int[M] record indices (as in the loader's ``index``), unique.
       chosen, rejected: float[M] summed completion log-probs under the reference model.
       fingerprint_info: JSON-able dict identifying the reference (weights hash, tokenizer ...).
+      out_dir: where to write (default: ``shard_dir``; made if missing).
 
     Raises:
       ValueError: shapes differ, indices repeat or fall outside the shards.
@@ -58,35 +112,50 @@ def write_reference_logps(
     meta = {
         "shard_fingerprint": shards.shard_fingerprint(shard_dir),
         "num_records": n,
-        "info": json.loads(json.dumps(dict(fingerprint_info), sort_keys=True)),
+        "info": _canonical(fingerprint_info),
     }
-    path = os.path.join(shard_dir, REFERENCE_FILE)
-    tmp = path + ".tmp.npz"
-    np.savez(
-        tmp, index=index_M, chosen=chosen_M, rejected=rejected_M, meta=np.array(json.dumps(meta))
-    )
-    os.replace(tmp, path)
+    out_dir = out_dir or shard_dir
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, reference_file(fingerprint_info))
+    fd, tmp = tempfile.mkstemp(prefix=f".{REFERENCE_PREFIX}-", suffix=".npz", dir=out_dir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, index=index_M, chosen=chosen_M, rejected=rejected_M,
+                     meta=np.array(json.dumps(meta)))  # fmt: skip
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return path
 
 
-def has_reference_logps(shard_dir: str) -> bool:
-    """True when a reference log-prob file sits beside the shards."""
-    return os.path.exists(os.path.join(shard_dir, REFERENCE_FILE))
+def has_reference_logps(
+    shard_dir: str, fingerprint_info: Mapping[str, Any], search_dirs: Sequence[str] = ()
+) -> bool:
+    """True when log-probs made with `fingerprint_info` sit beside the shards or in `search_dirs`."""
+    return find_reference_logps(shard_dir, fingerprint_info, search_dirs) is not None
 
 
 def load_reference_logps(
-    shard_dir: str, expected_info: Mapping[str, Any] | None = None
+    shard_dir: str, expected_info: Mapping[str, Any], search_dirs: Sequence[str] = ()
 ) -> tuple[np.ndarray, np.ndarray]:
     """Returns dense ``(chosen_R, rejected_R)`` float32 arrays indexed by record index.
 
+    Args:
+      shard_dir: the shards the log-probs belong to.
+      expected_info: the fingerprint info they must have been made with (it names the file).
+      search_dirs: other directories to look in when the file is not beside the shards.
+
     Raises:
-      ReferenceMismatchError: the file was made for other shards, for other fingerprint info
-        than ``expected_info``, or does not cover every record.
+      ReferenceMismatchError: no file for ``expected_info``, or the file was made for other
+        shards or other fingerprint info, or does not cover every record.
     """
-    path = os.path.join(shard_dir, REFERENCE_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"{path} does not exist: run the reference pass (apo_jax.reference) first"
+    path = find_reference_logps(shard_dir, expected_info, search_dirs)
+    if path is None:
+        raise ReferenceMismatchError(
+            f"no reference log-probs for fingerprint info {_canonical(expected_info)} beside "
+            f"{shard_dir}: run the reference pass (python -m apo_jax.reference) first"
         )
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(str(z["meta"]))
@@ -97,12 +166,11 @@ def load_reference_logps(
             f"{path} was computed for shards {meta['shard_fingerprint'][:12]}, these are {actual[:12]}: "
             "recompute reference log-probs after re-preparing the data"
         )
-    if expected_info is not None:
-        want = json.loads(json.dumps(dict(expected_info), sort_keys=True))
-        if meta["info"] != want:
-            raise ReferenceMismatchError(
-                f"{path} fingerprint info {meta['info']} != expected {want}: recompute it"
-            )
+    want = _canonical(expected_info)
+    if meta["info"] != want:
+        raise ReferenceMismatchError(
+            f"{path} fingerprint info {meta['info']} != expected {want}: recompute it"
+        )
     n = int(meta["num_records"])
     chosen_R = np.full(n, np.nan, np.float32)
     rejected_R = np.full(n, np.nan, np.float32)

@@ -2,7 +2,8 @@
 
 A raw row (one JSONL line, one Parquet row, ...) becomes a :class:`Pair` -- the prompt as a
 list of chat messages plus the final assistant answer of each side -- or a :class:`Reject`
-that says where the row came from, which field is at fault and why.
+that says where the row came from, which field is at fault and why. Unpaired rows (TRL's KTO
+layout: ``prompt``, ``completion``, ``label``) become an :class:`Unpaired` the same way.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ EMPTY_COMPLETION = "empty_completion"
 IDENTICAL_COMPLETIONS = "identical_completions"
 PROMPT_MISMATCH = "prompt_mismatch"
 TEMPLATE_NOT_PREFIX = "template_not_prefix_consistent"
+TEMPLATE_REWRITES_TEXT = "template_rewrites_text"  # e.g. Qwen3 drops <think> from earlier turns
 NO_END_OF_TURN = "no_end_of_turn"
 PROMPT_TOO_LONG = "prompt_too_long"
 PAIR_TOO_LONG = "pair_too_long"
@@ -42,6 +44,8 @@ class FieldMap:
     chosen: str = "chosen"
     rejected: str = "rejected"
     system: str | None = None  # optional field holding a system prompt string
+    completion: str = "completion"  # unpaired rows: the one completion
+    label: str = "label"  # unpaired rows: True desirable, False undesirable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +62,18 @@ class Pair:
     source_index: int  # position of the row in the whole input, over all files
     file: str
     line: int  # 1-based line (JSONL) or 0-based row (other formats)
+
+
+@dataclasses.dataclass(frozen=True)
+class Unpaired:
+    """One validated unpaired example: a prompt, one final assistant answer and its label."""
+
+    prompt: tuple[dict[str, str], ...]
+    completion: str
+    label: bool  # True: desirable
+    source_index: int
+    file: str
+    line: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +146,33 @@ def _check_prompt(prompt: list[dict[str, str]], field: str) -> None:
             raise RowError(f"{field}[{i}].role", BAD_ROLE, "system turn must come first")
 
 
+def _resolve_prompt(row: Mapping, fields: FieldMap, hist: list[dict[str, str]]) -> list[dict]:
+    """The prompt turns: the completion's own history (full conversations), else the prompt
+    field (a string is one user turn), with the optional system field put first; checked."""
+    prompt_value = row.get(fields.prompt)
+    if hist:  # full conversations carry the prompt themselves (CLAIR, implicit prompt)
+        prompt = hist
+        if isinstance(prompt_value, list):
+            given = _messages(prompt_value, fields.prompt)
+            prompt = hist if hist[: len(given)] == given else given + hist
+        elif prompt_value is not None and not isinstance(prompt_value, str):
+            raise RowError(fields.prompt, WRONG_TYPE, type(prompt_value).__name__)
+    elif prompt_value is None:
+        raise RowError(fields.prompt, MISSING_FIELD)
+    elif isinstance(prompt_value, str):
+        prompt = [{"role": "user", "content": prompt_value}]
+    else:
+        prompt = _messages(prompt_value, fields.prompt)
+    if fields.system and row.get(fields.system):
+        system = row[fields.system]
+        if not isinstance(system, str):
+            raise RowError(fields.system, WRONG_TYPE, type(system).__name__)
+        if prompt and prompt[0]["role"] != "system":
+            prompt = [{"role": "system", "content": system}] + prompt
+    _check_prompt(prompt, fields.prompt)
+    return prompt
+
+
 def to_pair(row: Any, fields: FieldMap, *, source_index: int, file: str, line: int) -> Pair:
     """Validates one raw row and returns a :class:`Pair`.
 
@@ -150,30 +193,35 @@ def to_pair(row: Any, fields: FieldMap, *, source_index: int, file: str, line: i
     hist_r, rejected = _completion(row[fields.rejected], fields.rejected)
     if hist_c != hist_r:
         raise RowError(fields.rejected, PROMPT_MISMATCH, "chosen and rejected histories differ")
-    prompt_value = row.get(fields.prompt)
-    if hist_c:  # full conversations carry the prompt themselves (CLAIR, implicit prompt)
-        prompt = hist_c
-        if isinstance(prompt_value, list):
-            given = _messages(prompt_value, fields.prompt)
-            prompt = hist_c if hist_c[: len(given)] == given else given + hist_c
-        elif prompt_value is not None and not isinstance(prompt_value, str):
-            raise RowError(fields.prompt, WRONG_TYPE, type(prompt_value).__name__)
-    elif prompt_value is None:
-        raise RowError(fields.prompt, MISSING_FIELD)
-    elif isinstance(prompt_value, str):
-        prompt = [{"role": "user", "content": prompt_value}]
-    else:
-        prompt = _messages(prompt_value, fields.prompt)
-    if fields.system and row.get(fields.system):
-        system = row[fields.system]
-        if not isinstance(system, str):
-            raise RowError(fields.system, WRONG_TYPE, type(system).__name__)
-        if prompt and prompt[0]["role"] != "system":
-            prompt = [{"role": "system", "content": system}] + prompt
-    _check_prompt(prompt, fields.prompt)
+    prompt = _resolve_prompt(row, fields, hist_c)
     for name, text in ((fields.chosen, chosen), (fields.rejected, rejected)):
         if not text.strip():
             raise RowError(name, EMPTY_COMPLETION, "empty or whitespace-only")
     if chosen.strip() == rejected.strip():
         raise RowError(fields.rejected, IDENTICAL_COMPLETIONS)
     return Pair(tuple(prompt), chosen, rejected, source_index, file, line)
+
+
+def to_unpaired(row: Any, fields: FieldMap, *, source_index: int, file: str, line: int) -> Unpaired:
+    """Validates one unpaired row (TRL's layout) and returns an :class:`Unpaired`.
+
+    Accepts TRL standard (``prompt`` and ``completion`` strings) and conversational (``prompt``
+    a message list, ``completion`` the assistant turn(s)), or full conversations in
+    ``completion`` without a ``prompt`` field; ``label`` must be a bool.
+
+    Raises:
+      RowError: with the field and reason when the row is unusable.
+    """
+    if not isinstance(row, Mapping):
+        raise RowError("<row>", NOT_AN_OBJECT, type(row).__name__)
+    for name in (fields.completion, fields.label):
+        if name not in row or row[name] is None:
+            raise RowError(name, MISSING_FIELD)
+    label = row[fields.label]
+    if not isinstance(label, bool):
+        raise RowError(fields.label, WRONG_TYPE, f"expected true or false, got {label!r}"[:80])
+    hist, completion = _completion(row[fields.completion], fields.completion)
+    prompt = _resolve_prompt(row, fields, hist)
+    if not completion.strip():
+        raise RowError(fields.completion, EMPTY_COMPLETION, "empty or whitespace-only")
+    return Unpaired(tuple(prompt), completion, label, source_index, file, line)

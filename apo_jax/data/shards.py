@@ -1,7 +1,10 @@
 """ArrayRecord shards of tokenized pairs: record serialization, writing, reading, fingerprints.
 
 One record = ``int64[4]`` header ``(source_index, n_prompt, n_chosen, n_rejected)`` followed by
-the ``int32`` token ids of prompt, chosen and rejected, little-endian. Shards are named
+the ``int32`` token ids of prompt, chosen and rejected, little-endian. An unpaired record
+(:class:`UnpairedRecord`) has the header ``int64[6]`` ``(-2, source_index, n_prompt,
+n_completion, n_kl, label)`` (the negative first word tells them apart) and the ids of prompt,
+completion and KL completion. Shards are named
 ``pairs-00000.array_record`` ...; records are numbered globally in shard order (the *record
 index* that the loader returns and reference log-probs are keyed by).
 
@@ -49,8 +52,41 @@ class PairRecord:
     source_index: int
 
 
-def serialize(rec: PairRecord) -> bytes:
+@dataclasses.dataclass(frozen=True)
+class UnpairedRecord:
+    """A tokenized unpaired example: one completion labelled desirable or not, and the KL
+    completion (another record's completion) that makes its mismatched pair for the KL estimate.
+
+    ``chosen`` and ``rejected`` name the completion and the KL completion, so the pair layouts
+    and the reference pass read it as the pair (x, y) / (x, y'): stored reference log-probs of an
+    unpaired record are ``chosen`` = log pi_ref(y|x) and ``rejected`` = log pi_ref(y'|x).
+    """
+
+    prompt: np.ndarray  # int32[P]
+    completion: np.ndarray  # int32[C], includes the end-of-turn token(s)
+    kl_completion: np.ndarray  # int32[K]
+    label: bool  # True: desirable
+    source_index: int
+
+    @property
+    def chosen(self) -> np.ndarray:
+        return self.completion
+
+    @property
+    def rejected(self) -> np.ndarray:
+        return self.kl_completion
+
+
+_UNPAIRED = -2  # first header word of an unpaired record
+
+
+def serialize(rec: PairRecord | UnpairedRecord) -> bytes:
     """Encodes a record as header + token bytes."""
+    if isinstance(rec, UnpairedRecord):
+        header = np.array([_UNPAIRED, rec.source_index, len(rec.prompt), len(rec.completion),
+                           len(rec.kl_completion), int(rec.label)], _HEADER)  # fmt: skip
+        tokens = np.concatenate([rec.prompt, rec.completion, rec.kl_completion]).astype(_TOKENS)
+        return header.tobytes() + tokens.tobytes()
     header = np.array(
         [rec.source_index, len(rec.prompt), len(rec.chosen), len(rec.rejected)], _HEADER
     )
@@ -58,22 +94,35 @@ def serialize(rec: PairRecord) -> bytes:
     return header.tobytes() + tokens.tobytes()
 
 
-def deserialize(data: bytes) -> PairRecord:
+def deserialize(data: bytes) -> PairRecord | UnpairedRecord:
     """Decodes bytes written by :func:`serialize`.
 
     Raises:
       ShardError: the bytes do not hold a record (header and token count disagree).
     """
-    if len(data) < 4 * _HEADER.itemsize or (len(data) - 4 * _HEADER.itemsize) % _TOKENS.itemsize:
+    words = 6 if len(data) >= _HEADER.itemsize and _first_word(data) == _UNPAIRED else 4
+    if len(data) < words * _HEADER.itemsize or (len(data) - words * 8) % _TOKENS.itemsize:
         raise ShardError(f"corrupt record of {len(data)} bytes; run apo_jax.data.shards.verify")
-    source_index, n_p, n_c, n_r = np.frombuffer(data, _HEADER, count=4).tolist()
-    tokens = np.frombuffer(data, _TOKENS, offset=4 * _HEADER.itemsize).astype(np.int32)
+    header = np.frombuffer(data, _HEADER, count=words).tolist()
+    tokens = np.frombuffer(data, _TOKENS, offset=words * _HEADER.itemsize).astype(np.int32)
+    if words == 6:
+        _, source_index, n_p, n_c, n_k, label = header
+        if tokens.size != n_p + n_c + n_k:
+            raise ShardError(f"corrupt record: {tokens.size} tokens, header says {n_p + n_c + n_k}; "
+                             "run apo_jax.data.shards.verify")  # fmt: skip
+        p, c, k = np.split(tokens, [n_p, n_p + n_c])
+        return UnpairedRecord(p, c, k, bool(label), source_index)
+    source_index, n_p, n_c, n_r = header
     if tokens.size != n_p + n_c + n_r:
         raise ShardError(
             f"corrupt record: {tokens.size} tokens, header says {n_p + n_c + n_r}; "
             "run apo_jax.data.shards.verify"
         )
     return PairRecord(tokens[:n_p], tokens[n_p : n_p + n_c], tokens[n_p + n_c :], source_index)
+
+
+def _first_word(data: bytes) -> int:
+    return int(np.frombuffer(data, _HEADER, count=1)[0])
 
 
 class ShardWriter:
@@ -90,7 +139,7 @@ class ShardWriter:
         self._writer: Any = None
         self.count, self.paths = 0, []
 
-    def write(self, rec: PairRecord) -> int:
+    def write(self, rec: PairRecord | UnpairedRecord) -> int:
         """Appends a record; returns its global record index."""
         if self.count % self.records_per_shard == 0:
             self._close_current()
@@ -296,7 +345,12 @@ def open_source(shard_dir: str) -> ShardSource:
     return ShardSource(shard_paths(shard_dir))
 
 
-def read_records(shard_dir: str) -> list[PairRecord]:
+def read_records(shard_dir: str) -> list[PairRecord | UnpairedRecord]:
     """Reads every record of a prepared directory (small data, tests, stats)."""
     source = open_source(shard_dir)
     return [deserialize(source[i]) for i in range(len(source))]
+
+
+def record_kind(manifest: dict[str, Any]) -> str:
+    """'pairs' or 'unpaired': what the records of a prepared directory are."""
+    return str(manifest.get("records", "pairs"))

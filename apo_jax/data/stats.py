@@ -80,7 +80,11 @@ def _shard_pairs(
 
     from apo_jax.data import shards, tokenize
 
-    tok_dir = tokenizer_dir or shards.read_manifest(shard_dir)["tokenizer"]["dir"]
+    manifest = shards.read_manifest(shard_dir)
+    if shards.record_kind(manifest) == "unpaired":
+        raise StatsError(f"{shard_dir} holds unpaired records: contrastiveness compares the two "
+                         "completions of a pair; run it on the pair data instead")  # fmt: skip
+    tok_dir = tokenizer_dir or manifest["tokenizer"]["dir"]
     tok = tokenize.load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
     rows = []
     for i, rec in enumerate(shards.read_records(shard_dir)):

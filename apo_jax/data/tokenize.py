@@ -12,6 +12,9 @@ huge row costs no tokenizer memory. Message text holding a special-token string 
 (``<|eot_id|>``, ``<|start_header_id|>`` ...) is rejected as ``special_token_in_text``: the
 rendered conversation is tokenized as one string, so such text would become real control tokens
 and could forge turns.
+
+A template that does not render a message as written (Qwen3 drops the ``<think>`` reasoning of
+assistant turns before the last user turn) is rejected as ``template_rewrites_text``.
 """
 
 from __future__ import annotations
@@ -114,6 +117,33 @@ def _generation_header_ids(tok: Any) -> tuple[int, ...]:
     return tuple(_encode(tok, with_header[len(without) :]))
 
 
+@functools.lru_cache(maxsize=4)
+def end_of_turn_ids(tok: Any) -> tuple[int, ...]:
+    """The token that ends an assistant turn in the chat template, and the tokenizer's eos.
+
+    Found by rendering a one-turn chat: the first special token after the answer is the
+    family's end of turn (`<|eot_id|>` Llama-3, `<|im_end|>` Qwen, `<end_of_turn>` Gemma,
+    `</s>` Mistral). Generation stops on these.
+    """
+    ids = [] if tok.eos_token_id is None else [int(tok.eos_token_id)]
+    answer = "apo_jax end of turn probe"
+    msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": answer}]
+    try:
+        text = _render(tok, msgs, False)
+    except schema.RowError:
+        return tuple(ids)
+    at = text.rfind(answer)
+    special = set(getattr(tok, "all_special_ids", ())) | {
+        i for i, t in getattr(tok, "added_tokens_decoder", {}).items() if t.special
+    }
+    if at >= 0:
+        for tid in _encode(tok, text[at + len(answer) :]):
+            if tid in special:
+                ids.insert(0, int(tid))
+                break
+    return tuple(dict.fromkeys(ids))
+
+
 def _encode_many(tok: Any, texts: list[str]) -> list[list[int]]:
     """Token ids of rendered texts (special tokens come from the template, none are added)."""
     backend = getattr(tok, "backend_tokenizer", None)
@@ -122,6 +152,24 @@ def _encode_many(tok: Any, texts: list[str]) -> list[list[int]]:
     ):  # the Rust tokenizer directly; encode_batch's thread pool costs more here
         return [backend.encode(t, add_special_tokens=False).ids for t in texts]
     return [_encode(tok, t) for t in texts]
+
+
+def _check_history(prompt: list[dict[str, str]], prompt_text: str) -> None:
+    """Every prompt message must appear, as written, in the prompt render.
+
+    Qwen3's template drops the `<think>` reasoning of assistant turns before the last user turn,
+    so the model would train on a conversation other than the one in the data (and the render
+    of a turn depends on what follows it). Such rows are rejected; strip the reasoning from
+    earlier turns upstream to keep them.
+    """
+    for i, message in enumerate(prompt):
+        if message["content"].strip() not in prompt_text:
+            raise schema.RowError(
+                f"prompt[{i}].content",
+                schema.TEMPLATE_REWRITES_TEXT,
+                "the chat template does not render this message as written (Qwen3 drops the "
+                "<think> reasoning of earlier assistant turns)",
+            )
 
 
 def _check_render(prompt_text: str, full_text: str, answer: str, field: str) -> None:
@@ -134,7 +182,9 @@ def _check_render(prompt_text: str, full_text: str, answer: str, field: str) -> 
     at = completion_text.rfind(stripped)
     if at < 0:
         raise schema.RowError(
-            field, schema.TEMPLATE_NOT_PREFIX, "answer text not found after the prompt render"
+            field,
+            schema.TEMPLATE_REWRITES_TEXT,
+            "the answer is not rendered as written (e.g. Qwen3 reformats <think> reasoning)",
         )
     if not completion_text[at + len(stripped) :].strip():
         raise schema.RowError(
@@ -149,9 +199,11 @@ def split_pair(
 
     Raises:
       RowError: TEMPLATE_NOT_PREFIX when the prompt render is not a text and token prefix of a
-        full render; NO_END_OF_TURN when the template appends nothing after the answer.
+        full render; TEMPLATE_REWRITES_TEXT when a message or the answer is not rendered as
+        written; NO_END_OF_TURN when the template appends nothing after the answer.
     """
     prompt_text = _render(tok, prompt, True)
+    _check_history(prompt, prompt_text)
     fulls = [
         _render(tok, prompt + [{"role": "assistant", "content": a}], False)
         for a in (chosen, rejected)

@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 
+from apo_jax.data import tokenize
 from apo_jax.errors import UserError
 from apo_jax.eval import prompts as prompts_lib
 from apo_jax.eval import scoring
@@ -77,11 +78,11 @@ def stop_token_ids(tokenizer: Any, model_dir: str | None = None) -> list[int]:
     """Token ids that end a response: the tokenizer's eos and the model's eos ids.
 
     The model's ids come from `generation_config.json` (what transformers' `generate` stops on),
-    else from `config.json`. Llama-3-Instruct lists `<|eot_id|>` there, the end of a turn.
+    else from `config.json`. Llama-3-Instruct lists `<|eot_id|>` there, the end of a turn; the
+    chat template's own end-of-turn token (`data.tokenize.end_of_turn_ids`: `<|im_end|>`,
+    `<end_of_turn>` ...) is included too, so a tokenizer alone suffices.
     """
-    ids = []
-    if tokenizer.eos_token_id is not None:
-        ids.append(int(tokenizer.eos_token_id))
+    ids = list(tokenize.end_of_turn_ids(tokenizer))  # eos and the template's end of turn
     for name in ("generation_config.json", "config.json"):
         path = os.path.join(model_dir, name) if model_dir else ""
         if path and os.path.exists(path):

@@ -54,10 +54,22 @@ class Settings:
 
 
 def resolve_model_dir(path: str) -> str:
-    """The Hugging Face directory of `--model`: the path itself, or a training workdir's hf/."""
+    """The Hugging Face directory of `--model`: the path itself (a checkpoint, or a PEFT LoRA
+    adapter whose base is a local checkpoint), or a training workdir's hf/."""
+    from apo_jax.models import lora
+
     if not os.path.isdir(path):
         raise EvalError(f"--model={path}: no such directory")
     if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    if lora.is_adapter_dir(path):
+        base = lora.config_dir(path)
+        if not base or not os.path.exists(os.path.join(base, "config.json")):
+            where = base or "none recorded"
+            raise EvalError(
+                f"--model={path} is a LoRA adapter whose base model ({where}) is not a local "
+                "checkpoint directory"
+            )
         return path
     hf_dir = os.path.join(path, "hf")
     if os.path.exists(os.path.join(hf_dir, "config.json")):
@@ -81,17 +93,24 @@ def default_model_name(model_arg: str, model_dir: str) -> str:
 
 
 def _max_positions(model_dir: str) -> int:
-    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+    from apo_jax.models import lora
+
+    with open(os.path.join(lora.config_dir(model_dir), "config.json"), encoding="utf-8") as f:
         cfg = json.load(f)
     return int(cfg.get("max_position_embeddings") or 1 << 30)
 
 
 def weights_fingerprint(model_dir: str) -> str:
     """Identifies the weights without reading them all: config.json and each safetensors file's
-    name, size and first MiB (the safetensors header, which holds every tensor's offsets)."""
+    name, size and first MiB (the safetensors header, which holds every tensor's offsets); for a
+    LoRA adapter its config, its weights and its base's fingerprint."""
+    from apo_jax.models import lora
+
     h = hashlib.sha256()
+    if lora.config_dir(model_dir) != model_dir:
+        h.update(weights_fingerprint(lora.config_dir(model_dir)).encode())
     for name in sorted(os.listdir(model_dir)):
-        if name == "config.json" or name.endswith(".safetensors"):
+        if name in ("config.json", lora.ADAPTER_CONFIG) or name.endswith(".safetensors"):
             path = os.path.join(model_dir, name)
             h.update(f"{name}:{os.path.getsize(path)}".encode())
             with open(path, "rb") as f:
@@ -103,6 +122,15 @@ def _write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     os.replace(path + ".tmp", path)
+
+
+def _tokenizer_dir(model_dir: str) -> str:
+    """The model's own directory, or a LoRA adapter's base when the adapter has no tokenizer."""
+    from apo_jax.models import lora
+
+    if os.path.exists(os.path.join(model_dir, "tokenizer.json")):
+        return model_dir
+    return lora.config_dir(model_dir)
 
 
 def _load_tokenizer(tok_dir: str) -> Any:
@@ -141,7 +169,7 @@ def _generate(
 ) -> generation.Generator:
     """Loads the model onto the mesh and generates every missing response into `done` and `log`."""
     from apo_jax import sharding
-    from apo_jax.models import hf
+    from apo_jax.models import hf, lora
 
     try:
         mesh = sharding.make_mesh(*s.mesh)
@@ -153,10 +181,13 @@ def _generate(
             f"--batch_size={s.batch_size} must be a multiple of mesh data x fsdp = {shards}"
         )
     try:
-        model, _ = hf.load_hf(model_dir, mesh=mesh, dtype=s.dtype, param_dtype=s.dtype)
+        model, _ = lora.load_merged(model_dir, mesh=mesh, dtype=s.dtype, param_dtype=s.dtype)
     except (hf.CheckpointError, ValueError) as e:
         raise EvalError(f"--model: {e}") from None
-    stops = generation.stop_token_ids(tokenizer, model_dir)
+    has_gen = os.path.exists(os.path.join(model_dir, "generation_config.json"))
+    stops = generation.stop_token_ids(
+        tokenizer, model_dir if has_gen else lora.config_dir(model_dir)
+    )
     gen = generation.Generator(
         model, tokenizer, s.sampling, batch_size=s.batch_size, stop_tokens=stops, mesh=mesh
     )
@@ -188,7 +219,7 @@ def run(s: Settings, *, on_batch: Callable[[int], None] | None = None) -> dict[s
 
         judge.check(s.judge)
     model_dir = resolve_model_dir(s.model)
-    tok_dir = s.tokenizer or model_dir
+    tok_dir = s.tokenizer or _tokenizer_dir(model_dir)
     tokenizer = _load_tokenizer(tok_dir)
     checker = scoring.load_checker(s.checker) if s.checker else None
     os.makedirs(s.out, exist_ok=True)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from apo_jax import logprobs
 from apo_jax.data import shards
 from apo_jax.layouts import base
 from apo_jax.logprobs import sequence_logps
@@ -42,31 +43,10 @@ class Concat(base.Layout):
         self, records: Sequence[shards.PairRecord | None], spec: base.RowSpec
     ) -> dict[str, np.ndarray]:
         """2N rows: prompt + chosen of each pair, then prompt + rejected."""
-        n = len(records)
         sides = [(r.prompt, r.chosen) if r else None for r in records] + [
             (r.prompt, r.rejected) if r else None for r in records
         ]
-        needed = max([len(p) + len(c) for p, c in filter(None, sides)], default=1)
-        t = base.pick_length(needed, spec.seq_len, spec.buckets)
-        ids = np.full((2 * n, t), spec.pad_id, np.int32)
-        completion = np.zeros((2 * n, t), np.int32)
-        positions = np.zeros((2 * n, t), np.int32)
-        segments = np.zeros((2 * n, t), np.int32)
-        for row, side in enumerate(sides):
-            if side is None:
-                continue
-            p, c = side
-            L = len(p) + len(c)
-            ids[row, : len(p)], ids[row, len(p) : L] = p, c
-            completion[row, len(p) : L] = 1
-            positions[row, :L] = np.arange(L)
-            segments[row, :L] = 1
-        return {
-            "input_ids": ids,
-            "completion_mask": completion,
-            "positions": positions,
-            "segment_ids": segments,
-        }
+        return sequence_rows(sides, spec)
 
     def global_batch(
         self, batch: base.Batch, sharding: Any, *, micro_batches: int = 1, same_shape: bool = False
@@ -90,6 +70,38 @@ class Concat(base.Layout):
         n = logps_R.shape[0] // 2
         return base.SideLogps(logps_R[:n], logps_R[n:], counts_R[:n], counts_R[n:])
 
+    def regularized_logps(
+        self, graphdef: Any, params: Any, batch: base.Batch, chunk: int, *, ld_alpha: float,
+        wpo: bool,
+    ) -> tuple[base.SideLogps, Any, Any]:  # fmt: skip
+        """:meth:`pair_logps` with TRL's DPO options, from one forward pass.
+
+        Args:
+          ld_alpha: LD-DPO's weight of the longer completion's tail (1: plain sums).
+          wpo: also return the WPO weights of each side (:func:`apo_jax.logprobs.wpo_weights`).
+
+        Returns:
+          ``(SideLogps, chosen_weight_N, rejected_weight_N)``; the weights are None without wpo.
+          Token counts stay the unweighted completion lengths.
+        """
+        model = nnx.merge(graphdef, params)
+        hidden_BxTxD = model(batch["input_ids"], positions_BxT=batch["positions"],
+                             segment_ids_BxT=None, attn_mask_BxTxT=None, return_hidden=True)  # fmt: skip
+        mask_BxT = batch["completion_mask"]
+        n = mask_BxT.shape[0] // 2
+        ld_w, ld_l = logprobs.ld_mask(mask_BxT[:n], mask_BxT[n:], ld_alpha)
+        masks_KxBxT = jnp.stack([jnp.concatenate([ld_w, ld_l]), mask_BxT.astype(jnp.float32)])
+        sums_KxB, counts_KxB = logprobs.segment_logps(
+            hidden_BxTxD, model.unembedding(), batch["input_ids"], masks_KxBxT, chunk_size=chunk
+        )
+        logps_B, counts_B = sums_KxB[0], counts_KxB[1]
+        side = base.SideLogps(logps_B[:n], logps_B[n:], counts_B[:n], counts_B[n:])
+        if not wpo:
+            return side, None, None
+        w_B = logprobs.wpo_weights(hidden_BxTxD, model.unembedding(), batch["input_ids"],
+                                   mask_BxT, chunk_size=chunk)  # fmt: skip
+        return side, w_B[:n], w_B[n:]
+
     def micro_batches(self, batch: base.Batch, k: int) -> dict[str, Any]:
         """k micro-batches of N/k pairs, stacked on axis 0, each chosen rows then rejected rows."""
         n = batch["index"].shape[0]
@@ -103,6 +115,34 @@ class Concat(base.Layout):
             else:  # one value per pair
                 out[key] = x.reshape(k, n // k, *x.shape[1:])
         return out
+
+
+def sequence_rows(
+    sides: Sequence[tuple[np.ndarray, np.ndarray] | None], spec: base.RowSpec
+) -> dict[str, np.ndarray]:
+    """One right-padded row per (prompt, completion) (None: a padding row), as concat lays them."""
+    rows = len(sides)
+    needed = max([len(p) + len(c) for p, c in filter(None, sides)], default=1)
+    t = base.pick_length(needed, spec.seq_len, spec.buckets)
+    ids = np.full((rows, t), spec.pad_id, np.int32)
+    completion = np.zeros((rows, t), np.int32)
+    positions = np.zeros((rows, t), np.int32)
+    segments = np.zeros((rows, t), np.int32)
+    for row, side in enumerate(sides):
+        if side is None:
+            continue
+        p, c = side
+        L = len(p) + len(c)
+        ids[row, : len(p)], ids[row, len(p) : L] = p, c
+        completion[row, len(p) : L] = 1
+        positions[row, :L] = np.arange(L)
+        segments[row, :L] = 1
+    return {
+        "input_ids": ids,
+        "completion_mask": completion,
+        "positions": positions,
+        "segment_ids": segments,
+    }
 
 
 def row_logps(graphdef: Any, params: Any, batch: base.Batch, chunk: int) -> tuple[Any, Any]:

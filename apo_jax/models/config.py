@@ -1,8 +1,14 @@
-"""LlamaConfig: the Llama-3 family's shape, RoPE, dtype and compilation settings, with presets.
+"""LlamaConfig: shape, RoPE, dtype and compilation settings of the decoder, with presets.
 
-`LlamaConfig.from_hf` reads a Hugging Face `config.json` (dict or path) in both the
+The family fields (`family`, `qkv_bias`, `qk_norm`, `sliding_window`, `layer_types`,
+`rope_local_theta`, `norm_offset`, `embed_scale`, `mlp_activation`, `post_norms`,
+`query_pre_attn_scalar`) default to Llama-3; `families.py` sets them from other families'
+`config.json`.
+
+`LlamaConfig.from_hf` reads a Hugging Face Llama `config.json` (dict or path) in both the
 transformers-4 layout (`rope_theta` + `rope_scaling`) and the transformers-5 layout
-(`rope_parameters`); `to_hf` writes a dict that either version loads.
+(`rope_parameters`); `to_hf` writes a dict that either version loads (other families:
+`families.config_from_hf` / `families.to_hf`).
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ from typing import Any
 from apo_jax.errors import UserError
 
 REMAT_POLICIES = ("none", "full", "save_dots")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma3")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "blocked")
 
@@ -38,6 +47,13 @@ class Llama3RopeScaling:
 
 
 @dataclasses.dataclass(frozen=True)
+class LinearRopeScaling:
+    """The `linear` RoPE rule (Gemma 3's global layers): every inverse frequency divided by `factor`."""
+
+    factor: float = 8.0
+
+
+@dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     """Shape and numerics of a Llama-3-style decoder. Hashable, so it can be a static jit arg."""
 
@@ -49,7 +65,7 @@ class LlamaConfig:
     head_dim: int = 16  # Dh, may differ from D / H
     mlp_dim: int = 192  # F, HF intermediate_size
     rope_theta: float = 500_000.0  # RoPE base
-    rope_scaling: Llama3RopeScaling | None = None  # None = plain RoPE
+    rope_scaling: Llama3RopeScaling | LinearRopeScaling | None = None  # None = plain RoPE
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = False  # lm_head shares embed_tokens
     max_seq_len: int = 512  # HF max_position_embeddings
@@ -58,6 +74,18 @@ class LlamaConfig:
     remat: str = "none"  # 'none' | 'full' | 'save_dots' per layer
     scan_layers: bool = True  # stacked params + lax.scan; False = unrolled python loop
     attention: str = "auto"  # 'xla' | 'cudnn' (GPU flash) | 'blocked' | 'auto', see models.md
+    # Family differences (docs/models.md); the defaults are Llama's.
+    family: str = "llama"  # FAMILIES: picks the HF name table and config.json writer
+    qkv_bias: bool = False  # bias on q/k/v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm over head_dim on queries and keys before RoPE (Qwen3, Gemma3)
+    sliding_window: int | None = None  # sliding layers see keys < this many positions back
+    layer_types: tuple[str, ...] | None = None  # per layer; None: all sliding iff sliding_window
+    rope_local_theta: float | None = None  # RoPE base of sliding layers, unscaled (None: as global)
+    norm_offset: float = 0.0  # RMSNorm scale is (norm_offset + w), all in float32 (Gemma: 1)
+    embed_scale: bool = False  # embeddings times sqrt(d_model) (Gemma)
+    mlp_activation: str = "silu"  # 'silu' (SwiGLU) | 'gelu_tanh' (GeGLU, Gemma)
+    post_norms: bool = False  # RMSNorm on attention and MLP outputs too (Gemma 3 sandwich)
+    query_pre_attn_scalar: float | None = None  # attention scale**-2 (None: head_dim)
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim"):
@@ -90,10 +118,55 @@ class LlamaConfig:
         if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
             raise ConfigError("LlamaConfig.rope_theta and rms_norm_eps must be positive")
         rs = self.rope_scaling
-        if rs is not None and not isinstance(rs, Llama3RopeScaling):
-            raise ConfigError("LlamaConfig.rope_scaling must be a Llama3RopeScaling or None")
-        if rs is not None and rs.high_freq_factor <= rs.low_freq_factor:
+        if rs is not None and not isinstance(rs, Llama3RopeScaling | LinearRopeScaling):
+            raise ConfigError(
+                "LlamaConfig.rope_scaling must be a Llama3RopeScaling, LinearRopeScaling or None"
+            )
+        if isinstance(rs, Llama3RopeScaling) and rs.high_freq_factor <= rs.low_freq_factor:
             raise ConfigError("rope_scaling.high_freq_factor must exceed low_freq_factor")
+        self._check_family_fields()
+
+    def _check_family_fields(self) -> None:
+        if self.family not in FAMILIES:
+            raise ConfigError(f"LlamaConfig.family must be one of {FAMILIES}, got {self.family!r}")
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            raise ConfigError(
+                f"LlamaConfig.mlp_activation must be one of {MLP_ACTIVATIONS}, "
+                f"got {self.mlp_activation!r}"
+            )
+        sw = self.sliding_window
+        if sw is not None and (not isinstance(sw, int) or sw <= 0):
+            raise ConfigError(
+                f"LlamaConfig.sliding_window must be a positive int or None, got {sw!r}"
+            )
+        lt = self.layer_types
+        if lt is not None:
+            if not isinstance(lt, tuple) or len(lt) != self.n_layers:
+                raise ConfigError(
+                    f"LlamaConfig.layer_types must be a tuple of n_layers ({self.n_layers}) names"
+                )
+            if any(t not in LAYER_TYPES for t in lt):
+                raise ConfigError(f"LlamaConfig.layer_types entries must be one of {LAYER_TYPES}")
+            if "sliding_attention" in lt and sw is None:
+                raise ConfigError(
+                    "LlamaConfig.layer_types has sliding layers but no sliding_window"
+                )
+        for name in ("rope_local_theta", "query_pre_attn_scalar"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"LlamaConfig.{name} must be positive or None, got {value!r}")
+
+    @property
+    def sliding_layers(self) -> tuple[bool, ...]:
+        """Per layer: does it attend within `sliding_window` (True) or to every earlier key."""
+        if self.layer_types is None:
+            return (self.sliding_window is not None,) * self.n_layers
+        return tuple(t == "sliding_attention" for t in self.layer_types)
+
+    @property
+    def attn_scale(self) -> float:
+        """The factor on query-key scores: query_pre_attn_scalar**-0.5, by default head_dim**-0.5."""
+        return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     def replace(self, **overrides: Any) -> LlamaConfig:
         """Returns a copy with `overrides` applied (validated again)."""
@@ -104,7 +177,8 @@ class LlamaConfig:
         """Number of parameters (embedding counted once when tied)."""
         D, F, Dh = self.d_model, self.mlp_dim, self.head_dim
         attn = D * Dh * (2 * self.n_heads + 2 * self.n_kv_heads)
-        layer = attn + 3 * D * F + 2 * D
+        attn += self.qkv_bias * Dh * (self.n_heads + 2 * self.n_kv_heads) + self.qk_norm * 2 * Dh
+        layer = attn + 3 * D * F + (4 if self.post_norms else 2) * D
         emb = self.vocab_size * D * (1 if self.tie_embeddings else 2)
         return self.n_layers * layer + emb + D
 
@@ -171,7 +245,15 @@ class LlamaConfig:
         return cls(**fields)
 
     def to_hf(self) -> dict[str, Any]:
-        """Returns a Hugging Face `LlamaForCausalLM` config dict (readable by transformers 4 and 5)."""
+        """Returns a Hugging Face `LlamaForCausalLM` config dict (readable by transformers 4 and 5).
+
+        Llama only; `apo_jax.models.families.to_hf` writes every family.
+        """
+        if self.family != "llama":
+            raise ConfigError(
+                f"LlamaConfig.to_hf writes Llama configs; use apo_jax.models.families.to_hf "
+                f"for family {self.family!r}"
+            )
         rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling is not None:
             rope = {"rope_type": "llama3", "rope_theta": self.rope_theta}
@@ -200,12 +282,28 @@ class LlamaConfig:
 
 def _coerce(overrides: dict[str, Any]) -> dict[str, Any]:
     out = dict(overrides)
-    if isinstance(out.get("rope_scaling"), dict):
-        out["rope_scaling"] = Llama3RopeScaling(**out["rope_scaling"])
+    rs = out.get("rope_scaling")
+    if isinstance(rs, dict):  # {'rope_type': 'linear', 'factor': f} or the llama3 fields
+        rs = dict(rs)
+        linear = rs.pop("rope_type", "llama3") == "linear"
+        out["rope_scaling"] = LinearRopeScaling(**rs) if linear else Llama3RopeScaling(**rs)
+    if isinstance(out.get("layer_types"), list):
+        out["layer_types"] = tuple(out["layer_types"])
     return out
 
 
 _BIG = dict(rope_theta=500_000.0, rms_norm_eps=1e-5, param_dtype="float32", dtype="bfloat16")
+_BIG_QWEN = dict(rope_theta=1_000_000.0, rms_norm_eps=1e-6, param_dtype="float32", dtype="bfloat16")
+_BIG_MISTRAL = dict(_BIG_QWEN, rms_norm_eps=1e-5)
+
+
+def _gemma3_layer_types(n_layers: int, period: int = 6) -> tuple[str, ...]:
+    """Gemma 3's pattern: every `period`-th layer global, the others sliding."""
+    return tuple(
+        "full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(n_layers)
+    )
+
+
 _SCALE_32 = Llama3RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0)
 PRESETS: dict[str, LlamaConfig] = {
     # CPU tests and the embedded demo.
@@ -231,6 +329,32 @@ PRESETS: dict[str, LlamaConfig] = {
         vocab_size=128256, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, head_dim=128,
         mlp_dim=28672, tie_embeddings=False, max_seq_len=8192, remat="full", **_BIG,
     ),
+    # Qwen2.5-7B(-Instruct): bias on q/k/v.
+    "qwen2_5_7b": LlamaConfig(
+        family="qwen2", vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4,
+        head_dim=128, mlp_dim=18944, qkv_bias=True, max_seq_len=32768, remat="full", **_BIG_QWEN,
+    ),
+    # Qwen3-8B: q/k RMSNorm per head.
+    "qwen3_8b": LlamaConfig(
+        family="qwen3", vocab_size=151936, d_model=4096, n_layers=36, n_heads=32, n_kv_heads=8,
+        head_dim=128, mlp_dim=12288, qk_norm=True, max_seq_len=40960, remat="full", **_BIG_QWEN,
+    ),
+    # Mistral-7B-v0.3(-Instruct), no sliding window. For v0.1 override sliding_window=4096,
+    # rope_theta=1e4, vocab_size=32000.
+    "mistral_7b": LlamaConfig(
+        family="mistral", vocab_size=32768, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+        head_dim=128, mlp_dim=14336, max_seq_len=32768, remat="full", **_BIG_MISTRAL,
+    ),
+    # Gemma-3-4B(-it), the text decoder: 5 sliding layers (window 1024, RoPE base 1e4) per global
+    # one (base 1e6, linear x8), sandwich norms, GeGLU, tied 262k vocabulary.
+    "gemma3_4b": LlamaConfig(
+        family="gemma3", vocab_size=262208, d_model=2560, n_layers=34, n_heads=8, n_kv_heads=4,
+        head_dim=256, mlp_dim=10240, tie_embeddings=True, max_seq_len=131072, remat="full",
+        qk_norm=True, sliding_window=1024, layer_types=_gemma3_layer_types(34),
+        rope_theta=1_000_000.0, rope_scaling=LinearRopeScaling(8.0), rope_local_theta=10_000.0,
+        norm_offset=1.0, embed_scale=True, mlp_activation="gelu_tanh", post_norms=True,
+        query_pre_attn_scalar=256.0, rms_norm_eps=1e-6, param_dtype="float32", dtype="bfloat16",
+    ),
 }  # fmt: skip
 
 
@@ -238,7 +362,8 @@ def get_preset(name: str, **overrides: Any) -> LlamaConfig:
     """Returns the named preset with `overrides` applied.
 
     Args:
-      name: one of `PRESETS` ('tiny', 'llama3_1b', 'llama3_3b', 'llama3_8b', 'llama3_70b').
+      name: one of `PRESETS` ('tiny', 'llama3_1b', 'llama3_3b', 'llama3_8b', 'llama3_70b',
+        'qwen2_5_7b', 'qwen3_8b', 'mistral_7b', 'gemma3_4b').
       **overrides: LlamaConfig fields to replace, e.g. `vocab_size=1024, dtype='bfloat16'`.
 
     Returns:

@@ -2,7 +2,8 @@
 
 Prompts are left-padded to one length P (rounded up to a multiple of 16 to limit recompiles);
 each row gets its own RoPE positions (0 at its first real token) and padded keys are masked, so a
-row's tokens are what it would get alone. One jitted function runs the prefill and a
+row's tokens are what it would get alone. Sliding-window layers (Mistral, Gemma 3) count their
+window in positions, so left padding never shifts it. One jitted function runs the prefill and a
 `lax.while_loop` of single-token decode steps over a cache of length P + max_new_tokens.
 """
 
@@ -78,8 +79,14 @@ def _generate(
     mask_BxPxS = ((k_S <= q_P) & key_valid_BxS[:, None, :]) | (
         k_S == q_P
     )  # diag: pad rows stay finite
-    positions_BxP = jnp.maximum(jnp.arange(P)[None, :] - pad_B[:, None], 0)
-    hidden_BxPxD, cache = model.forward_cached(tokens_BxP, positions_BxP, mask_BxPxS, cache, 0)
+    # slot s of row b holds position s - pad_b: a sliding window counts positions
+    k_positions_BxS = jnp.arange(S)[None, :] - pad_B[:, None]
+    q_positions_BxP = k_positions_BxS[:, :P]
+    local_BxPxS = model.window_mask(mask_BxPxS, q_positions_BxP, k_positions_BxS)
+    positions_BxP = jnp.maximum(q_positions_BxP, 0)
+    hidden_BxPxD, cache = model.forward_cached(
+        tokens_BxP, positions_BxP, mask_BxPxS, cache, 0, local_mask_BxTxS=local_BxPxS
+    )
     rng, sub = jax.random.split(rng)
     token_B = sample_token(model.logits(hidden_BxPxD[:, -1:])[:, 0], sub, temperature, top_p)
     out_BxN = jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(token_B)
@@ -94,8 +101,9 @@ def _generate(
         index = P + i
         mask_Bx1xS = ((jnp.arange(S) <= index)[None, :] & key_valid_BxS)[:, None, :]
         positions_Bx1 = (lengths_B + i)[:, None]
+        local_Bx1xS = model.window_mask(mask_Bx1xS, positions_Bx1, k_positions_BxS)
         hidden_Bx1xD, cache = model.forward_cached(
-            token_B[:, None], positions_Bx1, mask_Bx1xS, cache, index
+            token_B[:, None], positions_Bx1, mask_Bx1xS, cache, index, local_mask_BxTxS=local_Bx1xS
         )
         rng, sub = jax.random.split(rng)
         token_B = sample_token(model.logits(hidden_Bx1xD)[:, 0], sub, temperature, top_p)

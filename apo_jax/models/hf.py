@@ -1,4 +1,7 @@
-"""Hugging Face Llama checkpoints (config.json + safetensors) in and out.
+"""Hugging Face checkpoints (config.json + safetensors) of every family in and out.
+
+`load_hf` dispatches on `config.json`'s `model_type` (`families.config_from_hf`); the tensor
+names follow the family's `*ForCausalLM` (`families.layer_params`).
 
 Loading reads one tensor at a time from memory-mapped safetensors and places it straight onto its
 sharding (`jax.make_array_from_callback`, so each device reads only its own slice), transposing
@@ -20,21 +23,11 @@ from flax import nnx
 
 from apo_jax import sharding
 from apo_jax.errors import UserError
+from apo_jax.models import families
 from apo_jax.models.config import ConfigError, LlamaConfig
 from apo_jax.models.llama import Llama
 from apo_jax.models.safetensors_io import SafetensorsFile, write_safetensors
 
-_LAYER_PARAMS = (
-    ("self_attn", "q_proj", "kernel"),
-    ("self_attn", "k_proj", "kernel"),
-    ("self_attn", "v_proj", "kernel"),
-    ("self_attn", "o_proj", "kernel"),
-    ("mlp", "gate_proj", "kernel"),
-    ("mlp", "up_proj", "kernel"),
-    ("mlp", "down_proj", "kernel"),
-    ("input_layernorm", "scale"),
-    ("post_attention_layernorm", "scale"),
-)
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older exports carry
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -53,7 +46,8 @@ class CheckpointError(UserError, ValueError):
 def _hf_name(path: tuple[Any, ...], layer: int | None) -> str:
     """Our state path (without the layer index) -> HF tensor name."""
     if path[0] == "layers":
-        return f"model.layers.{layer}." + ".".join(path[1:-1]) + ".weight"
+        leaf = "bias" if path[-1] == "bias" else "weight"
+        return f"model.layers.{layer}." + ".".join(path[1:-1]) + "." + leaf
     if path[0] == "lm_head":
         return "lm_head.weight"
     return f"model.{path[0]}.weight"
@@ -70,7 +64,7 @@ def hf_layout(cfg: LlamaConfig) -> Iterator[tuple[tuple[Any, ...], int | None, s
     """
     yield ("embed_tokens", "embedding"), None, "model.embed_tokens.weight", False
     for layer in range(cfg.n_layers):
-        for sub in _LAYER_PARAMS:
+        for sub in families.layer_params(cfg):
             path = ("layers", *sub) if cfg.scan_layers else ("layers", layer, *sub)
             yield (
                 path,
@@ -132,7 +126,7 @@ def load_hf(
     dtype: str | None = None,
     **overrides: Any,
 ) -> tuple[Llama, LlamaConfig]:
-    """Loads a Hugging Face Llama checkpoint directory.
+    """Loads a Hugging Face checkpoint directory of any family in `families.MODEL_TYPES`.
 
     Args:
       path: directory with config.json and model.safetensors (or shards + index).
@@ -151,10 +145,13 @@ def load_hf(
         if value is not None:
             overrides[key] = value
     try:
-        cfg = LlamaConfig.from_hf(path, **overrides)
+        cfg = families.config_from_hf(path, **overrides)
     except (ConfigError, KeyError) as e:
         raise CheckpointError(f"{path}: {e}") from None
     tensors = _open_tensors(path)
+    renamed = families.text_tensor_names(list(tensors))
+    if renamed is not None:  # a multimodal Gemma 3: read its text decoder only
+        tensors = {ours: _Renamed(tensors[stored], stored) for ours, stored in renamed.items()}
     abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))
@@ -170,6 +167,19 @@ def load_hf(
         stacked = p[0] == "layers" and cfg.scan_layers
         var.set_value(_read(tensors, by_path[p], var.shape, var.dtype, target, stacked))
     return nnx.merge(graphdef, state), cfg
+
+
+class _Renamed:
+    """A tensor of a safetensors file read under another name."""
+
+    def __init__(self, st: SafetensorsFile, name: str):
+        self.st, self.name = st, name
+
+    def get(self, _: str) -> np.ndarray:
+        return self.st.get(self.name)
+
+    def shape(self, _: str) -> tuple[int, ...]:
+        return self.st.shape(self.name)
 
 
 def _read(tensors, entries, shape, dtype, target, stacked: bool) -> jax.Array:
@@ -196,7 +206,7 @@ def save_hf(
     max_shard_size: int = 4 * 1024**3,
     dtype: str | None = None,
 ) -> list[str]:
-    """Writes a transformers-loadable `LlamaForCausalLM` checkpoint.
+    """Writes a checkpoint that `transformers.AutoModelForCausalLM` loads (the family's class).
 
     Args:
       model: the model (any sharding; tensors are gathered one layer slice at a time).
@@ -210,6 +220,10 @@ def save_hf(
       The written weight file names.
     """
     out_dir = os.fspath(out_dir)
+    try:
+        hf_cfg = families.to_hf(cfg)  # before any file: a config the family cannot hold fails
+    except ConfigError as e:
+        raise CheckpointError(f"{out_dir}: {e}") from None
     os.makedirs(out_dir, exist_ok=True)
     np_dtype = np.dtype(jax.numpy.dtype(dtype or cfg.param_dtype))
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
@@ -246,7 +260,6 @@ def save_hf(
             os.path.join(out_dir, "model.safetensors.index.json"), "w", encoding="utf-8"
         ) as f:
             json.dump(index, f, indent=2)
-    hf_cfg = cfg.to_hf()
     hf_cfg["torch_dtype"] = hf_cfg["dtype"] = np_dtype.name
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(hf_cfg, f, indent=2)

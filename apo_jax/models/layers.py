@@ -1,7 +1,9 @@
 """Llama building blocks in flax.nnx: Linear, Embed, RMSNorm, RoPE, attention masks.
 
 Every parameter carries its logical axes in `out_sharding` metadata (with `eager_sharding=False`,
-so construction never needs a mesh); `apo_jax.sharding` maps them to the mesh.
+so construction never needs a mesh); `apo_jax.sharding` maps them to the mesh. A `Linear` may carry
+LoRA adapters (`lora_a`, `lora_b` of the variable type `LoraParam`), which `apo_jax.models.lora`
+attaches; without them it is a plain matmul.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from apo_jax.models.config import LlamaConfig
+from apo_jax.models.config import LinearRopeScaling, LlamaConfig
 
 INIT_STD = 0.02  # Hugging Face LlamaConfig.initializer_range
 
@@ -25,68 +27,148 @@ def param(
     axes: tuple[str, ...],
     dtype: str,
     ones: bool = False,
+    fill: float | None = None,
 ) -> nnx.Param:
-    """A parameter with logical axes `axes`: N(0, 0.02) or ones."""
-    if ones:
-        value = jnp.ones(shape, jnp.dtype(dtype))
+    """A parameter with logical axes `axes`: N(0, 0.02), ones, or the constant `fill`."""
+    if ones or fill is not None:
+        value = jnp.full(shape, 1.0 if fill is None else fill, jnp.dtype(dtype))
     else:
         value = INIT_STD * jax.random.normal(rngs.params(), shape, jnp.dtype(dtype))
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
-class Linear(nnx.Module):
-    """y = x @ kernel, kernel stored [in, out] (Hugging Face stores the transpose)."""
+class LoraParam(nnx.Param):
+    """A LoRA adapter matrix: the only trainable variable of a LoRA run."""
 
-    def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], cfg: LlamaConfig, *, rngs):
+
+class LoraKey(nnx.Variable):
+    """Per-layer LoRA dropout state, uint32 [..., 3]: a PRNG key's two words and an on flag.
+
+    Stored with the flag 0 (no dropout: evaluation, sampling, export); the train step fills in a
+    fresh key and sets the flag (`apo_jax.models.lora.fill_dropout_keys`).
+    """
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias) (+ scale * dropout(x) @ lora_a @ lora_b), kernel stored [in, out].
+
+    Hugging Face stores the transpose of `kernel`. The adapters `lora_a [in, r]`, `lora_b [r, out]`
+    exist only once `apo_jax.models.lora.attach` has added them.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        axes: tuple[str, str],
+        cfg: LlamaConfig,
+        *,
+        rngs,
+        bias: bool = False,
+    ):
         self.kernel = param(rngs, (d_in, d_out), axes, cfg.param_dtype)
+        if bias:  # zeros, as Hugging Face initializes it
+            self.bias = param(None, (d_out,), axes[1:], cfg.param_dtype, fill=0.0)
+
+    @property
+    def has_lora(self) -> bool:
+        return "lora_a" in vars(self)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jnp.dot(x, self.kernel[...].astype(x.dtype))
+        y = add_bias(jnp.dot(x, self.kernel[...].astype(x.dtype)), self)
+        return y + self.lora_delta(x) if self.has_lora else y
+
+    def lora_delta(self, x: jax.Array) -> jax.Array:
+        """scale * dropout(x) @ lora_a @ lora_b, in the dtype of `x`."""
+        if "lora_key" in vars(self):
+            x = _lora_dropout(x, self.lora_key[...], self.lora_dropout)
+        h = jnp.dot(x, self.lora_a[...].astype(x.dtype))
+        # The scale goes on B ([r, out], small), not on the [.., out] product.
+        return jnp.dot(h, (self.lora_b[...] * self.lora_scale).astype(x.dtype))
+
+
+def add_bias(y: jax.Array, linear: Linear) -> jax.Array:
+    """y + linear.bias when the layer has one."""
+    if not hasattr(linear, "bias"):
+        return y
+    return y + linear.bias[...].astype(y.dtype)
+
+
+def _lora_dropout(x: jax.Array, key_bits: jax.Array, rate: float) -> jax.Array:
+    """Inverted dropout of `x` when the key's flag word is set, else `x` unchanged."""
+    key = jax.random.wrap_key_data(key_bits[:2])
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    dropped = jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+    return jnp.where(key_bits[2] > 0, dropped, x)
 
 
 def stacked_matmul(x_BxTxD: jax.Array, *linears: Linear) -> list[jax.Array]:
     """``[x @ l.kernel for l in linears]`` as one matmul against the kernels stacked on a new axis.
 
     x is read once and the wider matmul runs faster on CPU; the kernels (same shape) keep their
-    layout and sharding, the new axis is unsharded.
+    layout and sharding, the new axis is unsharded. A linear's LoRA adapters add their own term.
     """
     w_DxSxF = jnp.stack([lin.kernel[...] for lin in linears], axis=1).astype(x_BxTxD.dtype)
     y_BxTxSxF = jnp.einsum("btd,dsf->btsf", x_BxTxD, w_DxSxF)
-    return [y_BxTxSxF[:, :, i] for i in range(len(linears))]
+    ys = [add_bias(y_BxTxSxF[:, :, i], lin) for i, lin in enumerate(linears)]
+    return [
+        y + lin.lora_delta(x_BxTxD) if lin.has_lora else y
+        for y, lin in zip(ys, linears, strict=True)
+    ]
 
 
 class Embed(nnx.Module):
-    """Token embedding table [V, D]."""
+    """Token embedding table [V, D]; Gemma multiplies the rows by sqrt(D) in the table's dtype."""
 
     def __init__(self, cfg: LlamaConfig, *, rngs):
         shape = (cfg.vocab_size, cfg.d_model)
         self.embedding = param(rngs, shape, ("vocab", "embed"), cfg.param_dtype)
+        self.scale = math.sqrt(cfg.d_model) if cfg.embed_scale else None
 
     def __call__(self, ids_BxT: jax.Array, dtype: jnp.dtype) -> jax.Array:
-        return jnp.take(self.embedding[...], ids_BxT, axis=0).astype(dtype)
+        x_BxTxD = jnp.take(self.embedding[...], ids_BxT, axis=0)
+        if self.scale is not None:
+            x_BxTxD = x_BxTxD * jnp.asarray(self.scale, x_BxTxD.dtype)
+        return x_BxTxD.astype(dtype)
 
 
 class RMSNorm(nnx.Module):
-    """RMSNorm as in Hugging Face Llama: normalize in float32, scale in the input dtype."""
+    """RMSNorm as in Hugging Face Llama: normalize in float32, scale in the input dtype.
+
+    With `cfg.norm_offset` (Gemma) the scale is (offset + w), w starts at 0, and the product is
+    taken in float32 before casting back, as Hugging Face's Gemma3RMSNorm does.
+    """
 
     def __init__(self, dim: int, cfg: LlamaConfig):
-        self.scale = param(None, (dim,), ("norm",), cfg.param_dtype, ones=True)
+        fill = 1.0 - cfg.norm_offset
+        self.scale = param(None, (dim,), ("norm",), cfg.param_dtype, fill=fill)
         self.eps = cfg.rms_norm_eps
+        self.offset = cfg.norm_offset
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (y * (self.offset + self.scale[...].astype(jnp.float32))).astype(x.dtype)
         return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
 
 
-def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
-    """RoPE inverse frequencies [Dh/2] (float32), with the `llama3` rule when configured."""
+def rope_inv_freq(cfg: LlamaConfig, local: bool = False) -> np.ndarray:
+    """RoPE inverse frequencies [Dh/2] (float32), with the `llama3` or `linear` rule when configured.
+
+    `local=True` gives the sliding layers' table when `cfg.rope_local_theta` is set (Gemma 3:
+    base 1e4, never scaled).
+    """
     dim = cfg.head_dim
     exps = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
-    inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** exps)).astype(np.float64)
-    rs = cfg.rope_scaling
+    local = local and cfg.rope_local_theta is not None
+    theta = cfg.rope_local_theta if local else cfg.rope_theta
+    inv_freq = (1.0 / (np.float32(theta) ** exps)).astype(np.float64)
+    rs = None if local else cfg.rope_scaling
     if rs is None:
         return inv_freq.astype(np.float32)
+    if isinstance(rs, LinearRopeScaling):
+        return inv_freq.astype(np.float32) / np.float32(rs.factor)
     low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
     high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -99,9 +181,11 @@ def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def rope_cos_sin(positions_BxT: jax.Array, cfg: LlamaConfig) -> tuple[jax.Array, jax.Array]:
-    """cos and sin tables [B, T, Dh] (float32) for the given positions."""
-    inv_freq = jnp.asarray(rope_inv_freq(cfg))
+def rope_cos_sin(
+    positions_BxT: jax.Array, cfg: LlamaConfig, local: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """cos and sin tables [B, T, Dh] (float32) for the given positions (`local`: sliding layers)."""
+    inv_freq = jnp.asarray(rope_inv_freq(cfg, local))
     freqs_BxTxR = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
     emb_BxTxDh = jnp.concatenate([freqs_BxTxR, freqs_BxTxR], axis=-1)
     return jnp.cos(emb_BxTxDh), jnp.sin(emb_BxTxDh)
@@ -137,6 +221,19 @@ def attention_mask(
     else:
         mask_BxTxT = jnp.broadcast_to(causal_TxT, (B, T, T))
     return mask_BxTxT | jnp.eye(T, dtype=bool)
+
+
+def sliding_window_mask(
+    mask_BxTxS: jax.Array, q_positions_BxT: jax.Array, k_positions_BxS: jax.Array, window: int
+) -> jax.Array:
+    """`mask_BxTxS` restricted to keys fewer than `window` positions back (Mistral, Gemma 3).
+
+    Distances are RoPE positions, not row indices, so a prefix row's second completion (whose
+    positions continue from the prompt) and a packed row's sequences keep the window they would
+    have alone; Hugging Face's rule is the same (key index > query index - window).
+    """
+    dist_BxTxS = q_positions_BxT[:, :, None] - k_positions_BxS[:, None, :]
+    return mask_BxTxS & (dist_BxTxS < window)
 
 
 def blocked_causal_attention(

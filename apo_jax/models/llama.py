@@ -1,9 +1,12 @@
-"""Llama-3 decoder in flax.nnx, parameter names following Hugging Face `LlamaForCausalLM`.
+"""The decoder in flax.nnx (Llama-3, Qwen2/2.5, Qwen3, Mistral, Gemma 3), named as Hugging Face's.
 
 Layout: `embed_tokens.embedding [V, D]`, `layers.{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj}
 .kernel [in, out]`, `layers.{input,post_attention}_layernorm.scale [D]`, `norm.scale [D]`,
-`lm_head.kernel [D, V]` (absent when tied). With `scan_layers` every layer parameter has a leading
-L axis (logical axis 'layers') and the layers run as one compiled block under `lax.scan`.
+`lm_head.kernel [D, V]` (absent when tied). Families add `self_attn.{q,k,v}_proj.bias`,
+`self_attn.{q,k}_norm.scale [Dh]` and `layers.{pre,post}_feedforward_layernorm.scale` through
+`LlamaConfig` fields (docs/models.md). With `scan_layers` every layer parameter has a leading
+L axis (logical axis 'layers') and the layers run as one compiled block under `lax.scan`; layers
+of two kinds (Gemma 3's sliding and global) scan a per-layer flag with the parameters.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from apo_jax.models.layers import (
     attention_mask,
     blocked_causal_attention,
     rope_cos_sin,
+    sliding_window_mask,
     stacked_matmul,
 )
 
@@ -35,11 +39,16 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = Linear(D, H * Dh, ("embed", "heads"), cfg, rngs=rngs)
-        self.k_proj = Linear(D, K * Dh, ("embed", "kv_heads"), cfg, rngs=rngs)
-        self.v_proj = Linear(D, K * Dh, ("embed", "kv_heads"), cfg, rngs=rngs)
+        bias = cfg.qkv_bias
+        self.q_proj = Linear(D, H * Dh, ("embed", "heads"), cfg, rngs=rngs, bias=bias)
+        self.k_proj = Linear(D, K * Dh, ("embed", "kv_heads"), cfg, rngs=rngs, bias=bias)
+        self.v_proj = Linear(D, K * Dh, ("embed", "kv_heads"), cfg, rngs=rngs, bias=bias)
         self.o_proj = Linear(H * Dh, D, ("heads", "embed"), cfg, rngs=rngs)
+        if cfg.qk_norm:  # one RMSNorm over head_dim, shared by all heads
+            self.q_norm = RMSNorm(Dh, cfg)
+            self.k_norm = RMSNorm(Dh, cfg)
         self.shape = (H, K, Dh)
+        self.scale = cfg.attn_scale
         self.attention = cfg.attention
 
     def implementation(self, dtype, cached: bool) -> str:
@@ -66,6 +75,8 @@ class Attention(nnx.Module):
         k_BxTxKDh, v_BxTxKDh = stacked_matmul(x_BxTxD, self.k_proj, self.v_proj)
         k_BxTxKxDh = k_BxTxKDh.reshape(B, T, K, Dh)
         v_BxTxKxDh = v_BxTxKDh.reshape(B, T, K, Dh)
+        if hasattr(self, "q_norm"):
+            q_BxTxHxDh, k_BxTxKxDh = self.q_norm(q_BxTxHxDh), self.k_norm(k_BxTxKxDh)
         q_BxTxHxDh = apply_rope(q_BxTxHxDh, cos_BxTxDh, sin_BxTxDh)
         k_BxTxKxDh = apply_rope(k_BxTxKxDh, cos_BxTxDh, sin_BxTxDh)
         q_BxTxHxDh = sharding.constrain(q_BxTxHxDh, ("batch", "length", "act_heads", "head_dim"))
@@ -77,7 +88,7 @@ class Attention(nnx.Module):
         impl = self.implementation(q_BxTxHxDh.dtype, cached=kv is not None)
         if impl == "blocked":
             out_BxTxHxDh = blocked_causal_attention(
-                q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask_BxTxS, Dh**-0.5
+                q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask_BxTxS, self.scale
             )
         else:
             out_BxTxHxDh = jax.nn.dot_product_attention(
@@ -85,7 +96,7 @@ class Attention(nnx.Module):
                 k_BxTxKxDh.astype(q_BxTxHxDh.dtype),
                 v_BxTxKxDh.astype(q_BxTxHxDh.dtype),
                 mask=None if mask_BxTxS is None else mask_BxTxS[:, None, :, :],
-                scale=Dh**-0.5,
+                scale=self.scale,
                 is_causal=mask_BxTxS is None,
                 implementation="cudnn" if impl == "cudnn" else None,
             )
@@ -93,36 +104,51 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); GeGLU (tanh GELU) with `mlp_activation='gelu_tanh'`."""
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         D, F = cfg.d_model, cfg.mlp_dim
         self.gate_proj = Linear(D, F, ("embed", "mlp"), cfg, rngs=rngs)
         self.up_proj = Linear(D, F, ("embed", "mlp"), cfg, rngs=rngs)
         self.down_proj = Linear(F, D, ("mlp", "embed"), cfg, rngs=rngs)
+        self.gelu = cfg.mlp_activation == "gelu_tanh"
 
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
         gate_BxTxF, up_BxTxF = stacked_matmul(x_BxTxD, self.gate_proj, self.up_proj)
-        h_BxTxF = jax.nn.silu(gate_BxTxF) * up_BxTxF
+        act = functools.partial(jax.nn.gelu, approximate=True) if self.gelu else jax.nn.silu
+        h_BxTxF = act(gate_BxTxF) * up_BxTxF
         h_BxTxF = sharding.constrain(h_BxTxF, ("batch", "length", "act_mlp"))
         return self.down_proj(h_BxTxF)
 
 
 class Block(nnx.Module):
-    """One pre-norm decoder layer."""
+    """One pre-norm decoder layer; with `post_norms` (Gemma 3) also normed after attention and MLP.
+
+    Hugging Face names differ by family: Llama's `post_attention_layernorm` is the norm before
+    the MLP; Gemma 3's is the norm of the attention output, and `pre_feedforward_layernorm`
+    precedes its MLP.
+    """
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(cfg.d_model, cfg)
         self.self_attn = Attention(cfg, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg)
+        if cfg.post_norms:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.d_model, cfg)
+            self.post_feedforward_layernorm = RMSNorm(cfg.d_model, cfg)
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x_BxTxD, cos_BxTxDh, sin_BxTxDh, mask_BxTxS, kv=None, cache_index=None):
         h_BxTxD, kv = self.self_attn(
             self.input_layernorm(x_BxTxD), cos_BxTxDh, sin_BxTxDh, mask_BxTxS, kv, cache_index
         )
-        x_BxTxD = x_BxTxD + h_BxTxD
-        x_BxTxD = x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
+        if hasattr(self, "pre_feedforward_layernorm"):
+            x_BxTxD = x_BxTxD + self.post_attention_layernorm(h_BxTxD)
+            h_BxTxD = self.mlp(self.pre_feedforward_layernorm(x_BxTxD))
+            x_BxTxD = x_BxTxD + self.post_feedforward_layernorm(h_BxTxD)
+        else:
+            x_BxTxD = x_BxTxD + h_BxTxD
+            x_BxTxD = x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
         return sharding.constrain(x_BxTxD, ("batch", "length", "act_embed")), kv
 
 
@@ -163,7 +189,7 @@ def _remat(fn, policy: str, scanned: bool):
 
 
 class Llama(nnx.Module):
-    """Llama-3 causal LM.
+    """Causal LM of any family in `families.MODEL_TYPES` (Llama-3 with the default config).
 
     Args:
       cfg: the LlamaConfig.
@@ -215,7 +241,10 @@ class Llama(nnx.Module):
         mask_BxTxT = None  # plain causal: no mask array (cuDNN's fastest mask type)
         if segment_ids_BxT is not None or attn_mask_BxTxT is not None:
             mask_BxTxT = attention_mask((B, T), segment_ids_BxT, attn_mask_BxTxT)
-        hidden_BxTxD, _ = self.forward_cached(input_ids_BxT, positions_BxT, mask_BxTxT)
+        local_BxTxT = self.window_mask(mask_BxTxT, positions_BxT, positions_BxT)
+        hidden_BxTxD, _ = self.forward_cached(
+            input_ids_BxT, positions_BxT, mask_BxTxT, local_mask_BxTxS=local_BxTxT
+        )
         if return_hidden:
             return hidden_BxTxD
         return self.logits(hidden_BxTxD)
@@ -233,6 +262,7 @@ class Llama(nnx.Module):
         mask_BxTxS: jax.Array,
         cache: KVCache | None = None,
         cache_index: jax.Array | int | None = None,
+        local_mask_BxTxS: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Decoder body with an optional KV cache (used by `generate`).
 
@@ -243,6 +273,8 @@ class Llama(nnx.Module):
             cache length); None = causal over T keys.
           cache: (k, v) of shape [L, B, S, K, Dh] or None.
           cache_index: where this call's T keys are written in the cache.
+          local_mask_BxTxS: the mask of sliding-window layers (`window_mask`); None = the same
+            as `mask_BxTxS` (the window covers every key).
 
         Returns:
           (final-norm hidden states [B, T, D], updated cache or None).
@@ -250,24 +282,75 @@ class Llama(nnx.Module):
         cfg = self.cfg
         x_BxTxD = self.embed_tokens(input_ids_BxT, jnp.dtype(cfg.dtype))
         x_BxTxD = sharding.constrain(x_BxTxD, ("batch", "length", "act_embed"))
-        cos_BxTxDh, sin_BxTxDh = rope_cos_sin(positions_BxT, cfg)
+        pick = _layer_inputs(cfg, positions_BxT, mask_BxTxS, local_mask_BxTxS)
+        sliding = cfg.sliding_layers
+        mixed = len(set(sliding)) > 1  # Gemma 3: a per-layer flag is scanned with the params
 
-        def layer_fn(graphdef, x, state, kv):
+        def layer_fn(graphdef, local, x, state, kv, flag=None):
             layer = nnx.merge(graphdef, state)
-            return layer(x, cos_BxTxDh, sin_BxTxDh, mask_BxTxS, kv, cache_index)
+            return layer(x, *pick(flag if local is None else local), kv, cache_index)
 
         if cfg.scan_layers:
             graphdef, state = nnx.split(self.layers)
-            step = _remat(functools.partial(layer_fn, graphdef), cfg.remat, scanned=True)
-            x_BxTxD, cache = jax.lax.scan(lambda x, xs: step(x, *xs), x_BxTxD, (state, cache))
+            local = None if mixed else sliding[0]
+            step = _remat(functools.partial(layer_fn, graphdef, local), cfg.remat, scanned=True)
+            xs = (state, cache, jnp.asarray(sliding)) if mixed else (state, cache)
+            x_BxTxD, cache = jax.lax.scan(lambda x, xs: step(x, *xs), x_BxTxD, xs)
         else:
             new_kv = []
             for i, block in enumerate(self.layers):
                 graphdef, state = nnx.split(block)
                 kv = None if cache is None else (cache[0][i], cache[1][i])
-                step = _remat(functools.partial(layer_fn, graphdef), cfg.remat, scanned=False)
+                step = _remat(
+                    functools.partial(layer_fn, graphdef, sliding[i]), cfg.remat, scanned=False
+                )
                 x_BxTxD, kv = step(x_BxTxD, state, kv)
                 new_kv.append(kv)
             if cache is not None:
                 cache = tuple(jnp.stack([kv[j] for kv in new_kv]) for j in range(2))
         return self.norm(x_BxTxD), cache
+
+    def window_mask(
+        self, mask_BxTxS: jax.Array | None, q_positions_BxT: jax.Array, k_positions_BxS: jax.Array
+    ) -> jax.Array | None:
+        """The sliding layers' mask: `mask_BxTxS` (None = causal) within `cfg.sliding_window`.
+
+        None when no layer slides or the window covers all S keys (a key a query may see is
+        never more positions back than row indices back, in every layout).
+        """
+        window, S = self.cfg.sliding_window, k_positions_BxS.shape[1]
+        if not any(self.cfg.sliding_layers) or window is None or window >= S:
+            return None
+        if mask_BxTxS is None:
+            mask_BxTxS = attention_mask(q_positions_BxT.shape)
+        return sliding_window_mask(mask_BxTxS, q_positions_BxT, k_positions_BxS, window)
+
+
+def _layer_inputs(cfg: LlamaConfig, positions_BxT, mask_BxTxS, local_mask_BxTxS):
+    """A function of a layer's sliding flag (Python or traced bool) -> (cos, sin, mask)."""
+    cos_BxTxDh, sin_BxTxDh = rope_cos_sin(positions_BxT, cfg)
+    local_cos, local_sin, local_mask = cos_BxTxDh, sin_BxTxDh, mask_BxTxS
+    if any(cfg.sliding_layers):
+        if cfg.rope_local_theta is not None:
+            local_cos, local_sin = rope_cos_sin(positions_BxT, cfg, local=True)
+        if local_mask_BxTxS is not None:
+            local_mask = local_mask_BxTxS
+            if mask_BxTxS is None:  # a traced choice needs two arrays
+                mask_BxTxS = attention_mask(positions_BxT.shape)
+
+    def pick(local):
+        if isinstance(local, bool):
+            if local:
+                return local_cos, local_sin, local_mask
+            return cos_BxTxDh, sin_BxTxDh, mask_BxTxS
+
+        def choose(a, b):
+            return a if a is b else jnp.where(local, a, b)
+
+        return (
+            choose(local_cos, cos_BxTxDh),
+            choose(local_sin, sin_BxTxDh),
+            choose(local_mask, mask_BxTxS),
+        )
+
+    return pick

@@ -14,6 +14,8 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from apo_jax.errors import UserError
+
 _DTYPES = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -29,14 +31,36 @@ _DTYPES = {
 _CODES = {v: k for k, v in _DTYPES.items()}
 
 
+class SafetensorsError(UserError, ValueError):
+    """A .safetensors file that is truncated or not a safetensors file (the file is named)."""
+
+
 class SafetensorsFile:
-    """Lazy view of one .safetensors file: header parsed now, tensor bytes mapped on access."""
+    """Lazy view of one .safetensors file: header parsed now, tensor bytes mapped on access.
+
+    Raises:
+      SafetensorsError: the header does not parse or the file is shorter than it says.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        with open(self.path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
+        size = os.path.getsize(self.path)
+        try:
+            with open(self.path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                if 8 + n > size:
+                    raise ValueError(f"header of {n} bytes")
+                header = json.loads(f.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+                      default=0)  # fmt: skip
+        except (struct.error, ValueError, KeyError, TypeError, IndexError) as e:
+            raise SafetensorsError(f"{self.path}: not a readable safetensors file ({e}): "
+                                   "download or export it again") from None  # fmt: skip
+        if 8 + n + end > size:
+            raise SafetensorsError(
+                f"{self.path}: truncated: {size} bytes, its header needs {8 + n + end}; "
+                "download or export it again"
+            )
         self.metadata = header.pop("__metadata__", {})
         self._header = header
         self._offset = 8 + n

@@ -1,8 +1,11 @@
 """The reference pass: the frozen reference model's log-probs, computed once, stored beside the shards.
 
 Training then holds one model instead of two. The stored file is keyed by record index and by a
-fingerprint of the reference weights, tokenizer and dtype (plus the shard contents, which
-`data.refs` adds), so a loader refuses log-probs that belong to another model or other shards.
+fingerprint of everything that changes the log-probs -- the reference weights, tokenizer, row
+length, the shards' truncation settings, dtype and log-prob chunk (plus the shard contents, which
+`data.refs` adds) -- so runs with other references keep their own files side by side and a loader
+refuses log-probs that belong to another model or other shards. When a shard directory is
+read-only, the file goes to `<workdir>/reference_logps/` instead.
 
   python -m apo_jax.reference --config=configs/apo_down.py:llama3_8b --config.model.hf_path=... \
       --config.data.train=...
@@ -57,18 +60,33 @@ def weights_fingerprint(hf_path: str, model_desc: dict[str, Any]) -> str:
     return h.hexdigest()[:16]
 
 
-def fingerprint_info(shard_dir: str, weights_fp: str, dtype: str) -> dict[str, Any]:
-    """What the stored log-probs depend on besides the shard contents."""
-    tokenizer = shards.read_manifest(shard_dir).get("tokenizer", {})
-    return {"weights": weights_fp, "tokenizer": tokenizer.get("fingerprint", ""), "dtype": dtype}
+def fingerprint_info(
+    shard_dir: str, weights_fp: str, dtype: str, *, seq_len: int | None = None, chunk: int = 0
+) -> dict[str, Any]:
+    """What the stored log-probs depend on besides the shard contents.
+
+    Args:
+      shard_dir: the train shards (their tokenizer and truncation settings).
+      weights_fp: `weights_fingerprint` of the reference.
+      dtype: the reference's compute dtype.
+      seq_len: the row length of the reference pass (None: the shards' max_length).
+      chunk: the log-prob chunk size (it orders the sums).
+    """
+    manifest = shards.read_manifest(shard_dir)
+    tokenizer = manifest.get("tokenizer", {})
+    settings = manifest.get("settings", {})
+    truncation = {k: v for k, v in settings.items() if "length" in k or "trunc" in k}
+    return {"weights": weights_fp, "tokenizer": tokenizer.get("fingerprint", ""), "dtype": dtype,
+            "seq_len": seq_len or settings.get("max_length"), "truncation": truncation,
+            "chunk": chunk}  # fmt: skip
 
 
-def stored_matches(shard_dir: str, info: dict[str, Any]) -> bool:
-    """Whether the shards already hold reference log-probs made with `info`."""
-    if not refs.has_reference_logps(shard_dir):
+def stored_matches(shard_dir: str, info: dict[str, Any], search_dirs: tuple[str, ...] = ()) -> bool:
+    """Whether log-probs made with `info` are stored for the shards (beside them or elsewhere)."""
+    if not refs.has_reference_logps(shard_dir, info, search_dirs):
         return False
     try:
-        refs.load_reference_logps(shard_dir, info)
+        refs.load_reference_logps(shard_dir, info, search_dirs)
     except refs.ReferenceMismatchError:
         return False
     return True
@@ -84,6 +102,7 @@ def compute_and_store(
     batch_size: int,
     seq_len: int | None,
     chunk: int,
+    out_dir: str | None = None,
 ) -> str:
     """Runs the reference over every record of `shard_dir` and writes the log-probs beside it.
 
@@ -95,6 +114,7 @@ def compute_and_store(
       batch_size: pairs per batch, all processes together.
       seq_len: row length (None: the shards' max_length).
       chunk: log-prob chunk size.
+      out_dir: where to write the file (default: beside the shards).
 
     Returns:
       The path of the written file.
@@ -122,12 +142,13 @@ def compute_and_store(
         keep = np.asarray(got[0]) >= 0
         for out, x in zip((index, chosen, rejected), got, strict=True):
             out.append(np.asarray(x)[keep])
-    path = os.path.join(shard_dir, refs.REFERENCE_FILE)
+    path = os.path.join(out_dir or shard_dir, refs.reference_file(info))
     if jax.process_index() == 0:
         path = refs.write_reference_logps(
-            shard_dir, np.concatenate(index), np.concatenate(chosen), np.concatenate(rejected), info
-        )
-        log.info("reference log-probs of %d pairs written to %s", sum(map(len, index)), path)
+            shard_dir, np.concatenate(index), np.concatenate(chosen), np.concatenate(rejected),
+            info, out_dir,
+        )  # fmt: skip
+        log.info("reference log-probs of %d records written to %s", sum(map(len, index)), path)
     multihost_utils.sync_global_devices("reference_logps_written")
     return path
 
@@ -141,12 +162,14 @@ class Reference:
       graphdef: the reference's graph (its compute dtype may differ from the policy's).
       params: the frozen reference parameters (online only, else None).
       info: the fingerprint info the stored log-probs must match (precomputed only, else None).
+      dirs: directories besides the shards' where the stored log-probs may be (the workdir's).
     """
 
     mode: str
     graphdef: nnx.GraphDef
     params: nnx.State | None
     info: dict[str, Any] | None
+    dirs: tuple[str, ...] = ()
 
 
 def _graphdef(dtype: str, graphdef: nnx.GraphDef, model_cfg: Any) -> nnx.GraphDef:
@@ -166,6 +189,9 @@ def prepare(
     model_cfg: Any,
     weights_fp: str,
     mesh: jax.sharding.Mesh,
+    workdir: str = "",
+    *,
+    shared: bool = False,
 ) -> Reference:
     """The run's reference: frozen params (online), or stored log-probs made first if missing.
 
@@ -176,23 +202,46 @@ def prepare(
       model_cfg: the policy's model config.
       weights_fp: the fingerprint of the starting weights (`weights_fingerprint`).
       mesh: the device mesh.
+      workdir: where to keep the log-probs of a read-only shard directory ('' = nowhere: such a
+        directory is then an error).
+      shared: use `params` themselves as the reference, in the policy's dtypes (a LoRA run's
+        frozen base: the reference is the policy with its adapters off, and no copy is made).
 
     Returns:
       The Reference the train step and the loaders use.
     """
     mode, dtype = rc.reference.mode, rc.reference.dtype
-    ref_graphdef = _graphdef(dtype, graphdef, model_cfg)
+    if shared:
+        dtype, ref_graphdef = model_cfg.dtype, graphdef
+    else:
+        ref_graphdef = _graphdef(dtype, graphdef, model_cfg)
     if mode == "none":
         return Reference(mode, ref_graphdef, None, None)
-    # A copy in the reference dtype; no optimizer state is ever made for it.
-    ref_params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
+    ref_params = params
+    if not shared:  # a copy in the reference dtype; no optimizer state is ever made for it
+        ref_params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
     if mode == "online":
         return Reference(mode, ref_graphdef, ref_params, None)
-    info = fingerprint_info(shard_dirs[0], weights_fp, dtype)
+    info = fingerprint_info(shard_dirs[0], weights_fp, dtype, seq_len=rc.data.seq_len,
+                            chunk=rc.logprob_chunk)  # fmt: skip
+    dirs = tuple(refs.store_dir(d, workdir) for d in filter(None, shard_dirs)) if workdir else ()
     for shard_dir in filter(None, shard_dirs):
-        if not stored_matches(shard_dir, info):
-            log.info("no matching reference log-probs beside %s: computing them first", shard_dir)
-            compute_and_store(shard_dir, ref_graphdef, ref_params, mesh, info,
-                              batch_size=rc.batch_size, seq_len=rc.data.seq_len,
-                              chunk=rc.logprob_chunk)  # fmt: skip
-    return Reference(mode, ref_graphdef, None, info)  # read from the data: one model in memory
+        if stored_matches(shard_dir, info, dirs):
+            continue
+        out_dir = None
+        if not refs.writable(shard_dir):
+            if not workdir:
+                raise refs.ReferenceMismatchError(
+                    f"{shard_dir} is read-only and holds no matching reference log-probs: "
+                    "run the reference pass where it can write, or train (which keeps them in "
+                    "the workdir)"
+                )
+            out_dir = refs.store_dir(shard_dir, workdir)
+        log.info("no matching reference log-probs for %s: computing them into %s first",
+                 shard_dir, out_dir or shard_dir)  # fmt: skip
+        compute_and_store(shard_dir, ref_graphdef, ref_params, mesh, info,
+                          batch_size=rc.batch_size, seq_len=rc.data.seq_len,
+                          chunk=rc.logprob_chunk, out_dir=out_dir)  # fmt: skip
+    return Reference(
+        mode, ref_graphdef, None, info, dirs
+    )  # read from the data: one model in memory

@@ -1,20 +1,16 @@
-"""Preference objectives as pure functions of sequence log-probabilities.
+"""The pair objectives, one formula each, and their registry (see :mod:`apo_jax.losses`).
 
-Every loss takes the summed completion log-probs of the policy and of the reference for the
-chosen (winning, y_w) and rejected (losing, y_l) output of N pairs and returns a per-pair loss of
-shape N. Names and formulas follow TRL's ``DPOTrainer`` ``loss_type`` values, so a run moves over
-unchanged; ``simpo`` and ``orpo`` (reference-free) and weighted mixtures come on top.
-
-Notation: r_w = log pi(y_w|x) - log pi_ref(y_w|x), r_l likewise, d = r_w - r_l, sigma the
-logistic function and ls the label smoothing. Everything is computed in float32 whatever the input
-dtype, with log-sigmoid forms so that |log-ratios| up to 1e4 stay finite.
+Each loss is a function of the float32 inputs :class:`_In` (log-probs, log-ratios, f-divergence
+scores, token counts) and the hyper-parameters :class:`HParams`, returning a loss per pair.
+Notation as in :mod:`apo_jax.losses`: d = r_w - r_l; the score-difference losses use the
+f-divergence scores s_w - s_l, which are r_w - r_l for the default reverse KL.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +28,8 @@ class PairLogps(NamedTuple):
     ref_rejected: Array | None = None
     chosen_tokens: Array | None = None  # number of completion tokens of y_w
     rejected_tokens: Array | None = None
+    chosen_weight: Array | None = None  # WPO weight of y_w (wpo_weight); only for use_weighting
+    rejected_weight: Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +41,11 @@ class HParams:
     discopop_tau: float = 0.05  # temperature of DiscoPOP's mixing coefficient
     simpo_gamma: float = 0.5  # SimPO's target reward margin
     exo_epsilon: float = 1e-3  # EXO's smoothing when label_smoothing is 0
+    f_divergence_type: str = (
+        "reverse_kl"  # reverse_kl | forward_kl | js_divergence | alpha_divergence
+    )
+    f_alpha_divergence_coef: float = 0.5  # alpha of alpha_divergence
+    use_weighting: bool = False  # WPO: multiply each pair's loss by its two WPO weights
 
 
 class _In(NamedTuple):
@@ -54,6 +57,8 @@ class _In(NamedTuple):
     rl: Array  # rejected log-ratio r_l
     nw: Array  # chosen token count (>= 1)
     nl: Array  # rejected token count (>= 1)
+    sw: Array  # chosen score: f'(pi/pi_ref) of the f-divergence (r_w for reverse KL)
+    sl: Array  # rejected score
 
 
 def _smoothed_logistic(z: Array, ls: float) -> Array:
@@ -62,30 +67,30 @@ def _smoothed_logistic(z: Array, ls: float) -> Array:
 
 def sigmoid(x: _In, h: HParams) -> Array:
     """DPO (Rafailov et al., 2023): -log sigma(beta d); with ls > 0 the conservative cDPO form."""
-    return _smoothed_logistic(h.beta * (x.rw - x.rl), h.label_smoothing)
+    return _smoothed_logistic(h.beta * (x.sw - x.sl), h.label_smoothing)
 
 
 def hinge(x: _In, h: HParams) -> Array:
     """SLiC hinge (Zhao et al., 2023): max(0, 1 - beta d)."""
-    return jax.nn.relu(1.0 - h.beta * (x.rw - x.rl))
+    return jax.nn.relu(1.0 - h.beta * (x.sw - x.sl))
 
 
 def ipo(x: _In, h: HParams) -> Array:
     """IPO (Azar et al., 2023, eq. 17), length-normalized as TRL: (d_avg - 1/(2 beta))^2."""
-    d_avg = x.rw / x.nw - x.rl / x.nl
+    d_avg = x.sw / x.nw - x.sl / x.nl
     return (d_avg - 1.0 / (2.0 * h.beta)) ** 2
 
 
 def robust(x: _In, h: HParams) -> Array:
     """Robust DPO (Chowdhury et al., 2024): unbiased under label noise of rate ls < 1/2."""
-    z, ls = h.beta * (x.rw - x.rl), h.label_smoothing
+    z, ls = h.beta * (x.sw - x.sl), h.label_smoothing
     return (-(1.0 - ls) * log_sigmoid(z) + ls * log_sigmoid(-z)) / (1.0 - 2.0 * ls)
 
 
 def exo_pair(x: _In, h: HParams) -> Array:
     """EXO (Ji et al., 2024, eq. 16): KL(softmax(beta r) || [1 - eps, eps]) over the pair."""
     eps = h.label_smoothing if h.label_smoothing > 0 else h.exo_epsilon
-    z = h.beta * (x.rw - x.rl)
+    z = h.beta * (x.sw - x.sl)
     log_qw, log_ql = log_sigmoid(z), log_sigmoid(-z)
     return jnp.exp(log_qw) * (log_qw - jnp.log1p(-eps)) + jnp.exp(log_ql) * (log_ql - jnp.log(eps))
 
@@ -147,7 +152,7 @@ def discopop(x: _In, h: HParams) -> Array:
     With z = beta d: (1 - sigma(z/tau)) (-log sigma(z)) + sigma(z/tau) exp(-z), the second term
     evaluated as exp(-z + log sigma(z/tau)) so it never forms inf * 0.
     """
-    z = h.beta * (x.rw - x.rl)
+    z = h.beta * (x.sw - x.sl)
     logistic = -log_sigmoid(z) * jax.nn.sigmoid(-z / h.discopop_tau)
     exponential = jnp.exp(-z + log_sigmoid(z / h.discopop_tau))
     return logistic + exponential
@@ -155,7 +160,7 @@ def discopop(x: _In, h: HParams) -> Array:
 
 def sigmoid_norm(x: _In, h: HParams) -> Array:
     """Length-normalized DPO (TRL's ``sigmoid_norm``): -log sigma(beta (r_w/|y_w| - r_l/|y_l|))."""
-    return -log_sigmoid(h.beta * (x.rw / x.nw - x.rl / x.nl))
+    return -log_sigmoid(h.beta * (x.sw / x.nw - x.sl / x.nl))
 
 
 def sft(x: _In, h: HParams) -> Array:
@@ -216,119 +221,9 @@ LOSSES: dict[str, LossFn] = {
 }
 ALIASES = {"dpo": "sigmoid"}
 REFERENCE_FREE = frozenset({"sft", "simpo", "orpo"})
-
-
-def names() -> list[str]:
-    """Every loss name the registry accepts (aliases included)."""
-    return sorted([*LOSSES, *ALIASES])
-
-
-Spec = str | Sequence[tuple[Any, ...]]
-
-
-def parse_spec(spec: Spec) -> list[tuple[str, float, dict[str, Any]]]:
-    """Normalizes a loss name or mixture into [(name, weight, hparam overrides)].
-
-    Accepts ``"apo_zero"``, ``"apo_zero+0.1*sft"`` (a compact form for configs) or a sequence of
-    ``(name, weight)`` / ``(name, weight, {hparam: value})`` tuples.
-    """
-    if isinstance(spec, str):
-        terms = []
-        for part in spec.replace(" ", "").split("+"):
-            weight, _, name = part.rpartition("*")
-            terms.append((name, float(weight) if weight else 1.0, {}))
-    else:
-        terms = [(t[0], float(t[1]), dict(t[2]) if len(t) > 2 else {}) for t in spec]
-    if not terms:
-        raise ValueError("empty loss specification")
-    out = []
-    for name, weight, overrides in terms:
-        canonical = ALIASES.get(name, name)
-        if canonical not in LOSSES:
-            raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(names())}")
-        out.append((canonical, weight, overrides))
-    return out
-
-
-def needs_reference(spec: Spec) -> bool:
-    """Whether any term of the loss uses reference log-probs."""
-    return any(name not in REFERENCE_FREE for name, _, _ in parse_spec(spec))
-
-
-def _as_pair_logps(logps: PairLogps | Mapping[str, Array]) -> PairLogps:
-    if isinstance(logps, PairLogps):
-        return logps
-    unknown = set(logps) - set(PairLogps._fields)
-    if unknown:
-        raise ValueError(f"unknown log-prob fields {sorted(unknown)}; expected {PairLogps._fields}")
-    return PairLogps(**logps)
-
-
-def _inputs(p: PairLogps, needs_ref: bool) -> _In:
-    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
-    w, l = f32(p.chosen), f32(p.rejected)  # noqa: E741
-    if p.ref_chosen is None or p.ref_rejected is None:
-        if needs_ref:
-            raise ValueError("this loss needs ref_chosen and ref_rejected log-probs")
-        ref_w, ref_l = jnp.zeros_like(w), jnp.zeros_like(l)
-    else:
-        ref_w, ref_l = f32(p.ref_chosen), f32(p.ref_rejected)
-    ones = jnp.ones_like(w)
-    nw = ones if p.chosen_tokens is None else jnp.maximum(f32(p.chosen_tokens), 1.0)
-    nl = ones if p.rejected_tokens is None else jnp.maximum(f32(p.rejected_tokens), 1.0)
-    return _In(w=w, l=l, rw=w - ref_w, rl=l - ref_l, nw=nw, nl=nl)
-
-
-def preference_loss(
-    name: Spec,
-    logps: PairLogps | Mapping[str, Array],
-    *,
-    beta: float = 0.1,
-    where: Array | None = None,
-    **hparams: float,
-) -> tuple[Array, dict[str, Array]]:
-    """Per-pair preference loss and TRL-named metrics.
-
-    Args:
-      name: a loss name from ``names()`` or a weighted mixture such as
-        ``[("apo_zero", 1.0), ("sft", 0.1)]``; a mixture term may carry its own hparams as a
-        third element.
-      logps: ``PairLogps`` (or a dict of its fields) of N pairs. Token counts are needed by the
-        length-normalized losses (``ipo``, ``sigmoid_norm``, ``simpo``, ``orpo``, ``sft``).
-      beta: inverse temperature (0.1, the paper's and TRL's default).
-      where: optional boolean mask of the real pairs (padding pairs False); metrics average
-        over the real pairs only.
-      **hparams: other fields of ``HParams`` (``label_smoothing``, ``discopop_tau``, ...).
-
-    Returns:
-      ``(loss_N, metrics)``: the weighted per-pair loss in float32 and scalar metrics
-      ``loss``, ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
-      ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected`` with TRL's meanings
-      (rewards are beta times the log-ratios; beta times the log-probs for reference-free
-      losses).
-    """
-    terms = parse_spec(name)
-    base = HParams(beta=beta, **hparams)
-    x = _inputs(_as_pair_logps(logps), needs_ref=needs_reference(terms))
-    loss_N = jnp.zeros_like(x.w)
-    for term, weight, overrides in terms:
-        loss_N = loss_N + weight * LOSSES[term](x, dataclasses.replace(base, **overrides))
-    return loss_N, pair_metrics(x, loss_N, beta, where)
-
-
-def pair_metrics(
-    x: _In, loss_N: Array, beta: float, where: Array | None = None
-) -> dict[str, Array]:
-    """TRL's DPO metrics, averaged over the (real) pairs."""
-    reward_w = jax.lax.stop_gradient(beta * x.rw)
-    reward_l = jax.lax.stop_gradient(beta * x.rl)
-    mean = lambda a: jnp.mean(a, where=where)  # noqa: E731
-    return {
-        "loss": mean(loss_N),
-        "rewards/chosen": mean(reward_w),
-        "rewards/rejected": mean(reward_l),
-        "rewards/margins": mean(reward_w - reward_l),
-        "rewards/accuracies": mean((reward_w > reward_l).astype(jnp.float32)),
-        "logps/chosen": mean(jax.lax.stop_gradient(x.w)),
-        "logps/rejected": mean(jax.lax.stop_gradient(x.l)),
-    }
+# The losses built on the chosen-minus-rejected score, which TRL lets an f-divergence change.
+F_DIVERGENCE_LOSSES = frozenset(
+    {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
+)
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+SORTING_LOSSES = frozenset({"aot", "aot_unpaired"})  # no per-pair WPO weight (TRL refuses too)

@@ -1,0 +1,123 @@
+"""``python -m apo_jax.lab --out=DIR [--quick] [--seeds=N] [flags]``: the paper's experiment in
+miniature, end to end on a CPU (docs/lab.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from collections.abc import Sequence
+
+from absl import flags
+
+from apo_jax import commands, errors
+from apo_jax.lab import pipeline
+
+USAGE = "python -m apo_jax.lab --out=DIR [--quick] [--seeds=N] [flags]"
+ABOUT = """\
+Trains an under-trained target on a toy world with checkable answers, builds four pair sources
+from its own samples (CLAIR, stronger-preferred, on-policy judge, off-policy judge) with the clair
+builders, trains DPO, APO-zero, APO-down and SFT on each, scores held-out greedy answers, and
+writes <out>/results.json and <out>/report.md. Every step is cached: rerun to resume."""
+QUICK = {"sources": ("clair", "stronger_preferred"), "objectives": ("dpo", "apo_zero", "sft"),
+         "seeds": 1, "pair_prompts": 384, "pairs": 128, "heldout": 200}  # fmt: skip
+FIELDS = {f.name: f for f in dataclasses.fields(pipeline.Settings)}
+HELP = {
+    "seed": "world seed (questions, noise, coin flips)",
+    "n_sft": "demonstrations the target is trained on",
+    "sft_noise": "fraction of demonstrations with a wrong value",
+    "sft_steps": "SFT steps of the target (few: under-trained)",
+    "sft_lr": "learning rate of the target's SFT",
+    "pair_prompts": "prompts the pair sources are built from",
+    "pairs": "pairs per source, the same prompts for every source",
+    "heldout": "held-out prompts scored for every model",
+    "temperature": "the target's sampling temperature for its own answers",
+    "steps": "training steps of every cell",
+    "batch_size": "pairs per step (SFT of the target too)",
+    "lr": "learning rate of every cell",
+    "beta": "beta of DPO and APO",
+    "model": "models/config.py preset of the target",
+}
+
+
+def _flag_values() -> flags.FlagValues:
+    fv = flags.FlagValues()
+    flags.DEFINE_string("out", None, "output directory (steps are cached there)", flag_values=fv)
+    flags.DEFINE_boolean("quick", False, "2 sources x 3 objectives x 1 seed, smaller world",
+                         flag_values=fv)  # fmt: skip
+    flags.DEFINE_list("sources", None, f"pair sources, of {','.join(pipeline.SOURCES)}",
+                      flag_values=fv)  # fmt: skip
+    flags.DEFINE_list("objectives", None, f"objectives, of {','.join(pipeline.OBJECTIVES)}",
+                      flag_values=fv)  # fmt: skip
+    flags.DEFINE_integer("seeds", None, "training seeds per cell (full grid: 3)", flag_values=fv)
+    for name, meaning in HELP.items():
+        define = {int: flags.DEFINE_integer, float: flags.DEFINE_float}.get(
+            type(FIELDS[name].default), flags.DEFINE_string)  # fmt: skip
+        define(name, None, f"{meaning} (default {FIELDS[name].default})", flag_values=fv)
+    flags.DEFINE_boolean("progress", True, "show the progress bar with ETA", flag_values=fv)
+    flags.mark_flag_as_required("out", flag_values=fv)
+    commands.positive(fv, "seeds", "n_sft", "sft_steps", "pair_prompts", "pairs", "heldout",
+                      "steps", "batch_size")  # fmt: skip
+    return fv
+
+
+class LabError(errors.UserError):
+    """Lab settings that cannot work."""
+
+
+def settings(fv: flags.FlagValues) -> pipeline.Settings:
+    """The Settings of the command line: the defaults, --quick's, then every flag given."""
+    chosen = dict(QUICK) if fv.quick else {}
+    for name in ("sources", "objectives", "seeds", *HELP):
+        if fv[name].value is not None:
+            chosen[name] = (
+                tuple(fv[name].value) if name in ("sources", "objectives") else fv[name].value
+            )
+    for name, allowed in (("sources", pipeline.SOURCES), ("objectives", pipeline.OBJECTIVES)):
+        bad = [x for x in chosen.get(name, ()) if x not in allowed]
+        if bad or (name in chosen and not chosen[name]):
+            raise LabError(f"--{name}: {','.join(bad) or 'empty'}; choose from {','.join(allowed)}")
+    s = pipeline.Settings(**chosen)
+    if not 0 <= s.sft_noise < 1 or s.temperature <= 0 or s.lr <= 0 or s.beta <= 0:
+        raise LabError("need 0 <= --sft_noise < 1 and --temperature, --lr, --beta > 0")
+    if s.pairs > s.pair_prompts:
+        raise LabError(f"--pairs={s.pairs} exceeds --pair_prompts={s.pair_prompts}")
+    return s
+
+
+def _compilation_cache(out: str) -> None:
+    """Every cell compiles the same few programs: keep them in <out>/jax_cache (unless set)."""
+    import os
+
+    import jax
+
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update(
+            "jax_compilation_cache_dir", os.path.join(os.path.abspath(out), "jax_cache")
+        )
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def run(argv: Sequence[str]) -> int:
+    from apo_jax.lab import run as lab_run
+
+    fv = _flag_values()
+    if commands.parse(fv, argv, USAGE, ABOUT)[1:]:
+        raise commands.FlagError(f"unexpected arguments {list(argv)[1:]}: use --out=DIR")
+    s = settings(fv)
+    logging.getLogger("apo_jax").setLevel(logging.WARNING)
+    _compilation_cache(fv.out)
+    results = lab_run.run(fv.out, s, progress=fv.progress)
+    print(f"target {results['baseline']['accuracy']:.3f}; "
+          f"claim (i) {results['claims']['contrastive']['verdict']}, "
+          f"claim (ii) {results['claims']['anchored']['verdict']}; "
+          f"{fv.out}/report.md ({results['seconds'] / 60:.1f} min)")  # fmt: skip
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return errors.guard(lambda: run(sys.argv if argv is None else argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""The 'unpaired' layout: single completions labelled desirable or undesirable (TRL's KTO data).
+
+A batch of N :class:`~apo_jax.data.shards.UnpairedRecord` is laid out as concat lays pairs: rows
+``0..N-1`` prompt + completion, rows ``N..2N-1`` prompt + KL completion (the mismatched pair whose
+log-ratio enters the batch's KL estimate), plus ``label bool[N]``:
+
+  ``input_ids, completion_mask, positions, segment_ids: int32[2N, T]``, ``label: bool[N]``
+
+With ``kl=False`` (the ``apo_zero_unpaired`` loss needs no KL estimate) only the N completion
+rows are written and run. :meth:`pair_logps` returns the completions' log-probs as ``chosen`` and
+the KL completions' as ``rejected`` (0 without KL rows); the train step turns them into
+:class:`apo_jax.losses.UnpairedLogps`. Stored reference log-probs of unpaired shards hold the
+same two numbers per record (the reference pass reads the records as pairs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from apo_jax.data import shards
+from apo_jax.layouts import base, concat
+
+
+class UnpairedDataError(base.LayoutError):
+    """Shards of pairs given to an unpaired loss (or the other way round)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Unpaired(concat.Concat):
+    """Completion rows, then KL rows, and the labels (see the module docstring)."""
+
+    name = "unpaired"
+    kl: bool = True  # write and run the KL rows
+
+    def collate(
+        self, records: Sequence[shards.UnpairedRecord | None], spec: base.RowSpec
+    ) -> dict[str, np.ndarray]:
+        """2N rows (N without KL rows) and ``label``; padding examples are undesirable rows
+        without tokens, which the loss masks out."""
+        for r in records:
+            if r is not None and not isinstance(r, shards.UnpairedRecord):
+                raise UnpairedDataError(
+                    "an unpaired loss got shards of pairs: prepare rows with prompt, completion "
+                    "and label fields (python -m apo_jax.data.prepare), or use a pair loss"
+                )
+        sides = [(r.prompt, r.completion) if r else None for r in records]
+        if self.kl:
+            sides += [(r.prompt, r.kl_completion) if r else None for r in records]
+        batch = concat.sequence_rows(sides, spec)
+        batch["label"] = np.array([bool(r is not None and r.label) for r in records], bool)
+        return batch
+
+    def check(
+        self, *, batch_size: int, grad_accum: int, data_ways: int, process_count: int
+    ) -> None:
+        """Rows of a micro-batch (2 per example with KL rows, else 1) must split over the mesh."""
+        rows = (2 if self.kl else 1) * batch_size // grad_accum
+        if rows % data_ways:
+            raise base.LayoutError(
+                f"each micro-batch has {rows} rows, which the mesh's data*fsdp = {data_ways} "
+                "ways must divide: change config.batch_size, grad_accum or mesh"
+            )
+
+    def global_batch(
+        self, batch: base.Batch, sharding: Any, *, micro_batches: int = 1, same_shape: bool = False
+    ) -> dict[str, Any]:
+        """As concat with KL rows (two blocks of rows), else one block."""
+        if self.kl:
+            return super().global_batch(
+                batch, sharding, micro_batches=micro_batches, same_shape=same_shape
+            )
+        return base.Layout.global_batch(
+            self, batch, sharding, micro_batches=micro_batches, same_shape=same_shape
+        )
+
+    def pair_logps(
+        self, graphdef: Any, params: Any, batch: base.Batch, chunk: int
+    ) -> base.SideLogps:
+        """Completion log-probs as ``chosen``, KL-completion ones as ``rejected`` (0 without)."""
+        if self.kl:
+            return super().pair_logps(graphdef, params, batch, chunk)
+        logps_N, counts_N = concat.row_logps(graphdef, params, batch, chunk)
+        zeros_N = jnp.zeros_like(logps_N)
+        return base.SideLogps(logps_N, zeros_N, counts_N, zeros_N)
+
+    def micro_batches(self, batch: base.Batch, k: int) -> dict[str, Any]:
+        """k micro-batches of N/k examples (completion rows then KL rows in each)."""
+        if self.kl:
+            return super().micro_batches(batch, k)
+        return base.Layout.micro_batches(self, batch, k)

@@ -1,0 +1,251 @@
+"""The run's working directory: usable, held by one run at a time, and bound to one experiment.
+
+- `check_usable(workdir)`: the directory exists or can be made, and is writable (one-line errors
+  for a path that is a file or a directory this user cannot write).
+- `Lock`: `<workdir>/run.lock` holds the pid, host and start time of the run that owns the
+  workdir. A second run refuses in one line naming the holder; the lock of a dead process on the
+  same host is taken over with a warning (a lock from another host cannot be checked: delete it).
+- `check_resume(...)`: a resume compares the config kept in `<workdir>/config.json` with the new
+  one and refuses a change to what defines the run (`RUN_DEFINING`), unless allowed explicitly.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import json
+import logging
+import os
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+from apo_jax.errors import UserError
+
+log = logging.getLogger("apo_jax")
+
+LOCK_FILE = "run.lock"
+CONFIG_FILE = "config.json"
+
+# Config fields (dotted, or a section ending in '.') whose change makes a resume another experiment.
+RUN_DEFINING = (
+    "loss.",
+    "optim.",
+    "batch_size",
+    "grad_accum",
+    "seed",
+    "num_steps",
+    "data.train",
+    "data.eval",
+    "data.layout",
+    "data.seq_len",
+    "data.num_epochs",
+    "data.shuffle",
+    "demo.n_train",
+    "demo.n_eval",
+    "demo.multi_turn",
+    "model.preset",
+    "model.hf_path",
+    "lora.",
+    "model.dtype",
+    "model.param_dtype",
+    "reference.",
+)
+
+
+class WorkdirError(UserError):
+    """The workdir cannot be used: not a directory, not writable, or held by another run."""
+
+
+class ConfigChangeError(UserError):
+    """A resume with a config that changes what defines the run."""
+
+
+def check_usable(workdir: str) -> None:
+    """Makes `workdir` if needed and checks that this process can write into it.
+
+    Raises:
+      WorkdirError: the path is a file, or the directory cannot be made or written.
+    """
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise WorkdirError(f"workdir {workdir} is a file, not a directory: pass another --workdir")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write-test-{os.getpid()}")
+        with open(probe, "w", encoding="utf-8") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise WorkdirError(
+            f"workdir {workdir} is not writable ({e.strerror or e}): pass another --workdir "
+            "or fix its permissions"
+        ) from None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+class Lock:
+    """`<workdir>/run.lock` for the lifetime of a run (process 0 of a multi-process run).
+
+    Use as a context manager, or `acquire()` / `release()`.
+    """
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, LOCK_FILE)
+        self.info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "start": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        }
+        self.held = False
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(self.info, f)
+        return True
+
+    def _holder(self) -> dict[str, Any]:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                return dict(json.load(f))
+        except (OSError, ValueError, TypeError):
+            return {}  # unreadable or half-written: treated as held by an unknown run
+
+    def acquire(self) -> Lock:
+        """Takes the lock, or takes over a dead same-host holder's; raises WorkdirError if held."""
+        if self._create():
+            self.held = True
+            return self
+        holder = self._holder()
+        same_host = holder.get("host") == self.info["host"]
+        pid = holder.get("pid")
+        if same_host and isinstance(pid, int) and not _pid_alive(pid):
+            log.warning(
+                "taking over %s: its run (pid %d on %s, started %s) is no longer alive",
+                self.path, pid, holder.get("host"), holder.get("start"),
+            )  # fmt: skip
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+            if self._create():
+                self.held = True
+                return self
+            holder = self._holder()
+        who = (
+            f"pid {holder.get('pid')} on host {holder.get('host')} since {holder.get('start')}"
+            if holder
+            else "an unknown run (unreadable lock)"
+        )
+        raise WorkdirError(
+            f"workdir {os.path.dirname(self.path)} is in use by {who}: wait for that run to end, "
+            f"use another --workdir, or delete {self.path} if that run is gone"
+        )
+
+    def release(self) -> None:
+        """Removes the lock file if this run still holds it."""
+        if self.held and self._holder() == self.info:
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+        self.held = False
+
+    def __enter__(self) -> Lock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a.b': value} of a nested dict, values normalised as JSON stores them."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = json.loads(json.dumps(value, default=str))
+    return out
+
+
+def _defines_run(key: str) -> bool:
+    return any(key.startswith(f) if f.endswith(".") else key == f for f in RUN_DEFINING)
+
+
+def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """{field: [old, new]} for the run-defining fields that differ (fields one side lacks are
+    not compared: a newer version of the code may add fields)."""
+    a, b = flatten(old), flatten(new)
+    return {
+        k: [a[k], b[k]] for k in sorted(a.keys() & b.keys()) if _defines_run(k) and a[k] != b[k]
+    }
+
+
+def read_config(workdir: str) -> dict[str, Any] | None:
+    """The config kept in `<workdir>/config.json`, or None when there is none."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return dict(json.load(f))
+    except (OSError, ValueError) as e:
+        raise WorkdirError(f"{path} is unreadable ({e}): restore it or delete it") from None
+
+
+def write_config(workdir: str, config: Mapping[str, Any]) -> None:
+    """Keeps `config` as `<workdir>/config.json` (atomically)."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(dict(config), f, indent=1, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def check_resume(workdir: str, new: Mapping[str, Any], *, allow: bool) -> dict[str, list[Any]]:
+    """Compares the workdir's config with `new` before a resume.
+
+    Args:
+      workdir: a workdir that holds a checkpoint.
+      new: the new run's config as a nested dict.
+      allow: go on despite changes (the caller records them).
+
+    Returns:
+      The run-defining changes ({} when none, or when the workdir keeps no config).
+
+    Raises:
+      ConfigChangeError: there are changes and `allow` is False.
+    """
+    old = read_config(workdir)
+    changes = config_changes(old, new) if old is not None else {}
+    if changes and not allow:
+        listed = ", ".join(
+            f"{k} {json.dumps(a)} -> {json.dumps(b)}" for k, (a, b) in changes.items()
+        )
+        raise ConfigChangeError(
+            f"{workdir} holds a run with another config: {listed}; resume with the same config, "
+            "use another --workdir, or pass --allow_config_change to continue with the new one"
+        )
+    return changes
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether `e` (or what caused it) is a full disk or an exceeded quota."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return False

@@ -1,0 +1,23 @@
+"""apo_zero_unpaired on unpaired preferences (TRL's KTO layout: prompt, completion, bool label).
+
+APO-zero split per example: desirable completions are pushed up, undesirable ones down; no KL
+estimate is needed, so only the completion rows run. Run the embedded demo (tiny model; the
+generated pairs split into desirable and undesirable records) on a CPU:
+  python -m apo_jax.train --config=configs/apo_zero_unpaired.py
+On your own data (rows {"prompt", "completion", "label"}, prepared with
+python -m apo_jax.data.prepare):
+  python -m apo_jax.train --config=configs/apo_zero_unpaired.py:llama3_8b \
+    --config.model.hf_path=/ckpt/Meta-Llama-3-8B-Instruct --config.data.train=/data/kto/train \
+    --workdir=/runs/apo_zero_unpaired_8b
+"""
+
+from apo_jax.config_base import base_config
+
+
+def get_config(arg=None):
+    """Presets: demo (default), llama3_1b, llama3_8b."""
+    c = base_config("apo_zero_unpaired", arg)
+    if c.preset == "demo":  # 64 completions a step, as the pair demo's 32 pairs
+        c.batch_size = 64
+    c.data.layout = "unpaired"  # completion rows only (this loss needs no KL rows)
+    return c

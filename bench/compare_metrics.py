@@ -13,9 +13,7 @@ TIMING = ("tokens_per_sec", "flops_per_sec", "mfu")
 
 def rows(path: str) -> list[dict]:
     with open(path, encoding="utf-8") as f:
-        return [
-            {k: v for k, v in json.loads(line).items() if not k.endswith(TIMING)} for line in f
-        ]
+        return [{k: v for k, v in json.loads(line).items() if not k.endswith(TIMING)} for line in f]
 
 
 def main(a_path: str, b_path: str) -> int:

@@ -30,12 +30,11 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
 from common import machine, table  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from apo_jax import sharding  # noqa: E402
+from apo_jax import assemble, sharding  # noqa: E402
 from apo_jax import train_step as ts  # noqa: E402
 from apo_jax.models.config import get_preset  # noqa: E402
 from apo_jax.models.llama import Llama  # noqa: E402
@@ -54,12 +53,7 @@ def abstract_state(cfg, tx, mesh):
     params = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, params_sh
     )
-    replicated = NamedSharding(mesh, PartitionSpec())
-    opt_sh = optax.tree_map_params(
-        tx, lambda _, s: s, jax.eval_shape(tx.init, params), params_sh,
-        transform_non_params=lambda _: replicated,
-    )  # fmt: skip
-    state_sh = ts.TrainState(replicated, params_sh, opt_sh, replicated, replicated, replicated)
+    state_sh = assemble.state_shardings(params, tx, mesh)  # moments laid out like params
     state = jax.eval_shape(lambda p: ts.init_state(p, tx, 0), params)
     state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh

@@ -27,12 +27,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import optax
 from common import STEP_MODEL, Shapes, concat_batch, machine, median, table, time_interleaved
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from apo_jax import sharding
+from apo_jax import assemble, sharding
 from apo_jax import train_step as ts
 from apo_jax.models import lora
 from apo_jax.models.config import get_preset
@@ -67,12 +66,7 @@ def abstract_parts(cfg, rank: int, tx, mesh):
         frozen, base_graphdef = None, graphdef
     params_sh = sharding.param_shardings(params, mesh)
     params = _with_sharding(params, params_sh)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    opt_sh = optax.tree_map_params(
-        tx, lambda _, s: s, jax.eval_shape(tx.init, params), params_sh,
-        transform_non_params=lambda _: replicated,
-    )  # fmt: skip
-    state_sh = ts.TrainState(replicated, params_sh, opt_sh, replicated, replicated, replicated)
+    state_sh = assemble.state_shardings(params, tx, mesh)  # moments laid out like params
     state = _with_sharding(jax.eval_shape(lambda p: ts.init_state(p, tx, 0), params), state_sh)
     return graphdef, state, state_sh, frozen, base_graphdef
 

@@ -16,6 +16,14 @@
    the bf16 dense peak (H100/H200 SXM: 989 TFLOP/s) and over a `jnp.dot` 8192^3 measured in-run.
 4. generation: greedy tokens/s of the same preset (bfloat16 weights, random), 32 prompts of 128
    tokens, 128 new tokens each, through `models.generate.generate` (the eval's path).
+5. `--llama8b` (a separate process, so that the device's peak memory is this step's alone): a
+   `llama3_8b` LoRA train step on one device, as a LoRA run does it: rank-16 adapters on
+   q,k,v,o,gate,up,down in float32 with AdamW, the base frozen in bfloat16, the online reference =
+   the base without adapters (the same arrays). Random weights are drawn on the device by a jitted
+   initializer (no checkpoint). 1 pair of 4096 tokens (2048 if the compiled memory analysis says
+   4096 does not fit the device), 3 timed steps after 1 warm-up; records the memory analysis, the
+   device's peak bytes in use and tokens/s, within `--llama8b-budget-s` (skipped with a line when
+   it is spent).
 Variants run in order until `--budget-s` is spent; each result is also written, as one JSON line,
 to OUT/gpu_results.jsonl (OUT: `--out`, else $OUT, else bench/out).
 `--dry`: tiny shapes on CPU (XLA attention only), to check the script where no GPU is lent.
@@ -41,6 +49,7 @@ from common import Shapes, concat_batch, forward_flops, median, table, time_inte
 from flax import nnx
 
 from apo_jax.layouts.prefix import attention_mask as prefix_attention_mask
+from apo_jax.models import lora
 from apo_jax.models.config import get_preset
 from apo_jax.models.llama import Llama
 from apo_jax.optim import OptimConfig, make_optimizer
@@ -52,10 +61,11 @@ T0 = time.perf_counter()
 class Recorder:
     """Prints each result and appends it to OUT/gpu_results.jsonl."""
 
-    def __init__(self, out_dir: str):
+    def __init__(self, out_dir: str, append: bool = False):
         os.makedirs(out_dir, exist_ok=True)
         self.path = os.path.join(out_dir, "gpu_results.jsonl")
-        open(self.path, "w").close()
+        if not append:
+            open(self.path, "w").close()
 
     def __call__(self, kind: str, **rec):
         rec = {"kind": kind, "t_s": round(time.perf_counter() - T0, 1), **rec}
@@ -254,6 +264,131 @@ def generation(cfg, batch: int, prompt_len: int, new: int) -> dict:
             "first_call_s": round(compile_s, 1)}  # fmt: skip
 
 
+LORA_TARGETS = "q,k,v,o,gate,up,down"
+
+
+def lora_on_device(cfg, rank: int, device):
+    """(adapter graphdef, base graphdef, adapters, frozen base) of a randomly initialised Llama
+    with LoRA adapters, drawn by one jitted initializer straight onto `device`: the base in
+    `cfg.param_dtype`, the adapters in float32; no host copy of the weights is made."""
+
+    def build():
+        model = Llama(cfg, rngs=nnx.Rngs(0))
+        lora.attach(model, lora.LoraConfig(rank=rank, targets=LORA_TARGETS), seed=0)
+        return model
+
+    graphdef = lora.split(nnx.eval_shape(build))[0]
+    base_graphdef = nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))[0]
+    on_device = jax.sharding.SingleDeviceSharding(device)
+    adapters, frozen = jax.jit(lambda: lora.split(build())[1:], out_shardings=on_device)()
+    return graphdef, base_graphdef, adapters, frozen
+
+
+def lora_step(
+    cfg,
+    *,
+    rank: int = 16,
+    seqs=(4096, 2048),
+    chunk: int = 512,
+    repeats: int = 3,
+    warmup: int = 1,
+    budget_s: float = 150.0,
+    limit: int | None = None,
+) -> dict:
+    """A LoRA APO-down train step of `cfg` on one device: online reference (the frozen base
+    without adapters), 1 pair of the first sequence length in `seqs` whose compiled memory fits
+    `limit` bytes (default: the device's `bytes_limit`; unknown, as on CPU: no check); `repeats`
+    timed steps after `warmup`. Stops (with a `skipped` reason) once `budget_s` is spent."""
+    t_start = time.perf_counter()
+    dev = jax.devices()[0]
+    if limit is None:
+        limit = (dev.memory_stats() or {}).get("bytes_limit", 0)
+    tx, sched = make_optimizer(OptimConfig(learning_rate=1e-5, schedule="constant"), 1000)
+    graphdef, base_graphdef, adapters, frozen = lora_on_device(cfg, rank, dev)
+    state = jax.tree.map(jnp.copy, ts.init_state(adapters, tx, 0))
+    del adapters
+    jax.block_until_ready((state, frozen))
+    rec = {"preset_params_b": round(cfg.n_params / 1e9, 2), "rank": rank, "remat": cfg.remat,
+           "attention": cfg.attention, "param_dtype": cfg.param_dtype,
+           "adapter_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
+           "init_s": round(time.perf_counter() - t_start, 1),
+           "limit_gib": round(limit / 2**30, 1) if limit else None, "tried": []}  # fmt: skip
+    step_cfg = ts.StepConfig(loss="apo_down", reference="online", logprob_chunk=chunk)
+    fn = functools.partial(ts.train_step, graphdef=graphdef, tx=tx, cfg=step_cfg,
+                           schedule=sched, ref_graphdef=base_graphdef)  # fmt: skip
+    jitted = jax.jit(fn, donate_argnums=(0,))
+    for seq in seqs:
+        if time.perf_counter() - t_start > budget_s:
+            return {**rec, "skipped": f"budget: {budget_s:.0f} s spent before seq {seq}"}
+        shp = Shapes(pairs=1, seq=seq, prompt=seq // 2)
+        batch = {k: jnp.asarray(v) for k, v in concat_batch(shp, cfg.vocab_size).items()}
+        t0 = time.perf_counter()
+        try:
+            compiled = jitted.lower(state, batch, None, frozen).compile()
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory at compile: shorter rows
+            rec["tried"].append(f"{seq}: compile {type(e).__name__}: {str(e)[:120]}")
+            continue
+        m = compiled.memory_analysis()
+        need = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+                + m.temp_size_in_bytes)  # fmt: skip
+        analysis = {"argument_gib": m.argument_size_in_bytes / 2**30,
+                    "output_gib": m.output_size_in_bytes / 2**30,
+                    "alias_gib": m.alias_size_in_bytes / 2**30,
+                    "temp_gib": m.temp_size_in_bytes / 2**30, "total_gib": need / 2**30}  # fmt: skip
+        analysis = {k: round(v, 2) for k, v in analysis.items()}
+        analysis["total_bytes"] = int(need)
+        rec["tried"].append({"seq": seq, "compile_s": round(time.perf_counter() - t0, 1),
+                             **analysis})  # fmt: skip
+        print(f"llama8b part: seq {seq} compiled, {rec['tried'][-1]}", flush=True)
+        if limit and need > 0.97 * limit:
+            rec["tried"][-1]["fits"] = False
+            del compiled
+            continue
+        spent = time.perf_counter() - t_start
+        if spent > budget_s:
+            return {**rec, "skipped": f"budget: {spent:.0f} s of {budget_s:.0f} spent at compile"}
+        holder, losses = [state], []
+
+        def one(c=compiled, b=batch, h=holder, out=losses):
+            h[0], met = c(h[0], b, None, frozen)
+            out.append(float(met["loss"]))
+
+        try:
+            times = time_interleaved({"s": one}, repeats, warmup=warmup)["s"]
+        except Exception as e:  # noqa: BLE001 - out of memory at run time: shorter rows
+            rec["tried"][-1]["run_error"] = f"{type(e).__name__}: {str(e)[:160]}"
+            state = holder[0]
+            continue
+        state = holder[0]
+        secs = median(times)
+        peak = (dev.memory_stats() or {}).get("peak_bytes_in_use")
+        return {**rec, "seq": seq, "pairs": 1, "ms_step": round(1e3 * secs, 1),
+                "all_ms": [round(1e3 * x, 1) for x in times],
+                "tokens_s": round(2 * seq / secs), "losses": losses,
+                "steps": int(state.step), "memory_analysis": analysis,
+                "peak_gib": round(peak / 2**30, 2) if peak else None,
+                "ok": all(np.isfinite(losses)),
+                "part_s": round(time.perf_counter() - t_start, 1)}  # fmt: skip
+    return {**rec, "failed": "no sequence length fits"}
+
+
+def llama8b_part(args, rec) -> None:
+    """5 above: the one-device LoRA step, `llama3_8b` (the tiny preset with `--dry`)."""
+    if args.dry:
+        cfg = get_preset("tiny", dtype="bfloat16", param_dtype="bfloat16", remat="full",
+                         attention="xla")  # fmt: skip
+        kw = dict(seqs=(64, 32), chunk=32)
+    else:
+        cfg = get_preset("llama3_8b", dtype="bfloat16", param_dtype="bfloat16", remat="full",
+                         attention="cudnn", scan_layers=True)  # fmt: skip
+        kw = dict(seqs=(4096, 2048), chunk=512)
+    try:
+        r = lora_step(cfg, rank=16, budget_s=args.llama8b_budget_s, **kw)
+    except Exception as e:  # noqa: BLE001 - record the failure (out of memory at init, ...)
+        r = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:400]}"}
+    rec("llama8b_lora_step", preset="tiny" if args.dry else "llama3_8b", **r)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dry", action="store_true")
@@ -267,8 +402,19 @@ def main():
         help="'attention:remat:pairs,pairs[:chunk];...' instead of the default list",
     )
     ap.add_argument("--skip-checks", action="store_true", help="timings only (no parity checks)")
+    ap.add_argument(
+        "--llama8b",
+        action="store_true",
+        help="only the one-device llama3_8b LoRA step (appends its records)",
+    )
+    ap.add_argument(
+        "--llama8b-budget-s",
+        type=float,
+        default=150.0,
+        help="the llama3_8b step's time budget, its initialisation and compiles included",
+    )
     args = ap.parse_args()
-    rec = Recorder(args.out)
+    rec = Recorder(args.out, append=args.llama8b)
     dev = jax.devices()[0]
     auto = Llama(small_cfg(dtype="bfloat16"), rngs=nnx.Rngs(0)).layers.self_attn
     rec("device", device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
@@ -277,6 +423,9 @@ def main():
         auto_attention=auto.implementation(jnp.bfloat16, cached=False) or "xla")  # fmt: skip
     if not args.dry and dev.platform != "gpu":
         sys.exit("no GPU: run with --dry")
+    if args.llama8b:
+        llama8b_part(args, rec)
+        return
 
     checks = () if args.skip_checks else (
         ("parity", lambda: [parity()]),

@@ -11,10 +11,12 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
 
 import common  # noqa: E402
+import gpu_check  # noqa: E402
 import logprob_memory  # noqa: E402
 import step_vs_torch  # noqa: E402
 
 from apo_jax.logprobs import naive_sequence_logps, sequence_logps  # noqa: E402
+from apo_jax.models.config import get_preset  # noqa: E402
 
 
 def test_forward_flops_counts_matmul_params_and_attention():
@@ -51,3 +53,18 @@ def test_table_is_markdown():
     out = common.table(("a", "bb"), [(1, 2), (333, 4)])
     assert out.splitlines()[1].startswith("| ---")
     assert len({len(line) for line in out.splitlines()}) == 1
+
+
+def test_gpu_check_lora_step_trains_adapters_on_one_device():
+    """gpu.sh's one-device LoRA step (gpu_check --llama8b), miniature model, bf16 base."""
+    cfg = get_preset("tiny", vocab_size=128, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                     head_dim=16, mlp_dim=64, dtype="bfloat16", param_dtype="bfloat16",
+                     remat="full", attention="xla")  # fmt: skip
+    r = gpu_check.lora_step(cfg, rank=4, seqs=(16,), chunk=8, repeats=1, warmup=1)
+    assert r["ok"] and r["seq"] == 16 and r["steps"] == 2 and r["tokens_s"] > 0
+    # B starts at zero, so step 0's policy is the reference; the update moves it away.
+    assert r["losses"][0] != r["losses"][1]
+    assert r["memory_analysis"]["total_bytes"] > 0
+    # adapters on q,k,v,o,gate,up,down of one layer: A [in, 4] and B [4, out] each
+    io = [(32, 32), (32, 16), (32, 16), (32, 32), (32, 64), (32, 64), (64, 32)]
+    assert r["adapter_params"] == sum(4 * (i + o) for i, o in io)

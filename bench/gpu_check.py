@@ -319,7 +319,7 @@ def lora_step(
     jitted = jax.jit(fn, donate_argnums=(0,))
     for seq in seqs:
         if time.perf_counter() - t_start > budget_s:
-            return {**rec, "skipped": f"budget: {budget_s:.0f} s spent before seq {seq}"}
+            return {**rec, "skipped": f"budget of {budget_s:.0f} s spent before seq {seq}"}
         shp = Shapes(pairs=1, seq=seq, prompt=seq // 2)
         batch = {k: jnp.asarray(v) for k, v in concat_batch(shp, cfg.vocab_size).items()}
         t0 = time.perf_counter()
@@ -346,7 +346,10 @@ def lora_step(
             continue
         spent = time.perf_counter() - t_start
         if spent > budget_s:
-            return {**rec, "skipped": f"budget: {spent:.0f} s of {budget_s:.0f} spent at compile"}
+            return {
+                **rec,
+                "skipped": f"budget: {spent:.0f} s of {budget_s:.0f} s spent by the compile",
+            }
         holder, losses = [state], []
 
         def one(c=compiled, b=batch, h=holder, out=losses):

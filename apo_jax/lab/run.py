@@ -104,7 +104,7 @@ def run(out: str, s: Settings, *, progress: bool = True) -> dict[str, Any]:
                 d, s, shard_dir, target_hf, objective, 0, heldout))  # fmt: skip
         hf = os.path.join(out, name, os.path.basename(result["run"]), "hf")
         chain.append({"round": 1, "objective": objective, "pairs": pairs["pairs_per_source"],
-                      "chosen_correct": clair["chosen_correct"],
+                      "chosen_correct": clair["chosen_correct"], "seconds": result["seconds"],
                       "generations": os.path.join(name, os.path.basename(result["generations"]))})  # fmt: skip
         for r in range(2, s.rounds + 1):
             # The previous round's model is the target: re-sample, revise, prepare, then a cell

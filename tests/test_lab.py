@@ -177,3 +177,8 @@ def test_smoke_end_to_end_then_resume(tmp_path, capsys):
     assert os.path.exists(os.path.join(out, "rounds", "r2", "pairs", "requests.cache.jsonl"))
     assert "## CLAIR rounds" in open(os.path.join(out, "report.md")).read()
     assert "round 2:" in capsys.readouterr().out
+    # A grid without round 1's objective: its cell is taken from the cache under the grid's name.
+    assert lab_main.run([*argv[:-1], "--objectives=dpo", "--rounds=2"]) == 0
+    again = json.load(open(os.path.join(out, "results.json")))
+    assert again["steps_run"] == 1 and [c["objective"] for c in again["conditions"]] == ["dpo"]
+    assert again["rounds"] == r["rounds"]

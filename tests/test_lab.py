@@ -129,6 +129,10 @@ def test_flags_name_the_problem():
     fv(["lab", "--out=x", "--sources=clair,nope"])
     with pytest.raises(lab_main.LabError, match="--sources: nope"):
         lab_main.settings(fv)
+    fv = lab_main._flag_values()
+    fv(["lab", "--out=x", "--sources=stronger_preferred", "--rounds=2"])
+    with pytest.raises(lab_main.LabError, match="add clair to --sources"):
+        lab_main.settings(fv)
 
 
 def test_smoke_end_to_end_then_resume(tmp_path, capsys):
@@ -154,3 +158,27 @@ def test_smoke_end_to_end_then_resume(tmp_path, capsys):
     assert lab_main.run(argv) == 0  # resumed: every step is cached
     assert json.load(open(os.path.join(out, "results.json")))["steps_run"] == 0
     assert "claim (i) inconclusive" in capsys.readouterr().out
+    # --rounds=2: round 1 is the grid's CLAIR cell (cached); round 2 trains that cell's model.
+    assert lab_main.run([*argv, "--rounds=2"]) == 0
+    r = json.load(open(os.path.join(out, "results.json")))
+    assert r["steps_run"] == 2 and [e["round"] for e in r["rounds"]] == [1, 2]
+    r1, r2 = r["rounds"]
+    assert r1["objective"] == r2["objective"] == "apo_zero"  # chosen right 1.0 > the target's
+    assert r1["generations"] == r["conditions"][0]["generations"]
+    assert r1["target_accuracy"] == pytest.approx(r["baseline"]["accuracy"])
+    assert r2["target_accuracy"] == pytest.approx(r1["accuracy"])
+    rows = [json.loads(line) for line in open(os.path.join(out, r2["generations"]))]
+    assert r2["accuracy"] == pytest.approx(np.mean([row["correct"] for row in rows]))
+    assert r2["delta"] == pytest.approx(r2["accuracy"] - r1["accuracy"])
+    assert r2["delta_ci95"][0] <= r2["delta"] <= r2["delta_ci95"][1]
+    # The round-2 reference pass ran on round 1's weights, not the target's.
+    cfg = json.load(open(os.path.join(out, "rounds", "r2", "cell", "run", "config.json")))
+    assert cfg["model"]["hf_path"] == os.path.join(out, "cells", "clair-apo_zero-s0", "run", "hf")
+    assert os.path.exists(os.path.join(out, "rounds", "r2", "pairs", "requests.cache.jsonl"))
+    assert "## CLAIR rounds" in open(os.path.join(out, "report.md")).read()
+    assert "round 2:" in capsys.readouterr().out
+    # A grid without round 1's objective: its cell is taken from the cache under the grid's name.
+    assert lab_main.run([*argv[:-1], "--objectives=dpo", "--rounds=2"]) == 0
+    again = json.load(open(os.path.join(out, "results.json")))
+    assert again["steps_run"] == 1 and [c["objective"] for c in again["conditions"]] == ["dpo"]
+    assert again["rounds"] == r["rounds"]

@@ -13,7 +13,7 @@ from absl import flags
 from apo_jax import commands, errors
 from apo_jax.lab import pipeline
 
-USAGE = "python -m apo_jax.lab --out=DIR [--quick] [--seeds=N] [flags]"
+USAGE = "python -m apo_jax.lab --out=DIR [--quick] [--seeds=N] [--rounds=N] [flags]"
 ABOUT = """\
 Trains an under-trained target on a toy world with checkable answers, builds four pair sources
 from its own samples (CLAIR, stronger-preferred, on-policy judge, off-policy judge) with the clair
@@ -37,6 +37,8 @@ HELP = {
     "lr": "learning rate of every cell",
     "beta": "beta of DPO and APO",
     "model": "models/config.py preset of the target",
+    "rounds": "CLAIR rounds: each later round makes the previous round's trained CLAIR model "
+    "(prescribed APO variant, seed 0) the target again",
 }
 
 
@@ -57,7 +59,7 @@ def _flag_values() -> flags.FlagValues:
     flags.DEFINE_boolean("progress", True, "show the progress bar with ETA", flag_values=fv)
     flags.mark_flag_as_required("out", flag_values=fv)
     commands.positive(fv, "seeds", "n_sft", "sft_steps", "pair_prompts", "pairs", "heldout",
-                      "steps", "batch_size")  # fmt: skip
+                      "steps", "batch_size", "rounds")  # fmt: skip
     return fv
 
 
@@ -80,6 +82,8 @@ def settings(fv: flags.FlagValues) -> pipeline.Settings:
     s = pipeline.Settings(**chosen)
     if not 0 <= s.sft_noise < 1 or s.temperature <= 0 or s.lr <= 0 or s.beta <= 0:
         raise LabError("need 0 <= --sft_noise < 1 and --temperature, --lr, --beta > 0")
+    if s.rounds > 1 and "clair" not in s.sources:
+        raise LabError("--rounds > 1 continues the CLAIR cell: add clair to --sources")
     if s.pairs > s.pair_prompts:
         raise LabError(f"--pairs={s.pairs} exceeds --pair_prompts={s.pair_prompts}")
     return s
@@ -108,6 +112,11 @@ def run(argv: Sequence[str]) -> int:
     logging.getLogger("apo_jax").setLevel(logging.WARNING)
     _compilation_cache(fv.out)
     results = lab_run.run(fv.out, s, progress=fv.progress)
+    for r in results.get("rounds", [])[1:]:
+        print(
+            f"round {r['round']}: {r['accuracy']:.3f}, {r['delta']:+.3f} "
+            f"[{r['delta_ci95'][0]:+.3f}, {r['delta_ci95'][1]:+.3f}] over round {r['round'] - 1}"
+        )
     print(f"target {results['baseline']['accuracy']:.3f}; "
           f"claim (i) {results['claims']['contrastive']['verdict']}, "
           f"claim (ii) {results['claims']['anchored']['verdict']}; "

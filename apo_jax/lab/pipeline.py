@@ -52,6 +52,7 @@ class Settings:
     objectives: tuple[str, ...] = OBJECTIVES
     seeds: int = 3
     model: str = "tiny"  # models/config.py preset of the target
+    rounds: int = 1  # CLAIR rounds: each later one trains the previous round's model again
 
 
 def rel(out: str, path: str) -> str:

@@ -36,9 +36,26 @@ def matrices(out: str, base_rel: str, conditions: list[dict[str, Any]]):
     return base[None], {k: np.stack(v) for k, v in rows.items()}
 
 
+def rounds(out: str, base_rel: str, chain: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each round's accuracy and its change from the model it started from (round 1: the
+    target), both with bootstrap intervals over the held-out prompts, from the generations."""
+    ids, prev = _correct(out, base_rel)
+    entries = []
+    for c in chain:
+        cids, v = _correct(out, c["generations"])
+        if cids != ids:
+            raise ValueError(f"{c['generations']}: not the target's held-out prompts in order")
+        entries.append({**c, "target_accuracy": float(prev.mean()), "accuracy": float(v.mean()),
+                        "ci95": analysis.interval(v[None]), "delta": float(v.mean() - prev.mean()),
+                        "delta_ci95": analysis.interval(v[None], prev[None])})  # fmt: skip
+        prev = v
+    return entries
+
+
 def write(out: str, meta: dict[str, Any], target: dict[str, Any], pairs: dict[str, Any],
-          conditions: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
-    """Writes results.json, report.md and figures/; returns the results."""
+          conditions: list[dict[str, Any]], chain: list[dict[str, Any]] = ()) -> dict[str, Any]:  # fmt: skip
+    """Writes results.json, report.md and figures/; returns the results (with `rounds` when
+    `chain`, the CLAIR rounds of `run`, is given)."""
     base_rel = os.path.join("target", target["generations"])
     base, mats = matrices(out, base_rel, conditions)
     for c in conditions:  # each condition's own accuracy, from its file
@@ -62,6 +79,8 @@ def write(out: str, meta: dict[str, Any], target: dict[str, Any], pairs: dict[st
         "moved": sum(v["moved"] for v in table.values()),
         **meta,
     }  # fmt: skip
+    if chain:
+        results["rounds"] = rounds(out, base_rel, list(chain))
     results["figures"] = figures(out, conditions, pairs)
     write_json(os.path.join(out, "results.json"), results)
     with open(os.path.join(out, "report.md") + ".tmp", "w", encoding="utf-8") as f:
@@ -153,9 +172,34 @@ def markdown(r: dict[str, Any]) -> str:
                           r["claims"]["contrastive"], "CLAIR minus {k}")  # fmt: skip
     lines += _claim_lines("(ii) The prescribed APO variant beats less controllable objectives",
                           r["claims"]["anchored"], "prescribed APO minus {k}")  # fmt: skip
+    if r.get("rounds"):
+        lines += _round_lines(r["rounds"])
     lines += ["## Figures", "", f"![log-probs]({r['figures']['logps']})", "",
               f"![contrastiveness]({r['figures']['contrastiveness']})", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def _round_lines(rounds_: list[dict[str, Any]]) -> list[str]:
+    """The rounds section: each round against the model it started from, and the verdict."""
+    obj = NAMES[rounds_[0]["objective"]]
+    lines = ["## CLAIR rounds", "",
+             f"Round 1 is the CLAIR cell trained with {obj} (the prescribed variant), seed 0; each "
+             "later round takes the previous round's model as the target, samples it again on the "
+             "same pair prompts, revises with the same reviser, re-runs the reference pass on its "
+             f"weights and trains {obj} with the same settings. Intervals are over held-out "
+             "prompts (one seed).", "",
+             "| round | pairs | chosen right | started from | accuracy | change |",
+             "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for e in rounds_:
+        lines.append(f"| {e['round']} | {e['pairs']} | {e['chosen_correct']:.2f} | "
+                     f"{e['target_accuracy']:.3f} | {e['accuracy']:.3f} {_ci(e['ci95'])} | "
+                     f"{e['delta']:+.3f} {_ci(e['delta_ci95'])} |")  # fmt: skip
+    for e in rounds_[1:]:
+        lo, hi = e["delta_ci95"]
+        word = "adds" if lo > 0 else "takes away" if hi < 0 else "makes no change measurable here"
+        lines.append(f"\n**Round {e['round']} {word}**: {e['delta']:+.3f} {_ci(e['delta_ci95'])} "
+                     f"over round {e['round'] - 1}.")  # fmt: skip
+    return lines + [""]
 
 
 def _claim_lines(title: str, claim: dict[str, Any], label: str) -> list[str]:

@@ -1,7 +1,8 @@
 """The whole lab, step by step, each step cached (`apo_jax.lab.steps`), with one progress bar.
 
 world -> target -> pairs (all sources, aligned) -> one training cell per (source, objective,
-seed) -> results.json and report.md. Rerunning with the same settings skips every finished step;
+seed) -> with `rounds` > 1, the CLAIR cell's model as the next target (CLAIR pairs of its own
+samples, one cell), once per later round -> results.json and report.md. Rerunning with the same settings skips every finished step;
 changing a setting redoes the steps that depend on it.
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from apo_jax.lab import pipeline, report, sources
+from apo_jax.lab import analysis, pipeline, report, sources
 from apo_jax.lab.pipeline import Settings
 from apo_jax.lab.steps import run_step
 
@@ -46,21 +47,23 @@ def run(out: str, s: Settings, *, progress: bool = True) -> dict[str, Any]:
     # The bar counts work in "cells" (one preference run of s.steps): the ETA is right early on.
     weight = {"world": 0.1, "target": s.sft_steps / 100, "pairs": 0.3}  # measured ratios
     cell = 1.0
-    bar = tqdm(total=round(sum(weight.values()) + cell * len(todo), 1), unit="cell",
+    extra = (s.rounds - 1) * (0.15 + cell)  # each later round: CLAIR pairs and one cell
+    bar = tqdm(total=round(sum(weight.values()) + cell * len(todo) + extra, 1), unit="cell",
                disable=not progress, file=sys.stderr, dynamic_ncols=True, smoothing=0.1,
                bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")  # fmt: skip
     started = time.perf_counter()
     ran = 0
 
-    def step(name: str, key: dict[str, Any], fn) -> dict[str, Any]:
+    def step(name: str, key: dict[str, Any], fn, w: float | None = None) -> dict[str, Any]:
         nonlocal ran
+        w = weight.get(name, cell) if w is None else w
         bar.set_description(name)
         result, did = run_step(os.path.join(out, name), key, fn)
         ran += did
         if did:
-            bar.update(weight.get(name, cell))
+            bar.update(w)
         else:  # cached: no work done, so it must not speed up the ETA
-            bar.total = round(bar.total - weight.get(name, cell), 1)
+            bar.total = round(bar.total - w, 1)
             bar.refresh()
         return result
 
@@ -83,11 +86,48 @@ def run(out: str, s: Settings, *, progress: bool = True) -> dict[str, Any]:
         conditions.append({"dataset": source, "objective": objective, "seed": seed, **result,
                            "generations": os.path.join(name, result["generations"]),
                            "run": os.path.join(name, result["run"])})  # fmt: skip
+    chain, extra_steps = [], 2 * (s.rounds - 1)
+    if s.rounds > 1:
+        # Round 1 is the CLAIR cell with the prescribed APO variant, seed 0 (from the grid, or
+        # trained here under the grid's name and key when the grid lacks it).
+        clair = pairs["sources"]["clair"]
+        objective = analysis.expected_apo(clair["chosen_correct"], target["accuracy"])
+        name = os.path.join("cells", f"clair-{objective}-s0")
+        key = _key(s, CELL_FIELDS, pairs=pairs_key, source="clair", objective=objective, seed=0)
+        shard_dir = os.path.join(out, "pairs", clair["shards"])
+        result = next((c for c in conditions if c["dataset"] == "clair"
+                       and c["objective"] == objective and c["seed"] == 0), None)  # fmt: skip
+        if result is None:
+            bar.total = round(bar.total + cell, 1)
+            extra_steps += 1
+            result = step(name, key, lambda d: pipeline.train_cell(
+                d, s, shard_dir, target_hf, objective, 0, heldout))  # fmt: skip
+        hf = os.path.join(out, name, os.path.basename(result["run"]), "hf")
+        chain.append({"round": 1, "objective": objective, "pairs": pairs["pairs_per_source"],
+                      "chosen_correct": clair["chosen_correct"], "seconds": result["seconds"],
+                      "generations": os.path.join(name, os.path.basename(result["generations"]))})  # fmt: skip
+        for r in range(2, s.rounds + 1):
+            # The previous round's model is the target: re-sample, revise, prepare, then a cell
+            # whose reference pass runs on its weights (train_cell starts from `hf`).
+            rdir = os.path.join("rounds", f"r{r}")
+            pkey = _key(s, ("temperature", "pairs"), previous=key, round=r)
+            rpairs = step(os.path.join(rdir, "pairs"), pkey, lambda d, h=hf: sources.build_pairs(
+                d, dataclasses.replace(s, sources=("clair",)), world_dir, h), w=0.15)  # fmt: skip
+            rclair = rpairs["sources"]["clair"]
+            shard_dir = os.path.join(out, rdir, "pairs", rclair["shards"])
+            key = _key(s, CELL_FIELDS, pairs=pkey, objective=objective, seed=0)
+            name = os.path.join(rdir, "cell")
+            result = step(name, key, lambda d, sd=shard_dir, h=hf: pipeline.train_cell(
+                d, s, sd, h, objective, 0, heldout))  # fmt: skip
+            hf = os.path.join(out, name, result["run"], "hf")
+            chain.append({"round": r, "objective": objective, "pairs": rpairs["pairs_per_source"],
+                          "chosen_correct": rclair["chosen_correct"], "seconds": result["seconds"],
+                          "generations": os.path.join(name, result["generations"])})  # fmt: skip
     bar.close()
     meta = {"settings": dataclasses.asdict(s), "seconds": round(time.perf_counter() - started, 1),
-            "steps_run": ran, "steps_total": 3 + len(todo),
+            "steps_run": ran, "steps_total": 3 + len(todo) + extra_steps,
             "step_seconds": step_seconds(world, target, pairs, conditions)}  # fmt: skip
-    return report.write(out, meta, target, pairs, conditions)
+    return report.write(out, meta, target, pairs, conditions, chain)
 
 
 def step_seconds(world, target, pairs, conditions) -> dict[str, float]:

@@ -21,6 +21,7 @@ from typing import Any
 from absl import app, flags
 
 from apo_jax import errors
+from apo_jax import workdir as workdir_lib
 
 Series = dict[str, list[tuple[int, float]]]  # "train/loss" -> [(step, value)]
 # (file name, title, metric names, splits, y label)
@@ -74,16 +75,6 @@ def read_metrics(workdir: str) -> Series:
     return series
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def run_config(workdir: str) -> dict[str, Any]:
     """The run's config, flattened (``loss.beta``): config.json, else checkpoint meta, else {}."""
     path = os.path.join(workdir, "config.json")
@@ -98,7 +89,7 @@ def run_config(workdir: str) -> dict[str, Any]:
             data = json.load(f)
     except (OSError, ValueError):
         return {}
-    return _flatten(data) if isinstance(data, dict) else {}
+    return workdir_lib.flatten(data) if isinstance(data, dict) else {}
 
 
 def legend_labels(

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import datetime
-import errno
 import json
 import logging
 import os
@@ -240,12 +239,3 @@ def check_resume(workdir: str, new: Mapping[str, Any], *, allow: bool) -> dict[s
             "use another --workdir, or pass --allow_config_change to continue with the new one"
         )
     return changes
-
-
-def is_disk_full(e: BaseException) -> bool:
-    """Whether `e` (or what caused it) is a full disk or an exceeded quota."""
-    while e is not None:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        e = e.__cause__ or e.__context__  # type: ignore[assignment]
-    return False

@@ -4,113 +4,36 @@ Two processes with 4 simulated CPU devices each (started by launch/local.sh) mus
 to the same losses as one process with 8, exit cleanly, and write checkpoints that a one-process
 run resumes -- and vice versa. Also: the one-line errors for an unreachable coordinator, a
 coordinator nobody joins, a mesh or batch that does not divide, and the launchers' dry runs.
+The other row layouts on two processes: tests/test_multihost_layouts.py; shared helpers:
+tests/multihost_helpers.py.
 
 The runs share a persistent compilation cache, so the resumed runs skip most compiling.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
+from multihost_helpers import (
+    CONCAT,
+    ROOT,
+    _env,
+    _free_port,
+    _get_config,
+    _losses,
+    _metrics,
+    _train_one,
+    _train_two,
+)
 
 from apo_jax import config as config_lib
 from apo_jax import distributed
 from apo_jax.config_base import with_overrides
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUN_TIMEOUT = 300  # seconds per training run (about 30-70 s each on a loaded 2-core machine)
-CONCAT = ("--config.data.layout=concat", "--config.data.seq_len=96")  # not the demo's packed rows
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _flags(cache_dir: str, steps: int) -> list[str]:
-    return [
-        f"--config.num_steps={steps}",
-        "--config.batch_size=8",
-        "--config.demo.n_train=64",
-        "--config.demo.n_eval=16",
-        "--config.eval_every=0",
-        "--config.eval_batches=1",
-        "--config.log_every=1",
-        "--config.progress_bar=False",
-        f"--config.demo.cache_dir={cache_dir}",
-        "--config.checkpoint.async_save=False",
-    ]
-
-
-def _env(tmp: str, devices: int | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "TPU_"))}
-    env.update(
-        JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=os.path.join(tmp, "jax_cache"),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-        PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
-    )
-    if devices:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return env
-
-
-def _communicate(proc: subprocess.Popen, timeout: float) -> str:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the processes it started
-        out, _ = proc.communicate()
-        pytest.fail(f"run did not finish within {timeout} s:\n{out[-3000:]}")
-    return out
-
-
-def _train_one(tmp: str, workdir: str, steps: int, *extra: str) -> str:
-    """One process with 8 CPU devices."""
-    cmd = [sys.executable, "-m", "apo_jax.train", "--config=configs/apo_down.py",
-           f"--workdir={workdir}", *_flags(os.path.join(tmp, "demo"), steps), *extra]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(tmp, 8), text=True, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
-    out = _communicate(proc, RUN_TIMEOUT)
-    assert proc.returncode == 0, f"one-process run failed:\n{out[-3000:]}"
-    return out
-
-
-def _train_two(tmp: str, workdir: str, steps: int, *extra: str) -> str:
-    """Two processes x 4 CPU devices through launch/local.sh."""
-    cmd = ["bash", "launch/local.sh", "-n", "2", "-d", "4", "-w", workdir, "-t", "120",
-           "--python", sys.executable, "--", *_flags(os.path.join(tmp, "demo"), steps), *extra]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(tmp), text=True, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
-    out = _communicate(proc, RUN_TIMEOUT)
-    logs = "".join(open(os.path.join(workdir, "logs", f)).read()[-2000:]
-                   for f in sorted(os.listdir(os.path.join(workdir, "logs"))))  # fmt: skip
-    assert proc.returncode == 0, f"two-process run failed:\n{out[-2000:]}\n{logs}"
-    return out + logs
-
-
-def _metrics(workdir: str) -> dict[int, dict[str, float]]:
-    """step -> train metrics (and eval ones under their own keys) from metrics.jsonl."""
-    rows: dict[int, dict[str, float]] = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            rows.setdefault(r.pop("step"), {}).update(r)
-    return rows
-
-
-def _losses(rows: dict[int, dict[str, float]], keys=("train/loss", "train/grad_norm")) -> dict:
-    return {(s, k): rows[s][k] for s in sorted(rows) for k in keys if k in rows[s]}
 
 
 @pytest.fixture(scope="module")
@@ -157,64 +80,6 @@ def test_two_processes_match_one_process(runs):
         )
     ev2, ev1 = runs["first"]["two"][3]["eval/loss"], runs["first"]["one"][3]["eval/loss"]
     assert ev2 == pytest.approx(ev1, rel=1e-5)
-
-
-@pytest.mark.parametrize("grad_accum", [1, 2])
-def test_two_processes_packed_match_one_process_concat(runs, grad_accum):
-    """Packed rows: each process packs its own pairs, the sequence numbers refer to the global
-    pairs, the row counts and lengths are agreed; the losses are the concat layout's. With rows of
-    128 and a 64 bucket, step 2 packs to 8 x 64 on process 0 and 4 x 128 on process 1, so both
-    grow to 8 x 128. With grad_accum 2, each process packs its two micro-batches apart and global
-    micro-batch i is the union of the processes' micro-batches i (mesh data 4 x tensor 2, so the 4
-    pairs of a global micro-batch split over the batch axes)."""
-    tmp = os.path.dirname(runs["dirs"]["two"])
-    w = os.path.join(tmp, f"two_packed_accum{grad_accum}")
-    accum = () if grad_accum == 1 else ("--config.grad_accum=2", "--config.mesh.data=4",
-                                        "--config.mesh.tensor=2")  # fmt: skip
-    _train_two(tmp, w, 3, "--config.export_hf=False", "--config.data.layout=packed",
-               "--config.data.seq_len=128", "--config.data.buckets=(64,)", *accum)  # fmt: skip
-    packed, one = _losses(_metrics(w)), _losses(runs["first"]["one"])
-    assert set(packed) == set(one) and len(one) == 6, (packed, one)
-    for key in one:
-        assert packed[key] == pytest.approx(one[key], rel=1e-4), (
-            f"{key}: packed (grad_accum {grad_accum}) on 2 processes {packed[key]} != concat on 1 "
-            f"process {one[key]}"
-        )
-
-
-@pytest.mark.parametrize("layout, bucket", [("concat", 64), ("prefix", 96)])
-def test_two_processes_with_buckets_match_one_process_concat(runs, layout, bucket):
-    """Buckets: each process pads its own pairs to the smallest bucket that fits, so at step 2
-    and in the eval batch process 0 has rows of the bucket and process 1 of 128; both grow to 128
-    before the global batch is built, and the losses are the single process's."""
-    from apo_jax import assemble, layouts
-    from apo_jax.data import loader
-
-    tmp = os.path.dirname(runs["dirs"]["two"])
-    c = _get_config()
-    c.demo.cache_dir, c.demo.n_train, c.demo.n_eval = os.path.join(tmp, "demo"), 64, 16
-    paths = assemble.resolve_data(config_lib.validate(c, device_count=8))  # built by `runs`
-    lengths = []  # the premise: the processes' row lengths differ for one step
-    for split, epochs, steps in ((paths.train, None, 3), (paths.eval, 1, 1)):
-        for p in range(2):
-            cfg = loader.LoaderConfig(batch_size=4, seq_len=128, buckets=(bucket,),
-                                      layout=layouts.get(layout), seed=c.seed,
-                                      shuffle=epochs is None, num_epochs=epochs)  # fmt: skip
-            ld = loader.make_loader(split, cfg, process_index=p, process_count=2)
-            lengths.append([next(ld)["input_ids"].shape[1] for _ in range(steps)])
-    assert lengths == [[bucket, bucket, bucket], [bucket, 128, bucket], [bucket], [128]], lengths
-    w = os.path.join(tmp, f"two_{layout}_buckets")
-    _train_two(tmp, w, 3, "--config.export_hf=False", f"--config.data.layout={layout}",
-               "--config.data.seq_len=128", f"--config.data.buckets=({bucket},)")  # fmt: skip
-    rows = _metrics(w)
-    got, one = _losses(rows), _losses(runs["first"]["one"])
-    assert set(got) == set(one) and len(one) == 6, (got, one)
-    for key in one:
-        assert got[key] == pytest.approx(one[key], rel=1e-4), (
-            f"{key}: {layout} with buckets on 2 processes {got[key]} != concat on 1 process "
-            f"{one[key]}; the padding to the agreed length changed the losses"
-        )
-    assert rows[3]["eval/loss"] == pytest.approx(runs["first"]["one"][3]["eval/loss"], rel=1e-4)
 
 
 def test_only_process_zero_writes(runs):
@@ -269,17 +134,6 @@ def test_coordinator_nobody_joins_times_out(tmp_path):
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert rc == distributed.WATCHDOG_EXIT and len(errors) == 1, err[-2000:]
     assert "not every process joined the coordinator" in errors[0] and seconds < 60
-
-
-def _get_config():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "apo_down", os.path.join(ROOT, "configs", "apo_down.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
 
 
 def _config(**over):

@@ -130,3 +130,35 @@ def test_sharded_forward_and_grads_match_single_device(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-4000:]
+
+
+_POOL_SCRIPT = textwrap.dedent(
+    """
+    import os
+    import apo_jax  # noqa: F401  (sizes XLA's CPU thread pool before the backend exists)
+    import jax
+
+    jax.numpy.ones(2).block_until_ready()
+    names = [open(f"/proc/self/task/{t}/comm").read() for t in os.listdir("/proc/self/task")]
+    print(jax.device_count(), sum(n.startswith("tf_XLAEigen") for n in names))
+    """
+)
+
+
+def _pool(extra_env):
+    env = {k: v for k, v in os.environ.items() if k not in ("PJRT_NPROC", "NPROC", "XLA_FLAGS")}
+    env.update(JAX_PLATFORMS="cpu", **extra_env)
+    proc = subprocess.run(
+        [sys.executable, "-c", _POOL_SCRIPT], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return tuple(int(x) for x in proc.stdout.split())
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
+def test_simulated_devices_get_four_xla_threads_each():
+    """8 simulated devices on XLA's default max(cores, devices) pool could deadlock in collectives
+    (one device with two in flight starves another); importing apo_jax sizes it 4 per device."""
+    flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    assert _pool(flags) == (8, max(os.cpu_count(), 32))
+    assert _pool({**flags, "PJRT_NPROC": "12"}) == (8, 12)  # an explicit setting wins

@@ -363,6 +363,10 @@ def validate(c: Any, *, device_count: int, process_count: int = 1) -> RunConfig:
         c.num_steps >= 0,
         f"config.num_steps must be >= 0 (0: as the epochs give), got {c.num_steps}",
     )
+    lora = _lora(c)
+    _need(not (lora.rank and reference.sync_ref_model),
+          "config.reference.sync_ref_model (TR-DPO) moves a reference copy of the weights, and a "
+          "LoRA run's reference is its own frozen base: use one or the other")  # fmt: skip
     return RunConfig(
         preset=c.preset,
         seed=int(c.seed),
@@ -388,5 +392,5 @@ def validate(c: Any, *, device_count: int, process_count: int = 1) -> RunConfig:
         samples=_samples(c),
         demo=_section(DemoSettings, c, "demo"),
         distributed=_distributed(c),
-        lora=_lora(c),
+        lora=lora,
     )

@@ -165,6 +165,22 @@ def mix_reference(ref_params: Any, params: Any, alpha: float) -> Any:
     return jax.jit(mix, out_shardings=out_sh)(ref_params, params)
 
 
+def checkpoint_tree(rc: Any, state: Any, steps_fn: Any) -> Any:
+    """What a checkpoint's state item holds: the train state, and under TR-DPO the reference
+    mixed so far (it cannot be rebuilt from the policy), so that a resume goes on exactly."""
+    if rc.reference.sync_ref_model:
+        return {"train": state, "reference": steps_fn.ref_params}
+    return state
+
+
+def from_checkpoint_tree(rc: Any, tree: Any, steps_fn: Any) -> Any:
+    """The train state of a restored `checkpoint_tree`; a TR-DPO reference goes back in place."""
+    if rc.reference.sync_ref_model:
+        steps_fn.ref_params = tree["reference"]
+        return tree["train"]
+    return tree
+
+
 class SyncReference(Hook):
     """TR-DPO (Gorbatovski et al., 2024), as TRL's ``sync_ref_model``: after every
     `every`-th step the online reference becomes ``alpha * policy + (1 - alpha) * reference``."""
@@ -233,7 +249,8 @@ class Checkpoint(Hook):
                 "data": run.paths.train}  # fmt: skip
         if run.base:  # LoRA: adapters and optimizer only; the base they need is recorded
             meta["base"] = run.base
-        run.ckpt.save(run.step, run.state, run.train_data.get_state(), meta, ranked)
+        tree = checkpoint_tree(run.rc, run.state, run.steps_fn)
+        run.ckpt.save(run.step, tree, run.train_data.get_state(), meta, ranked)
         if run.stopping:
             run.ckpt.wait()  # the stop is announced only once this checkpoint is committed
 

@@ -97,7 +97,7 @@ def _train(config: Any, rc: config_lib.RunConfig, workdir: str, allow_config_cha
         keep_best=rc.checkpoint.keep_best if paths.eval else 0,
         async_save=rc.checkpoint.async_save,
     )
-    start_step, state = _restore(ckpt, state, train_data, base)
+    start_step, state = _restore(ckpt, rc, state, steps_fn, train_data, base)
     if jax.process_index() == 0:  # the run's config, compared by the next resume; figures' labels
         workdir_lib.write_config(workdir, config.to_dict())
     writer = metrics_lib.MetricWriter(workdir, wandb_project=rc.wandb_project,
@@ -150,14 +150,17 @@ def _check_config(config: Any, workdir: str, allow: bool) -> dict[str, list[Any]
 
 
 def _restore(
-    ckpt: Checkpointer, state: ts.TrainState, data: Any, base: dict[str, str]
+    ckpt: Checkpointer, rc: config_lib.RunConfig, state: ts.TrainState, steps_fn: Any, data: Any,
+    base: dict[str, str],
 ) -> tuple[int, ts.TrainState]:
-    """(step, state) of the newest checkpoint that restores, the loader moved to its position;
-    (0, state) when there is none. LoRA adapters resume only onto the base they were trained on."""
-    restored = ckpt.restore(abstract_like(state))
+    """(step, state) of the newest checkpoint that restores, the loader moved to its position
+    (and a TR-DPO reference to its mix); (0, state) when there is none. LoRA adapters resume only
+    onto the base they were trained on."""
+    restored = ckpt.restore(abstract_like(hooks.checkpoint_tree(rc, state, steps_fn)))
     if restored is None:
         return 0, state
-    step, state, data_state, meta = restored
+    step, tree, data_state, meta = restored
+    state = hooks.from_checkpoint_tree(rc, tree, steps_fn)
     if base:
         assemble.check_base(meta.get("base"), base, f"checkpoint {ckpt.directory}/{step}")
     data.set_state(data_state)

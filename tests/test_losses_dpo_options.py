@@ -2,6 +2,7 @@
 the model's own distribution, TR-DPO's reference mixing, and the config's refusals."""
 
 import dataclasses
+import os
 from types import SimpleNamespace
 
 import jax.numpy as jnp
@@ -93,6 +94,7 @@ def _validate(loss, **overrides):
                  "reference.mode": "precomputed"}, "loss.ld_alpha needs the online"),
         ("dpo", {"reference.sync_ref_model": True, "reference.mode": "precomputed"},
          "sync_ref_model needs the online"),
+        ("dpo", {"reference.sync_ref_model": True, "lora.rank": 8}, "LoRA run's reference"),
         ("kto", {"data.layout": "packed"}, "must be 'unpaired'"),
         ("dpo", {"data.layout": "unpaired"}, "must be 'unpaired'"),
         ("dpo", {"data.layout": "unpaired"}, "must be 'unpaired'"),
@@ -122,3 +124,29 @@ def test_auto_layout_follows_the_loss():
     assert _validate("dpo", **{"loss.ld_alpha": 0.5}).data.layout.name == "concat"
     assert _validate("dpo", **{"loss.use_weighting": True}).data.layout.name == "concat"
     assert _validate("dpo").data.layout is None  # picked from the data once the shards are known
+
+
+def test_trdpo_resume_continues_the_mixed_reference(tmp_path):
+    """A TR-DPO checkpoint holds the reference it has mixed: a run resumed from step 2 trains
+    steps 3 and 4 to the losses of the run that never stopped."""
+    import shutil
+
+    from apo_jax import trainer
+    from apo_jax.data import demo
+    from tests.test_train import losses_by_step, small_overrides
+
+    cache = str(tmp_path / "demo")
+    demo.build_demo(cache, n_train=256, n_eval=64, multi_turn=0.0)
+    overrides = small_overrides(cache, num_steps=4, **{
+        "reference.sync_ref_model": True, "reference.ref_model_sync_steps": 1,
+        "reference.ref_model_mixup_alpha": 0.6, "optim.learning_rate": 0.05})  # fmt: skip
+    config = with_overrides(base_config("apo_down", None), overrides)
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    trainer.train_and_evaluate(config, straight)
+    shutil.copytree(os.path.join(straight, "checkpoints", "2"),
+                    os.path.join(split, "checkpoints", "2"))  # a run stopped at step 2  # fmt: skip
+    trainer.train_and_evaluate(config, split)
+    want, got = losses_by_step(straight), losses_by_step(split)
+    assert sorted(got) == [3, 4]
+    for s in got:
+        assert got[s] == pytest.approx(want[s], rel=1e-6), (s, want, got)

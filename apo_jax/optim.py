@@ -60,16 +60,13 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def _decay_mask(kind: str):
-    def path_str(path) -> str:
-        return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
     def decays(path, _) -> bool:
-        name = path_str(path)
+        keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
         if kind == "all":
             return True
-        if "norm" in name:
+        if "bias" in keys or any("norm" in k for k in keys):  # norms; biases (Qwen2's q/k/v)
             return False
-        return not (kind == "no_norms_no_embed" and "embed_tokens" in name)
+        return not (kind == "no_norms_no_embed" and "embed_tokens" in keys)
 
     return lambda params: jax.tree_util.tree_map_with_path(decays, params)
 

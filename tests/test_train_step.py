@@ -160,3 +160,35 @@ def test_golden_one_step():
     )
     got = (float(m["loss"]), float(m["grad_norm"]), update_norm)
     np.testing.assert_allclose(got, (GOLDEN_LOSS, GOLDEN_GRAD_NORM, GOLDEN_UPDATE_NORM), rtol=1e-5)
+
+
+def test_weight_decay_masks_by_parameter_name():
+    """With zero gradients AdamW moves exactly the decayed weights: no_norms spares norm scales
+    and biases (Qwen2's q/k/v), no_norms_no_embed also the embedding, all decays everything."""
+    import optax
+
+    cfg = dataclasses.replace(CFG, qkv_bias=True)
+    _, params = ts.split_model(Llama(cfg, rngs=nnx.Rngs(0)))
+    params = jax.tree.map(lambda p: p + 1.0, params)  # biases start at zero, which decay keeps
+    zeros = jax.tree.map(jnp.zeros_like, params)
+
+    def moved(kind):
+        opt = OptimConfig(learning_rate=1.0, schedule="constant", weight_decay=0.5,
+                          decay_mask=kind, clip_norm=0.0)  # fmt: skip
+        tx, _ = make_optimizer(opt, 10)
+        updates, _ = tx.update(zeros, tx.init(params), params)
+        new = optax.apply_updates(params, updates)
+        changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), params, new)
+        flat = jax.tree_util.tree_flatten_with_path(changed)[0]
+        return {"/".join(k.key for k in path if hasattr(k, "key")): v for path, v in flat}
+
+    no_norms = moved("no_norms")
+    assert any(k.endswith("bias") for k in no_norms) and any("norm" in k for k in no_norms)
+    for name, decayed in no_norms.items():
+        assert decayed == ("norm" not in name and not name.endswith("bias")), name
+    no_embed = moved("no_norms_no_embed")
+    assert {k for k, v in no_embed.items() if v} == {
+        k for k, v in no_norms.items() if v and "embed_tokens" not in k
+    }
+    assert any("embed_tokens" in k and v for k, v in no_norms.items())
+    assert all(moved("all").values())

@@ -101,6 +101,18 @@ def test_bad_rows_go_to_rejects_with_reasons(model, tmp_path):
     assert [g["id"] for g in _read_jsonl(out / "generations.jsonl")] == [0]
 
 
+def test_export_rows_are_checked_before_generating(model, tmp_path):
+    """A MixEval export of rows without problem_type stops before the first token, not after."""
+    from apo_jax.eval.exports import ExportError
+
+    src = write_jsonl(str(tmp_path / "p.jsonl"), demo_prompts(3))
+    s = runner.Settings(model=model[0], prompts=src, out=str(tmp_path / "out"), batch_size=2,
+                        sampling=Sampling(max_new_tokens=N_NEW), formats=("mixeval",))  # fmt: skip
+    with pytest.raises(ExportError, match="row id 'q0' has no problem_type"):
+        runner.run(s)
+    assert not (tmp_path / "out" / "progress.jsonl").exists()
+
+
 def test_killed_run_resumes_without_regenerating(model, tmp_path):
     src = write_jsonl(str(tmp_path / "p.jsonl"), demo_prompts(6))
     sampling = Sampling(max_new_tokens=N_NEW, temperature=1.0, top_p=0.9, num_samples=2, seed=3)
@@ -161,8 +173,13 @@ def test_bucket_lengths_bound_the_compiled_shapes():
 
 def test_workdir_without_export_and_bad_flags_are_one_line_errors(tmp_path):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text('{"loss": {"name": "apo_down"}}')  # the run's
     with pytest.raises(runner.EvalError, match="without its Hugging Face export"):
         runner.resolve_model_dir(str(tmp_path / "run"))
+    (tmp_path / "run" / "hf").mkdir()
+    (tmp_path / "run" / "hf" / "config.json").write_text('{"model_type": "llama"}')
+    assert runner.resolve_model_dir(str(tmp_path / "run")) == str(tmp_path / "run" / "hf")
+    (tmp_path / "run" / "hf" / "config.json").unlink()
     with pytest.raises(generation.SamplingError, match="--num_samples=2 with greedy"):
         Sampling(num_samples=2).check()
     env = {**os.environ, "PYTHONPATH": ROOT}

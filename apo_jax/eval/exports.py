@@ -99,6 +99,33 @@ def arena_hard(out: str, pairs: Sequence[tuple[Example, dict]], model_name: str)
     return [path]
 
 
+def check_rows(formats: Sequence[str], examples: Sequence[Example], mixeval_benchmark: str) -> None:
+    """Refuses, before anything is generated, settings and rows an export cannot take."""
+    if "mixeval" not in formats:
+        return
+    _mixeval_suffix(mixeval_benchmark)
+    for ex in examples:
+        _mixeval_split(ex)
+
+
+def _mixeval_suffix(benchmark: str) -> str:
+    if benchmark not in MIXEVAL_BENCHMARKS:
+        raise ExportError(
+            f"--mixeval_benchmark must be one of {MIXEVAL_BENCHMARKS}, got {benchmark!r}"
+        )
+    return "_hard" if benchmark == "mixeval_hard" else ""
+
+
+def _mixeval_split(ex: Example) -> str:
+    kind = ex.record.get("problem_type")
+    if not isinstance(kind, str):
+        raise ExportError(
+            f"--format=mixeval: row id {ex.id!r} has no problem_type; MixEval rows say "
+            "'free-form' or 'single-choice' (prepare them as docs/evaluation.md shows)"
+        )
+    return "close_freeform" if kind == "free-form" else "close_multichoice"
+
+
 def mixeval(
     out: str,
     pairs: Sequence[tuple[Example, dict]],
@@ -108,21 +135,10 @@ def mixeval(
     version: str = "2024-06-01",
 ) -> list[str]:
     """Writes MixEval's free-form and multiple-choice response files; returns their paths."""
-    if benchmark not in MIXEVAL_BENCHMARKS:
-        raise ExportError(
-            f"--mixeval_benchmark must be one of {MIXEVAL_BENCHMARKS}, got {benchmark!r}"
-        )
-    suffix = "_hard" if benchmark == "mixeval_hard" else ""
+    suffix = _mixeval_suffix(benchmark)
     splits: dict[str, list[dict]] = {"close_freeform": [], "close_multichoice": []}
     for ex, gen in pairs:
-        kind = ex.record.get("problem_type")
-        if not isinstance(kind, str):
-            raise ExportError(
-                f"--format=mixeval: row id {ex.id!r} has no problem_type; MixEval rows say "
-                "'free-form' or 'single-choice' (prepare them as docs/evaluation.md shows)"
-            )
-        split = "close_freeform" if kind == "free-form" else "close_multichoice"
-        splits[split].append({**ex.record, "id": ex.id, "response": gen["response"]})
+        splits[_mixeval_split(ex)].append({**ex.record, "id": ex.id, "response": gen["response"]})
     base = os.path.join(out, "mixeval", model_name, benchmark, version)
     paths = []
     for split, rows in splits.items():

@@ -60,7 +60,13 @@ def resolve_model_dir(path: str) -> str:
 
     if not os.path.isdir(path):
         raise EvalError(f"--model={path}: no such directory")
-    if os.path.exists(os.path.join(path, "config.json")):
+    hf_dir = os.path.join(path, "hf")
+    # A training workdir also holds a config.json (the run's, apo_jax.workdir): look for its
+    # export first.
+    workdir = os.path.isdir(os.path.join(path, "checkpoints"))
+    if workdir and os.path.exists(os.path.join(hf_dir, "config.json")):
+        return hf_dir
+    if not workdir and os.path.exists(os.path.join(path, "config.json")):
         return path
     if lora.is_adapter_dir(path):
         base = lora.config_dir(path)
@@ -71,10 +77,9 @@ def resolve_model_dir(path: str) -> str:
                 "checkpoint directory"
             )
         return path
-    hf_dir = os.path.join(path, "hf")
     if os.path.exists(os.path.join(hf_dir, "config.json")):
         return hf_dir
-    if os.path.isdir(os.path.join(path, "checkpoints")):
+    if workdir:
         raise EvalError(
             f"--model={path} is a training workdir without its Hugging Face export ({hf_dir}); "
             "training writes it when it finishes (config.export_hf=True): rerun the train command "
@@ -224,6 +229,7 @@ def run(s: Settings, *, on_batch: Callable[[int], None] | None = None) -> dict[s
     checker = scoring.load_checker(s.checker) if s.checker else None
     os.makedirs(s.out, exist_ok=True)
     examples, prompt_ids, rejects = _prepare(s, model_dir, tokenizer)
+    exports.check_rows(s.formats, examples, s.mixeval_benchmark)
     identity = {
         "weights_fingerprint": weights_fingerprint(model_dir),
         "tokenizer_fingerprint": tokenize.tokenizer_fingerprint(tok_dir),

@@ -186,6 +186,12 @@ def _check_paths(c: Any) -> None:
         ("data.tokenizer", c.data.tokenizer),
     ):
         _need(not path or os.path.isdir(path), f"config.{field}: {path} is not a directory")
+    hf = c.model.hf_path
+    if hf and os.path.isdir(os.path.join(hf, "checkpoints")):  # a training workdir, not a model
+        export = os.path.join(hf, "hf")
+        later = "" if os.path.isdir(export) else " (written when that run finishes, export_hf=True)"
+        raise ConfigError(f"config.model.hf_path: {hf} is a training workdir; pass its Hugging "
+                          f"Face export {export}{later}")  # fmt: skip
     if c.data.train:
         _need(
             os.path.exists(os.path.join(c.data.train, "manifest.json")),

@@ -5,6 +5,8 @@
 
 import ml_collections
 
+from apo_jax import losses
+
 RUN_PRESETS = (
     "demo",
     "llama3_1b",
@@ -147,7 +149,8 @@ def base_config(loss: str, preset: str | None) -> ml_collections.ConfigDict:
         c.data.seq_len = 128  # single-turn demo rows are at most about 80 tokens
         c.optim.learning_rate = 3e-3
         c.optim.warmup_steps = 10
-        c.batch_size = 32
+        # 32 pairs a step; an unpaired loss takes as many completions (64 rows)
+        c.batch_size = 64 if losses.is_unpaired(loss) else 32
         c.num_steps = 0
         c.data.num_epochs = 2
         c.eval_every = 50

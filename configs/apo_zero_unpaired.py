@@ -16,8 +16,4 @@ from apo_jax.config_base import base_config
 
 def get_config(arg=None):
     """Presets: demo (default), llama3_1b, llama3_8b."""
-    c = base_config("apo_zero_unpaired", arg)
-    if c.preset == "demo":  # 64 completions a step, as the pair demo's 32 pairs
-        c.batch_size = 64
-    c.data.layout = "unpaired"  # completion rows only (this loss needs no KL rows)
-    return c
+    return base_config("apo_zero_unpaired", arg)  # data.layout=auto reads unpaired rows for this loss

@@ -15,10 +15,4 @@ from apo_jax.config_base import base_config
 
 def get_config(arg=None):
     """Presets: demo (default), llama3_1b, llama3_8b."""
-    c = base_config("kto", arg)
-    if c.preset == "demo":  # 64 completions a step, as the pair demo's 32 pairs
-        c.batch_size = 64
-    c.data.layout = "unpaired"  # completion rows, then the KL rows of mismatched pairs
-    c.loss.desirable_weight = 1.0  # KTO paper, eq. 8: keep weight x count about balanced
-    c.loss.undesirable_weight = 1.0
-    return c
+    return base_config("kto", arg)  # data.layout=auto reads unpaired rows for this loss

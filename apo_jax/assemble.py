@@ -182,7 +182,7 @@ def make_loader(
     reference_info: dict[str, Any] | None,
     *,
     train: bool,
-    reference_dirs: tuple[str, ...] = (),
+    reference_workdir: str = "",
 ) -> loader_lib.PairLoader:
     """This process's loader of `shard_dir`: the training stream, or one pass for evaluation."""
     # Packed rows of all processes must split evenly over the mesh's data*fsdp batch shards.
@@ -203,7 +203,7 @@ def make_loader(
         drop_remainder=train,
         worker_count=rc.data.worker_count if train else 0,
         reference_info=reference_info,
-        reference_dirs=reference_dirs,
+        reference_workdir=reference_workdir,
     )
     kind = shards.record_kind(shards.read_manifest(shard_dir))
     if (kind == "unpaired") != (rc.data.layout.name == "unpaired"):

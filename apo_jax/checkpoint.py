@@ -156,14 +156,10 @@ class Checkpointer:
             self.wait()
         return started
 
-    def poll(self) -> int | None:
-        """Called every step: raises the failure of a finished asynchronous save (SaveError), and
-        returns the step of a save that completed since the last call (None otherwise)."""
-        if self.pending is None or self.manager.is_saving_in_progress():
-            return None
-        step = self.pending
-        self.wait()
-        return step
+    def poll(self) -> None:
+        """Called every step: raises the failure of a finished asynchronous save (SaveError)."""
+        if self.pending is not None and not self.manager.is_saving_in_progress():
+            self.wait()
 
     def _save_failed(self, e: BaseException) -> SaveError:
         self.manager.reload()  # orbax drops steps from its list when a save fails

@@ -52,7 +52,6 @@ class Run:
     step_metrics: Any = None  # `step`'s device metrics (not yet fetched)
     tokens_seen: int = 0  # real tokens of all processes trained on by this invocation
     stopping: bool = False  # a stop signal was agreed: save and leave after this step
-    finished: bool = False  # the loop reached num_steps (set when it ends)
     train_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # last logged
     eval_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # last held-out
     eval_step: int = -1  # the step of eval_metrics
@@ -74,6 +73,7 @@ class Run:
 
     @property
     def last(self) -> bool:
+        """Whether `step` is the run's last (when the loop has ended: the run finished)."""
         return self.step == self.num_steps
 
     def print(self, line: str) -> None:
@@ -148,21 +148,20 @@ class TrainMetrics(Hook):
         self.window, self.t_log, self.tokens_logged = [], now, run.tokens_seen
 
 
+@jax.jit
+def _mix(ref: Any, pol: Any, alpha: jax.Array, keep: jax.Array) -> Any:
+    f32 = "float32"
+    return jax.tree.map(
+        lambda r, p: (alpha * p.astype(f32) + keep * r.astype(f32)).astype(r.dtype), ref, pol
+    )
+
+
 def mix_reference(ref_params: Any, params: Any, alpha: float) -> Any:
     """TR-DPO's soft update: ``alpha * policy + (1 - alpha) * reference``, in float32, each leaf
-    back in the reference's dtype and sharding."""
+    back in the reference's dtype and sharding (compiled once; alpha is an argument)."""
     out_sh = jax.tree.map(lambda r: r.sharding, ref_params)
-
-    def mix(ref, pol):
-        return jax.tree.map(
-            lambda r, p: (alpha * p.astype("float32") + (1 - alpha) * r.astype("float32")).astype(
-                r.dtype
-            ),
-            ref,
-            pol,
-        )
-
-    return jax.jit(mix, out_shardings=out_sh)(ref_params, params)
+    mixed = _mix(ref_params, params, np.float32(alpha), np.float32(1 - alpha))
+    return jax.device_put(mixed, out_sh)
 
 
 def checkpoint_tree(rc: Any, state: Any, steps_fn: Any) -> Any:
@@ -251,8 +250,6 @@ class Checkpoint(Hook):
             meta["base"] = run.base
         tree = checkpoint_tree(run.rc, run.state, run.steps_fn)
         run.ckpt.save(run.step, tree, run.train_data.get_state(), meta, ranked)
-        if run.stopping:
-            run.ckpt.wait()  # the stop is announced only once this checkpoint is committed
 
     def at_end(self, run: Run, *, finished: bool) -> None:
         run.ckpt.wait()

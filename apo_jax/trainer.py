@@ -78,7 +78,7 @@ def _train(config: Any, rc: config_lib.RunConfig, workdir: str, allow_config_cha
                             shared=policy.frozen is not None)  # fmt: skip
 
     train_data = assemble.make_loader(
-        rc, paths.train, ref.info, train=True, reference_dirs=ref.dirs
+        rc, paths.train, ref.info, train=True, reference_workdir=ref.workdir
     )
     num_steps = rc.num_steps or (train_data.num_batches or 0)
     if num_steps <= 0:
@@ -118,7 +118,7 @@ def _train(config: Any, rc: config_lib.RunConfig, workdir: str, allow_config_cha
         side_tasks.append(hooks.SyncReference(r.ref_model_sync_steps, r.ref_model_mixup_alpha))
     if paths.eval:
         eval_loader = lambda: assemble.make_loader(rc, paths.eval, ref.info, train=False,  # noqa: E731
-                                                   reference_dirs=ref.dirs)  # fmt: skip
+                                                   reference_workdir=ref.workdir)  # fmt: skip
         side_tasks.append(hooks.HeldOutEval(rc.eval_every, eval_loader, rc.eval_batches))
     samples = assemble.samples_hook(rc, paths, mesh)
     if samples is not None:
@@ -150,7 +150,11 @@ def _check_config(config: Any, workdir: str, allow: bool) -> dict[str, list[Any]
 
 
 def _restore(
-    ckpt: Checkpointer, rc: config_lib.RunConfig, state: ts.TrainState, steps_fn: Any, data: Any,
+    ckpt: Checkpointer,
+    rc: config_lib.RunConfig,
+    state: ts.TrainState,
+    steps_fn: Any,
+    data: Any,
     base: dict[str, str],
 ) -> tuple[int, ts.TrainState]:
     """(step, state) of the newest checkpoint that restores, the loader moved to its position
@@ -186,7 +190,7 @@ def _stop_agreed(stop: StopSignal) -> bool:
 def _loop(run: hooks.Run, side_tasks: list[hooks.Hook], on_abandon: Any = None) -> dict[str, Any]:
     """batch -> step -> hooks, to the last step or a stop signal; then the summary."""
     stop = StopSignal(on_abandon=on_abandon)
-    t_start, run.step, finished = time.perf_counter(), run.start_step, False
+    t_start, run.step = time.perf_counter(), run.start_step
     try:
         try:
             for step in range(run.start_step + 1, run.num_steps + 1):
@@ -201,27 +205,27 @@ def _loop(run: hooks.Run, side_tasks: list[hooks.Hook], on_abandon: Any = None) 
                     task.after_step(run)
                 if run.stopping:
                     break
-            finished = run.step == run.num_steps
         finally:
             run.bar.close()
-            run.ckpt.wait()  # a failed save raises here (one line) unless something else did
+            # A failed save raises here (one line) unless something else did; a stop is
+            # announced only once its checkpoint is committed.
+            run.ckpt.wait()
         if run.stopping:
             _announce_stop(run, stop)
         seconds = time.perf_counter() - t_start
-        for task in side_tasks:
-            task.at_end(run, finished=finished and not run.stopping)
+        for task in side_tasks:  # a stop at the last step still finished: exports run
+            task.at_end(run, finished=run.last)
         run.ckpt.close()
         run.writer.close()
     finally:
         stop.restore()
-    run.finished = finished  # the last step ran (a stop at the last step still finished)
     return _summary(run, seconds)
 
 
 def _announce_stop(run: hooks.Run, stop: StopSignal) -> None:
     """Says what a stop left behind, once its checkpoint is committed (the loop waited)."""
     name = stop.signal_name or "a stop signal (on another process)"
-    if run.step == run.num_steps:
+    if run.last:
         log.warning("%s received at the last step: the run is complete", name)
     elif run.step in run.ckpt.steps():
         log.warning("%s received: checkpoint of step %d committed in %s; stopping (exit %d: "
@@ -244,7 +248,7 @@ def _summary(run: hooks.Run, seconds: float) -> dict[str, Any]:
         "plots": run.plots,
         "samples": run.samples,
         "interrupted": run.stopping,
-        "finished": run.finished,
+        "finished": run.last,
         "num_steps": run.num_steps,
         **run.train_metrics,
         **run.eval_metrics,

@@ -198,6 +198,9 @@ def test_config_errors_name_the_field(tmp_path):
     odd = get_preset("tiny", family="qwen2")  # qwen2 without q/k/v bias: not a Qwen2 class
     with pytest.raises(CheckpointError, match="family 'qwen2' has qkv_bias=True"):
         save_hf(None, odd, tmp_path / "x")
+    biased = get_preset("tiny", qkv_bias=True)  # a llama with q/k/v biases: not a Llama class
+    with pytest.raises(ConfigError, match="family 'llama' has qkv_bias=False"):
+        families.to_hf(biased)
     assert not os.path.exists(tmp_path / "x")
 
 

@@ -341,3 +341,19 @@ def test_a_third_signal_abandons_the_save_and_exits_75(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "stopping after this step" in err and "finishing the checkpoint save" in err
     assert "abandoning the save in flight" in err
+
+
+def test_read_only_splits_keep_their_reference_logps_apart_in_the_workdir(shard_copy, tmp_path):
+    """Train and eval shards that cannot be written: each split's log-probs go to a directory of
+    its own in the workdir, and each split reads its own file (the file name is the same)."""
+    evals = str(tmp_path / "eval_shards")
+    shutil.copytree(shard_copy, evals)
+    wd, info = str(tmp_path / "run"), {"weights": "w", "seq_len": 96}
+    idx = np.arange(int(shards.read_manifest(shard_copy)["counts"]["written"]))
+    for d, sign in ((shard_copy, -1), (evals, 1)):
+        refs.write_reference_logps(d, idx, sign * idx, sign * idx, info,
+                                   out_dir=refs.store_dir(d, wd))  # fmt: skip
+    np.testing.assert_array_equal(refs.load_reference_logps(shard_copy, info, wd)[0], -idx)
+    np.testing.assert_array_equal(refs.load_reference_logps(evals, info, wd)[0], idx)
+    with pytest.raises(refs.ReferenceMismatchError, match="no reference log-probs"):
+        refs.load_reference_logps(evals, info)  # not beside the shards

@@ -44,7 +44,7 @@ class LoaderConfig:
     # Reference log-probs to add to each batch: None: none; else the fingerprint info that the
     # stored reference_logps-<key>.npz must hold (it must exist and cover every record).
     reference_info: Mapping[str, Any] | None = None
-    reference_dirs: tuple[str, ...] = ()  # where else to look for that file (data.refs)
+    reference_workdir: str = ""  # a run's workdir, which keeps read-only shards' files (data.refs)
 
     def __post_init__(self):
         if not isinstance(self.layout, layouts.Layout):
@@ -133,7 +133,7 @@ class PairLoader:
         ref_c = ref_r = None
         if config.reference_info is not None:
             ref_c, ref_r = refs.load_reference_logps(
-                self.shard_dir, config.reference_info, config.reference_dirs
+                self.shard_dir, config.reference_info, config.reference_workdir
             )
         pad_id = int(self.manifest["tokenizer"].get("pad_id") or 0)
         spec = layouts.RowSpec(

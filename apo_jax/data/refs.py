@@ -8,8 +8,8 @@ overwrite one another. A file holds ``index int64[M]``, ``chosen float32[M]``,
 fingerprint info). It is written under a unique temporary name and renamed, so a reader never sees
 half a file and concurrent writers of the same key leave one whole file. Loading refuses a file
 made for other shards, other fingerprint info, or one that misses records. When the shard
-directory is read-only the file goes to another directory (the run's workdir) that loading
-searches too (``search_dirs``).
+directory is read-only the file goes to the run's workdir, in a directory of its own for each
+shard directory (``store_dir``), where loading given that workdir looks too.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -66,12 +66,12 @@ def writable(directory: str) -> bool:
 
 
 def find_reference_logps(
-    shard_dir: str, fingerprint_info: Mapping[str, Any], search_dirs: Sequence[str] = ()
+    shard_dir: str, fingerprint_info: Mapping[str, Any], workdir: str = ""
 ) -> str | None:
-    """The path of the log-probs made with `fingerprint_info`: beside the shards, else in the
-    first of `search_dirs` that holds them; None when there are none."""
+    """The path of the log-probs made with `fingerprint_info`: beside the shards, else where the
+    run in `workdir` keeps them for these shards (`store_dir`); None when there are none."""
     name = reference_file(fingerprint_info)
-    for d in (shard_dir, *search_dirs):
+    for d in (shard_dir, *([store_dir(shard_dir, workdir)] if workdir else [])):
         if os.path.exists(os.path.join(d, name)):
             return os.path.join(d, name)
     return None
@@ -130,28 +130,21 @@ def write_reference_logps(
     return path
 
 
-def has_reference_logps(
-    shard_dir: str, fingerprint_info: Mapping[str, Any], search_dirs: Sequence[str] = ()
-) -> bool:
-    """True when log-probs made with `fingerprint_info` sit beside the shards or in `search_dirs`."""
-    return find_reference_logps(shard_dir, fingerprint_info, search_dirs) is not None
-
-
 def load_reference_logps(
-    shard_dir: str, expected_info: Mapping[str, Any], search_dirs: Sequence[str] = ()
+    shard_dir: str, expected_info: Mapping[str, Any], workdir: str = ""
 ) -> tuple[np.ndarray, np.ndarray]:
     """Returns dense ``(chosen_R, rejected_R)`` float32 arrays indexed by record index.
 
     Args:
       shard_dir: the shards the log-probs belong to.
       expected_info: the fingerprint info they must have been made with (it names the file).
-      search_dirs: other directories to look in when the file is not beside the shards.
+      workdir: a run's workdir, which keeps the log-probs of read-only shards (`store_dir`).
 
     Raises:
       ReferenceMismatchError: no file for ``expected_info``, or the file was made for other
         shards or other fingerprint info, or does not cover every record.
     """
-    path = find_reference_logps(shard_dir, expected_info, search_dirs)
+    path = find_reference_logps(shard_dir, expected_info, workdir)
     if path is None:
         raise ReferenceMismatchError(
             f"no reference log-probs for fingerprint info {_canonical(expected_info)} beside "

@@ -27,6 +27,7 @@ from apo_jax.models.config import (
     LinearRopeScaling,
     Llama3RopeScaling,
     LlamaConfig,
+    _gemma3_layer_types,
 )
 
 # model_type -> (family, architecture written by to_hf)
@@ -238,9 +239,7 @@ def _gemma3(hf: dict[str, Any]) -> dict[str, Any]:
     fields = _shape(hf, 256, 131072)
     n = fields["n_layers"]
     period = int(hf.get("sliding_window_pattern", 6))
-    types = hf.get("layer_types") or [
-        "sliding_attention" if (i + 1) % period else "full_attention" for i in range(n)
-    ]
+    types = hf.get("layer_types") or _gemma3_layer_types(n, period)
     rope = dict(hf.get("rope_parameters") or {})
     if "full_attention" not in rope:  # transformers 4: rope_theta/rope_scaling/rope_local_base_freq
         rope = {
@@ -293,9 +292,9 @@ def to_hf(cfg: LlamaConfig) -> dict[str, Any]:
 
     Raises ConfigError when a field departs from what the family's class can hold.
     """
+    _check_fixed(cfg)  # a llama with biases or q/k norms would be written as plain llama
     if cfg.family == "llama":
         return cfg.to_hf()
-    _check_fixed(cfg)
     model_type = _FAMILY_TYPE[cfg.family]
     out: dict[str, Any] = {
         "architectures": [MODEL_TYPES[model_type][1]],

@@ -81,12 +81,11 @@ def fingerprint_info(
             "chunk": chunk}  # fmt: skip
 
 
-def stored_matches(shard_dir: str, info: dict[str, Any], search_dirs: tuple[str, ...] = ()) -> bool:
-    """Whether log-probs made with `info` are stored for the shards (beside them or elsewhere)."""
-    if not refs.has_reference_logps(shard_dir, info, search_dirs):
-        return False
+def stored_matches(shard_dir: str, info: dict[str, Any], workdir: str = "") -> bool:
+    """Whether log-probs made with `info` are stored for the shards (beside them or in the
+    workdir) and cover them."""
     try:
-        refs.load_reference_logps(shard_dir, info, search_dirs)
+        refs.load_reference_logps(shard_dir, info, workdir)
     except refs.ReferenceMismatchError:
         return False
     return True
@@ -162,14 +161,14 @@ class Reference:
       graphdef: the reference's graph (its compute dtype may differ from the policy's).
       params: the frozen reference parameters (online only, else None).
       info: the fingerprint info the stored log-probs must match (precomputed only, else None).
-      dirs: directories besides the shards' where the stored log-probs may be (the workdir's).
+      workdir: the run's workdir, which keeps the log-probs of read-only shards ('' = none).
     """
 
     mode: str
     graphdef: nnx.GraphDef
     params: nnx.State | None
     info: dict[str, Any] | None
-    dirs: tuple[str, ...] = ()
+    workdir: str = ""
 
 
 def _graphdef(dtype: str, graphdef: nnx.GraphDef, model_cfg: Any) -> nnx.GraphDef:
@@ -224,9 +223,8 @@ def prepare(
         return Reference(mode, ref_graphdef, ref_params, None)
     info = fingerprint_info(shard_dirs[0], weights_fp, dtype, seq_len=rc.data.seq_len,
                             chunk=rc.logprob_chunk)  # fmt: skip
-    dirs = tuple(refs.store_dir(d, workdir) for d in filter(None, shard_dirs)) if workdir else ()
     for shard_dir in filter(None, shard_dirs):
-        if stored_matches(shard_dir, info, dirs):
+        if stored_matches(shard_dir, info, workdir):
             continue
         out_dir = None
         if not refs.writable(shard_dir):
@@ -243,5 +241,5 @@ def prepare(
                           batch_size=rc.batch_size, seq_len=rc.data.seq_len,
                           chunk=rc.logprob_chunk, out_dir=out_dir)  # fmt: skip
     return Reference(
-        mode, ref_graphdef, None, info, dirs
+        mode, ref_graphdef, None, info, workdir
     )  # read from the data: one model in memory

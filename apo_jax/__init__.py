@@ -21,7 +21,9 @@ def _threads_for_simulated_devices() -> None:
     """
     if "PJRT_NPROC" in os.environ or "NPROC" in os.environ:
         return
-    found = re.findall(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    found = re.findall(
+        r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", "")
+    )
     counts = [int(n) for n in found]
     if os.environ.get("JAX_NUM_CPU_DEVICES", "").isdigit():
         counts.append(int(os.environ["JAX_NUM_CPU_DEVICES"]))

@@ -35,7 +35,7 @@ REFERENCE_ABOUT = """Computes the frozen reference model's log-probs of every pa
 beside the train and eval shards (what training does first when none match)."""
 
 
-def _flags() -> flags.FlagValues:
+def _flags(train: bool) -> flags.FlagValues:
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file(
         "config",
@@ -48,11 +48,12 @@ def _flags() -> flags.FlagValues:
         "workdir", "", "Checkpoints, metrics and exports (default runs/<loss>_<preset>).",
         flag_values=fv,
     )  # fmt: skip
-    flags.DEFINE_boolean(
-        "allow_config_change", False,
-        "Resume even though the config changes what defines the run (recorded in metrics.jsonl).",
-        flag_values=fv,
-    )  # fmt: skip
+    if train:
+        flags.DEFINE_boolean(
+            "allow_config_change", False,
+            "Resume even though the config changes what defines the run (recorded in metrics.jsonl).",
+            flag_values=fv,
+        )  # fmt: skip
     return fv
 
 
@@ -66,7 +67,9 @@ def _config_arg(argv: Sequence[str]) -> str | None:
     return None
 
 
-def _parse(argv: Sequence[str], usage: str, about: str) -> tuple[flags.FlagValues, list[str]]:
+def _parse(
+    argv: Sequence[str], usage: str, about: str, train: bool
+) -> tuple[flags.FlagValues, list[str]]:
     """The flags (`_flags`) parsed by commands.parse, and the positional arguments; config-file
     problems are one-line FlagErrors naming the file or the field."""
     path = (_config_arg(argv) or DEFAULT_CONFIG).split(":", 1)[0]
@@ -76,7 +79,7 @@ def _parse(argv: Sequence[str], usage: str, about: str) -> tuple[flags.FlagValue
             f"(run from the repository root; objectives: {', '.join(_objectives())})"
         )
     try:
-        fv = _flags()  # config_flags reads the --config.<field> overrides from sys.argv here
+        fv = _flags(train)  # config_flags reads the --config.<field> overrides from sys.argv here
         return fv, commands.parse(fv, argv, usage, about)
     except (AttributeError, KeyError) as e:  # ml_collections on --config.<unknown>=...
         name = str(e).strip("\"' ")
@@ -115,8 +118,12 @@ def _setup_logging() -> None:
     log.propagate = False
 
 
-def _run(argv: Sequence[str], usage: str, about: str, fn: Callable[[Any, str], Any]) -> Any:
-    fv, positional = _parse(argv, usage, about)
+def _run(
+    argv: Sequence[str], usage: str, about: str, fn: Callable[[Any], Any], *, train: bool = False
+) -> Any:
+    """Parses the flags (`train`: also the training-only ones), starts logging and the
+    distributed runtime, then calls `fn(flags)`."""
+    fv, positional = _parse(argv, usage, about, train)
     if positional[1:]:
         raise commands.FlagError(
             f"unexpected arguments {list(argv)[1:]}: flags are --flag_name=value"
@@ -127,9 +134,17 @@ def _run(argv: Sequence[str], usage: str, about: str, fn: Callable[[Any, str], A
 
     if jax.process_index() != 0:
         log.setLevel(logging.WARNING)  # process 0 narrates; the others only warn
-    if fn is trainer.train_and_evaluate:
-        return fn(fv.config, fv.workdir, allow_config_change=fv.allow_config_change)
-    return fn(fv.config, fv.workdir)
+    return fn(fv)
+
+
+def _train(fv: flags.FlagValues) -> dict[str, Any]:
+    return trainer.train_and_evaluate(
+        fv.config, fv.workdir, allow_config_change=fv.allow_config_change
+    )
+
+
+def _reference(fv: flags.FlagValues) -> Any:
+    return trainer.precompute_reference(fv.config, fv.workdir)
 
 
 def summary_text(s: dict[str, Any]) -> str:
@@ -170,9 +185,7 @@ def train_main(argv: Sequence[str] | None = None) -> None:
     """`python -m apo_jax.train`: trains and prints the summary."""
     argv = sys.argv if argv is None else argv
     try:
-        summary = errors.guard(
-            lambda: _run(argv, TRAIN_USAGE, TRAIN_ABOUT, trainer.train_and_evaluate)
-        )
+        summary = errors.guard(lambda: _run(argv, TRAIN_USAGE, TRAIN_ABOUT, _train, train=True))
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which turns it into a stop)
         if errors.debug():
             raise
@@ -189,7 +202,7 @@ def train_main(argv: Sequence[str] | None = None) -> None:
 def reference_main(argv: Sequence[str] | None = None) -> None:
     """`python -m apo_jax.reference`: the reference pass alone."""
     argv = sys.argv if argv is None else argv
-    errors.guard(lambda: _run(argv, REFERENCE_USAGE, REFERENCE_ABOUT, trainer.precompute_reference))
+    errors.guard(lambda: _run(argv, REFERENCE_USAGE, REFERENCE_ABOUT, _reference))
 
 
 def _second(s: dict, split: str) -> str:

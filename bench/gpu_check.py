@@ -264,9 +264,6 @@ def generation(cfg, batch: int, prompt_len: int, new: int) -> dict:
             "first_call_s": round(compile_s, 1)}  # fmt: skip
 
 
-LORA_TARGETS = "q,k,v,o,gate,up,down"
-
-
 def lora_on_device(cfg, rank: int, device):
     """(adapter graphdef, base graphdef, adapters, frozen base) of a randomly initialised Llama
     with LoRA adapters, drawn by one jitted initializer straight onto `device`: the base in
@@ -274,7 +271,7 @@ def lora_on_device(cfg, rank: int, device):
 
     def build():
         model = Llama(cfg, rngs=nnx.Rngs(0))
-        lora.attach(model, lora.LoraConfig(rank=rank, targets=LORA_TARGETS), seed=0)
+        lora.attach(model, lora.LoraConfig(rank=rank), seed=0)
         return model
 
     graphdef = lora.split(nnx.eval_shape(build))[0]

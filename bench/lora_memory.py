@@ -39,7 +39,6 @@ from apo_jax.models.llama import Llama
 from apo_jax.optim import OptimConfig, make_optimizer
 
 GiB = 2**30
-TARGETS = "q,k,v,o,gate,up,down"
 
 
 def _with_sharding(tree, shardings):
@@ -53,7 +52,7 @@ def abstract_parts(cfg, rank: int, tx, mesh):
     def build():
         model = Llama(cfg, rngs=nnx.Rngs(0))
         if rank:
-            lora.attach(model, lora.LoraConfig(rank=rank, targets=TARGETS), seed=0)
+            lora.attach(model, lora.LoraConfig(rank=rank), seed=0)
         return model
 
     model = nnx.eval_shape(build)
@@ -122,7 +121,7 @@ def memory_table(args) -> None:
                              f"{secs:.0f}"))  # fmt: skip
                 print(rows[-1], flush=True)
     print(f"machine: {machine()}; one device; {args.preset} ({cfg.n_params / 1e9:.2f} B params), "
-          f"bf16 compute, remat full, AdamW; LoRA rank {args.rank} on {TARGETS}")  # fmt: skip
+          f"bf16 compute, remat full, AdamW; LoRA rank {args.rank} on {lora.LoraConfig.targets}")  # fmt: skip
     print(table(("run", "seq", "pairs", "args-donated GiB", "temp GiB", "total GiB/device",
                  "compile s"), rows))  # fmt: skip
 
@@ -136,7 +135,7 @@ def time_table(args) -> None:
     for name, rank in (("full", 0), (f"lora r{args.rank}", args.rank)):
         model = Llama(STEP_MODEL, rngs=nnx.Rngs(0))
         if rank:
-            lora.attach(model, lora.LoraConfig(rank=rank, targets=TARGETS), seed=0)
+            lora.attach(model, lora.LoraConfig(rank=rank), seed=0)
             graphdef, params, frozen = lora.split(model)
         else:
             (graphdef, params), frozen = ts.split_model(model), None

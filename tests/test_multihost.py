@@ -22,6 +22,7 @@ import pytest
 from multihost_helpers import (
     CONCAT,
     ROOT,
+    _demo_data,
     _env,
     _free_port,
     _get_config,
@@ -40,11 +41,7 @@ from apo_jax.config_base import with_overrides
 def runs(tmp_path_factory):
     """Trains 3 steps on 2x4 and on 1x8 devices, then resumes each for a 4th step on the other."""
     tmp = str(tmp_path_factory.mktemp("multihost"))
-    from apo_jax import assemble
-
-    c = _get_config()
-    c.demo.cache_dir, c.demo.n_train, c.demo.n_eval = os.path.join(tmp, "demo"), 64, 16
-    assemble.resolve_data(config_lib.validate(c, device_count=8))  # build the demo once, up front
+    _demo_data(tmp)  # build the demo once, up front
     w2, w1 = os.path.join(tmp, "two"), os.path.join(tmp, "one")
     t0 = time.perf_counter()
     out, took = {}, {}

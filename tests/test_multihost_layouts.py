@@ -8,20 +8,14 @@ from __future__ import annotations
 import os
 
 import pytest
-from multihost_helpers import CONCAT, _get_config, _losses, _metrics, _train_one, _train_two
-
-from apo_jax import config as config_lib
+from multihost_helpers import CONCAT, _demo_data, _losses, _metrics, _train_one, _train_two
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The demo's data and 3 concat steps on one process x 8 devices: the losses to match."""
     tmp = str(tmp_path_factory.mktemp("multihost_layouts"))
-    from apo_jax import assemble
-
-    c = _get_config()
-    c.demo.cache_dir, c.demo.n_train, c.demo.n_eval = os.path.join(tmp, "demo"), 64, 16
-    assemble.resolve_data(config_lib.validate(c, device_count=8))  # build the demo once, up front
+    _demo_data(tmp)  # build the demo once, up front
     w1 = os.path.join(tmp, "one")
     _train_one(tmp, w1, 3, "--config.export_hf=False", *CONCAT)
     return {"dirs": {"one": w1}, "tmp": tmp, "first": {"one": _metrics(w1)}}
@@ -55,13 +49,11 @@ def test_two_processes_with_buckets_match_one_process_concat(runs, layout, bucke
     """Buckets: each process pads its own pairs to the smallest bucket that fits, so at step 2
     and in the eval batch process 0 has rows of the bucket and process 1 of 128; both grow to 128
     before the global batch is built, and the losses are the single process's."""
-    from apo_jax import assemble, layouts
+    from apo_jax import layouts
     from apo_jax.data import loader
 
     tmp = runs["tmp"]
-    c = _get_config()
-    c.demo.cache_dir, c.demo.n_train, c.demo.n_eval = os.path.join(tmp, "demo"), 64, 16
-    paths = assemble.resolve_data(config_lib.validate(c, device_count=8))  # built by `runs`
+    c, paths = _demo_data(tmp)  # built by `runs`
     lengths = []  # the premise: the processes' row lengths differ for one step
     for split, epochs, steps in ((paths.train, None, 3), (paths.eval, 1, 1)):
         for p in range(2):

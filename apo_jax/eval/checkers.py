@@ -36,6 +36,25 @@ def _last_int(text: str, after: str = "") -> int | None:
     return int(hits[-1]) if hits else None
 
 
+def demo_question(q: str) -> tuple[str, dict[str, Any], Any] | None:
+    """(kind, the fields the question quotes, the right answer) of a question in the demo's
+    wording; None for any other text."""
+    if m := re.fullmatch(r"What is (" + _INT + r") ([+*-]) (" + _INT + r")\?", q):
+        a, op, b = int(m[1]), m[2], int(m[3])
+        return "arith", {"a": a, "op": op, "b": b}, {"+": a + b, "-": a - b, "*": a * b}[op]
+    if m := re.fullmatch(r"Sort these numbers in ascending order: ([\d, ]+)\.", q):
+        xs = [int(x) for x in m[1].split(",")]
+        return "sort", {"xs": xs}, sorted(xs)
+    if m := re.fullmatch(r"How many times does the letter '(.)' appear in the word '(\w+)'\?", q):
+        return "count", {"l": m[1], "w": m[2]}, m[2].count(m[1])
+    if m := re.fullmatch(r"Which number is larger, (\d+) or (\d+)\?", q):
+        a, b = int(m[1]), int(m[2])
+        return "compare", {"a": a, "b": b}, max(a, b)
+    if m := re.fullmatch(r"Reverse the letters of the word '(\w+)'\.", q):
+        return "reverse", {"w": m[1]}, m[1][::-1]
+    return None
+
+
 def demo(row: Mapping[str, Any], response: str) -> bool:
     """True when `response` gives the right answer to a demo question.
 
@@ -43,22 +62,17 @@ def demo(row: Mapping[str, Any], response: str) -> bool:
       ValueError: for a question that is not in the demo's wording.
     """
     q = _question(row)
-    if m := re.fullmatch(r"What is (" + _INT + r") ([+*-]) (" + _INT + r")\?", q):
-        a, op, b = int(m[1]), m[2], int(m[3])
-        want = {"+": a + b, "-": a - b, "*": a * b}[op]
-        return _last_int(response, r"answer is") == want
-    if m := re.fullmatch(r"Sort these numbers in ascending order: ([\d, ]+)\.", q):
-        want = sorted(int(x) for x in m[1].split(","))
-        got = [int(x) for x in re.findall(r"\d+", response.rsplit(":", 1)[-1])]
-        return got == want
-    if m := re.fullmatch(r"How many times does the letter '(.)' appear in the word '(\w+)'\?", q):
-        return _last_int(response, r"appears") == m[2].count(m[1])
-    if m := re.fullmatch(r"Which number is larger, (\d+) or (\d+)\?", q):
-        return _last_int(response, r"larger number is") == max(int(m[1]), int(m[2]))
-    if m := re.fullmatch(r"Reverse the letters of the word '(\w+)'\.", q):
+    parsed = demo_question(q)
+    if parsed is None:
+        raise ValueError(f"not a demo question: {q[:80]!r}")
+    kind, _, want = parsed
+    if kind == "sort":
+        return [int(x) for x in re.findall(r"\d+", response.rsplit(":", 1)[-1])] == want
+    if kind == "reverse":
         quoted = re.findall(r"'([^']*)'", response)
-        return bool(quoted) and quoted[-1] == m[1][::-1]
-    raise ValueError(f"not a demo question: {q[:80]!r}")
+        return bool(quoted) and quoted[-1] == want
+    after = {"arith": r"answer is", "count": r"appears", "compare": r"larger number is"}[kind]
+    return _last_int(response, after) == want
 
 
 def contains_answer(row: Mapping[str, Any], response: str) -> bool:

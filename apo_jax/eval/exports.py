@@ -34,13 +34,18 @@ class ExportError(UserError):
     """An export that the rows or settings cannot satisfy."""
 
 
-def check_formats(formats: Sequence[str], num_samples: int) -> None:
-    """Raises ExportError for an unknown format, or for several samples per prompt."""
+def check_formats(
+    formats: Sequence[str], num_samples: int, mixeval_benchmark: str = "mixeval_hard"
+) -> None:
+    """Raises ExportError for an unknown format or MixEval benchmark, or for several samples per
+    prompt."""
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
         raise ExportError(f"--format: unknown {unknown}; choose from {list(FORMATS)}")
     if formats and num_samples != 1:
         raise ExportError("--format exports one response per prompt: use --num_samples=1")
+    if "mixeval" in formats:
+        _mixeval_suffix(mixeval_benchmark)
 
 
 def instruction(ex: Example) -> str:
@@ -99,13 +104,11 @@ def arena_hard(out: str, pairs: Sequence[tuple[Example, dict]], model_name: str)
     return [path]
 
 
-def check_rows(formats: Sequence[str], examples: Sequence[Example], mixeval_benchmark: str) -> None:
-    """Refuses, before anything is generated, settings and rows an export cannot take."""
-    if "mixeval" not in formats:
-        return
-    _mixeval_suffix(mixeval_benchmark)
-    for ex in examples:
-        _mixeval_split(ex)
+def check_rows(formats: Sequence[str], examples: Sequence[Example]) -> None:
+    """Refuses, before anything is generated, rows an export cannot take."""
+    if "mixeval" in formats:
+        for ex in examples:
+            _mixeval_split(ex)
 
 
 def _mixeval_suffix(benchmark: str) -> str:

@@ -112,8 +112,9 @@ def weights_fingerprint(model_dir: str) -> str:
     from apo_jax.models import lora
 
     h = hashlib.sha256()
-    if lora.config_dir(model_dir) != model_dir:
-        h.update(weights_fingerprint(lora.config_dir(model_dir)).encode())
+    base = lora.config_dir(model_dir)
+    if base != model_dir:
+        h.update(weights_fingerprint(base).encode())
     for name in sorted(os.listdir(model_dir)):
         if name in ("config.json", lora.ADAPTER_CONFIG) or name.endswith(".safetensors"):
             path = os.path.join(model_dir, name)
@@ -127,15 +128,6 @@ def _write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     os.replace(path + ".tmp", path)
-
-
-def _tokenizer_dir(model_dir: str) -> str:
-    """The model's own directory, or a LoRA adapter's base when the adapter has no tokenizer."""
-    from apo_jax.models import lora
-
-    if os.path.exists(os.path.join(model_dir, "tokenizer.json")):
-        return model_dir
-    return lora.config_dir(model_dir)
 
 
 def _load_tokenizer(tok_dir: str) -> Any:
@@ -189,9 +181,8 @@ def _generate(
         model, _ = lora.load_merged(model_dir, mesh=mesh, dtype=s.dtype, param_dtype=s.dtype)
     except (hf.CheckpointError, ValueError) as e:
         raise EvalError(f"--model: {e}") from None
-    has_gen = os.path.exists(os.path.join(model_dir, "generation_config.json"))
     stops = generation.stop_token_ids(
-        tokenizer, model_dir if has_gen else lora.config_dir(model_dir)
+        tokenizer, lora.config_dir(model_dir, "generation_config.json")
     )
     gen = generation.Generator(
         model, tokenizer, s.sampling, batch_size=s.batch_size, stop_tokens=stops, mesh=mesh
@@ -216,20 +207,22 @@ def run(s: Settings, *, on_batch: Callable[[int], None] | None = None) -> dict[s
       The summary, also written to <out>/summary.json.
     """
     s.sampling.check()
-    exports.check_formats(s.formats, s.sampling.num_samples)
+    exports.check_formats(s.formats, s.sampling.num_samples, s.mixeval_benchmark)
     if s.batch_size < 1:
         raise EvalError(f"--batch_size must be positive, got {s.batch_size}")
     if s.judge is not None:
         from apo_jax.eval import judge
 
         judge.check(s.judge)
+    from apo_jax.models import lora
+
     model_dir = resolve_model_dir(s.model)
-    tok_dir = s.tokenizer or _tokenizer_dir(model_dir)
+    tok_dir = s.tokenizer or lora.config_dir(model_dir, "tokenizer.json")
     tokenizer = _load_tokenizer(tok_dir)
     checker = scoring.load_checker(s.checker) if s.checker else None
     os.makedirs(s.out, exist_ok=True)
     examples, prompt_ids, rejects = _prepare(s, model_dir, tokenizer)
-    exports.check_rows(s.formats, examples, s.mixeval_benchmark)
+    exports.check_rows(s.formats, examples)
     identity = {
         "weights_fingerprint": weights_fingerprint(model_dir),
         "tokenizer_fingerprint": tokenize.tokenizer_fingerprint(tok_dir),

@@ -55,10 +55,6 @@ class Settings:
     rounds: int = 1  # CLAIR rounds: each later one trains the previous round's model again
 
 
-def rel(out: str, path: str) -> str:
-    return os.path.relpath(path, out)
-
-
 def _prompt_rows(questions: list[str], prefix: str) -> list[dict[str, Any]]:
     return [{"id": f"{prefix}-{i}", "prompt": q} for i, q in enumerate(questions)]
 

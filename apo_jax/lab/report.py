@@ -25,7 +25,8 @@ def _correct(out: str, rel_path: str) -> tuple[list[str], np.ndarray]:
 
 
 def matrices(out: str, base_rel: str, conditions: list[dict[str, Any]]):
-    """(baseline 1 x P, {(source, objective): seeds x P}) from the generations files."""
+    """(baseline 1 x P, {(source, objective): seeds x P}) from the generations files; sets each
+    condition's `accuracy`."""
     ids, base = _correct(out, base_rel)
     rows: dict[tuple[str, str], list[np.ndarray]] = {}
     for c in sorted(conditions, key=lambda c: c["seed"]):
@@ -33,6 +34,7 @@ def matrices(out: str, base_rel: str, conditions: list[dict[str, Any]]):
         if cids != ids:
             raise ValueError(f"{c['generations']}: not the target's held-out prompts in order")
         rows.setdefault((c["dataset"], c["objective"]), []).append(v)
+        c["accuracy"] = float(v.mean())  # each condition's own accuracy, for results.json
     return base[None], {k: np.stack(v) for k, v in rows.items()}
 
 
@@ -58,8 +60,6 @@ def write(out: str, meta: dict[str, Any], target: dict[str, Any], pairs: dict[st
     `chain`, the CLAIR rounds of `run`, is given)."""
     base_rel = os.path.join("target", target["generations"])
     base, mats = matrices(out, base_rel, conditions)
-    for c in conditions:  # each condition's own accuracy, from its file
-        c["accuracy"] = float(_correct(out, c["generations"])[1].mean())
     table = {f"{s}/{o}": {"dataset": s, "objective": o, **analysis.summary(m, base)}
              for (s, o), m in mats.items()}  # fmt: skip
     expected = {s: analysis.expected_apo(v["chosen_correct"], float(base.mean()))
@@ -126,7 +126,7 @@ def figures(out: str, conditions: list[dict[str, Any]], pairs: dict[str, Any]) -
     return written
 
 
-def _ci(ci: list[float], pct: bool = True) -> str:
+def _ci(ci: list[float]) -> str:
     return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 

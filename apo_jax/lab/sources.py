@@ -17,7 +17,7 @@ from apo_jax.clair import builders, ledger
 from apo_jax.clair.cache import RequestCache, user_turn
 from apo_jax.clair.local import LocalBackend
 from apo_jax.lab import backends, world
-from apo_jax.lab.pipeline import OFFPOLICY_POOL, Settings
+from apo_jax.lab.pipeline import MAX_NEW_TOKENS, OFFPOLICY_POOL, Settings
 from apo_jax.lab.steps import write_jsonl
 
 
@@ -45,7 +45,7 @@ def build_all(
 ) -> dict[str, ledger.BuildResult]:
     """Builds every source of `s.sources` into `d/<source>/all.jsonl` (+ rejects)."""
     cache = RequestCache(os.path.join(d, "requests.cache.jsonl"))
-    params = {"temperature": s.temperature, "max_tokens": 64, "seed": s.seed}
+    params = {"temperature": s.temperature, "max_tokens": MAX_NEW_TOKENS, "seed": s.seed}
     target = builders.Role(
         LocalBackend(target_hf, name="target", batch_size=128, cache=cache), params
     )

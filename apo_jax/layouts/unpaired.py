@@ -7,7 +7,7 @@ log-ratio enters the batch's KL estimate), plus ``label bool[N]``:
   ``input_ids, completion_mask, positions, segment_ids: int32[2N, T]``, ``label: bool[N]``
 
 With ``kl=False`` (the ``apo_zero_unpaired`` loss needs no KL estimate) only the N completion
-rows are written and run. :meth:`pair_logps` returns the completions' log-probs as ``chosen`` and
+rows are written and run; concat's batch splitting then treats them as one block of rows. :meth:`pair_logps` returns the completions' log-probs as ``chosen`` and
 the KL completions' as ``rejected`` (0 without KL rows); the train step turns them into
 :class:`apo_jax.losses.UnpairedLogps`. Stored reference log-probs of unpaired shards hold the
 same two numbers per record (the reference pass reads the records as pairs).
@@ -55,28 +55,10 @@ class Unpaired(concat.Concat):
         batch["label"] = np.array([bool(r is not None and r.label) for r in records], bool)
         return batch
 
-    def check(
-        self, *, batch_size: int, grad_accum: int, data_ways: int, process_count: int
-    ) -> None:
-        """Rows of a micro-batch (2 per example with KL rows, else 1) must split over the mesh."""
-        rows = (2 if self.kl else 1) * batch_size // grad_accum
-        if rows % data_ways:
-            raise base.LayoutError(
-                f"each micro-batch has {rows} rows, which the mesh's data*fsdp = {data_ways} "
-                "ways must divide: change config.batch_size, grad_accum or mesh"
-            )
-
-    def global_batch(
-        self, batch: base.Batch, sharding: Any, *, micro_batches: int = 1, same_shape: bool = False
-    ) -> dict[str, Any]:
-        """As concat with KL rows (two blocks of rows), else one block."""
-        if self.kl:
-            return super().global_batch(
-                batch, sharding, micro_batches=micro_batches, same_shape=same_shape
-            )
-        return base.Layout.global_batch(
-            self, batch, sharding, micro_batches=micro_batches, same_shape=same_shape
-        )
+    @property
+    def rows_per_pair(self) -> int:  # type: ignore[override]
+        """Rows per example that the mesh must divide: 2 with KL rows, else 1."""
+        return 2 if self.kl else 1
 
     def pair_logps(
         self, graphdef: Any, params: Any, batch: base.Batch, chunk: int
@@ -87,9 +69,3 @@ class Unpaired(concat.Concat):
         logps_N, counts_N = concat.row_logps(graphdef, params, batch, chunk)
         zeros_N = jnp.zeros_like(logps_N)
         return base.SideLogps(logps_N, zeros_N, counts_N, zeros_N)
-
-    def micro_batches(self, batch: base.Batch, k: int) -> dict[str, Any]:
-        """k micro-batches of N/k examples (completion rows then KL rows in each)."""
-        if self.kl:
-            return super().micro_batches(batch, k)
-        return base.Layout.micro_batches(self, batch, k)

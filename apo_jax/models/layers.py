@@ -26,12 +26,11 @@ def param(
     shape: Sequence[int],
     axes: tuple[str, ...],
     dtype: str,
-    ones: bool = False,
     fill: float | None = None,
 ) -> nnx.Param:
-    """A parameter with logical axes `axes`: N(0, 0.02), ones, or the constant `fill`."""
-    if ones or fill is not None:
-        value = jnp.full(shape, 1.0 if fill is None else fill, jnp.dtype(dtype))
+    """A parameter with logical axes `axes`: N(0, 0.02), or the constant `fill`."""
+    if fill is not None:
+        value = jnp.full(shape, fill, jnp.dtype(dtype))
     else:
         value = INIT_STD * jax.random.normal(rngs.params(), shape, jnp.dtype(dtype))
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)

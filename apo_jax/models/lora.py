@@ -334,8 +334,11 @@ def load_merged(path: str, *, mesh: Any = None, **kwargs: Any) -> tuple[nnx.Modu
     return nnx.merge(graphdef, merged_base(base_params, adapters, cfg)), model_cfg
 
 
-def config_dir(path: str) -> str:
-    """The directory holding the config.json of `path` (a checkpoint or an adapter's base)."""
+def config_dir(path: str, name: str = "config.json") -> str:
+    """The directory holding `name` (config.json, tokenizer.json, ...) for `path`: the path itself,
+    or, for an adapter directory without it and without a config.json, the adapter's base."""
+    if os.path.exists(os.path.join(path, name)):
+        return path
     if is_adapter_dir(path) and not os.path.exists(os.path.join(path, "config.json")):
         return read_adapter_config(path)[1]
     return path

@@ -67,16 +67,19 @@ def vocab_metadata(tok: Any, vocab_size: int, tok_dir: str) -> dict[str, Any]:
     if model.get("type") != "BPE":
         raise VocabError(f"{tok_dir}: tokenizer model {model.get('type')!r} cannot be written to "
                          "GGUF here; supported: byte-level BPE, byte-fallback BPE")  # fmt: skip
-    vocab = tok.get_vocab()
-    if len(vocab) > vocab_size:
-        raise VocabError(f"{tok_dir}: the tokenizer has {len(vocab)} tokens, the model's "
-                         f"embedding only {vocab_size}")  # fmt: skip
+    added = {a["id"]: a for a in spec.get("added_tokens", [])}
+    # an added token past the embedding (transformers' Gemma tokenizer appends <mask>) is dropped
+    vocab = {t: i for t, i in tok.get_vocab().items() if i < vocab_size or i not in added}
+    if max(vocab.values()) >= vocab_size:
+        raise VocabError(f"{tok_dir}: the tokenizer has ids up to {max(vocab.values())}, the "
+                         f"model's embedding only {vocab_size} rows")  # fmt: skip
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [int(T.UNUSED)] * vocab_size
     for token, i in vocab.items():
         tokens[i], types[i] = token, int(T.NORMAL)
-    for added in spec.get("added_tokens", []):
-        types[added["id"]] = int(T.CONTROL if added.get("special") else T.USER_DEFINED)
+    for i, a in added.items():
+        if i < vocab_size:
+            types[i] = int(T.CONTROL if a.get("special") else T.USER_DEFINED)
     byte_level = _is_byte_level(spec)
     if not byte_level and not model.get("byte_fallback"):
         raise VocabError(f"{tok_dir}: a BPE tokenizer that is neither byte-level nor byte-fallback "

@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",  # progress bars
     "matplotlib>=3.8",  # contrastiveness histograms
     "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
+    "gguf>=0.19",  # GGUF (llama.cpp) files in and out: reader, writer, dequantization
 ]
 
 EXTRAS_REQUIRE = {

@@ -81,9 +81,12 @@ def hf_weights(family: str, t: Tiny, vocab: int, seed: int = 0) -> dict[str, np.
             out[p + f"mlp.{name}.weight"] = r(*shape)
         for name in norms:
             out[p + f"{name}.weight"] = r(t.d)
-        if family == "gemma3":
+        if family in ("gemma3", "qwen3"):
             out[p + "self_attn.q_norm.weight"] = r(t.head_dim)
             out[p + "self_attn.k_norm.weight"] = r(t.head_dim)
+        if family == "qwen2":
+            for name, n in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+                out[p + f"self_attn.{name}.bias"] = r(n)
     return out
 
 
@@ -103,8 +106,12 @@ def k_quant_bytes(rows: int, cols: int, qtype: Q, rng: np.random.Generator) -> n
     return raw.reshape(rows, cols // block * size)
 
 
+_ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "gemma3": gguf.MODEL_ARCH.GEMMA3,
+          "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}  # fmt: skip
+
+
 def gguf_name(hf_name: str, family: str, layers: int) -> str:
-    arch = gguf.MODEL_ARCH.GEMMA3 if family == "gemma3" else gguf.MODEL_ARCH.LLAMA
+    arch = _ARCHS[family]
     stem, suffix = hf_name.rsplit(".", 1)
     return gguf.get_tensor_name_map(arch, layers).get_name(stem) + "." + suffix
 
@@ -116,7 +123,7 @@ def write_model(path, family: str = "llama", qtype: Q = Q.F32, t: Tiny | None = 
     `arch` overrides `general.architecture`; `extra` adds {name: (array, raw type)} tensors.
     """
     t = t or Tiny()
-    vocab = gpt2_vocab() if family == "llama" else spm_vocab()
+    vocab = spm_vocab() if family == "gemma3" else gpt2_vocab()
     V = len(vocab["tokens"])
     rng = np.random.default_rng(seed + 1)
     w = gguf.GGUFWriter(str(path), arch or family)
@@ -129,11 +136,12 @@ def write_model(path, family: str = "llama", qtype: Q = Q.F32, t: Tiny | None = 
     w.add_head_count_kv(t.kv)
     w.add_layer_norm_rms_eps(1e-6)
     w.add_vocab_size(V)
-    if family == "gemma3":
+    if family in ("gemma3", "qwen3"):
         w.add_key_length(t.head_dim)
         w.add_value_length(t.head_dim)
         w.add_rope_freq_base(1e6)
-        w.add_sliding_window(t.window)
+        if family == "gemma3":
+            w.add_sliding_window(t.window)
     else:
         w.add_rope_dimension_count(t.head_dim)
         w.add_rope_freq_base(1e5)

@@ -105,6 +105,23 @@ def test_gemma3_import(tmp_path, qtype):
     assert cfg.rope_local_theta == 1e4 and cfg.query_pre_attn_scalar == 256
 
 
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_qwen_import(tmp_path, family):
+    """qwen2 (q/k/v biases) and qwen3 (q/k norms): no q/k permutation in llama.cpp's files.
+
+    transformers reads no head_dim from a qwen3 file (Qwen3Config's 128 stays), so it is 128."""
+    t = Tiny(heads=2, kv=1, head_dim=128) if family == "qwen3" else Tiny()
+    path, out, written = imported(tmp_path, family, Q.Q8_0, t)
+    check_exact(out, written, family, t)
+    ids = chat_ids(out)
+    ours = ours_logits(out, ids)
+    np.testing.assert_allclose(ours, transformers_logits(path, ids), atol=1e-4)
+    assert load_hf(out)[1].family == family
+    exported = str(tmp_path / "export.gguf")  # and back out, as transformers reads it
+    convert.to_gguf(out, exported, "f32")
+    np.testing.assert_allclose(transformers_logits(exported, ids), ours, atol=1e-4)
+
+
 def test_directory_has_tokenizer_template_and_generation_config(tmp_path):
     import json
 

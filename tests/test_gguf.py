@@ -158,6 +158,10 @@ def test_resolve_model_path_converts_once_into_the_cache(tmp_path, monkeypatch):
     assert os.path.getmtime(os.path.join(out, "model.safetensors")) == stamp  # not converted again
     assert convert.resolve_model_path(str(tmp_path)) == str(tmp_path)  # a directory: unchanged
     assert resolve_model_dir(path) == out  # eval --model=m.gguf
+    from apo_jax.clair.local import _load_checkpoint
+
+    _, tok = _load_checkpoint(path)  # clair --<role>_checkpoint=m.gguf
+    assert tok.chat_template == CHATML
 
 
 def test_train_config_takes_a_gguf_hf_path(tmp_path, monkeypatch):

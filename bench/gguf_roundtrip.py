@@ -151,12 +151,25 @@ def main() -> None:
                 f"(target 5e-4: {'ok' if d_import <= 5e-4 else 'FAIL'})")  # fmt: skip
 
     for i, export_from in enumerate((a.export_from or hf_dir).split(",")):
-        rows += export_rows(export_from, os.path.join(a.work, f"export{i}_f32.gguf"), hf_dir,
+        rows += export_rows(src, export_from, os.path.join(a.work, f"export{i}_f32.gguf"), hf_dir,
                             ours, ids_list, tok, a.greedy_tokens)  # fmt: skip
     print("\n".join(rows))
 
 
-def export_rows(src, out, hf_dir, ours_import, ids_list, tok, n_greedy) -> list[str]:
+VOCAB_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens",
+              "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.chat_template",
+              "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id")  # fmt: skip
+
+
+def same_vocab(source: str, out: str) -> dict[str, bool]:
+    """Per tokenizer key: whether the export's value equals the source file's."""
+    import gguf
+
+    a, b = gguf.GGUFReader(source), gguf.GGUFReader(out)
+    return {k.split(".")[-1]: a.fields[k].contents() == b.fields[k].contents() for k in VOCAB_KEYS}
+
+
+def export_rows(source, src, out, hf_dir, ours_import, ids_list, tok, n_greedy) -> list[str]:
     """Exports `src` to f32 GGUF; transformers' logits on it vs ours on `src` (and llama.cpp's)."""
     from apo_jax.models import convert
 
@@ -170,6 +183,7 @@ def export_rows(src, out, hf_dir, ours_import, ids_list, tok, n_greedy) -> list[
     d_export = max_diff(ours, hf_logits(model_exp, ids_list))
     del model_exp
     rows.append(f"export  chat tokens of transformers' load of the export equal: {same}")
+    rows.append(f"export  tokenizer metadata equal to the source GGUF's: {same_vocab(source, out)}")
     rows.append(f"export  max |logit diff| ours vs transformers' load of the f32 export: "
                 f"{d_export:.2e}; the model differs from the imported one by "
                 f"{max_diff(ours, ours_import):.2e}")  # fmt: skip

@@ -169,7 +169,8 @@ def to_gguf(path: str, out: str, dtype: str = "f32", overwrite: bool = False) ->
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     tmp = f"{out}.tmp-{os.getpid()}"
     try:
-        counts = gguf_write.write_gguf(model, cfg, tokenizer, tok_dir, tmp, dtype)
+        name = os.path.basename(os.path.abspath(path))  # the workdir's or directory's name
+        counts = gguf_write.write_gguf(model, cfg, tokenizer, tok_dir, tmp, dtype, name)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

@@ -108,7 +108,13 @@ def _encode(arr: np.ndarray, qtype: Q) -> tuple[np.ndarray, Q]:
 
 
 def write_gguf(
-    model: Any, cfg: LlamaConfig, tokenizer: Any, tok_dir: str, path: str, dtype: str = "f32"
+    model: Any,
+    cfg: LlamaConfig,
+    tokenizer: Any,
+    tok_dir: str,
+    path: str,
+    dtype: str = "f32",
+    name: str = "apo_jax model",
 ) -> dict[str, int]:
     """Writes `model` with its tokenizer to the GGUF file `path`.
 
@@ -119,6 +125,7 @@ def write_gguf(
       tok_dir: the tokenizer's directory (for llama.cpp's pre-tokenizer name).
       path: the file to write (the caller renames it into place).
       dtype: f32, f16, bf16 or q8_0 for the 2-D weights.
+      name: `general.name`.
 
     Returns:
       {tensor type name: count} of the written tensors.
@@ -128,7 +135,7 @@ def write_gguf(
     vocab = gguf_vocab.vocab_metadata(tokenizer, cfg.vocab_size, tok_dir)
     names = gguf_read.gguf_name_map(cfg, arch)
     w = gguf.GGUFWriter(path, arch)
-    w.add_name(str(getattr(tokenizer, "name_or_path", "") or "apo_jax model").split("/")[-1])
+    w.add_name(name)
     _hparams(w, cfg, arch)
     w.add_file_type(int(file_type))
     gguf_vocab.write_vocab(w, vocab)

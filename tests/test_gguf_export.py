@@ -178,3 +178,29 @@ def test_errors_are_one_line_exit_2_and_leave_nothing(tmp_path, capsys):
         f"error: --out={exported} exists; pass --overwrite to replace it\n"
     )
     assert exported.read_bytes() == b""
+
+
+def test_mistral_exports_as_llama_and_sliding_windows_are_refused(tmp_path, capsys):
+    import json
+
+    hf_dir = make_dir(tmp_path)
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        cfg = json.load(f)
+    for window in (None, 4):
+        with open(os.path.join(hf_dir, "config.json"), "w") as f:
+            json.dump({**cfg, "model_type": "mistral", "sliding_window": window}, f)
+        out = str(tmp_path / f"mistral{window}.gguf")
+        if window is None:
+            convert.to_gguf(hf_dir, out, "f32")
+            assert meta(out, "general.architecture") == "llama"
+            ids = chat_ids(hf_dir)
+            np.testing.assert_allclose(
+                transformers_logits(out, ids), ours_logits(hf_dir, ids), atol=1e-4
+            )
+        else:
+            capsys.readouterr()  # transformers' progress bars above
+            assert err_of(capsys, f"--input={hf_dir}", f"--out={out}") == (
+                "error: family 'mistral' with sliding-window layers: llama.cpp's llama runs "
+                "every layer with full attention\n"
+            )
+            assert not os.path.exists(out)

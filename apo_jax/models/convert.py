@@ -154,7 +154,7 @@ def to_gguf(path: str, out: str, dtype: str = "f32", overwrite: bool = False) ->
     """
     from transformers import AutoTokenizer
 
-    from apo_jax.models import lora
+    from apo_jax.models import families, lora
 
     if dtype not in gguf_write.DTYPES:
         raise ConvertError(f"--dtype={dtype}: supported {', '.join(gguf_write.DTYPES)}")
@@ -164,8 +164,8 @@ def to_gguf(path: str, out: str, dtype: str = "f32", overwrite: bool = False) ->
     if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
         raise ConvertError(f"--input={path}: no tokenizer.json in {tok_dir}; a GGUF file carries "
                            "its tokenizer")  # fmt: skip
+    gguf_write.check_exportable(families.config_from_hf(lora.config_dir(src)))  # before loading
     model, cfg = lora.load_merged(src)
-    gguf_write.check_exportable(cfg)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     tmp = f"{out}.tmp-{os.getpid()}"
     try:

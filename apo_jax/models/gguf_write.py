@@ -37,6 +37,7 @@ DTYPES = {  # --dtype -> (2-D tensor type, general.file_type)
     "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
 _ARCH = {family: arch for arch, (family, _) in gguf_read.ARCHITECTURES.items()}
+_ARCH["mistral"] = "llama"  # as llama.cpp's converter writes it (without a sliding window)
 
 
 class ExportError(UserError, ValueError):

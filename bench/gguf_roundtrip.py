@@ -106,7 +106,7 @@ def llama_cpp_check(path: str, ids: list[int], ours: list[int]) -> str:
         import llama_cpp
     except ImportError:
         return "llama_cpp not installed: not checked"
-    llm = llama_cpp.Llama(model_path=path, n_ctx=512, verbose=False, logits_all=False)
+    llm = llama_cpp.Llama(model_path=path, n_ctx=512, verbose=False)
     got = []
     for tok in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, reset=True):
         got.append(int(tok))

@@ -126,6 +126,9 @@ def main() -> None:
     ap.add_argument("--export_from", default=None, help="comma-separated dirs (default: import)")
     ap.add_argument("--work", default="/tmp/gguf_roundtrip")
     ap.add_argument("--greedy_tokens", type=int, default=24)
+    ap.add_argument("--compare_with", default=None,
+                    help="a GGUF made from the imported dir by another tool (llama.cpp's "
+                    "convert_hf_to_gguf.py); its dtype is read from the file")  # fmt: skip
     a = ap.parse_args()
     src = a.gguf or default_gguf()
     os.makedirs(a.work, exist_ok=True)
@@ -150,6 +153,8 @@ def main() -> None:
     rows.append(f"import  max |logit diff| vs transformers' GGUF load: {d_import:.2e} "
                 f"(target 5e-4: {'ok' if d_import <= 5e-4 else 'FAIL'})")  # fmt: skip
 
+    if a.compare_with:
+        rows += compare_rows(a.compare_with, hf_dir, os.path.join(a.work, "ours_compare.gguf"))
     for i, export_from in enumerate((a.export_from or hf_dir).split(",")):
         rows += export_rows(src, export_from, os.path.join(a.work, f"export{i}_f32.gguf"), hf_dir,
                             ours, ids_list, tok, a.greedy_tokens)  # fmt: skip
@@ -159,6 +164,36 @@ def main() -> None:
 VOCAB_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens",
               "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.chat_template",
               "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id")  # fmt: skip
+
+
+def compare_rows(other: str, hf_dir: str, out: str) -> list[str]:
+    """Our export of `hf_dir` against `other`, key by key and tensor by tensor."""
+    import gguf
+
+    from apo_jax.models import convert
+
+    theirs = gguf.GGUFReader(other)
+    dtype = {0: "f32", 1: "f16", 32: "bf16", 7: "q8_0"}[
+        theirs.fields["general.file_type"].contents()
+    ]
+    convert.to_gguf(hf_dir, out, dtype, overwrite=True)
+    ours = gguf.GGUFReader(out)
+    skip = ("GGUF.", "general.name", "general.size_label")
+    keys = {k for k in set(theirs.fields) | set(ours.fields) if not k.startswith(skip)}
+    missing = sorted(k for k in keys if k not in ours.fields)
+    extra = sorted(k for k in keys if k not in theirs.fields)
+    differ = sorted(k for k in keys - set(missing) - set(extra)
+                    if theirs.fields[k].contents() != ours.fields[k].contents())  # fmt: skip
+    t1, t2 = ({t.name: t for t in r.tensors} for r in (theirs, ours))
+    same = set(t1) == set(t2) and all(
+        t1[n].tensor_type == t2[n].tensor_type and np.array_equal(t1[n].data, t2[n].data)
+        for n in t1
+    )
+    return [
+        f"compare {out} ({dtype}) vs {other}: metadata keys missing here {missing}, extra "
+        f"{extra}, values differing {differ} (general.name, size_label not compared); "
+        f"{len(t1)} tensors byte-identical with the same types: {same}"
+    ]
 
 
 def same_vocab(source: str, out: str) -> dict[str, bool]:

@@ -136,9 +136,11 @@ def write_gguf(
     vocab = gguf_vocab.vocab_metadata(tokenizer, cfg.vocab_size, tok_dir)
     names = gguf_read.gguf_name_map(cfg, arch)
     w = gguf.GGUFWriter(path, arch)
+    w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name)
     _hparams(w, cfg, arch)
     w.add_file_type(int(file_type))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     gguf_vocab.write_vocab(w, vocab)
     counts: dict[str, int] = {}
     if isinstance(cfg.rope_scaling, Llama3RopeScaling):

@@ -127,8 +127,8 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/gguf_roundtrip")
     ap.add_argument("--greedy_tokens", type=int, default=24)
     ap.add_argument("--compare_with", default=None,
-                    help="a GGUF made from the imported dir by another tool (llama.cpp's "
-                    "convert_hf_to_gguf.py); its dtype is read from the file")  # fmt: skip
+                    help="comma-separated GGUF files made from the imported dir by another tool "
+                    "(llama.cpp's convert_hf_to_gguf.py); the dtype is read from each file")  # fmt: skip
     a = ap.parse_args()
     src = a.gguf or default_gguf()
     os.makedirs(a.work, exist_ok=True)
@@ -153,8 +153,8 @@ def main() -> None:
     rows.append(f"import  max |logit diff| vs transformers' GGUF load: {d_import:.2e} "
                 f"(target 5e-4: {'ok' if d_import <= 5e-4 else 'FAIL'})")  # fmt: skip
 
-    if a.compare_with:
-        rows += compare_rows(a.compare_with, hf_dir, os.path.join(a.work, "ours_compare.gguf"))
+    for i, other in enumerate(a.compare_with.split(",") if a.compare_with else []):
+        rows += compare_rows(other, hf_dir, os.path.join(a.work, f"ours_compare{i}.gguf"))
     for i, export_from in enumerate((a.export_from or hf_dir).split(",")):
         rows += export_rows(src, export_from, os.path.join(a.work, f"export{i}_f32.gguf"), hf_dir,
                             ours, ids_list, tok, a.greedy_tokens)  # fmt: skip

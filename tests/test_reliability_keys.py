@@ -6,7 +6,6 @@ environment variables urllib reads; the proxy must never see the key.
 
 from __future__ import annotations
 
-import http.server
 import json
 import socketserver
 import threading

@@ -88,7 +88,9 @@ def test_a_keyed_loopback_request_never_goes_through_a_plain_http_proxy(proxy_an
 
 def test_a_keyed_plain_http_request_off_this_host_through_a_proxy_is_refused(proxy_and_endpoint):
     proxy, _ = proxy_and_endpoint
-    with pytest.raises(keys.ApiKeyError, match=r"plain-http proxy http://127\.0\.0\.1:\d+ .*no_proxy"):
+    with pytest.raises(
+        keys.ApiKeyError, match=r"plain-http proxy http://127\.0\.0\.1:\d+ .*no_proxy"
+    ):
         OpenAIChatBackend(
             "http://10.255.255.1/v1", "m", api_key_env="PROXY_TEST_KEY", allow_http_key=True,
             progress=False,

@@ -12,12 +12,12 @@ import os
 import shutil
 
 import pytest
+from data_helpers import write_jsonl
 
 from apo_jax import trainer
 from apo_jax import workdir as workdir_lib
 from apo_jax.config_base import base_config, with_overrides
 from apo_jax.data import prepare
-from data_helpers import write_jsonl
 
 
 def _config(shard_dir, **extra):

@@ -4,7 +4,8 @@
   for a path that is a file or a directory this user cannot write).
 - `Lock`: `<workdir>/run.lock` holds the pid, host and start time of the run that owns the
   workdir. A second run refuses in one line naming the holder; the lock of a dead process on the
-  same host is taken over with a warning (a lock from another host cannot be checked: delete it).
+  same host is taken over with a warning, atomically (serialized by `flock`, so two runs never
+  both take it); a lock from another host cannot be checked: delete it.
 - `check_resume(...)`: a resume compares the config kept in `<workdir>/config.json` with the new
   one and refuses a change to what defines the run (`RUN_DEFINING`), unless allowed explicitly;
   a workdir with checkpoints but no config.json is refused the same way.
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import datetime
+import fcntl
 import json
 import logging
 import os
@@ -27,6 +29,7 @@ from apo_jax.errors import UserError
 log = logging.getLogger("apo_jax")
 
 LOCK_FILE = "run.lock"
+TAKEOVER_SUFFIX = ".takeover"  # run.lock.takeover: flock-ed while a dead run's lock is replaced
 CONFIG_FILE = "config.json"
 DATA_KEY = "data_fingerprint"  # checkpoint meta: {"train": sha256, "eval": sha256 or ""}
 
@@ -126,6 +129,29 @@ class Lock:
         except (OSError, ValueError, TypeError):
             return {}  # unreadable or half-written: treated as held by an unknown run
 
+    def _take_over(self, dead: dict[str, Any]) -> bool:
+        """Replaces the lock of the dead run `dead`; False when another run got there first.
+
+        Takeovers are serialized by `flock` on `run.lock.takeover`: under it the lock is read
+        again and removed only if it is still the dead run's, then created with O_EXCL. Two runs
+        that both saw the dead lock cannot both take it (one would remove the other's new lock).
+        """
+        with open(self.path + TAKEOVER_SUFFIX, "a", encoding="utf-8") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)  # released when the file is closed
+            current = self._holder()
+            if current and current != dead:
+                return False  # taken over by another run meanwhile
+            if current:
+                log.warning(
+                    "taking over %s: its run (pid %s on %s, started %s) is no longer alive",
+                    self.path, dead.get("pid"), dead.get("host"), dead.get("start"),
+                )  # fmt: skip
+                try:
+                    os.remove(self.path)
+                except FileNotFoundError:
+                    pass
+            return self._create()
+
     def acquire(self) -> Lock:
         """Takes the lock, or takes over a dead same-host holder's; raises WorkdirError if held."""
         if self._create():
@@ -135,15 +161,7 @@ class Lock:
         same_host = holder.get("host") == self.info["host"]
         pid = holder.get("pid")
         if same_host and isinstance(pid, int) and not _pid_alive(pid):
-            log.warning(
-                "taking over %s: its run (pid %d on %s, started %s) is no longer alive",
-                self.path, pid, holder.get("host"), holder.get("start"),
-            )  # fmt: skip
-            try:
-                os.remove(self.path)
-            except FileNotFoundError:
-                pass
-            if self._create():
+            if self._take_over(holder):
                 self.held = True
                 return self
             holder = self._holder()

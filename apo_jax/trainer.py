@@ -203,6 +203,7 @@ def _loop(run: hooks.Run, side_tasks: list[hooks.Hook], on_abandon: Any = None) 
     try:
         try:
             for step in range(run.start_step + 1, run.num_steps + 1):
+                stop.stop_step = step  # a signal from here to the check below stops after `step`
                 batch = next(run.train_data)
                 global_batch = run.train_data.global_batch(batch, run.row_sharding)
                 run.state, run.step_metrics = run.steps_fn.train(run.state, global_batch)
@@ -210,6 +211,7 @@ def _loop(run: hooks.Run, side_tasks: list[hooks.Hook], on_abandon: Any = None) 
                 run.tokens_seen += int(np.sum(batch["segment_ids"] > 0)) * jax.process_count()
                 run.bar.update(1)
                 run.stopping = _stop_agreed(stop)
+                stop.stop_step = min(step + 1, run.num_steps)  # a later signal: the next step
                 for task in side_tasks:
                     task.after_step(run)
                 if run.stopping:

@@ -24,6 +24,7 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
+from apo_jax import atomic
 from apo_jax.errors import UserError
 
 log = logging.getLogger("apo_jax")
@@ -229,11 +230,12 @@ def read_config(workdir: str) -> dict[str, Any] | None:
 
 def write_config(workdir: str, config: Mapping[str, Any]) -> None:
     """Keeps `config` as `<workdir>/config.json` (atomically)."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(dict(config), f, indent=1, sort_keys=True, default=str)
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(dict(config), f, indent=1, sort_keys=True, default=str)
+
+    atomic.write_file(os.path.join(workdir, CONFIG_FILE), write)
 
 
 def check_resume(workdir: str, new: Mapping[str, Any], *, allow: bool) -> dict[str, list[Any]]:

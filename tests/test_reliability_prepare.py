@@ -4,8 +4,13 @@ non-empty --out asks for --overwrite, and a failed write keeps the previous shar
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 from data_helpers import pair, write_jsonl
@@ -122,3 +127,25 @@ def test_a_full_disk_while_writing_the_manifest_keeps_the_previous_one(
     with pytest.raises(prepare.PrepareError, match=f"^{out}/manifest.json.tmp: No space left"):
         prepare.prepare(small_pairs[0], tok_dir, out, prepare.Settings(records_per_shard=16))
     _keeps(good_out)
+
+
+@pytest.mark.slow  # a real process and a real SIGINT (about 5 s on 2 idle cores)
+def test_ctrl_c_during_a_prepare_with_workers_is_one_line_exit_130(tmp_path, tok_dir, small_pairs):
+    rows = small_pairs[1] * 500  # 20,000 rows: still running when the signal comes
+    src = write_jsonl(tmp_path / "many.jsonl", rows)
+    out = tmp_path / "out"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "apo_jax.data.prepare", f"--input={src}", f"--tokenizer={tok_dir}",
+         f"--out={out}", "--workers=2", "--noprogress"],
+        cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": repo},
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not glob.glob(str(out / ".prepare-*" / "pairs-*")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "prepare never started writing"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err == "apo_jax: interrupted (Ctrl-C)\n", err
+    assert os.listdir(out) == []  # the staging directory is gone, nothing was published

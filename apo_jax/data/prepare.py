@@ -22,6 +22,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -158,7 +159,10 @@ def _results(
         return
     ctx = multiprocessing.get_context("spawn" if _jax_backend_started() else "fork")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no Rust thread pool across fork
-    with concurrent.futures.ProcessPoolExecutor(settings.workers, mp_context=ctx) as pool:
+    pool = concurrent.futures.ProcessPoolExecutor(
+        settings.workers, mp_context=ctx, initializer=_ignore_sigint
+    )
+    try:
         window: collections.deque = collections.deque()
         for chunk in chunks:
             window.append(pool.submit(_process_chunk, tokenizer_dir, settings, chunk))
@@ -166,6 +170,14 @@ def _results(
                 yield window.popleft().result()
         while window:
             yield window.popleft().result()
+    finally:  # on Ctrl-C (or any error) the queued chunks are dropped, not waited for
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the main process (which reports it in one line), so they print
+    no traceback of their own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _clear_outputs(out_dir: str) -> None:

@@ -5,6 +5,8 @@ data iterator's position (`data`, JSON) and run facts (`meta`, JSON). Orbax writ
 temporary directory and renames it when complete, so a half-written checkpoint is never listed.
 A checkpoint that fails to restore is moved aside to `<step>.damaged` with a two-line warning naming
 the step and the damaged file, and the one before it is restored; when none restores, one error line.
+Each committed step also gets `apo_jax_files.json` (size and sha256 of its files), checked before
+it is restored, so a deleted, truncated or bit-flipped file is named (orbax keeps no checksums).
 A failed asynchronous save (a full disk) is reported in one line by `poll()` at the next step; the
 checkpoints before it are kept. Orbax's own log records, and the exceptions of its reads left in
 flight by a failed restore, are dropped (`APO_JAX_DEBUG=1` shows them): every failure they
@@ -16,6 +18,7 @@ step, after its checkpoint was committed: resumable, not finished (SLURM requeue
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -30,7 +33,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from apo_jax import errors
+from apo_jax import atomic, errors
 from apo_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early by a signal, checkpoint committed, resumable
 DAMAGED_SUFFIX = ".damaged"
 _ITEMS = ("state", "data", "meta")
+FILES_RECORD = "apo_jax_files.json"  # <step>/: size and sha256 of each file, checked on restore
 
 
 class RestoreError(UserError, RuntimeError):
@@ -213,6 +217,10 @@ class Checkpointer:
             return None
         failed: list[tuple[int, str]] = []
         for s in candidates:
+            damaged = self._damaged_file(s)
+            if damaged:
+                failed.append((s, damaged))
+                continue
             try:
                 out = self._restore_step(s, abstract_state)
             except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
@@ -288,9 +296,45 @@ class Checkpointer:
             return
         try:
             self.manager.wait_until_finished()
+            if self.pending is not None and self.pending in self.manager.all_steps():
+                self._record_files(self.pending)
         except Exception as e:  # noqa: BLE001 - orbax re-raises the writer thread's error
             raise self._save_failed(e) from None
         self.pending = None
+
+    def _record_files(self, step: int) -> None:
+        """Writes `<step>/FILES_RECORD`: the size and sha256 of every file of a committed step
+        (process 0), so a restore names a deleted, truncated or bit-flipped file (orbax keeps no
+        checksums: a flipped bit in a data file would otherwise restore silently)."""
+        if jax.process_index() != 0:
+            return
+        step_dir = os.path.join(self.directory, str(step))
+        record = {rel: [os.path.getsize(path), _sha256(path)] for rel, path in _files(step_dir)}
+        atomic.write_file(
+            os.path.join(step_dir, FILES_RECORD),
+            lambda tmp: _write_json(tmp, {"format": 1, "files": record}),
+        )
+
+    def _damaged_file(self, step: int) -> str | None:
+        """'<file>: <what>' for the first file of `step` that differs from its record (None when
+        every file matches, or the step has no record: saved by an older version)."""
+        step_dir = os.path.join(self.directory, str(step))
+        try:
+            with open(os.path.join(step_dir, FILES_RECORD), encoding="utf-8") as f:
+                record = dict(json.load(f)["files"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return f"{os.path.join(step_dir, FILES_RECORD)}: unreadable ({type(e).__name__})"
+        for rel, (size, digest) in sorted(record.items()):
+            path = os.path.join(step_dir, rel)
+            if not os.path.isfile(path):
+                return f"{path} is missing"
+            if os.path.getsize(path) != size:
+                return f"{path}: {os.path.getsize(path)} bytes, {size} when saved (truncated?)"
+            if _sha256(path) != digest:
+                return f"{path}: its sha256 differs from when it was saved (damaged)"
+        return None
 
     def close(self) -> None:
         """Waits for a save in flight, then closes the manager (a failed save is not raised
@@ -303,6 +347,31 @@ class Checkpointer:
             except Exception:  # noqa: BLE001 - the failure was reported by wait()
                 if self.failed is None:
                     raise
+
+
+def _files(step_dir: str) -> list[tuple[str, str]]:
+    """(relative path, path) of every file under `step_dir` but the record itself."""
+    out = []
+    for root, _, names in os.walk(step_dir):
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, step_dir)
+            if rel != FILES_RECORD:
+                out.append((rel, path))
+    return sorted(out)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f)
 
 
 def abstract_like(state: Any) -> Any:
@@ -336,6 +405,9 @@ class StopSignal:
             for sig in signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         self.signal_name: str | None = None
+        # The step a signal arriving now stops after, kept by the training loop (the console
+        # log runs a step or two behind the steps dispatched, so "this step" would mislead).
+        self.stop_step: int | None = None
 
     def _handle(self, signum, frame):
         self.count += 1
@@ -343,7 +415,8 @@ class StopSignal:
         if self.count == 1:
             self.signal_name = name
             self._event.set()
-            print(f"apo_jax: {name}: stopping after this step with a checkpoint (a second signal "
+            which = "this step" if self.stop_step is None else f"step {self.stop_step}"
+            print(f"apo_jax: {name}: stopping after {which} with a checkpoint (a second signal "
                   "waits for it, a third abandons it)", file=sys.stderr, flush=True)  # fmt: skip
         elif self.count == 2:
             print(f"apo_jax: {name} again: finishing the checkpoint save in flight, then stopping "

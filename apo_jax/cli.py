@@ -184,13 +184,9 @@ def summary_text(s: dict[str, Any]) -> str:
 def train_main(argv: Sequence[str] | None = None) -> None:
     """`python -m apo_jax.train`: trains and prints the summary."""
     argv = sys.argv if argv is None else argv
-    try:
-        summary = errors.guard(lambda: _run(argv, TRAIN_USAGE, TRAIN_ABOUT, _train, train=True))
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which turns it into a stop)
-        if errors.debug():
-            raise
-        print("apo_jax: interrupted outside the training loop", file=sys.stderr, flush=True)
-        sys.exit(130)
+    # Ctrl-C outside the training loop (which turns it into a stop): one line, exit 130.
+    summary = errors.guard(lambda: _run(argv, TRAIN_USAGE, TRAIN_ABOUT, _train, train=True),
+                           interrupted="interrupted outside the training loop")  # fmt: skip
     import jax
 
     if jax.process_index() == 0:

@@ -11,10 +11,11 @@ or in the module that owns the concept (the mesh rule in `sharding`, the distrib
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
-from apo_jax import distributed, layouts, losses, sharding
+from apo_jax import distributed, layouts, losses, sharding, workdir
 from apo_jax.errors import UserError
 from apo_jax.models import lora as lora_lib
 from apo_jax.optim import OptimConfig
@@ -209,6 +210,14 @@ def _check_paths(c: Any, hf: str) -> None:
         )
 
 
+def _check_finite(c: Any) -> None:
+    """Refuses NaN and infinity in any number of the config (``--config.optim.learning_rate=nan``
+    would train, skip nothing and export a NaN model)."""
+    for field, value in workdir.flatten(c.to_dict()).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config.{field} must be a finite number, got {value}")
+
+
 def _loss(c: Any) -> LossSettings:
     try:
         if not losses.is_unpaired(c.loss.name):
@@ -367,6 +376,7 @@ def validate(c: Any, *, device_count: int, process_count: int = 1) -> RunConfig:
     Returns:
       The RunConfig. Raises ConfigError naming the field for anything that cannot work.
     """
+    _check_finite(c)
     loss, reference = _loss(c), _reference(c)
     hf_path = _model_path(c)
     _check_paths(c, hf_path)
@@ -379,6 +389,10 @@ def validate(c: Any, *, device_count: int, process_count: int = 1) -> RunConfig:
         c.num_steps >= 0,
         f"config.num_steps must be >= 0 (0: as the epochs give), got {c.num_steps}",
     )
+    ck = c.checkpoint
+    _need(ck.every >= 0 and ck.keep >= 1 and ck.keep_best >= 0,
+          f"config.checkpoint: every must be >= 0 (0: only at the end and on a stop), keep >= 1 "
+          f"and keep_best >= 0; got every={ck.every}, keep={ck.keep}, keep_best={ck.keep_best}")  # fmt: skip
     lora = _lora(c)
     _need(not (lora.rank and reference.sync_ref_model),
           "config.reference.sync_ref_model (TR-DPO) moves a reference copy of the weights, and a "

@@ -2,7 +2,8 @@
 
 Every error a user can fix (a config field, a file, a record, a checkpoint) subclasses
 :class:`UserError` and says in its message what is wrong and what to do. Commands run their body
-through :func:`guard`, which turns such an error into ``error: <message>``. Setting the
+through :func:`guard`, which turns such an error into ``error: <message>`` (exit 2), an OSError
+into one line naming the file (exit 2) and Ctrl-C into one line (exit 130). Setting the
 environment variable ``APO_JAX_DEBUG=1`` re-raises instead, so the traceback is shown.
 """
 
@@ -15,6 +16,8 @@ from typing import TypeVar
 
 T = TypeVar("T")
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT
+APO_JAX_DEBUG_HINT = "APO_JAX_DEBUG=1 shows the traceback"
 DEBUG_ENV = "APO_JAX_DEBUG"
 
 
@@ -32,8 +35,13 @@ def one_line(message: object) -> str:
     return " ".join(str(message).split())
 
 
-def guard(fn: Callable[[], T]) -> T:
-    """Runs ``fn()``; a :class:`UserError` prints ``error: <message>`` and exits 2."""
+def guard(fn: Callable[[], T], *, interrupted: str = "interrupted (Ctrl-C)") -> T:
+    """Runs ``fn()`` as a command's body, so that no expected failure shows a traceback.
+
+    A :class:`UserError` prints ``error: <message>`` and exits 2; an ``OSError`` that reached
+    here (a full disk, a permission) prints ``error: <file>: <reason>`` and exits 2; Ctrl-C
+    prints the one line ``interrupted`` and exits 130 (128 + SIGINT, as shells do).
+    """
     try:
         return fn()
     except UserError as e:
@@ -41,3 +49,15 @@ def guard(fn: Callable[[], T]) -> T:
             raise
         print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
+    except OSError as e:
+        if debug():
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{one_line(e.strerror or e)} ({APO_JAX_DEBUG_HINT})", file=sys.stderr,
+              flush=True)  # fmt: skip
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        if debug():
+            raise
+        print(f"apo_jax: {interrupted}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from apo_jax import metrics as metrics_lib
+from apo_jax import workdir as workdir_lib
 from apo_jax.errors import UserError
 
 log = logging.getLogger("apo_jax")
@@ -60,6 +61,7 @@ class Run:
     samples: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the last round
     policy: Any = None  # assemble.Policy (the frozen LoRA base and the bare base graph)
     base: dict[str, str] = dataclasses.field(default_factory=dict)  # LoRA: base path, fingerprint
+    data_fp: dict[str, str] = dataclasses.field(default_factory=dict)  # integrity.data_identity
 
     @property
     def frozen(self) -> Any:
@@ -245,7 +247,7 @@ class Checkpoint(Hook):
         if run.eval_step == run.step:
             ranked = {"eval/loss": run.eval_metrics["eval/loss"]}
         meta = {"step": run.step, "preset": run.rc.preset, "loss": run.rc.loss.name,
-                "data": run.paths.train}  # fmt: skip
+                "data": run.paths.train, workdir_lib.DATA_KEY: run.data_fp}  # fmt: skip
         if run.base:  # LoRA: adapters and optimizer only; the base they need is recorded
             meta["base"] = run.base
         tree = checkpoint_tree(run.rc, run.state, run.steps_fn)

@@ -7,6 +7,8 @@
   pad/bos/eos ids) against the model's: the tokenizer saved in the Hugging Face checkpoint when it
   has one (compared token by token when the fingerprints differ), the ids in its config.json, and
   the eval shards' tokenizer. A mismatch is refused in one line.
+- `data_identity`: the train and eval shards' fingerprints, recorded in every checkpoint and
+  compared on resume (`workdir.check_data`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,21 @@ def verify_shards(shard_dirs: tuple[str, ...], mode: str) -> None:
         return
     for d in filter(None, shard_dirs):
         shards.verify(d, full=mode == "full")
+
+
+def data_identity(train: str, eval_: str) -> dict[str, str]:
+    """{"train": fingerprint, "eval": fingerprint or ""} of the shard directories: the manifest's
+    `shard_fingerprint` (a sha256 of every shard's bytes, made by prepare; `verify_shards` ties
+    the files to the manifest), hashed from the files when the manifest has none."""
+
+    def one(shard_dir: str) -> str:
+        if not shard_dir:
+            return ""
+        return shards.read_manifest(shard_dir).get("shard_fingerprint") or (
+            shards.shard_fingerprint(shard_dir)
+        )
+
+    return {"train": one(train), "eval": one(eval_)}
 
 
 def has_tokenizer(directory: str) -> bool:

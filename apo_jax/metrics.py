@@ -7,6 +7,7 @@ Also the MFU estimate: the step's model FLOPs over the chip's peak.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -15,6 +16,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+
+from apo_jax import atomic
 
 log = logging.getLogger("apo_jax")
 
@@ -88,10 +91,12 @@ def drop_rows_after(path: str, step: int) -> int:
             elif line.strip():
                 kept.append(line if line.endswith("\n") else line + "\n")
     if dropped:
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+
+        atomic.write_file(path, write)  # a full disk keeps the file as it was
     return dropped
 
 
@@ -124,7 +129,8 @@ class MetricWriter:
                 n = drop_rows_after(os.path.join(workdir, name), resume_step)
                 if n:
                     log.info("%s: dropped %d rows after step %d (re-run now)", name, n, resume_step)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        self._path = os.path.join(workdir, "metrics.jsonl")
+        self._jsonl = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             from tensorboardX import SummaryWriter
 
@@ -149,8 +155,7 @@ class MetricWriter:
         if not self.active:
             return
         clean = {k: float(v) for k, v in metrics.items()}
-        self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
-        self._jsonl.flush()
+        self._append(step, json.dumps({"step": step, **clean}))
         if self._tb is not None:
             for k, v in clean.items():
                 if math.isfinite(v):
@@ -161,12 +166,29 @@ class MetricWriter:
     def write_event(self, step: int, event: Mapping[str, Any]) -> None:
         """A non-scalar row of metrics.jsonl (e.g. {"config_change": {...}}); not in TensorBoard."""
         if self.active:
-            self._jsonl.write(json.dumps({"step": step, **event}, default=str) + "\n")
-            self._jsonl.flush()
+            self._append(step, json.dumps({"step": step, **event}, default=str))
+
+    def _append(self, step: int, row: str) -> None:
+        """Appends one line whole (one write); a failed or short write (a full disk) is cut back
+        so the file keeps exactly its earlier rows, and is one line naming the file."""
+        data = (row + "\n").encode()
+        size = os.fstat(self._jsonl).st_size
+        try:
+            written = os.write(self._jsonl, data)
+            if written != len(data):
+                raise OSError(errno.ENOSPC, f"short write: {written} of {len(data)} bytes")
+        except OSError as e:
+            try:
+                os.ftruncate(self._jsonl, size)
+            except OSError:
+                pass
+            raise atomic.WriteError(
+                f"{self._path}: cannot write the row of step {step} ({e.strerror or e}); the rows "
+                "before it are kept: free some space and rerun the same command to resume"
+            ) from None
 
     def flush(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.flush()
+        """Nothing to flush: every row of metrics.jsonl is written when logged."""
 
     def write_text(self, step: int, tag: str, text: str) -> None:
         """A text entry (markdown) for TensorBoard's text tab and W&B; not in metrics.jsonl."""
@@ -179,7 +201,8 @@ class MetricWriter:
 
     def close(self) -> None:
         if self._jsonl is not None:
-            self._jsonl.close()
+            os.close(self._jsonl)
+            self._jsonl = None
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:

@@ -193,7 +193,8 @@ def train_step(
     schedule: Callable[[Array], Array] | None = None,
     ref_graphdef: nnx.GraphDef | None = None,
 ) -> tuple[TrainState, dict[str, Array]]:
-    """One optimizer update, skipped (and counted) when the loss or gradients are not finite.
+    """One optimizer update, skipped (and counted) when the loss, the gradients or the updated
+    parameters are not finite.
 
     Args:
       state: the TrainState (donated by the caller's jit).
@@ -213,9 +214,12 @@ def train_step(
     """
     grads, metrics = _grads(state, graphdef, batch, cfg, ref_params, ref_graphdef, frozen)
     grad_norm = optax.tree.norm(grads)
-    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
+    # An update that makes any parameter NaN or infinite (with a finite loss and gradient: a
+    # NaN learning rate, an overflow) is a bad step too: the parameters are never replaced by it.
+    params_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new_params)]))
+    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & params_ok
     keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
     bad = jnp.where(ok, 0, state.bad_steps + 1)
     new_state = state.replace(

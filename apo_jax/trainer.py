@@ -66,6 +66,12 @@ def _train(config: Any, rc: config_lib.RunConfig, workdir: str, allow_config_cha
     changes = _check_config(config, workdir, allow_config_change)
     paths = assemble.resolve_data(rc)
     integrity.verify_shards((paths.train, paths.eval), rc.data.verify)
+    data_fp = integrity.data_identity(paths.train, paths.eval)
+    if _has_checkpoint(workdir):  # before the reference pass: other data is refused early
+        meta = workdir_lib.newest_checkpoint_meta(workdir)
+        changes.update(workdir_lib.check_data(meta.get(workdir_lib.DATA_KEY), data_fp,
+                                              allow=allow_config_change,
+                                              where=f"{workdir}/checkpoints"))  # fmt: skip
     integrity.check_tokenizer(paths.manifest, assemble.model_config_dir(rc),
                               shards.read_manifest(paths.eval) if paths.eval else None)  # fmt: skip
     mesh = sharding.make_mesh(rc.mesh.data, rc.mesh.fsdp, rc.mesh.tensor)
@@ -97,7 +103,10 @@ def _train(config: Any, rc: config_lib.RunConfig, workdir: str, allow_config_cha
         keep_best=rc.checkpoint.keep_best if paths.eval else 0,
         async_save=rc.checkpoint.async_save,
     )
-    start_step, state = _restore(ckpt, rc, state, steps_fn, train_data, base)
+    start_step, state, meta = _restore(ckpt, rc, state, steps_fn, train_data, base)
+    changes.update(workdir_lib.check_data(meta.get(workdir_lib.DATA_KEY), data_fp,
+                                          allow=allow_config_change,
+                                          where=f"checkpoint {ckpt.directory}/{start_step}"))  # fmt: skip
     if jax.process_index() == 0:  # the run's config, compared by the next resume; figures' labels
         workdir_lib.write_config(workdir, config.to_dict())
     writer = metrics_lib.MetricWriter(workdir, wandb_project=rc.wandb_project,
@@ -110,7 +119,7 @@ def _train(config: Any, rc: config_lib.RunConfig, workdir: str, allow_config_cha
         steps_fn=steps_fn, train_data=train_data, state=state, num_steps=num_steps,
         start_step=start_step, writer=writer,
         ckpt=ckpt, bar=_progress_bar(rc, num_steps, start_step),
-        row_sharding=sharding.batch_sharding(mesh), policy=policy, base=base,
+        row_sharding=sharding.batch_sharding(mesh), policy=policy, base=base, data_fp=data_fp,
     )  # fmt: skip
     side_tasks: list[hooks.Hook] = [hooks.TrainMetrics(rc.log_every, rc.max_bad_steps)]
     if rc.reference.sync_ref_model:  # TR-DPO: the online reference follows the policy
@@ -156,20 +165,20 @@ def _restore(
     steps_fn: Any,
     data: Any,
     base: dict[str, str],
-) -> tuple[int, ts.TrainState]:
-    """(step, state) of the newest checkpoint that restores, the loader moved to its position
-    (and a TR-DPO reference to its mix); (0, state) when there is none. LoRA adapters resume only
-    onto the base they were trained on."""
+) -> tuple[int, ts.TrainState, dict[str, Any]]:
+    """(step, state, meta) of the newest checkpoint that restores, the loader moved to its
+    position (and a TR-DPO reference to its mix); (0, state, {}) when there is none. LoRA adapters
+    resume only onto the base they were trained on."""
     restored = ckpt.restore(abstract_like(hooks.checkpoint_tree(rc, state, steps_fn)))
     if restored is None:
-        return 0, state
+        return 0, state, {}
     step, tree, data_state, meta = restored
     state = hooks.from_checkpoint_tree(rc, tree, steps_fn)
     if base:
         assemble.check_base(meta.get("base"), base, f"checkpoint {ckpt.directory}/{step}")
     data.set_state(data_state)
     log.info("resumed from %s at step %d", ckpt.directory, step)
-    return step, state
+    return step, state, meta
 
 
 def _progress_bar(rc: config_lib.RunConfig, total: int, initial: int) -> Any:
@@ -194,6 +203,7 @@ def _loop(run: hooks.Run, side_tasks: list[hooks.Hook], on_abandon: Any = None) 
     try:
         try:
             for step in range(run.start_step + 1, run.num_steps + 1):
+                stop.stop_step = step  # a signal from here to the check below stops after `step`
                 batch = next(run.train_data)
                 global_batch = run.train_data.global_batch(batch, run.row_sharding)
                 run.state, run.step_metrics = run.steps_fn.train(run.state, global_batch)
@@ -201,6 +211,7 @@ def _loop(run: hooks.Run, side_tasks: list[hooks.Hook], on_abandon: Any = None) 
                 run.tokens_seen += int(np.sum(batch["segment_ids"] > 0)) * jax.process_count()
                 run.bar.update(1)
                 run.stopping = _stop_agreed(stop)
+                stop.stop_step = min(step + 1, run.num_steps)  # a later signal: the next step
                 for task in side_tasks:
                     task.after_step(run)
                 if run.stopping:

@@ -4,14 +4,19 @@
   for a path that is a file or a directory this user cannot write).
 - `Lock`: `<workdir>/run.lock` holds the pid, host and start time of the run that owns the
   workdir. A second run refuses in one line naming the holder; the lock of a dead process on the
-  same host is taken over with a warning (a lock from another host cannot be checked: delete it).
+  same host is taken over with a warning, atomically (serialized by `flock`, so two runs never
+  both take it); a lock from another host cannot be checked: delete it.
 - `check_resume(...)`: a resume compares the config kept in `<workdir>/config.json` with the new
-  one and refuses a change to what defines the run (`RUN_DEFINING`), unless allowed explicitly.
+  one and refuses a change to what defines the run (`RUN_DEFINING`), unless allowed explicitly;
+  a workdir with checkpoints but no config.json is refused the same way.
+- `check_data(...)`: a resume compares the shard fingerprints a checkpoint recorded (`DATA_KEY`
+  in its meta) with the run's data, and refuses other data unless allowed explicitly.
 """
 
 from __future__ import annotations
 
 import datetime
+import fcntl
 import json
 import logging
 import os
@@ -19,14 +24,19 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
+from apo_jax import atomic
 from apo_jax.errors import UserError
 
 log = logging.getLogger("apo_jax")
 
 LOCK_FILE = "run.lock"
+TAKEOVER_SUFFIX = ".takeover"  # run.lock.takeover: flock-ed while a dead run's lock is replaced
 CONFIG_FILE = "config.json"
+DATA_KEY = "data_fingerprint"  # checkpoint meta: {"train": sha256, "eval": sha256 or ""}
 
 # Config fields (dotted, or a section ending in '.') whose change makes a resume another experiment.
+# The data is compared by content, not by path (`check_data`: the shards' fingerprints), so the
+# same shards at another path (the demo's own, passed explicitly) are no change.
 RUN_DEFINING = (
     "loss.",
     "optim.",
@@ -34,8 +44,6 @@ RUN_DEFINING = (
     "grad_accum",
     "seed",
     "num_steps",
-    "data.train",
-    "data.eval",
     "data.layout",
     "data.seq_len",
     "data.num_epochs",
@@ -122,6 +130,29 @@ class Lock:
         except (OSError, ValueError, TypeError):
             return {}  # unreadable or half-written: treated as held by an unknown run
 
+    def _take_over(self, dead: dict[str, Any]) -> bool:
+        """Replaces the lock of the dead run `dead`; False when another run got there first.
+
+        Takeovers are serialized by `flock` on `run.lock.takeover`: under it the lock is read
+        again and removed only if it is still the dead run's, then created with O_EXCL. Two runs
+        that both saw the dead lock cannot both take it (one would remove the other's new lock).
+        """
+        with open(self.path + TAKEOVER_SUFFIX, "a", encoding="utf-8") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)  # released when the file is closed
+            current = self._holder()
+            if current and current != dead:
+                return False  # taken over by another run meanwhile
+            if current:
+                log.warning(
+                    "taking over %s: its run (pid %s on %s, started %s) is no longer alive",
+                    self.path, dead.get("pid"), dead.get("host"), dead.get("start"),
+                )  # fmt: skip
+                try:
+                    os.remove(self.path)
+                except FileNotFoundError:
+                    pass
+            return self._create()
+
     def acquire(self) -> Lock:
         """Takes the lock, or takes over a dead same-host holder's; raises WorkdirError if held."""
         if self._create():
@@ -131,15 +162,7 @@ class Lock:
         same_host = holder.get("host") == self.info["host"]
         pid = holder.get("pid")
         if same_host and isinstance(pid, int) and not _pid_alive(pid):
-            log.warning(
-                "taking over %s: its run (pid %d on %s, started %s) is no longer alive",
-                self.path, pid, holder.get("host"), holder.get("start"),
-            )  # fmt: skip
-            try:
-                os.remove(self.path)
-            except FileNotFoundError:
-                pass
-            if self._create():
+            if self._take_over(holder):
                 self.held = True
                 return self
             holder = self._holder()
@@ -207,11 +230,12 @@ def read_config(workdir: str) -> dict[str, Any] | None:
 
 def write_config(workdir: str, config: Mapping[str, Any]) -> None:
     """Keeps `config` as `<workdir>/config.json` (atomically)."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(dict(config), f, indent=1, sort_keys=True, default=str)
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(dict(config), f, indent=1, sort_keys=True, default=str)
+
+    atomic.write_file(os.path.join(workdir, CONFIG_FILE), write)
 
 
 def check_resume(workdir: str, new: Mapping[str, Any], *, allow: bool) -> dict[str, list[Any]]:
@@ -223,13 +247,22 @@ def check_resume(workdir: str, new: Mapping[str, Any], *, allow: bool) -> dict[s
       allow: go on despite changes (the caller records them).
 
     Returns:
-      The run-defining changes ({} when none, or when the workdir keeps no config).
+      The run-defining changes ({} when none; `{"config.json": [None, "this run's"]}` when the
+      workdir keeps no config and `allow` is True).
 
     Raises:
-      ConfigChangeError: there are changes and `allow` is False.
+      ConfigChangeError: there are changes, or no config.json, and `allow` is False.
     """
     old = read_config(workdir)
-    changes = config_changes(old, new) if old is not None else {}
+    if old is None:
+        if not allow:
+            raise ConfigChangeError(
+                f"{workdir} holds checkpoints but no {CONFIG_FILE}, so the run they belong to "
+                "cannot be compared with this one: use another --workdir, restore its "
+                f"{CONFIG_FILE}, or pass --allow_config_change to continue with this config"
+            )
+        return {CONFIG_FILE: [None, "this run's"]}
+    changes = config_changes(old, new)
     if changes and not allow:
         listed = ", ".join(
             f"{k} {json.dumps(a)} -> {json.dumps(b)}" for k, (a, b) in changes.items()
@@ -237,5 +270,57 @@ def check_resume(workdir: str, new: Mapping[str, Any], *, allow: bool) -> dict[s
         raise ConfigChangeError(
             f"{workdir} holds a run with another config: {listed}; resume with the same config, "
             "use another --workdir, or pass --allow_config_change to continue with the new one"
+        )
+    return changes
+
+
+def newest_checkpoint_meta(workdir: str) -> dict[str, Any]:
+    """The run facts (`meta`) of the newest checkpoint in `<workdir>/checkpoints`, read without
+    restoring it ({} when there is none or it is unreadable: the restore reports that)."""
+    ckpts = os.path.join(workdir, "checkpoints")
+    steps = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if os.path.isdir(ckpts) else []
+    if not steps:
+        return {}
+    try:
+        with open(os.path.join(ckpts, str(max(steps)), "meta", "metadata"), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def check_data(
+    recorded: Mapping[str, Any] | None, current: Mapping[str, str], *, allow: bool, where: str
+) -> dict[str, list[Any]]:
+    """Compares the shard fingerprints a checkpoint was trained on with this run's.
+
+    Args:
+      recorded: the checkpoint's `meta[DATA_KEY]` (None: an older checkpoint, not compared).
+      current: this run's {"train": fingerprint, "eval": fingerprint or ""}.
+      allow: go on with other data (the caller records the change).
+      where: what recorded it, for the message (e.g. "checkpoint runs/x/checkpoints/40").
+
+    Returns:
+      {"data_fingerprint.<split>": [old, new]} for each split whose data differs.
+
+    Raises:
+      ConfigChangeError: the data differ and `allow` is False.
+    """
+    if not isinstance(recorded, Mapping):
+        return {}
+    changes = {
+        f"{DATA_KEY}.{split}": [recorded[split], fp]
+        for split, fp in current.items()
+        if split in recorded and recorded[split] != fp
+    }
+    if changes and not allow:
+        listed = ", ".join(
+            f"{k.split('.')[-1]} shards {str(a)[:12] or '(none)'} -> {str(b)[:12] or '(none)'}"
+            for k, (a, b) in changes.items()
+        )
+        raise ConfigChangeError(
+            f"{where} was trained on other data than this run's ({listed}; the shards' "
+            "manifest fingerprints): point config.data at the shards it was trained on, use "
+            "another --workdir, or pass --allow_config_change to continue on this data"
         )
     return changes

@@ -180,7 +180,7 @@ def test_cli_help_lists_every_flag(capsys):
     names = ["input", "tokenizer", "out", "max_length", "max_prompt_length", "truncation",
              "prompt_field", "chosen_field", "rejected_field", "system_field", "split",
              "records_per_shard", "max_row_bytes", "workers", "strict", "records", "kl_group",
-             "completion_field", "label_field", "progress"]  # fmt: skip
+             "completion_field", "label_field", "progress", "overwrite"]  # fmt: skip
     assert len(flag_lines) == len(names)
     for line, name in zip(flag_lines, names, strict=True):
         assert f"--{name}" in line or f"--[no]{name}" in line

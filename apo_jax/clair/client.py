@@ -9,7 +9,8 @@ resumes.
 
 Keys (see :mod:`apo_jax.clair.keys`): the key is read from the environment variable named by
 ``api_key_env`` (none by default: no key is sent), placed only in the ``Authorization`` header
-of requests to this backend's URL, and refused over plain http to a host that is not loopback.
+of requests to this backend's URL, and refused over plain http to a host that is not loopback;
+a keyed plain-http request never goes through a proxy (``keys.proxies_for``).
 Redirects are not followed (urllib would carry the header to the new host). An error reply's
 body is never kept: a failed request records its status and at most the ``type`` / ``code``
 identifiers of an OpenAI-style error object, and every text this backend returns or caches has
@@ -152,7 +153,10 @@ class OpenAIChatBackend:
         self.api_key_env = api_key_env
         self._api_key = keys.read_key(api_key_env) if api_key_env else None
         self._redact = keys.Redactor({api_key_env: self._api_key} if api_key_env else {})
-        self._opener = urllib.request.build_opener(_NoRedirects)
+        proxies = keys.proxies_for(base_url, key_env=api_key_env)
+        self._opener = urllib.request.build_opener(
+            _NoRedirects, urllib.request.ProxyHandler(proxies)
+        )
         self.cache = cache
         self.concurrency = max(1, concurrency)
         self.max_retries = max_retries

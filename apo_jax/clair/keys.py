@@ -3,6 +3,9 @@
 A key is read only from the environment variable that a role's ``--<role>_api_key_env`` names
 (there is no default variable), is sent only to that role's endpoint, in the ``Authorization``
 header, and never over plain http to a host that is not loopback unless the user allows it.
+A request that carries a key never goes through a proxy over plain http (``$http_proxy`` would
+read the header): to a loopback endpoint it goes direct, to another host it is refused; over
+https a proxy only tunnels the encrypted connection (CONNECT) and stays in use.
 Everything the command writes or prints passes through a :class:`Redactor` that replaces every
 configured key value, so a server that echoes the header cannot put the key on disk.
 """
@@ -13,6 +16,7 @@ import contextlib
 import ipaddress
 import os
 import urllib.parse
+import urllib.request
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -73,6 +77,40 @@ def check_endpoint(url: str, *, key_env: str | None, allow_http_key: bool = Fals
             f"refusing to send ${key_env} over plain http to {parts.hostname}: use "
             "https, or pass --allow_http_key on a trusted network"
         )
+    proxies_for(url, key_env=key_env)
+
+
+def proxies_for(url: str, *, key_env: str | None) -> dict[str, str]:
+    """The proxy table (scheme -> proxy URL, for ``urllib.request.ProxyHandler``) of ``url``.
+
+    The environment's proxies (``$http_proxy``, ``$https_proxy``, ``$no_proxy``) are used, except
+    that a request carrying a key never goes through a proxy over plain http: to a loopback
+    endpoint it goes direct ({}), to another host it is refused. Over https the proxy only sees
+    a CONNECT to the host; the key travels inside the encrypted tunnel.
+
+    Raises:
+      ApiKeyError: a key would be handed to a proxy in clear text.
+    """
+    parts = urllib.parse.urlsplit(url)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parts.scheme)
+    if not proxy or urllib.request.proxy_bypass(parts.hostname or ""):
+        return {}
+    if key_env and parts.scheme == "http":
+        if is_loopback(parts.hostname or ""):
+            return {}
+        raise ApiKeyError(
+            f"refusing to send ${key_env} to {parts.hostname} through the plain-http proxy "
+            f"{_without_userinfo(proxy)} (from $http_proxy): use https, or add "
+            f"{parts.hostname} to $no_proxy"
+        )
+    return {parts.scheme: proxy}
+
+
+def _without_userinfo(proxy: str) -> str:
+    parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
 
 
 class Redactor:

@@ -22,6 +22,8 @@ from typing import IO, Any
 from apo_jax import errors
 from apo_jax.data import schema
 
+BOM = b"\xef\xbb\xbf"  # UTF-8 byte order mark, dropped from the start of a file
+
 
 class InputError(errors.UserError):
     """An input that cannot be read at all; the message names the file and what to fix."""
@@ -65,6 +67,8 @@ def _jsonl_rows(path: str, max_row_bytes: int | None) -> Iterator[tuple[int, byt
             lineno = 0
             while raw := f.readline(limit):
                 lineno += 1
+                if lineno == 1 and raw.startswith(BOM):  # a UTF-8 byte order mark is not data
+                    raw = raw[len(BOM) :]
                 if len(raw) == limit and not raw.endswith(b"\n"):
                     yield lineno, Oversize(_skip_line(f, raw), max_row_bytes)
                 elif not raw.isspace():
@@ -75,10 +79,10 @@ def _jsonl_rows(path: str, max_row_bytes: int | None) -> Iterator[tuple[int, byt
 
 def _json_rows(path: str) -> Iterator[tuple[int, Any]]:
     with _open(path) as f:
-        data = f.read()
+        data = f.read().removeprefix(BOM)
     try:
         obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         yield from _jsonl_rows(path, None)  # a .json file that is really JSON lines
         return
     if isinstance(obj, dict):

@@ -23,6 +23,11 @@ import numpy as np
 
 from apo_jax import layouts
 from apo_jax.data import refs, shards
+from apo_jax.errors import UserError
+
+
+class SeqLenError(UserError, ValueError):
+    """The shards hold rows longer than the configured row length."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,8 +133,11 @@ class PairLoader:
         seq_len = config.seq_len or layout.default_seq_len(self.manifest)
         longest = layout.longest_row(self.manifest)
         if longest is not None and longest > seq_len:
-            raise ValueError(f"{self.shard_dir} has {layout.name} rows of {longest} tokens > seq_len {seq_len}; "
-                             "raise seq_len or re-prepare with a smaller --max-length")  # fmt: skip
+            raise SeqLenError(
+                f"{self.shard_dir} has {layout.name} rows of {longest} tokens > seq_len {seq_len}: "
+                f"pass --config.data.seq_len={longest} or more (0 takes the shards' max_length), "
+                "or re-prepare the shards with a smaller --max_length"
+            )
         ref_c = ref_r = None
         if config.reference_info is not None:
             ref_c, ref_r = refs.load_reference_logps(

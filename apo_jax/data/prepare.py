@@ -21,6 +21,8 @@ import glob
 import json
 import multiprocessing
 import os
+import shutil
+import signal
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -34,6 +36,7 @@ from apo_jax.data import unpaired as unpaired_lib
 
 FORMAT = "apo_jax.pairs/v2"  # v2: shard entries carry bytes and sample_sha256
 CHUNK_BYTES = 64 << 20  # raw bytes of rows per worker task, at most
+STAGING_PREFIX = ".prepare-"  # out_dir/.prepare-<pid>: a prepare in progress, moved in when done
 
 
 class PrepareError(errors.UserError):
@@ -80,39 +83,40 @@ class Settings:
 def _process_chunk(
     tokenizer_dir: str, settings: Settings, rows: list[ingest.RawRow]
 ) -> list[tuple]:
-    """Worker: validates and tokenizes rows; returns ("ok", ...) or ("reject", Reject) per row."""
+    """Worker: validates and tokenizes rows; returns ("ok", ...) or ("reject", Reject) per row.
+
+    A row that raises anything (a lone surrogate, nesting past the recursion limit, ...) becomes
+    a reject naming the exception: one row never ends a prepare."""
     tok = tokenize.load_tokenizer(tokenizer_dir)
     out = []
+    for raw in rows:
+        try:
+            out.append(_process_row(tok, settings, raw))
+        except Exception as e:  # noqa: BLE001 - any failure of one row is that row's reject
+            out.append(("reject", schema.reject_of_exception(raw.source_index, raw.file,
+                                                             raw.line, e)))  # fmt: skip
+    return out
+
+
+def _process_row(tok: Any, settings: Settings, raw: ingest.RawRow) -> tuple:
+    """("ok", record, similarity) or ("reject", Reject) for one row."""
     if settings.records == "unpaired":
         lengths = dict(max_length=settings.max_length, truncation=settings.truncation,
                        max_prompt_length=settings.max_prompt_length)  # fmt: skip
-        return [unpaired_lib.encode_row(tok, raw, settings.fields, **lengths) for raw in rows]
-    for raw in rows:
-        pair = ingest.parse_row(raw, settings.fields)
-        if isinstance(pair, schema.Reject):
-            out.append(("reject", pair))
-            continue
-        try:
-            p, c, r = tokenize.encode_pair(
-                tok,
-                pair,
-                max_length=settings.max_length,
-                max_prompt_length=settings.max_prompt_length,
-                truncation=settings.truncation,
-            )
-        except schema.RowError as e:
-            out.append(
-                (
-                    "reject",
-                    schema.Reject(
-                        raw.source_index, raw.file, raw.line, e.field, e.reason, e.detail
-                    ),
-                )
-            )
-            continue
-        sim = (stats.jaccard(c.tolist(), r.tolist()), stats.levenshtein(pair.chosen, pair.rejected))
-        out.append(("ok", shards.PairRecord(p, c, r, raw.source_index), sim))
-    return out
+        return unpaired_lib.encode_row(tok, raw, settings.fields, **lengths)
+    pair = ingest.parse_row(raw, settings.fields)
+    if isinstance(pair, schema.Reject):
+        return ("reject", pair)
+    try:
+        p, c, r = tokenize.encode_pair(
+            tok, pair, max_length=settings.max_length,
+            max_prompt_length=settings.max_prompt_length, truncation=settings.truncation,
+        )  # fmt: skip
+    except schema.RowError as e:
+        reject = schema.Reject(raw.source_index, raw.file, raw.line, e.field, e.reason, e.detail)
+        return ("reject", reject)
+    sim = (stats.jaccard(c.tolist(), r.tolist()), stats.levenshtein(pair.chosen, pair.rejected))
+    return ("ok", shards.PairRecord(p, c, r, raw.source_index), sim)
 
 
 def _payload_bytes(raw: ingest.RawRow) -> int:
@@ -155,7 +159,10 @@ def _results(
         return
     ctx = multiprocessing.get_context("spawn" if _jax_backend_started() else "fork")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no Rust thread pool across fork
-    with concurrent.futures.ProcessPoolExecutor(settings.workers, mp_context=ctx) as pool:
+    pool = concurrent.futures.ProcessPoolExecutor(
+        settings.workers, mp_context=ctx, initializer=_ignore_sigint
+    )
+    try:
         window: collections.deque = collections.deque()
         for chunk in chunks:
             window.append(pool.submit(_process_chunk, tokenizer_dir, settings, chunk))
@@ -163,15 +170,40 @@ def _results(
                 yield window.popleft().result()
         while window:
             yield window.popleft().result()
+    finally:  # on Ctrl-C (or any error) the queued chunks are dropped, not waited for
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the main process (which reports it in one line), so they print
+    no traceback of their own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _clear_outputs(out_dir: str) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    for path in glob.glob(os.path.join(out_dir, shards.SHARD_PATTERN)):
-        os.remove(path)
+    """Removes a previous prepare's manifest (first), shards and rejects from ``out_dir``."""
     for name in (shards.MANIFEST, shards.REJECTS):
         if os.path.exists(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
+    for path in glob.glob(os.path.join(out_dir, shards.SHARD_PATTERN)):
+        os.remove(path)
+
+
+def check_out_dir(out_dir: str, overwrite: bool) -> None:
+    """The command's rule: a non-empty ``--out`` is replaced only with ``--overwrite``.
+
+    Raises:
+      PrepareError: ``out_dir`` holds files and ``overwrite`` is False.
+    """
+    if overwrite or not os.path.isdir(out_dir):
+        return
+    held = sorted(n for n in os.listdir(out_dir) if not n.startswith(STAGING_PREFIX))
+    if held:
+        raise PrepareError(
+            f"--out={out_dir} is not empty (it holds {held[0]}"
+            + (f" and {len(held) - 1} more" if len(held) > 1 else "")
+            + "): pass --overwrite to replace its shards, or choose another --out"
+        )
 
 
 def _tokenizer_info(tokenizer_dir: str) -> dict[str, Any]:
@@ -248,7 +280,8 @@ def _write(
         tally.lengths = {k: [] for k in ("prompt", "completion", "kl_completion", "row_max",
                                          "prefix_row")}  # fmt: skip
     bar = tqdm(desc="prepare", unit="row" if unpaired else "pair", disable=not settings.progress)
-    with open(os.path.join(writer.out_dir, shards.REJECTS), "w", encoding="utf-8") as rejects:
+    rejects_path = os.path.join(writer.out_dir, shards.REJECTS)
+    with open(rejects_path, "w", encoding="utf-8", errors="backslashreplace") as rejects:
 
         def accepted() -> Iterable[tuple]:
             for chunk in _results(tokenizer_dir, settings, rows):
@@ -288,7 +321,9 @@ def prepare(
     Args:
       inputs: files (.jsonl/.jsonl.gz/.json/.parquet), `save_to_disk` dirs or hub dataset names.
       tokenizer_dir: a local Hugging Face tokenizer directory with a chat template.
-      out_dir: where shards, rejects.jsonl and manifest.json go (old ones are replaced).
+      out_dir: where shards, rejects.jsonl and manifest.json go (old ones are replaced, once the
+        new ones are complete: they are written under ``out_dir/.prepare-<pid>`` and moved in;
+        a failure, a full disk included, leaves the old ones as they were).
       settings: length policy, field names, workers; defaults to ``Settings()``.
 
     Raises:
@@ -308,9 +343,12 @@ def prepare(
         kind, rows = unpaired_lib.detect(rows, settings.fields)
         settings = dataclasses.replace(settings, records=kind)
     start = time.perf_counter()
+    staging = os.path.join(out_dir, f"{STAGING_PREFIX}{os.getpid()}")
     try:
-        _clear_outputs(out_dir)
-        writer = shards.ShardWriter(out_dir, settings.records_per_shard)
+        os.makedirs(out_dir, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+        writer = shards.ShardWriter(staging, settings.records_per_shard)
         try:
             tally = _write(tokenizer_dir, settings, rows, writer)
         finally:
@@ -332,12 +370,36 @@ def prepare(
             "lengths": {k: stats.summarize(v) for k, v in tally.lengths.items()},
             **_record_stats(tally, settings.records),
             "seconds": round(time.perf_counter() - start, 3),
-            "shard_fingerprint": shards.shard_fingerprint(out_dir) if paths else None,
+            "shard_fingerprint": shards.shard_fingerprint(staging) if paths else None,
         }
-        _write_manifest(out_dir, manifest)
+        _write_manifest(staging, manifest)
+        _publish(staging, out_dir)
     except OSError as e:
-        raise PrepareError(f"{e.filename or out_dir}: {e.strerror or e}") from None
+        raise PrepareError(
+            f"{_final_name(e.filename, staging, out_dir)}: {e.strerror or e}; nothing was "
+            f"replaced in {out_dir} (its previous shards, if any, are as they were)"
+        ) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return manifest
+
+
+def _final_name(filename: Any, staging: str, out_dir: str) -> str:
+    """The file an error names, as it would have been called in ``out_dir``."""
+    if not filename:
+        return out_dir
+    name = str(filename)
+    return os.path.join(out_dir, os.path.basename(name)) if name.startswith(staging) else name
+
+
+def _publish(staging: str, out_dir: str) -> None:
+    """Moves a finished directory's files from ``staging`` into ``out_dir``, replacing the old
+    outputs: the old manifest goes first and the new one comes last, so ``out_dir`` holds a
+    manifest only when its shards are complete. Renames within one directory need no space."""
+    _clear_outputs(out_dir)
+    names = sorted(os.listdir(staging))
+    for name in [n for n in names if n != shards.MANIFEST] + [shards.MANIFEST]:
+        os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
 
 
 _RECORD_LAYOUTS = {
@@ -428,6 +490,7 @@ def _flag_values() -> flags.FlagValues:
     flags.DEFINE_string("completion_field", d.fields.completion, "unpaired: completion field", **kw)
     flags.DEFINE_string("label_field", d.fields.label, "unpaired: bool label field", **kw)
     flags.DEFINE_bool("progress", True, "show a progress bar on stderr", **kw)
+    flags.DEFINE_bool("overwrite", False, "replace the shards of a non-empty --out", **kw)
     for name in ("input", "tokenizer", "out"):
         flags.mark_flag_as_required(name, flag_values=fv)
     return fv
@@ -451,6 +514,7 @@ def run(argv: Sequence[str]) -> int:
         max_row_bytes=fv.max_row_bytes, workers=fv.workers, strict=fv.strict, progress=fv.progress,
         records=fv.records, kl_group=fv.kl_group,
     )  # fmt: skip
+    check_out_dir(fv.out, fv.overwrite)
     manifest = prepare(fv.input, fv.tokenizer, fv.out, settings)
     print(summary_line(manifest))
     print(f"shards in {fv.out}; rejects in {os.path.join(fv.out, shards.REJECTS)}")

@@ -32,6 +32,9 @@ COMPLETION_TOO_LONG = "completion_too_long"
 TEMPLATE_ERROR = "template_error"
 TOO_MANY_BYTES = "too_many_bytes"  # rejected by size before tokenizing
 SPECIAL_TOKEN_TEXT = "special_token_in_text"  # message text holds a control-token string
+UNENCODABLE_TEXT = "unencodable_text"  # e.g. a lone surrogate (valid JSON, not valid UTF-8)
+TOO_DEEPLY_NESTED = "too_deeply_nested"  # nesting past Python's recursion limit
+ROW_ERROR = "row_error"  # any other failure of one row (the detail names the exception)
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
@@ -90,6 +93,18 @@ class Reject:
     def to_json(self) -> dict[str, Any]:
         """Returns the rejects.jsonl object for this reject."""
         return dataclasses.asdict(self)
+
+
+def reject_of_exception(source_index: int, file: str, line: int, e: BaseException) -> Reject:
+    """The reject of a row whose processing raised ``e`` (one row never ends a prepare)."""
+    if isinstance(e, RecursionError):
+        reason = TOO_DEEPLY_NESTED
+    elif isinstance(e, UnicodeError):
+        reason = UNENCODABLE_TEXT
+    else:
+        reason = ROW_ERROR
+    detail = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+    return Reject(source_index, file, line, "<row>", reason, detail)
 
 
 class RowError(Exception):

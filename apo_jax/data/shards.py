@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import bisect
 import concurrent.futures
+import contextlib
 import dataclasses
+import errno
 import glob
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -125,6 +127,17 @@ def _first_word(data: bytes) -> int:
     return int(np.frombuffer(data, _HEADER, count=1)[0])
 
 
+@contextlib.contextmanager
+def _write_errors(path: str) -> Iterator[None]:
+    """The C++ writer's failures (RuntimeError, e.g. "write() failed: No space left on device")
+    as an OSError naming the shard, like any other failed write."""
+    try:
+        yield
+    except RuntimeError as e:
+        code = errno.ENOSPC if "No space left" in str(e) else errno.EIO
+        raise OSError(code, " ".join(str(e).split())[:300], path) from None
+
+
 class ShardWriter:
     """Writes records into rolling ArrayRecord shards of ``records_per_shard`` records."""
 
@@ -144,16 +157,19 @@ class ShardWriter:
         if self.count % self.records_per_shard == 0:
             self._close_current()
             path = os.path.join(self.out_dir, f"pairs-{len(self.paths):05d}.array_record")
-            self._writer = self._cls(path, "group_size:1")  # group_size 1 = fast random access
             self.paths.append(path)
-        self._writer.write(serialize(rec))
+            with _write_errors(path):
+                self._writer = self._cls(path, "group_size:1")  # group_size 1: random access
+        with _write_errors(self.paths[-1]):
+            self._writer.write(serialize(rec))
         self.count += 1
         return self.count - 1
 
     def _close_current(self) -> None:
         if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+            writer, self._writer = self._writer, None
+            with _write_errors(self.paths[-1]):
+                writer.close()
 
     def close(self) -> list[str]:
         """Closes the open shard; returns the shard paths written."""

@@ -95,9 +95,33 @@ def stop_token_ids(tokenizer: Any, model_dir: str | None = None) -> list[int]:
 
 
 def encode(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
-    """Prompt ids: the chat rendered with the generation prompt (the template adds the BOS)."""
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    """Prompt ids: the chat rendered with the generation prompt (the template adds the BOS).
+
+    Message text that holds a special-token string (``<|eot_id|>`` ...) is encoded as plain
+    text, never as the control token (it would end or forge a turn): such a chat is rendered with
+    a placeholder per message, the template's own text is tokenized as usual and each message's
+    text with ``split_special_tokens``.
+    """
+    if not any(tokenize.find_special_token(tokenizer, m["content"]) for m in messages):
+        text = tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=True
+        )
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    marks = [f"\ue000{i}\ue001" for i in range(len(messages))]  # private-use characters
+    masked = [dict(m, content=mark) for m, mark in zip(messages, marks, strict=True)]
+    text = tokenizer.apply_chat_template(masked, tokenize=False, add_generation_prompt=True)
+    ids: list[int] = []
+    pos = 0
+    for m, mark in zip(messages, marks, strict=True):
+        at = text.find(mark, pos)
+        if at < 0:
+            raise ValueError("the chat template does not render each message's text as written")
+        ids += tokenizer(text[pos:at], add_special_tokens=False)["input_ids"]
+        ids += tokenizer(m["content"], add_special_tokens=False, split_special_tokens=True)[
+            "input_ids"
+        ]
+        pos = at + len(mark)
+    return ids + tokenizer(text[pos:], add_special_tokens=False)["input_ids"]
 
 
 def encode_examples(

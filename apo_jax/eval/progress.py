@@ -2,8 +2,9 @@
 
 ``progress.jsonl`` holds every finished response, appended, flushed and fsynced as it completes;
 a rerun reads it back (skipping a line torn by a kill) and generates only what is missing.
-``run.json`` pins what the responses depend on; a rerun with other weights, tokenizer or sampling
-settings is refused instead of mixing two runs' answers in one output directory.
+``run.json`` pins what the responses depend on; a rerun with other weights, tokenizer, sampling
+settings, batch size, dtype, mesh or prompts is refused instead of mixing two runs' answers in
+one output directory.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def check_run_identity(out: str, identity: dict[str, Any]) -> None:
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             before = json.load(f)
-        changed = sorted(k for k in identity if before.get(k) != identity[k])
+        # A key an older run.json lacks is not compared (that version did not record it).
+        changed = sorted(k for k in identity if k in before and before[k] != identity[k])
         if changed:
             detail = "; ".join(f"{k}: {before.get(k)!r} -> {identity[k]!r}" for k in changed)
             raise ResumeError(

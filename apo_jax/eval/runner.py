@@ -156,6 +156,15 @@ def _prepare(s: Settings, model_dir: str, tokenizer: Any):
     return examples, ids, rejects
 
 
+def _prompts_fingerprint(examples: list, prompt_ids: dict[int, list[int]]) -> str:
+    """A sha256 of every evaluated row's id and rendered prompt tokens (the prompts file, its
+    split and field, and the chat template together)."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps([ex.index, str(ex.id), prompt_ids[ex.index]]).encode())
+    return h.hexdigest()
+
+
 def _generate(
     s: Settings,
     model_dir: str,
@@ -225,11 +234,16 @@ def run(s: Settings, *, on_batch: Callable[[int], None] | None = None) -> dict[s
     os.makedirs(s.out, exist_ok=True)
     examples, prompt_ids, rejects = _prepare(s, model_dir, tokenizer)
     exports.check_rows(s.formats, examples)
-    identity = {
+    identity = {  # everything the responses depend on: a resume must keep all of it
         "weights_fingerprint": weights_fingerprint(model_dir),
         "tokenizer_fingerprint": tokenize.tokenizer_fingerprint(tok_dir),
         "prompt_field": s.prompt_field,
         "sampling": dataclasses.asdict(s.sampling),
+        "batch_size": s.batch_size,  # the rows padded and sampled together
+        "dtype": s.dtype,
+        "mesh": list(s.mesh),
+        "split": s.split,
+        "prompts_fingerprint": _prompts_fingerprint(examples, prompt_ids),
     }
     progress.check_run_identity(s.out, identity)
     n = s.sampling.num_samples

@@ -52,8 +52,8 @@ def pick_length(needed: int, seq_len: int, buckets: Sequence[int] | None) -> int
         if needed <= t:
             return t
     raise ValueError(
-        f"a row of {needed} tokens does not fit seq_len {seq_len}; raise seq_len or re-prepare "
-        "with a smaller max_length"
+        f"a row of {needed} tokens does not fit seq_len {seq_len}; raise config.data.seq_len or "
+        "re-prepare with a smaller --max_length"
     )
 
 

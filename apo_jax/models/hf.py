@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from apo_jax import sharding
+from apo_jax import atomic, sharding
 from apo_jax.errors import UserError
 from apo_jax.models import families
 from apo_jax.models.config import ConfigError, LlamaConfig
@@ -197,6 +197,16 @@ def _read(tensors, entries, shape, dtype, target, stacked: bool) -> jax.Array:
     return jax.make_array_from_callback(tuple(shape), target, shard)
 
 
+def _check_finite(arr: np.ndarray, name: str, out_dir: str) -> None:
+    """Refuses to export a tensor holding NaN or infinity (a diverged run, or a dtype overflow)."""
+    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        raise CheckpointError(
+            f"{out_dir}: refusing to export non-finite weights ({name}: {bad} of {arr.size} "
+            f"values are NaN or infinite, in {arr.dtype}); the previous export, if any, is kept"
+        )
+
+
 def save_hf(
     model: Llama,
     cfg: LlamaConfig,
@@ -245,27 +255,29 @@ def save_hf(
         f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)
     ]  # fmt: skip
     weight_map, total = {}, 0
-    for fname, entries in zip(names, shards, strict=True):
-        tensors = {}
-        for p, layer, name, transpose in entries:
-            value = flat[p].get_value()
-            arr = np.asarray(jax.device_get(value[layer] if layer is not None else value))
-            tensors[name] = (arr.T if transpose else arr).astype(np_dtype)
-            weight_map[name] = fname
-            total += tensors[name].nbytes
-        write_safetensors(os.path.join(out_dir, fname), tensors)
-    if n > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        with open(
-            os.path.join(out_dir, "model.safetensors.index.json"), "w", encoding="utf-8"
-        ) as f:
-            json.dump(index, f, indent=2)
-    hf_cfg["torch_dtype"] = hf_cfg["dtype"] = np_dtype.name
-    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(hf_cfg, f, indent=2)
-    if tokenizer_dir is not None:
-        for fn in TOKENIZER_FILES:
-            src = os.path.join(os.fspath(tokenizer_dir), fn)
-            if os.path.exists(src):
-                shutil.copy(src, os.path.join(out_dir, fn))
+    # Every file is written under a temporary name and renamed when all are written: a full
+    # disk leaves the previous export as it was (atomic.WriteError, one line naming the file).
+    with atomic.Staged(out_dir) as staged:
+        for fname, entries in zip(names, shards, strict=True):
+            tensors = {}
+            for p, layer, name, transpose in entries:
+                value = flat[p].get_value()
+                arr = np.asarray(jax.device_get(value[layer] if layer is not None else value))
+                tensors[name] = (arr.T if transpose else arr).astype(np_dtype)
+                _check_finite(tensors[name], name, out_dir)
+                weight_map[name] = fname
+                total += tensors[name].nbytes
+            write_safetensors(staged.path(fname), tensors)
+        if n > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            with open(staged.path("model.safetensors.index.json"), "w", encoding="utf-8") as f:
+                json.dump(index, f, indent=2)
+        hf_cfg["torch_dtype"] = hf_cfg["dtype"] = np_dtype.name
+        with open(staged.path("config.json"), "w", encoding="utf-8") as f:
+            json.dump(hf_cfg, f, indent=2)
+        if tokenizer_dir is not None:
+            for fn in TOKENIZER_FILES:
+                src = os.path.join(os.fspath(tokenizer_dir), fn)
+                if os.path.exists(src):
+                    shutil.copy(src, staged.path(fn))
     return names

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from apo_jax import sharding
+from apo_jax import atomic, sharding
 from apo_jax.errors import UserError
 from apo_jax.models import hf
 from apo_jax.models.layers import Linear, LoraKey, LoraParam
@@ -236,7 +236,8 @@ def save_peft(
             prefix = f"base_model.model.model.layers.{layer}.{_PARENT[name]}.{name}"
             tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a_l.T, np.float32)
             tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b_l.T, np.float32)
-    write_safetensors(os.path.join(out_dir, ADAPTER_WEIGHTS), dict(sorted(tensors.items())))
+    atomic.write_file(os.path.join(out_dir, ADAPTER_WEIGHTS),  # a full disk keeps the old file
+                      lambda tmp: write_safetensors(tmp, dict(sorted(tensors.items()))))  # fmt: skip
     peft_cfg = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

@@ -30,7 +30,7 @@ from apo_jax.models.llama import Llama
 
 log = logging.getLogger("apo_jax")
 
-DEMO_CHECKER = "apo_jax.eval.checkers:demo"  # scores the demo's samples unless samples.checker is set
+DEMO_CHECKER = "apo_jax.eval.checkers:demo"  # the demo data's checker unless samples.checker
 
 
 @dataclasses.dataclass(frozen=True)

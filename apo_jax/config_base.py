@@ -54,7 +54,7 @@ def base_config(loss: str, preset: str | None) -> ml_collections.ConfigDict:
     c.data.train = ""  # prepared shard dir (python -m apo_jax.data.prepare); empty: the demo
     c.data.eval = ""  # held-out shard dir; empty: no held-out evaluation (the demo has its own)
     c.data.tokenizer = ""  # tokenizer dir copied into HF exports; default: the shards' manifest
-    c.data.seq_len = 0  # row length T; 0 takes the shards' max_length; -1: 128 on the demo data, else 0
+    c.data.seq_len = 0  # row length T; 0: the shards' max_length; -1: 128 on the demo data, else 0
     c.data.buckets = ()  # optional row lengths to pad each batch to (fewer recompiles, less padding)
     c.data.layout = "auto"  # auto (picked from the data) | concat | prefix | packed | unpaired
     c.data.num_epochs = 1  # passes over the training shards

@@ -57,4 +57,3 @@ def test_samples_are_off_when_the_eval_source_is_gone(tmp_path, small_shards):
     paths = assemble.DataPaths(small_shards, str(moved), "", manifest)
     rows, why = assemble.sample_rows(paths, 3)
     assert rows == [] and "gone.jsonl is not on this machine; pass config.samples.prompts" in why
-

@@ -1,5 +1,7 @@
 """The README's main command: the embedded demo trains to a held-out reward accuracy above chance."""
 
+import pytest
+
 from apo_jax import trainer
 from apo_jax.config_base import base_config, with_overrides
 
@@ -10,6 +12,7 @@ from apo_jax.config_base import base_config, with_overrides
 HELD_OUT_ACCURACY = 0.58
 
 
+@pytest.mark.slow  # the full demo: 187 steps
 def test_demo_learns_held_out_preferences(tmp_path):
     config = with_overrides(
         base_config("apo_down", None),

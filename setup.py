@@ -39,7 +39,9 @@ setuptools.setup(
     description="Anchored Preference Optimization (APO) and CLAIR preference data in JAX/Flax.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=setuptools.find_packages(include=["apo_jax", "apo_jax.*"]),
+    # configs/ is the one copy of the built-in configs; wheels carry it as apo_jax.configs.
+    packages=[*setuptools.find_packages(include=["apo_jax", "apo_jax.*"]), "apo_jax.configs"],
+    package_dir={"apo_jax.configs": "configs"},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

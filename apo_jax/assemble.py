@@ -30,6 +30,8 @@ from apo_jax.models.llama import Llama
 
 log = logging.getLogger("apo_jax")
 
+DEMO_CHECKER = "apo_jax.eval.checkers:demo"  # the demo data's checker unless samples.checker
+
 
 @dataclasses.dataclass(frozen=True)
 class DataPaths:
@@ -39,13 +41,14 @@ class DataPaths:
     eval: str
     tokenizer: str
     manifest: dict[str, Any]
-    sample_prompts: str = ""  # prompts file for the samples hook (the demo's held-out pairs)
+    sample_prompts: str = ""  # prompts file for the samples hook ('' = the eval split's source)
+    sample_checker: str = ""  # module:function scoring the samples ('' = none)
 
 
 def resolve_data(rc: RunConfig) -> DataPaths:
     """The shard and tokenizer directories of the run; builds the embedded demo when none is given."""
     train, eval_, tokenizer = rc.data.train, rc.data.eval, rc.data.tokenizer
-    prompts = rc.samples.prompts
+    prompts, checker = rc.samples.prompts, rc.samples.checker
     if rc.is_demo:
         from apo_jax.data import demo
 
@@ -61,10 +64,11 @@ def resolve_data(rc: RunConfig) -> DataPaths:
             eval_ = rc.data.eval or demo_eval
         tokenizer = tokenizer or assets.tokenizer_dir
         prompts = prompts or assets.eval_pairs
+        checker = checker or DEMO_CHECKER
     manifest = shards.read_manifest(train)
     tokenizer = tokenizer or manifest.get("tokenizer", {}).get("dir", "")
     tokenizer = tokenizer if tokenizer and os.path.isdir(tokenizer) else ""
-    return DataPaths(train, eval_, tokenizer, manifest, prompts)
+    return DataPaths(train, eval_, tokenizer, manifest, prompts, checker)
 
 
 def base_path(rc: RunConfig) -> str:
@@ -255,27 +259,51 @@ def step_config(rc: RunConfig) -> ts.StepConfig:
 
 
 def samples_hook(rc: RunConfig, paths: DataPaths, mesh: jax.sharding.Mesh) -> Any:
-    """The samples hook of the run, or None (off, several processes, or no tokenizer)."""
+    """The samples hook of the run, or None (off, several processes, no tokenizer, no prompts)."""
     from apo_jax import hooks
 
     if not rc.samples.num_prompts:
         return None
-    if jax.process_count() > 1 or not paths.tokenizer:
-        why = "several processes" if jax.process_count() > 1 else "no tokenizer directory"
-        log.warning("config.samples is off for this run: %s", why)
+    rows, why = sample_rows(paths, rc.samples.num_prompts)
+    if jax.process_count() > 1 or not paths.tokenizer or not rows:
+        why = "several processes" if jax.process_count() > 1 else why
+        log.info("config.samples is off for this run: %s", why or "no tokenizer directory")
         return None
     import transformers
 
-    from apo_jax.eval import generation, prompts, scoring
+    from apo_jax.eval import generation, scoring
 
-    examples, _ = prompts.read(paths.sample_prompts)
-    rows = [ex.record for ex in examples[: rc.samples.num_prompts]]
     tokenizer = transformers.AutoTokenizer.from_pretrained(paths.tokenizer)
+    checker = paths.sample_checker
     return hooks.Samples(
         rc.eval_every, rows, tokenizer, max_new_tokens=rc.samples.max_new_tokens,
-        checker=scoring.load_checker(rc.samples.checker) if rc.samples.checker else None,
+        checker=scoring.load_checker(checker) if checker else None,
         stop_tokens=generation.stop_token_ids(tokenizer, rc.model.hf_path or None), mesh=mesh,
     )  # fmt: skip
+
+
+def sample_rows(paths: DataPaths, n: int) -> tuple[list[dict[str, Any]], str]:
+    """The first `n` prompt rows for samples, and why there are none ('' when there are).
+
+    The rows come from `paths.sample_prompts` (samples.prompts, or the demo's held-out pairs),
+    else from the file the held-out shards were prepared from (their manifest's input).
+    """
+    from apo_jax.eval import prompts
+
+    path, field, split = paths.sample_prompts, "prompt", "train"
+    if not path:
+        if not paths.eval:
+            return [], "no held-out split (config.data.eval) and no config.samples.prompts"
+        manifest = shards.read_manifest(paths.eval)
+        inputs = manifest.get("inputs") or [""]
+        settings = manifest.get("settings", {})
+        path, split = inputs[0], settings.get("split", split)
+        field = settings.get("fields", {}).get("prompt", field)
+        if not os.path.exists(path):
+            return [], (f"the held-out shards' source {path or '?'} is not on this machine; "
+                        "pass config.samples.prompts")  # fmt: skip
+    examples, _ = prompts.read(path, prompt_field=field, split=split)
+    return [ex.record for ex in examples[:n]], f"no prompt rows in {path}"
 
 
 class Steps:

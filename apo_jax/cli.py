@@ -1,15 +1,14 @@
 """The training commands: `python -m apo_jax.train` and `python -m apo_jax.reference`.
 
-Flags (`--config=configs/<objective>.py[:preset]`, `--config.<field>=value`, `--workdir`), the
-console summary and the user-error mapping live here and nowhere else; the library
-(`apo_jax.trainer`) never imports this module. Errors a user can fix print one line and exit 2
+Flags (`--config=<built-in name or file>[:preset]`, which `apo_jax.config_files` resolves,
+`--config.<field>=value`, `--workdir`), the console summary and the user-error mapping live here
+and nowhere else; the library (`apo_jax.trainer`) never imports this module. Errors a user can fix print one line and exit 2
 (`apo_jax.errors`); `APO_JAX_DEBUG=1` shows the traceback.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,31 +17,33 @@ from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from apo_jax import commands, distributed, errors, trainer
+from apo_jax import commands, config_files, distributed, errors, trainer
 from apo_jax.checkpoint import EXIT_STOPPED
 
 log = logging.getLogger("apo_jax")
 
-DEFAULT_CONFIG = "configs/apo_down.py"
-TRAIN_USAGE = "python -m apo_jax.train --config=configs/<objective>.py[:preset] [--config.<field>=value ...] [--workdir=DIR]"
+DEFAULT_CONFIG = "apo_down"  # a built-in name (apo_jax.config_files)
+TRAIN_USAGE = "python -m apo_jax.train --config=<built-in name or file.py>[:preset] [--config.<field>=value ...] [--workdir=DIR]"
 TRAIN_ABOUT = """Trains a preference objective; with no data or model paths, the embedded demo on a CPU.
 Restarting the same command resumes from the newest complete checkpoint in the workdir; a resume
 that changes what defines the run is refused unless --allow_config_change is given.
 Exit status: 0 finished, 2 a user error (one line), 75 stopped early by a signal (resumable).
 Every config field and its meaning: docs/training.md; guarantees: docs/reliability.md."""
-REFERENCE_USAGE = "python -m apo_jax.reference --config=configs/<objective>.py[:preset] [--config.<field>=value ...]"
+REFERENCE_USAGE = "python -m apo_jax.reference --config=<built-in name or file.py>[:preset] [--config.<field>=value ...]"
 REFERENCE_ABOUT = """Computes the frozen reference model's log-probs of every pair once and stores them
 beside the train and eval shards (what training does first when none match)."""
 
 
-def _flags(train: bool) -> flags.FlagValues:
+def _flags(train: bool, argv: Sequence[str]) -> flags.FlagValues:
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file(
         "config",
         DEFAULT_CONFIG,
-        "Run config: configs/<objective>.py[:preset]; set any field with --config.<field>=value.",
+        "Run config: a built-in name or a config file, [:preset]; set any field with "
+        "--config.<field>=value.",
         flag_values=fv,
         lock_config=True,
+        sys_argv=list(argv),  # the --config.<field> overrides are read from these
     )
     flags.DEFINE_string(
         "workdir", "", "Checkpoints, metrics and exports (default runs/<loss>_<preset>).",
@@ -57,14 +58,17 @@ def _flags(train: bool) -> flags.FlagValues:
     return fv
 
 
-def _config_arg(argv: Sequence[str]) -> str | None:
-    """The value of --config (either --config=X or --config X), if given."""
+def _with_config_path(argv: Sequence[str]) -> list[str]:
+    """`argv` with its --config value (or the default) replaced by the file it names."""
+    argv = list(argv)
     for i, arg in enumerate(argv):
         if arg.startswith("--config="):
-            return arg.split("=", 1)[1]
+            argv[i] = "--config=" + config_files.resolve(arg.split("=", 1)[1])
+            return argv
         if arg == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-    return None
+            argv[i + 1] = config_files.resolve(argv[i + 1])
+            return argv
+    return [*argv[:1], "--config=" + config_files.resolve(DEFAULT_CONFIG), *argv[1:]]
 
 
 def _parse(
@@ -72,14 +76,14 @@ def _parse(
 ) -> tuple[flags.FlagValues, list[str]]:
     """The flags (`_flags`) parsed by commands.parse, and the positional arguments; config-file
     problems are one-line FlagErrors naming the file or the field."""
-    path = (_config_arg(argv) or DEFAULT_CONFIG).split(":", 1)[0]
-    if not os.path.isfile(path):
-        raise commands.FlagError(
-            f"config file {path} does not exist: pass --config=configs/<objective>.py[:preset] "
-            f"(run from the repository root; objectives: {', '.join(_objectives())})"
-        )
+    about = f"{about}\nBuilt-in configs: {', '.join(config_files.builtin_names())}."
+    if not any(arg in commands.HELP_ARGS for arg in argv[1:]):
+        try:
+            argv = _with_config_path(argv)
+        except config_files.ConfigFileError as e:
+            raise commands.FlagError(str(e)) from None
     try:
-        fv = _flags(train)  # config_flags reads the --config.<field> overrides from sys.argv here
+        fv = _flags(train, argv)
         return fv, commands.parse(fv, argv, usage, about)
     except (AttributeError, KeyError) as e:  # ml_collections on --config.<unknown>=...
         name = str(e).strip("\"' ")
@@ -97,13 +101,6 @@ def _parse(
             last = last.removesuffix("(see --help)").strip() or text.splitlines()[-2].strip()
             raise commands.FlagError(f"{errors.one_line(head)}: {last}") from None
         raise
-
-
-def _objectives() -> list[str]:
-    here = "configs"
-    if not os.path.isdir(here):
-        return ["configs/<objective>.py"]
-    return sorted(f"configs/{n}" for n in os.listdir(here) if n.endswith(".py") and n[0] != "_")
 
 
 def _setup_logging() -> None:

@@ -15,7 +15,7 @@ import math
 import os
 from typing import Any
 
-from apo_jax import distributed, layouts, losses, sharding, workdir
+from apo_jax import config_base, distributed, layouts, losses, sharding, workdir
 from apo_jax.errors import UserError
 from apo_jax.models import lora as lora_lib
 from apo_jax.optim import OptimConfig
@@ -120,9 +120,9 @@ class DemoSettings:
 @dataclasses.dataclass(frozen=True)
 class SamplesSettings:
     num_prompts: int  # 0: off
-    prompts: str  # prompts file ('' with the demo: its held-out pairs)
+    prompts: str  # prompts file ('': the demo's held-out pairs, else the eval split's source)
     max_new_tokens: int
-    checker: str  # module:function or ''
+    checker: str  # module:function or '' (the demo's checker on the demo data)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,7 +297,7 @@ def _data(c: Any, mesh: MeshShape, process_count: int) -> DataSettings:
             layout = dataclasses.replace(layout, kl=c.loss.name.strip() in losses.NEEDS_KL)
         _need(not needs_concat or layout.name == "concat",
               "config.loss.ld_alpha and use_weighting need config.data.layout=concat")  # fmt: skip
-    _need(c.data.seq_len >= 0, f"config.data.seq_len must be >= 0, got {c.data.seq_len}")
+    _need(c.data.seq_len >= -1, f"config.data.seq_len must be >= 0 (or -1), got {c.data.seq_len}")
     _need(c.data.verify in ("fast", "full", "off"),
           f"config.data.verify must be fast, full or off, got {c.data.verify!r}")  # fmt: skip
     _need(c.data.num_epochs > 0, f"config.data.num_epochs must be > 0, got {c.data.num_epochs}")
@@ -313,7 +313,10 @@ def _data(c: Any, mesh: MeshShape, process_count: int) -> DataSettings:
             process_count=process_count)  # fmt: skip
     except layouts.LayoutError as e:
         raise ConfigError(str(e)) from None
-    return _section(DataSettings, c, "data", layout=layout, seq_len=int(c.data.seq_len) or None,
+    seq_len = int(c.data.seq_len)
+    if seq_len == -1:  # the demo preset's value: its own rows' length, or your shards'
+        seq_len = 0 if c.data.train else config_base.DEMO_SEQ_LEN
+    return _section(DataSettings, c, "data", layout=layout, seq_len=seq_len or None,
                     buckets=tuple(int(b) for b in c.data.buckets) or None)  # fmt: skip
 
 
@@ -342,8 +345,6 @@ def _samples(c: Any) -> SamplesSettings:
           "config.samples.num_prompts must be >= 0 and max_new_tokens > 0")  # fmt: skip
     _need(not s.prompts or os.path.exists(s.prompts),
           f"config.samples.prompts: {s.prompts} does not exist")  # fmt: skip
-    _need(not s.num_prompts or bool(s.prompts) or not c.data.train,
-          "config.samples.num_prompts needs config.samples.prompts=<file of prompt rows>")  # fmt: skip
     if s.checker:
         from apo_jax.eval import scoring  # imports the checker's module: fail now, not mid-run
 

@@ -7,6 +7,8 @@ import ml_collections
 
 from apo_jax import losses
 
+DEMO_SEQ_LEN = 128  # data.seq_len=-1 on the demo data: single-turn rows are at most about 80 tokens
+
 RUN_PRESETS = (
     "demo",
     "llama3_1b",
@@ -52,7 +54,7 @@ def base_config(loss: str, preset: str | None) -> ml_collections.ConfigDict:
     c.data.train = ""  # prepared shard dir (python -m apo_jax.data.prepare); empty: the demo
     c.data.eval = ""  # held-out shard dir; empty: no held-out evaluation (the demo has its own)
     c.data.tokenizer = ""  # tokenizer dir copied into HF exports; default: the shards' manifest
-    c.data.seq_len = 0  # row length T; 0 takes the shards' max_length
+    c.data.seq_len = 0  # row length T; 0: the shards' max_length; -1: 128 on the demo data, else 0
     c.data.buckets = ()  # optional row lengths to pad each batch to (fewer recompiles, less padding)
     c.data.layout = "auto"  # auto (picked from the data) | concat | prefix | packed | unpaired
     c.data.num_epochs = 1  # passes over the training shards
@@ -125,11 +127,9 @@ def base_config(loss: str, preset: str | None) -> ml_collections.ConfigDict:
 
     c.samples = ml_collections.ConfigDict()  # greedy generations at each held-out evaluation
     c.samples.num_prompts = 0  # prompts generated each time (0: off); one process only
-    c.samples.prompts = (
-        ""  # .jsonl/.json/.parquet of prompt or messages rows; demo: its held-out pairs
-    )
+    c.samples.prompts = ""  # prompt or messages rows ('': the demo's or the eval split's source)
     c.samples.max_new_tokens = 128  # tokens generated per prompt at most
-    c.samples.checker = ""  # module:function scoring each response, e.g. apo_jax.eval.checkers:demo
+    c.samples.checker = ""  # module:function scoring each response ('': demo data's own checker)
 
     c.distributed = ml_collections.ConfigDict()  # multi-process runs; see docs/scaling.md
     c.distributed.mode = "auto"  # auto: join when config/env/SLURM/TPU pod says so | on | off
@@ -146,7 +146,7 @@ def base_config(loss: str, preset: str | None) -> ml_collections.ConfigDict:
 
     if preset == "demo":
         c.model.preset = "tiny"
-        c.data.seq_len = 128  # single-turn demo rows are at most about 80 tokens
+        c.data.seq_len = -1  # 128 on the demo's rows; your shards' max_length on your data
         c.optim.learning_rate = 3e-3
         c.optim.warmup_steps = 10
         # 32 pairs a step; an unpaired loss takes as many completions (64 rows)
@@ -157,9 +157,8 @@ def base_config(loss: str, preset: str | None) -> ml_collections.ConfigDict:
         c.log_every = 10
         c.checkpoint.every = 50
         c.plots = True
-        c.samples.num_prompts = 3
+        c.samples.num_prompts = 3  # off when the data has no held-out split
         c.samples.max_new_tokens = 48
-        c.samples.checker = "apo_jax.eval.checkers:demo"
     elif preset in RUN_PRESETS:
         # The paper's setting for Llama-3-8B-Instruct on CLAIR pairs, for any family's checkpoint
         # of about that size (models/config.py presets); pass model and data paths.

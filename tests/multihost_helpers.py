@@ -38,6 +38,8 @@ def _flags(cache_dir: str, steps: int) -> list[str]:
         "--config.progress_bar=False",
         f"--config.demo.cache_dir={cache_dir}",
         "--config.checkpoint.async_save=False",
+        "--config.samples.num_prompts=0",  # no generation or plots: not what these runs test
+        "--config.plots=False",
     ]
 
 

@@ -135,6 +135,7 @@ def test_flags_name_the_problem():
         lab_main.settings(fv)
 
 
+@pytest.mark.slow  # the whole lab pipeline, twice
 def test_smoke_end_to_end_then_resume(tmp_path, capsys):
     out = str(tmp_path / "lab")
     argv = ["lab", f"--out={out}", "--noprogress", "--n_sft=48", "--sft_steps=2",

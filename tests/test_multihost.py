@@ -67,6 +67,7 @@ def runs(tmp_path_factory):
             "first": first, "out": out}  # fmt: skip
 
 
+@pytest.mark.slow  # four multi-process training runs
 def test_two_processes_match_one_process(runs):
     two, one = _losses(runs["first"]["two"]), _losses(runs["first"]["one"])
     assert set(two) == set(one) and len(two) == 6, (two, one)
@@ -79,6 +80,7 @@ def test_two_processes_match_one_process(runs):
     assert ev2 == pytest.approx(ev1, rel=1e-5)
 
 
+@pytest.mark.slow  # four multi-process training runs
 def test_only_process_zero_writes(runs):
     w2 = runs["dirs"]["two"]
     assert os.path.exists(os.path.join(w2, "hf", "config.json"))  # export gathered the params
@@ -88,6 +90,7 @@ def test_only_process_zero_writes(runs):
     assert "step 3/3" in log0 and "process 0 of 2: 4 local of 8 devices" in log0
 
 
+@pytest.mark.slow  # four multi-process training runs
 def test_checkpoints_restore_across_process_counts(runs):
     a = runs["first"]
     r1 = _metrics(runs["dirs"]["two_then_one"])

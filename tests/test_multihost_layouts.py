@@ -22,6 +22,7 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
+@pytest.mark.slow  # multi-process training runs
 def test_two_processes_packed_match_one_process_concat(runs, grad_accum):
     """Packed rows: each process packs its own pairs, the sequence numbers refer to the global
     pairs, the row counts and lengths are agreed; the losses are the concat layout's. With rows of
@@ -45,6 +46,7 @@ def test_two_processes_packed_match_one_process_concat(runs, grad_accum):
 
 
 @pytest.mark.parametrize("layout, bucket", [("concat", 64), ("prefix", 96)])
+@pytest.mark.slow  # multi-process training runs
 def test_two_processes_with_buckets_match_one_process_concat(runs, layout, bucket):
     """Buckets: each process pads its own pairs to the smallest bucket that fits, so at step 2
     and in the eval batch process 0 has rows of the bucket and process 1 of 128; both grow to 128

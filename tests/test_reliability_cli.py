@@ -10,6 +10,8 @@ import sys
 import threading
 import time
 
+import pytest
+
 from apo_jax.checkpoint import EXIT_STOPPED
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,6 +25,7 @@ def _trained_steps(workdir):
         return sum(1 for line in f if '"train/loss"' in line)
 
 
+@pytest.mark.slow  # a training subprocess stopped by signals
 def test_two_sigints_finish_the_save_then_exit_75(tmp_path, small_shards):
     data, wd = str(tmp_path / "shards"), str(tmp_path / "run")
     shutil.copytree(small_shards, data)

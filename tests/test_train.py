@@ -41,6 +41,8 @@ def small_overrides(cache, **extra):
         "checkpoint.async_save": False,
         "export_hf": False,
         "progress_bar": False,
+        "samples.num_prompts": 0,  # generation and plots are tested elsewhere; they cost here
+        "plots": False,
     }
     o.update(extra)
     return o
@@ -117,6 +119,7 @@ def test_same_seed_same_losses_online_reference_and_prefix_layout(demo_cache, tm
     assert [n for n in os.listdir(shard_dir) if n.startswith("reference_logps-")]
 
 
+@pytest.mark.slow  # several training subprocesses
 def test_killed_run_resumes_step_for_step(demo_cache, tmp_path):
     overrides = small_overrides(demo_cache, num_steps=8)
     full = cli(str(tmp_path / "full"), overrides)
@@ -138,6 +141,7 @@ def test_killed_run_resumes_step_for_step(demo_cache, tmp_path):
     assert losses_by_step(str(victim_dir)) == losses_by_step(str(tmp_path / "full"))
 
 
+@pytest.mark.slow  # several training subprocesses
 def test_sharded_fsdp_tensor_step_equals_single_device(demo_cache, tmp_path):
     overrides = small_overrides(demo_cache, num_steps=2, **{"checkpoint.every": 0})
     one = cli(

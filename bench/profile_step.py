@@ -55,11 +55,17 @@ def _head(kind: str):
     def rows(hidden, unembed, targets, *, chunk_size=128, where_BxT=None):
         return logprobs._head_positions(hidden, unembed, targets, where_BxT, chunk_size)
 
-    saved, logprobs.token_logps = logprobs.token_logps, rows
+    from apo_jax.layouts import packed, packed_prefix
+
+    mods = (logprobs, packed, packed_prefix)
+    saved = [m.token_logps for m in mods]
+    for m in mods:
+        m.token_logps = rows
     try:
         yield
     finally:
-        logprobs.token_logps = saved
+        for m, fn in zip(mods, saved, strict=True):
+            m.token_logps = fn
 
 
 def parse(variant: str) -> tuple[str, dict[str, str]]:

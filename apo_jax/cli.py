@@ -126,6 +126,7 @@ def _run(
             f"unexpected arguments {list(argv)[1:]}: flags are --flag_name=value"
         )
     _setup_logging()
+    commands.use_compile_cache()
     distributed.initialize(fv.config.get("distributed"))  # before any device is touched
     import jax
 

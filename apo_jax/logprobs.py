@@ -241,12 +241,37 @@ def token_logps(
     backward recomputes a chunk's logits once. No shift happens here: ``targets`` are given at
     the position that predicts them.
 
-    With ``where_BxT`` (True where the log-prob is needed, e.g. completion tokens), each row's
-    needed positions are first moved to its front (a stable per-row sort), and chunks past the
-    longest row's count are skipped at run time (``lax.cond``, forward and backward): the head's
-    cost follows the completion tokens, not the row length, so prompts and padding cost no
-    logits. The other positions come back as 0.
+    With ``where_BxT`` (True where the log-prob is needed, e.g. completion tokens), the B rows
+    are taken as one flat sequence of B * T positions whose needed ones move to its front (a
+    stable sort), cut into chunks of ``chunk_size`` positions; chunks past the batch's count of
+    needed positions are skipped at run time (``lax.cond``, forward and backward): the head's
+    cost follows the completion tokens of the whole batch, not B times its longest row's, so
+    prompts, padding and short rows cost no logits. Logits then exist for ``chunk_size x V`` at
+    a time. The other positions come back as 0.
     """
+    B, T, D = hidden_BxTxD.shape
+    if where_BxT is not None:
+        # One flat row of B * T positions: the needed ones of every row go to the front together,
+        # so the live chunks follow the batch's total count, not B times its longest row's.
+        flat = _head_positions(
+            hidden_BxTxD.reshape(1, B * T, D),
+            unembed_DxV,
+            targets_BxT.reshape(1, B * T),
+            where_BxT.reshape(1, B * T),
+            chunk_size,
+        )
+        return flat.reshape(B, T)
+    return _head_positions(hidden_BxTxD, unembed_DxV, targets_BxT, None, chunk_size)
+
+
+def _head_positions(
+    hidden_BxTxD: Array,
+    unembed_DxV: Array,
+    targets_BxT: Array,
+    where_BxT: Array | None,
+    chunk_size: int,
+) -> Array:
+    """:func:`token_logps` on rows as given: chunks of ``chunk_size`` time steps of all B rows."""
     B, T, D = hidden_BxTxD.shape
     if where_BxT is not None:
         where_BxT = where_BxT.astype(bool)

@@ -1,6 +1,13 @@
 """Benchmark 7: generation tokens/s, apo_jax's KV-cache loop against transformers' `generate`.
 
     python bench/generate_vs_torch.py [--prompts 32] [--batch1_prompts 2] [--new 64] [--repeats 3]
+    python bench/generate_vs_torch.py --model /work/models/smollm2-hf --new 128 [...]
+
+With `--model` (a Hugging Face directory with a tokenizer and chat template) both sides load that
+model, the prompts are the embedded demo's questions in the model's chat template (with the
+generation prompt), and every row stops at the model's end-of-turn token (its
+`generation_config.json` eos ids, as `python -m apo_jax.eval` does), at most `--new` tokens.
+Tokens/s then counts the tokens each side generated, stop tokens included.
 
 One random Llama-3-architecture model (d 256, 4 layers, 8 heads, 2 kv heads, head 32, mlp 768,
 vocab 32000, float32), saved as a Hugging Face checkpoint and loaded by both sides; the same
@@ -17,6 +24,7 @@ column checks that both sides produced the same tokens.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 
@@ -24,6 +32,7 @@ import numpy as np
 import torch
 from common import machine, median, table, time_interleaved
 
+from apo_jax.eval import generation as eval_gen
 from apo_jax.eval.generation import bucket_length
 from apo_jax.models import generate as generate_lib
 from apo_jax.models.hf import load_hf
@@ -52,9 +61,32 @@ def make_prompts(n: int, seed: int = 0) -> list[list[int]]:
     ]
 
 
+STOPS: list[int] = []  # the real model's end-of-turn ids (empty: no stop, every row `new` long)
+
+
+def chat_prompts(model_dir: str, n: int) -> list[list[int]]:
+    """The demo's questions as single-turn chat prompts in the model's template, token ids."""
+    import transformers
+
+    from apo_jax.data import demo
+
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    rows = demo.generate_pairs(n, seed=1, multi_turn=0.0)
+    return [eval_gen.encode(tok, r["chosen"][:-1]) for r in rows]
+
+
+def trim(row: list[int]) -> list[int]:
+    """A row up to and including its first stop token."""
+    for j, t in enumerate(row):
+        if t in STOPS:
+            return row[: j + 1]
+    return row
+
+
 def jax_generate(model, prompts: list[list[int]], new: int) -> list[list[int]]:
     pad_to = bucket_length(max(len(p) for p in prompts))
-    return generate_lib.generate(model, prompts, max_new_tokens=new, pad_to=pad_to)
+    return generate_lib.generate(model, prompts, max_new_tokens=new, pad_to=pad_to,
+                                 stop_tokens=STOPS, include_stop=True)  # fmt: skip
 
 
 def torch_generate(model, prompts: list[list[int]], new: int) -> list[list[int]]:
@@ -64,17 +96,30 @@ def torch_generate(model, prompts: list[list[int]], new: int) -> list[list[int]]
     for i, p in enumerate(prompts):  # left padding, as for batched decoder-only generation
         ids[i, width - len(p) :] = torch.tensor(p)
         mask[i, width - len(p) :] = 1
+    stop = dict(eos_token_id=STOPS) if STOPS else dict(eos_token_id=None, min_new_tokens=new)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                             do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
-    return out[:, width:].tolist()
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                             pad_token_id=0, **stop)  # fmt: skip
+    return [trim(r) for r in out[:, width:].tolist()]
 
 
-def run(n_prompts: int, batch1: int, new: int, repeats: int) -> list[list[object]]:
-    prompts = make_prompts(n_prompts)
-    with tempfile.TemporaryDirectory() as tmp:
-        hf_model = make_model(tmp)
-        jx_model, _ = load_hf(tmp)
+def run(
+    n_prompts: int, batch1: int, new: int, repeats: int, model_dir: str = ""
+) -> list[list[object]]:
+    if model_dir:
+        import transformers
+
+        STOPS[:] = eval_gen.stop_token_ids(
+            transformers.AutoTokenizer.from_pretrained(model_dir), model_dir
+        )
+        prompts = chat_prompts(model_dir, n_prompts)
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        jx_model, _ = load_hf(model_dir)
+    else:
+        prompts = make_prompts(n_prompts)
+        with tempfile.TemporaryDirectory() as tmp:
+            hf_model = make_model(tmp)
+            jx_model, _ = load_hf(tmp)
     rows = []
     for batch, groups in ((1, [[p] for p in prompts[:batch1]]), (n_prompts, [prompts])):
         t0 = time.perf_counter()
@@ -90,8 +135,9 @@ def run(n_prompts: int, batch1: int, new: int, repeats: int) -> list[list[object
             repeats,
             warmup=0,
         )
-        tokens = sum(len(g) for g in groups) * new
-        jax_tps, torch_tps = tokens / median(times["jax"]), tokens / median(times["torch"])
+        tokens = sum(len(r) for r in jx_out)  # generated, stop tokens included
+        torch_tokens = sum(len(r) for r in pt_out)
+        jax_tps, torch_tps = tokens / median(times["jax"]), torch_tokens / median(times["torch"])
         rows.append([batch, len(groups), tokens, f"{jax_tps:,.0f}", f"{torch_tps:,.0f}",
                      f"{jax_tps / torch_tps:.2f}x", f"{first_call - median(times['jax']):.1f}",
                      f"{same:.0%}"])  # fmt: skip
@@ -104,8 +150,10 @@ def main() -> None:
     p.add_argument("--batch1_prompts", type=int, default=2, help="prompts generated one by one")
     p.add_argument("--new", type=int, default=64, help="tokens generated per prompt")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (median)")
+    p.add_argument("--model", default="", help="a Hugging Face model dir: chat prompts, real stops")
     args = p.parse_args()
-    rows = run(args.prompts, args.batch1_prompts, args.new, args.repeats)
+    rows = run(args.prompts, args.batch1_prompts, args.new, args.repeats, args.model)
+    print(f"model: {args.model or 'random, ' + str(MODEL)}; load average {os.getloadavg()[0]:.1f}")
     print(f"machine: {machine()}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
     print(table(["batch", "calls", "tokens", "apo_jax tok/s", "transformers tok/s", "speed-up",
                  "compile s", "same tokens"], rows))  # fmt: skip

@@ -49,16 +49,16 @@ def collate(name, its, micro_batches=1):
 
 
 def test_registry_gives_hashable_layout_objects():
-    assert layouts.NAMES == ("concat", "prefix", "packed", "unpaired")
+    assert layouts.NAMES == ("concat", "prefix", "packed", "packed_prefix", "unpaired")
     for name in layouts.NAMES:
         layout = layouts.get(name)
         assert layout.name == name and layout is layouts.get(name)
         assert hash(layout) == hash(dataclasses.replace(layout))
     assert layouts.get("concat") != layouts.get("prefix")
     steps = {ts.StepConfig(layout=layouts.get(n)) for n in layouts.NAMES}  # hashable, distinct
-    assert len(steps) == 4
+    assert len(steps) == 5
     with pytest.raises(layouts.LayoutError, match="config.data.layout must be one of concat, "
-                       "prefix, packed, unpaired, got 'pack'") as e:  # fmt: skip
+                       "prefix, packed, packed_prefix, unpaired, got 'pack'") as e:  # fmt: skip
         layouts.get("pack")
     assert isinstance(e.value, errors.UserError)
     with pytest.raises(ValueError, match="layout must be a layouts.get"):
@@ -161,8 +161,20 @@ def test_packed_grad_accum_equals_concat_and_one_micro_batch():
 def test_every_layout_gives_the_same_step():
     its = items(padding_pair_at=3)
     concat = _step(collate("concat", its), "concat", 1)
-    for name in ("prefix", "packed"):
+    for name in ("prefix", "packed", "packed_prefix"):
         _assert_same_step(_step(collate(name, its), name, 1), concat)
+
+
+def test_packed_prefix_rows_share_prompts_and_accumulate_like_concat():
+    its = items(padding_pair_at=6)
+    batch = collate("packed_prefix", its)
+    # 7 real pairs of 9 to 23 tokens (prompt once) in rows of 24: fewer rows than packed's.
+    assert batch["input_ids"].shape[0] < collate("packed", its)["input_ids"].shape[0]
+    assert np.sum(batch["segment_ids"] > 0) == sum(sum(n) for i, n in enumerate(LENGTHS) if i != 6)
+    concat = _step(collate("concat", its), "concat", 2)
+    _assert_same_step(
+        _step(collate("packed_prefix", its, micro_batches=2), "packed_prefix", 2), concat
+    )
 
 
 def _manifest(prompt, chosen, rejected, max_length):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from absl import app, flags
 from absl import logging as absl_logging
 
-from apo_jax import errors
+from apo_jax import commands, errors
 from apo_jax.eval import runner
 from apo_jax.eval.generation import Sampling
 
@@ -120,6 +120,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # jax narrates backend probing at INFO
+    commands.use_compile_cache()
     _print(errors.guard(lambda: runner.run(settings_from_flags())))
 
 

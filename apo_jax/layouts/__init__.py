@@ -6,6 +6,7 @@ split, config checks and documentation:
 - :mod:`~apo_jax.layouts.concat`: one sequence per row, chosen rows then rejected rows.
 - :mod:`~apo_jax.layouts.prefix`: prompt, chosen and rejected in one row, the prompt run once.
 - :mod:`~apo_jax.layouts.packed`: the sequences of concat packed several to a row.
+- :mod:`~apo_jax.layouts.packed_prefix`: prefix rows (prompt once) packed several to a row.
 - :mod:`~apo_jax.layouts.unpaired`: labelled single completions (KTO data) and their KL rows.
 
 ``config.data.layout=auto`` picks one of them from the shards' lengths (:mod:`~apo_jax.layouts.auto`).
@@ -41,10 +42,13 @@ from __future__ import annotations
 from apo_jax.layouts.base import Collate, Layout, LayoutError, RowSpec, SideLogps, pad_batch
 from apo_jax.layouts.concat import Concat
 from apo_jax.layouts.packed import Packed
+from apo_jax.layouts.packed_prefix import PackedPrefix
 from apo_jax.layouts.prefix import Prefix
 from apo_jax.layouts.unpaired import Unpaired
 
-_LAYOUTS: dict[str, Layout] = {cls.name: cls() for cls in (Concat, Prefix, Packed, Unpaired)}
+_LAYOUTS: dict[str, Layout] = {
+    cls.name: cls() for cls in (Concat, Prefix, Packed, PackedPrefix, Unpaired)
+}
 NAMES = tuple(_LAYOUTS)
 
 __all__ = ["NAMES", "Collate", "Layout", "LayoutError", "RowSpec", "SideLogps", "get", "pad_batch"]

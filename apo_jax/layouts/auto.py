@@ -12,6 +12,8 @@ matmuls plus causal attention over ``T^2 / 2`` scores (the model's dims weigh th
   prefix row rounded up to 64); only when that row holds every pair's prompt + chosen + rejected.
 - ``packed``: the mean tokens of a micro-batch's 2N sequences packed into rows of the concat row
   length at 95% fill, rounded up as :func:`apo_jax.layouts.packed.row_count` does.
+- ``packed_prefix``: the mean prefix rows of a micro-batch's N pairs packed the same way into rows
+  of the prefix row length; only when that row holds every pair's prefix row.
 
 A layout the other settings rule out (its ``check`` against batch size, ``grad_accum`` and the
 mesh fails) is skipped. ``concat`` stays unless another is at least :data:`MARGIN` cheaper: its
@@ -71,7 +73,7 @@ def choose(
     process_count: int,
     model_cfg: Any = None,
 ) -> Choice:
-    """Picks concat, prefix or packed for shards with this manifest and these run settings.
+    """Picks concat, prefix, packed or packed_prefix for shards with this manifest and these run settings.
 
     Args:
       manifest: the train shards' manifest (``lengths`` and ``settings.max_length``).
@@ -97,21 +99,25 @@ def choose(
     w = _attn_weight(model_cfg)
     costs = {"concat": _cost(2, t_concat, w)}
     skipped = []
-    for name in ("packed", "prefix"):  # on a tie the first wins: packed needs no gather
+    for name in ("packed", "prefix", "packed_prefix"):  # on a tie the first wins
         try:
             layouts.get(name).check(batch_size=batch_size, grad_accum=grad_accum,
                                     data_ways=data_ways, process_count=process_count)  # fmt: skip
         except base.LayoutError:
             skipped.append(f"{name} (batch/mesh)")
             continue
-        if name == "prefix":
-            t = seq_len or layouts.get("prefix").default_seq_len(manifest)
+        m = batch_size // process_count // grad_accum  # pairs of a micro-batch, packed together
+        if name in ("prefix", "packed_prefix"):
+            t = seq_len or layouts.get(name).default_seq_len(manifest)
             if pre.get("max") is None or pre["max"] > t:
-                skipped.append(f"prefix (rows of {pre.get('max')} > seq_len {t})")
+                skipped.append(f"{name} (rows of {pre.get('max')} > seq_len {t})")
                 continue
-            costs[name] = _cost(1, _bucket(pre.get("p90", pre["max"]), t, buckets), w)
+            if name == "prefix":
+                costs[name] = _cost(1, _bucket(pre.get("p90", pre["max"]), t, buckets), w)
+            else:  # whole prefix rows packed into rows of t
+                used = math.ceil(m * pre.get("mean", pre["max"]) / (PACK_FILL * t))
+                costs[name] = _cost(row_count(used, m, 1) / m, t, w)
         else:
-            m = batch_size // process_count // grad_accum  # pairs packed together
             seq_tokens = 2 * seqs[0] + seqs[1] + seqs[2]  # a pair's two sequences, on average
             used = math.ceil(m * seq_tokens / (PACK_FILL * t_concat))
             costs[name] = _cost(row_count(used, 2 * m, 1) / m, t_concat, w)

@@ -137,9 +137,6 @@ def _final_value(question: str, response: str) -> float | None:
         return None  # "Maybe 12, maybe 13, maybe 14"
     if stated:
         return stated.pop()
-    if "=" in last:
-        after = [h for h in hits if h.start() > last.rindex("=")]
-        return _number(after[0][0]) if after else None
     if len(values) == 1:
         return values.pop()
     for h in hits:  # "95 is larger than 74"
@@ -147,7 +144,10 @@ def _final_value(question: str, response: str) -> float | None:
             return _number(h[0])
     start = hits[-2].end() if len(hits) > 1 else 0
     if _CUE.search(last[start : hits[-1].start()]):
-        return _number(hits[-1][0])
+        return _number(hits[-1][0])  # "... = 15, so he has 15 books"
+    if "=" in last:
+        after = [h for h in hits if h.start() > last.rindex("=")]
+        return _number(after[0][0]) if after else None
     return None  # several numbers and none of them stated as the result ("74 and 95")
 
 

@@ -38,7 +38,7 @@ class RealSettings:
     test: int = 1000  # test prompts over the kept families (held-out family included)
     pairs: int = 256  # pairs per source, the same prompts for every source
     temperature: float = 0.7
-    max_new_tokens: int = 80
+    max_new_tokens: int = 64  # the target's answers are within it; its rambling is cut
     max_length: int = 256  # prompt + answer tokens per prepared row
     steps: int = 48
     batch_size: int = 8
@@ -181,6 +181,7 @@ def train_cell(d: str, s: RealSettings, shard_dir: str, target_hf: str, objectiv
         "model.hf_path": target_hf, "data.train": shard_dir, "num_steps": s.steps,
         "optim.learning_rate": lr, "loss.beta": s.beta, "batch_size": s.batch_size,
         "seed": seed, "lora.rank": 0 if s.full else s.lora_rank, "data.seq_len": 0,
+        "data.num_epochs": 1000,  # num_steps ends the run; small pair sets are cycled
     })  # fmt: skip
     t0 = time.perf_counter()
     summary = pipeline._train(config, os.path.join(d, "run"))

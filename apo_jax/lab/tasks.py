@@ -29,6 +29,14 @@ def _sub(rng: random.Random) -> str:
     return f"What is {a} - {b}?"
 
 
+MUL1 = ("What is {a} times {b}?", "What is {a} multiplied by {b}?", "Compute {a} x {b}.")
+
+
+def _mul1(rng: random.Random) -> str:
+    """Single-digit products; 64 facts, so three wordings (splits share facts, not prompts)."""
+    return rng.choice(MUL1).format(a=rng.randint(2, 9), b=rng.randint(2, 9))
+
+
 def _mul(rng: random.Random) -> str:
     return f"What is {rng.randint(2, 9)} times {rng.randint(11, 49)}?"
 
@@ -55,13 +63,14 @@ def _minutes(rng: random.Random) -> str:
     return f"How many minutes are there in {rng.randint(1, 9)} hours and {rng.randint(5, 55)} minutes?"
 
 
-FAMILIES = {"add": _add, "sub": _sub, "mul": _mul, "word_add": _word_add,
+FAMILIES = {"add": _add, "sub": _sub, "mul1": _mul1, "mul": _mul, "word_add": _word_add,
             "word_sub": _word_sub, "compare": _compare, "minutes": _minutes}  # fmt: skip
 HELDOUT = "word_sub"  # the family no pair is built from (when it is kept; else the last kept one)
 
 _PATTERNS = {
     "add": r"What is (\d+) \+ (\d+)\?",
     "sub": r"What is (\d+) - (\d+)\?",
+    "mul1": r"(?:What is (\d) times (\d)\?|What is (\d) multiplied by (\d)\?|Compute (\d) x (\d)\.)",
     "mul": r"What is (\d+) times (\d+)\?",
     "word_add": r"(\w+) has (\d+) (\w+) and gets (\d+) more\. How many \w+ does \w+ have now\?",
     "word_sub": r"(\w+) has (\d+) (\w+) and gives away (\d+)\. How many \w+ does \w+ have left\?",
@@ -83,7 +92,7 @@ def solve(question: str) -> Solution:
     """Parses a question of one of the families. Raises ValueError for other text."""
     for kind, pattern in _PATTERNS.items():
         if m := re.fullmatch(pattern, question.strip()):
-            g = m.groups()
+            g = [x for x in m.groups() if x is not None]
             if kind in ("word_add", "word_sub"):
                 a, b = int(g[1]), int(g[3])
                 f = {"name": g[0], "item": g[2], "a": a, "b": b}
@@ -92,7 +101,8 @@ def solve(question: str) -> Solution:
                 h, m = int(g[0]), int(g[1])
                 return Solution(kind, {"a": h, "b": m, "c": h * 60}, h * 60 + m)
             a, b = int(g[0]), int(g[1])
-            value = {"add": a + b, "sub": a - b, "mul": a * b, "compare": max(a, b)}[kind]
+            value = {"add": a + b, "sub": a - b, "mul": a * b, "mul1": a * b,
+                     "compare": max(a, b)}[kind]  # fmt: skip
             return Solution(kind, {"a": a, "b": b}, value)
     raise ValueError(f"not a lab task: {question[:80]!r}")
 
@@ -110,6 +120,7 @@ STRONG = {
     "add": "Adding the two numbers: {a} + {b} = {v}. The answer is {v}.",
     "sub": "Subtracting: {a} - {b} = {v}. The answer is {v}.",
     "mul": "Multiplying: {a} x {b} = {v}. The answer is {v}.",
+    "mul1": "Multiplying: {a} x {b} = {v}. The answer is {v}.",
     "word_add": "{name} starts with {a} {item} and receives {b}: {a} + {b} = {v}. "
     "The answer is {v}.",
     "word_sub": "{name} starts with {a} {item} and gives {b} away: {a} - {b} = {v}. "

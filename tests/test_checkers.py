@@ -90,6 +90,8 @@ REAL = [
      "Tom has 61 - 48 = 12 apples left.\nHe buys 12 apples, so he has 12 apples - 12 apples = 0 "
      "apples remaining.\nTom has 61 - 12 = 48 apples remaining.\n#### 48\nThe answer is: 48",
      False),
+    ("Compute 4 x 4.", 16, "To find 4 x 4, we can use the formula for multiplication of 4x4, "
+     "which is 4 * 4 = 16. This is the result of the multiplication of 4x4.", True),
     ("What is 10 + 88?", 98, "10 + 88 = 100 + 88 = 100 * 2 = 200\n\nThis is a classic example of "
      "a mathematical identity that is often misunderstood.", False),
     ("Tom has 18 apples and buys 34 more. How many apples does he have now?", 52,

@@ -127,7 +127,9 @@ def _final_value(question: str, response: str) -> float | None:
     numbered = [s for s in _sentences(response) if not s.endswith("?") and re.search(_NUM, s)]
     if not numbered:
         return None  # no answer, or only the question restated as a question
-    last = numbered[-1]
+    asked = {_number(h) for h in re.findall(_NUM, question)}
+    new = [s for s in numbered if any(_number(h) not in asked for h in re.findall(_NUM, s))]
+    last = (new or numbered)[-1]  # a closing restatement of the question is not the answer
     quoted = {a or b for a, b in _QUOTED.findall(last)}
     if any(q not in question for q in quoted):
         return None  # an answer about another item ("the letter 'e' ... in 'haha'")

@@ -26,7 +26,7 @@ a strict checker, a rule-based reviser that edits the target's own answers, LoRA
 QUICK = {"sources": ("clair", "stronger_preferred"), "objectives": ("dpo", "apo_zero", "sft"),
          "seeds": 1, "pair_prompts": 384, "pairs": 128, "heldout": 200}  # fmt: skip
 REAL_QUICK = {"sources": ("clair", "stronger_preferred"), "objectives": ("apo_zero", "dpo", "sft"),
-              "seeds": 1, "test": 300, "pairs": 64, "pair_prompts_per_family": 40, "steps": 16,
+              "seeds": 1, "test": 300, "pairs": 64, "pair_prompts_per_family": 64, "steps": 16,
               "val_per_family": 16}  # fmt: skip
 TOY_ONLY = ("n_sft", "sft_noise", "sft_steps", "sft_lr", "model", "rounds", "heldout",
             "pair_prompts")  # fmt: skip

@@ -24,6 +24,10 @@ def _add(rng: random.Random) -> str:
     return f"What is {rng.randint(10, 99)} + {rng.randint(10, 99)}?"
 
 
+def _add1(rng: random.Random) -> str:
+    return f"What is {rng.randint(10, 99)} plus {rng.randint(2, 9)}?"
+
+
 def _sub(rng: random.Random) -> str:
     a, b = sorted(rng.sample(range(10, 100), 2), reverse=True)
     return f"What is {a} - {b}?"
@@ -63,12 +67,13 @@ def _minutes(rng: random.Random) -> str:
     return f"How many minutes are there in {rng.randint(1, 9)} hours and {rng.randint(5, 55)} minutes?"
 
 
-FAMILIES = {"add": _add, "sub": _sub, "mul1": _mul1, "mul": _mul, "word_add": _word_add,
+FAMILIES = {"add": _add, "add1": _add1, "sub": _sub, "mul1": _mul1, "mul": _mul, "word_add": _word_add,
             "word_sub": _word_sub, "compare": _compare, "minutes": _minutes}  # fmt: skip
 HELDOUT = "word_sub"  # the family no pair is built from (when it is kept; else the last kept one)
 
 _PATTERNS = {
     "add": r"What is (\d+) \+ (\d+)\?",
+    "add1": r"What is (\d+) plus (\d+)\?",
     "sub": r"What is (\d+) - (\d+)\?",
     "mul1": r"(?:What is (\d) times (\d)\?|What is (\d) multiplied by (\d)\?|Compute (\d) x (\d)\.)",
     "mul": r"What is (\d+) times (\d+)\?",
@@ -101,7 +106,7 @@ def solve(question: str) -> Solution:
                 h, m = int(g[0]), int(g[1])
                 return Solution(kind, {"a": h, "b": m, "c": h * 60}, h * 60 + m)
             a, b = int(g[0]), int(g[1])
-            value = {"add": a + b, "sub": a - b, "mul": a * b, "mul1": a * b,
+            value = {"add": a + b, "add1": a + b, "sub": a - b, "mul": a * b, "mul1": a * b,
                      "compare": max(a, b)}[kind]  # fmt: skip
             return Solution(kind, {"a": a, "b": b}, value)
     raise ValueError(f"not a lab task: {question[:80]!r}")
@@ -118,6 +123,7 @@ def correct(question: str, response: str) -> bool:
 
 STRONG = {
     "add": "Adding the two numbers: {a} + {b} = {v}. The answer is {v}.",
+    "add1": "Adding the two numbers: {a} + {b} = {v}. The answer is {v}.",
     "sub": "Subtracting: {a} - {b} = {v}. The answer is {v}.",
     "mul": "Multiplying: {a} x {b} = {v}. The answer is {v}.",
     "mul1": "Multiplying: {a} x {b} = {v}. The answer is {v}.",

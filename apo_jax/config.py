@@ -173,20 +173,29 @@ def _section(cls: type, c: Any, name: str, **resolved: Any) -> Any:
         raise ConfigError(f"config.{name}: {e}") from None
 
 
-def _check_paths(c: Any) -> None:
+def _model_path(c: Any) -> str:
+    """config.model.hf_path, a .gguf file converted once into its cached directory."""
+    from apo_jax.models.convert import resolve_model_path
+
+    try:
+        return resolve_model_path(c.model.hf_path)
+    except UserError as e:
+        raise ConfigError(f"config.model.hf_path: {e}") from None
+
+
+def _check_paths(c: Any, hf: str) -> None:
     if c.preset != "demo":
         _need(bool(c.model.hf_path), f"preset {c.preset} trains a pretrained model: pass "
               "--config.model.hf_path=<Hugging Face checkpoint dir>")  # fmt: skip
         _need(bool(c.data.train), f"preset {c.preset} needs data: pass "
               "--config.data.train=<prepared shard dir>")  # fmt: skip
     for field, path in (
-        ("model.hf_path", c.model.hf_path),
+        ("model.hf_path", hf),
         ("data.train", c.data.train),
         ("data.eval", c.data.eval),
         ("data.tokenizer", c.data.tokenizer),
     ):
         _need(not path or os.path.isdir(path), f"config.{field}: {path} is not a directory")
-    hf = c.model.hf_path
     if hf and os.path.isdir(os.path.join(hf, "checkpoints")):  # a training workdir, not a model
         export = os.path.join(hf, "hf")
         later = "" if os.path.isdir(export) else " (written when that run finishes, export_hf=True)"
@@ -359,7 +368,8 @@ def validate(c: Any, *, device_count: int, process_count: int = 1) -> RunConfig:
       The RunConfig. Raises ConfigError naming the field for anything that cannot work.
     """
     loss, reference = _loss(c), _reference(c)
-    _check_paths(c)
+    hf_path = _model_path(c)
+    _check_paths(c, hf_path)
     mesh = _mesh(c, device_count)
     data = _data(c, mesh, process_count)
     _need(c.logprob_chunk > 0, "config.logprob_chunk must be positive")
@@ -376,7 +386,7 @@ def validate(c: Any, *, device_count: int, process_count: int = 1) -> RunConfig:
     return RunConfig(
         preset=c.preset,
         seed=int(c.seed),
-        model=_section(ModelSettings, c, "model"),
+        model=_section(ModelSettings, c, "model", hf_path=hf_path),
         data=data,
         loss=loss,
         reference=reference,

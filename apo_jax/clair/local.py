@@ -24,7 +24,9 @@ def _load_checkpoint(path: str) -> tuple[Any, Any]:
     from transformers import AutoTokenizer
 
     from apo_jax.models import hf
+    from apo_jax.models.convert import resolve_model_path
 
+    path = resolve_model_path(path)  # a .gguf file: its converted directory
     model, _ = hf.load_hf(path)
     return model, AutoTokenizer.from_pretrained(path)
 

@@ -297,7 +297,10 @@ def prepare(
       PrepareError: a row was rejected and ``settings.strict`` is set, or ``out_dir`` cannot be
         written.
     """
+    from apo_jax.models.convert import resolve_model_path
+
     settings = settings or Settings()
+    tokenizer_dir = resolve_model_path(tokenizer_dir)  # a .gguf file: its converted directory
     inputs = ingest.check_inputs(inputs)
     tok_info = _tokenizer_info(tokenizer_dir)  # fail fast on a bad tokenizer
     rows = ingest.read_rows(inputs, split=settings.split, max_row_bytes=settings.max_row_bytes)

@@ -57,7 +57,9 @@ def resolve_model_dir(path: str) -> str:
     """The Hugging Face directory of `--model`: the path itself (a checkpoint, or a PEFT LoRA
     adapter whose base is a local checkpoint), or a training workdir's hf/."""
     from apo_jax.models import lora
+    from apo_jax.models.convert import resolve_model_path
 
+    path = resolve_model_path(path)  # a .gguf file: its converted directory
     if not os.path.isdir(path):
         raise EvalError(f"--model={path}: no such directory")
     hf_dir = os.path.join(path, "hf")

@@ -63,7 +63,7 @@ def run(out: str, s: RealSettings, target: str, *, sweep: bool, progress: bool =
     todo = cells(s)
     bar = tqdm(total=4 + len(todo) + (len(s.lr_sweep) if sweep else 0), unit="step",
                disable=not progress, file=sys.stderr, dynamic_ncols=True)  # fmt: skip
-    started, ran, load_start = time.perf_counter(), 0, machine()["load"]
+    started, ran, at_start = time.perf_counter(), 0, machine()  # the commit that runs
 
     def step(name: str, key: dict[str, Any], fn) -> dict[str, Any]:
         nonlocal ran
@@ -97,7 +97,8 @@ def run(out: str, s: RealSettings, target: str, *, sweep: bool, progress: bool =
     bar.close()
     meta = {
         "settings": {**dataclasses.asdict(s), "lr": lr, "model": target, "target_hf": target_hf},
-        "real": {"screen": screen, "lr": lr_info, "machine": {**machine(), "load_start": load_start},
+        "real": {"screen": screen, "lr": lr_info,
+                 "machine": {**at_start, "load_start": at_start["load"], "load": machine()["load"]},
                  "command": command, "target_families": base["families"],
                  "phases": phases(screen, base, pairs, lr_info, conditions)},
         "seconds": round(time.perf_counter() - started, 1), "steps_run": ran,

@@ -87,6 +87,13 @@ def test_clair_pairs_are_edits_of_the_targets_own_answers():
         assert not tasks.correct(pair["prompt"], rejected) and len(chosen) == len(rejected)
 
 
+def test_balanced_takes_families_in_turn_and_fills_from_the_others():
+    pools = {"a": [{"i": i} for i in range(10)], "b": [{"i": i} for i in range(2)]}
+    got = real.balanced(pools, 7)
+    assert len(got) == 7 and got[-2:] == pools["b"] and got[:5] == pools["a"][:5]
+    assert len(real.balanced(pools, 50)) == 12
+
+
 def test_resolve_target_errors(tmp_path, monkeypatch):
     with pytest.raises(real.TargetError, match="not an HF model directory"):
         real.resolve_target(str(tmp_path))

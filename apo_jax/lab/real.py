@@ -95,13 +95,15 @@ def _rows(qs: list[str], prefix: str) -> list[dict[str, Any]]:
 
 
 def build_world(d: str, s: RealSettings) -> dict[str, Any]:
-    """Disjoint splits per family: validation, pair prompts, test (sized for every family)."""
-    per_test = -(-s.test // max(len(s.families) - 1, 1))  # enough when one family is dropped
+    """Disjoint splits per family: validation, pair prompts, test (up to half of `s.test` per
+    family, so that two kept families fill it; small families give what their pool has)."""
+    per_test = -(-s.test // 2)
     counts = {}
     for fam in s.families:
         val = tasks.questions(fam, s.val_per_family, s.seed + 1)
         pairs = tasks.questions(fam, s.pair_prompts_per_family, s.seed + 2, exclude=set(val))
-        test = tasks.questions(fam, per_test, s.seed + 3, exclude=set(val) | set(pairs))
+        test = tasks.questions(fam, per_test, s.seed + 3, exclude=set(val) | set(pairs),
+                               strict=False)  # fmt: skip
         for split, qs in (("val", val), ("pairs", pairs), ("test", test)):
             write_jsonl(os.path.join(d, f"{split}-{fam}.jsonl"), _rows(qs, split))
         counts[fam] = {"val": len(val), "pairs": len(pairs), "test": len(test)}
@@ -152,17 +154,28 @@ def screen(d: str, s: RealSettings, world_dir: str, target_hf: str) -> dict[str,
                           f"{scores['families']}; it cannot show the paper's effects")  # fmt: skip
     heldout = s.heldout_family if s.heldout_family in kept else kept[-1]
     trained = [f for f in kept if f != heldout]
-    per_fam = -(-s.test // len(kept))
-    test = []
-    for f in kept:
-        test += read_jsonl(os.path.join(world_dir, f"test-{f}.jsonl"))[:per_fam]
-    test = test[: max(s.test, len(kept))] if len(test) > s.test else test
+    test = balanced({f: read_jsonl(os.path.join(world_dir, f"test-{f}.jsonl")) for f in kept},
+                    s.test)  # fmt: skip
     pair_rows = [r for f in trained for r in read_jsonl(os.path.join(world_dir, f"pairs-{f}.jsonl"))]
     write_jsonl(os.path.join(d, "test.jsonl"), test)
     write_jsonl(os.path.join(d, "val.jsonl"), [r for r in val if r["family"] in kept])
     write_jsonl(os.path.join(d, "pair_prompts.jsonl"), pair_rows)
     return {"val_accuracy": scores["families"], "kept": kept, "heldout": heldout,
             "trained": trained, "test": len(test), "pair_prompts": len(pair_rows)}  # fmt: skip
+
+
+def balanced(pools: dict[str, list[dict[str, Any]]], n: int) -> list[dict[str, Any]]:
+    """n rows taken in turn from each family's pool (a family that runs out leaves its turn to
+    the others), grouped by family in the pools' order."""
+    taken = dict.fromkeys(pools, 0)
+    while sum(taken.values()) < n:
+        open_ = [f for f in pools if taken[f] < len(pools[f])]
+        if not open_:
+            break
+        for f in open_:
+            if sum(taken.values()) < n:
+                taken[f] += 1
+    return [r for f in pools for r in pools[f][: taken[f]]]
 
 
 def build_pairs(d: str, s: RealSettings, screen_dir: str, target_hf: str) -> dict[str, Any]:

@@ -200,11 +200,14 @@ def revise(question: str, response: str) -> str:
     return fixed.rstrip() + f" The answer is {sol.value}."
 
 
-def questions(kind: str, n: int, seed: int, exclude: set[str] = frozenset()) -> list[str]:
-    """n distinct questions of one family, none in `exclude`.
+def questions(
+    kind: str, n: int, seed: int, exclude: set[str] = frozenset(), *, strict: bool = True
+) -> list[str]:
+    """n distinct questions of one family, none in `exclude` (fewer when not `strict` and the
+    family's pool runs out).
 
     Raises:
-      ValueError: when the family runs out of new questions.
+      ValueError: when `strict` and the family runs out of new questions.
     """
     rng, out, seen = random.Random(f"{seed}:{kind}"), [], set(exclude)
     while len(out) < n:
@@ -213,6 +216,8 @@ def questions(kind: str, n: int, seed: int, exclude: set[str] = frozenset()) -> 
             if q not in seen:
                 break
         else:
+            if not strict:
+                return out
             raise ValueError(f"{kind}: fewer new questions than asked for ({n})")
         seen.add(q)
         out.append(q)

@@ -135,3 +135,21 @@ def test_real_path_end_to_end_on_a_tiny_random_model(tmp_path):
     assert len(r["conditions"]) == 4 and os.path.exists(os.path.join(out, "report.md"))
     again = real_run.run(out, s, model_dir, sweep=False, progress=False, command="test")
     assert again["steps_run"] == 0
+
+
+def test_lr_sweep_picks_the_best_validation_accuracy_and_quick_reads_it(tmp_path, monkeypatch):
+    from apo_jax.lab import real_run
+
+    val = {1e-4: 0.2, 5e-4: 0.4, 2e-3: 0.3}
+    monkeypatch.setattr(real, "train_cell", lambda d, s, sd, hf, o, se, lr, path: {
+        "accuracy": val[lr], "seconds": 1.0})  # fmt: skip
+    s = real.RealSettings(lr=2e-3)
+    pairs = {"sources": {"clair": {"shards": "clair/shards"}}}
+    step = lambda name, key, fn: fn(str(tmp_path / name))  # noqa: E731
+    out = str(tmp_path)
+    lr, info = real_run._learning_rate(out, s, {"k": 1}, pairs, "hf", "screen", True, step)
+    assert lr == 5e-4 and info["sweep"]["0.0005"]["val_accuracy"] == 0.4
+    lr, info = real_run._learning_rate(out, s, {"k": 1}, pairs, "hf", "screen", False, step)
+    assert lr == 5e-4 and info["how"].startswith("cached")
+    lr, info = real_run._learning_rate(out, s, {"k": 2}, pairs, "hf", "screen", False, step)
+    assert lr == 2e-3 and info["how"].startswith("stated default")

@@ -153,3 +153,31 @@ def test_lr_sweep_picks_the_best_validation_accuracy_and_quick_reads_it(tmp_path
     assert lr == 5e-4 and info["how"].startswith("cached")
     lr, info = real_run._learning_rate(out, s, {"k": 2}, pairs, "hf", "screen", False, step)
     assert lr == 2e-3 and info["how"].startswith("stated default")
+
+
+def test_judges_and_offpolicy_rows_read_the_task_families():
+    from apo_jax.lab import sources
+
+    qs = tasks.questions("add", 12, 4)
+    rows = [ledger.PromptRow(i + 1, {}, q) for i, q in enumerate(qs)]
+    samples = {}
+
+    def answer(q, seed):  # right on seed 0 for even questions only, always wrong on seed 1
+        v = tasks.solve(q).value + (0 if seed == 0 and qs.index(q) % 2 == 0 else 1)
+        samples[(q, seed)] = f"The answer is {v}."
+        return samples[(q, seed)]
+
+    class Target(_Fixed):
+        def complete(self, messages_list, params):
+            return [self.answer(m[-1]["content"], params["seed"]) for m in messages_list]
+
+    judge = builders.Role(backends.CheckerJudge(w=tasks))
+    result = builders.build_onpolicy_judge(rows, builders.Role(Target(answer), {"seed": 0}),
+                                           judge, ledger.BuildResult(), seed=0)  # fmt: skip
+    for pair in result.pairs.values():
+        q = pair["prompt"]
+        if qs.index(q) % 2 == 0:  # the right sample wins whatever the shown order
+            assert tasks.correct(q, pair["chosen"][-1]["content"])
+    off = sources._offpolicy_rows(rows, 0, tasks)
+    ratings = [c["ratings"]["correctness"] for r in off for c in r.record["completions"]]
+    assert set(ratings) == {1, 10} and len(off) == 12

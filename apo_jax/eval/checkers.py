@@ -5,6 +5,8 @@
   (or any prompt file in their wording) need no answer field.
 - ``contains_answer``: the row's ``answer`` field (a string, a number or a list of accepted
   strings) occurs in the response, ignoring case and surrounding whitespace.
+- ``final_number``: strict: the response states exactly one final answer and it equals the
+  row's numeric ``answer`` (rules in `final_number`'s docstring).
 """
 
 from __future__ import annotations
@@ -86,3 +88,89 @@ def contains_answer(row: Mapping[str, Any], response: str) -> bool:
     answers = row["answer"] if isinstance(row["answer"], list) else [row["answer"]]
     text = response.casefold()
     return any(str(a).strip().casefold() in text for a in answers if str(a).strip())
+
+
+_NUM = r"(?<![\w.,])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\d,]\d)"
+_STATED = re.compile(
+    r"(?:answer\s*(?:is|:|=)|answer would be|result is|\\boxed\{)\s*\$?\s*(" + _NUM + ")", re.I
+)
+_HEDGE = re.compile(
+    r"\b(?:maybe|perhaps|possibly|probably|either|or|might|could be|around|about|approximately|"
+    r"between|roughly)\b", re.I
+)
+_CUE = re.compile(
+    r"(?:=|\bis|\bare|\bwas|\bwere|\bequals?|\bequal to|\bbe|:|\bof|\bgets?|\bhas|\bhave|"
+    r"\bhad|\bmakes?|\bgives?|\btotals?|\bleaves?|\bleft with|\bremains?|\bcomes to|\bto)"
+    r"\s*(?:a total of\s*|exactly\s*|only\s*)?\$?\s*\Z", re.I
+)
+_LEADS = re.compile(r"\s*(?:is|was)\s+(?:the\s+)?(?:larger|bigger|greater|higher|answer|result)\b",
+                    re.I)  # fmt: skip
+_QUOTED = re.compile(r"'([^'\s]{1,30})'|\"([^\"]{1,60})\"")
+
+
+def _number(text: str) -> float:
+    return float(text.replace(",", ""))
+
+
+def _sentences(text: str) -> list[str]:
+    """Sentences (split after . ! ? before a space, and at line breaks), markdown stripped."""
+    text = re.sub(r"[*_`#]", "", text)
+    return [p.strip() for p in re.split(r"(?<=[.!?])\s+|\n+", text) if p.strip()]
+
+
+def _final_value(question: str, response: str) -> float | None:
+    """The one final answer a response states, or None (none, several, or not about the
+    question's items)."""
+    stated = {_number(m[1]) for m in _STATED.finditer(re.sub(r"[*_`]", "", response))}
+    if len(stated) > 1:
+        return None  # "The answer is 13. The answer is 14."
+    numbered = [s for s in _sentences(response) if not s.endswith("?") and re.search(_NUM, s)]
+    if not numbered:
+        return None  # no answer, or only the question restated as a question
+    asked = {_number(h) for h in re.findall(_NUM, question)}
+    new = [s for s in numbered if any(_number(h) not in asked for h in re.findall(_NUM, s))]
+    last = (new or numbered)[-1]  # a closing restatement of the question is not the answer
+    quoted = {a or b for a, b in _QUOTED.findall(last)}
+    if any(q not in question for q in quoted):
+        return None  # an answer about another item ("the letter 'e' ... in 'haha'")
+    hits = list(re.finditer(_NUM, last))
+    values = {_number(h[0]) for h in hits}
+    if len(values) > 1 and _HEDGE.search(last):
+        return None  # "Maybe 12, maybe 13, maybe 14"
+    if stated:
+        return stated.pop()
+    if len(values) == 1:
+        return values.pop()
+    for h in hits:  # "95 is larger than 74"
+        if _LEADS.match(last, h.end()):
+            return _number(h[0])
+    start = hits[-2].end() if len(hits) > 1 else 0
+    if _CUE.search(last[start : hits[-1].start()]):
+        return _number(hits[-1][0])  # "... = 15, so he has 15 books"
+    if "=" in last:
+        after = [h for h in hits if h.start() > last.rindex("=")]
+        return _number(after[0][0]) if after else None
+    return None  # several numbers and none of them stated as the result ("74 and 95")
+
+
+def final_number(row: Mapping[str, Any], response: str) -> bool:
+    """True when `response` states exactly one final answer and it equals the row's ``answer``.
+
+    The final answer is, in order: the value of "the answer is X" (several different such values:
+    wrong); else, in the last sentence with a number (questions skipped), the number after the
+    last "=", the only number, a number that "is larger/the answer", or the last number when a
+    verb or "=" leads to it. Wrong: no such number; several numbers with a hedge ("maybe", "or",
+    "about" ...); several numbers none stated as the result (a restated question); a quoted item
+    that the question does not quote (an answer about another item). Thousands separators and a
+    trailing period are allowed.
+
+    Raises:
+      ValueError: when the row has no numeric ``answer``.
+    """
+    want = row.get("answer")
+    try:
+        want = float(str(want).replace(",", ""))
+    except (TypeError, ValueError):
+        raise ValueError(f"the row's 'answer' is not a number: {want!r}") from None
+    got = _final_value(_question(row), response)
+    return got is not None and abs(got - want) < 1e-9

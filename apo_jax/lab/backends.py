@@ -11,6 +11,10 @@ its parts and answers from `apo_jax.lab.world`:
 - `CheckerJudge`: a judge that prefers the checked-correct answer; between two answers the
   checker scores alike it has no preference and, like a position-biased judge, says "A" (the
   builder shows the two in a seeded random order, so that is a coin flip).
+
+Each takes the world it answers from: `apo_jax.lab.world` (the toy world, default) or
+`apo_jax.lab.tasks` (the real target's task families, strict checker), whose `revise` edits the
+target's own response instead of rewriting it.
 """
 
 from __future__ import annotations
@@ -43,9 +47,10 @@ def _parts(pattern: re.Pattern[str], text: str, what: str) -> re.Match[str]:
 
 
 class _RuleBackend:
-    def __init__(self, name: str):
+    def __init__(self, name: str, w: Any = world):
         self.model = name
         self.usage = Usage()
+        self.world = w
 
     def complete(self, messages_list: Sequence[Any], params: Mapping[str, Any]) -> list[str]:
         del params  # deterministic rules: sampling settings do not apply
@@ -59,14 +64,18 @@ class _RuleBackend:
 class Reviser(_RuleBackend):
     """Minimally revises a student's answer (see the module docstring)."""
 
-    def __init__(self, name: str = "rule-reviser"):
-        super().__init__(name)
+    def __init__(self, name: str = "rule-reviser", w: Any = world):
+        super().__init__(name, w)
 
     def reply(self, text: str) -> str:
         m = _parts(_REVISION_RE, text, "revision")
         task, answer = m["task"], m["answer"]
-        if world.correct(task, answer):
+        if self.world.correct(task, answer):
             return f"Reasoning: the answer is right.\nCorrected answer: {answer}"
+        if hasattr(self.world, "revise"):
+            fixed = self.world.revise(task, answer)
+            return ("Reasoning: I fix each wrong result and the final answer.\n"
+                    f"Corrected answer: {fixed}")
         fixed = world.render(world.solve(task), "taught")
         return f"Reasoning: the stated result is wrong; I state the right one.\nCorrected answer: {fixed}"
 
@@ -74,26 +83,26 @@ class Reviser(_RuleBackend):
 class Writer(_RuleBackend):
     """Answers questions in one style, right with probability `accuracy` (seeded per question)."""
 
-    def __init__(self, name: str, style: str, accuracy: float, seed: int = 0):
-        super().__init__(name)
+    def __init__(self, name: str, style: str, accuracy: float, seed: int = 0, w: Any = world):
+        super().__init__(name, w)
         self.style, self.accuracy, self.seed = style, accuracy, seed
 
     def reply(self, text: str) -> str:
-        sol = world.solve(text)
+        sol = self.world.solve(text)
         rng = random.Random(f"{self.model}:{self.seed}:{text}")
-        value = None if rng.random() < self.accuracy else world.wrong_value(sol, rng)
-        return world.render(sol, self.style, value)
+        value = None if rng.random() < self.accuracy else self.world.wrong_value(sol, rng)
+        return self.world.render(sol, self.style, value)
 
 
 class CheckerJudge(_RuleBackend):
     """Judges two answers by the checker (see the module docstring)."""
 
-    def __init__(self, name: str = "checker-judge"):
-        super().__init__(name)
+    def __init__(self, name: str = "checker-judge", w: Any = world):
+        super().__init__(name, w)
 
     def reply(self, text: str) -> str:
         m = _parts(_JUDGE_RE, text, "judging")
-        ok_a, ok_b = world.correct(m["task"], m["a"]), world.correct(m["task"], m["b"])
+        ok_a, ok_b = self.world.correct(m["task"], m["a"]), self.world.correct(m["task"], m["b"])
         verdict = "B" if ok_b and not ok_a else "A"
         why = "only one answer is right" if ok_a != ok_b else "no difference that matters"
         return f"{why}.\nVerdict: {verdict}"

@@ -81,6 +81,13 @@ def write(out: str, meta: dict[str, Any], target: dict[str, Any], pairs: dict[st
     }  # fmt: skip
     if chain:
         results["rounds"] = rounds(out, base_rel, list(chain))
+    if "real" in meta:
+        results["text"] = {f"{c['dataset']}/{c['objective']}/s{c['seed']}": text_stats(
+            read_jsonl(os.path.join(out, c["generations"]))) for c in conditions}  # fmt: skip
+        results["text"]["target"] = text_stats(read_jsonl(os.path.join(out, base_rel)))
+        for c in conditions:
+            rows = read_jsonl(os.path.join(out, c["generations"]))
+            c["families"] = _families(rows)
     results["figures"] = figures(out, conditions, pairs)
     write_json(os.path.join(out, "results.json"), results)
     with open(os.path.join(out, "report.md") + ".tmp", "w", encoding="utf-8") as f:
@@ -126,16 +133,53 @@ def figures(out: str, conditions: list[dict[str, Any]], pairs: dict[str, Any]) -
     return written
 
 
+def _families(rows: list[dict[str, Any]]) -> dict[str, float]:
+    fams: dict[str, list[float]] = {}
+    for r in rows:
+        fams.setdefault(r["family"], []).append(float(r["correct"]))
+    return {f: sum(v) / len(v) for f, v in sorted(fams.items())}
+
+
+def repetitive(text: str) -> bool:
+    """True when some word 3-gram occurs three times or more (looping text)."""
+    words = text.split()
+    grams: dict[tuple[str, ...], int] = {}
+    for i in range(len(words) - 2):
+        g = tuple(words[i : i + 3])
+        grams[g] = grams.get(g, 0) + 1
+    return max(grams.values(), default=0) >= 3
+
+
+def text_stats(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean response length (words) and the share of repetitive responses."""
+    n = max(len(rows), 1)
+    return {"mean_words": sum(len(r["response"].split()) for r in rows) / n,
+            "repetition_rate": sum(repetitive(r["response"]) for r in rows) / n}  # fmt: skip
+
+
 def _ci(ci: list[float]) -> str:
     return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def markdown(r: dict[str, Any]) -> str:
     """The report: setup, the table, contrastiveness, the two claims, figures."""
-    s, b = r["settings"], r["baseline"]
     sources = list(r["contrastiveness"])
     objectives = list(dict.fromkeys(c["objective"] for c in r["conditions"]))
-    lines = [
+    if "real" in r:
+        lines = _real_header(r)
+    else:
+        lines = _toy_header(r)
+    lines += [
+        "## Held-out accuracy (mean over seeds; 95% interval over seeds and prompts)", "",
+        "| pair source | " + " | ".join(NAMES.get(o, o) for o in objectives) + " |",
+        "| --- |" + " --- |" * len(objectives),
+    ]  # fmt: skip
+    return _body(r, lines, sources, objectives)
+
+
+def _toy_header(r: dict[str, Any]) -> list[str]:
+    s, b = r["settings"], r["baseline"]
+    return [
         "# Lab report: the paper's experiment in miniature", "",
         f"Target: SFT of a `{s['model']}` model for {s['sft_steps']} steps on {s['n_sft']} "
         f"demonstrations. Held-out greedy accuracy of the target: **{b['accuracy']:.3f}** "
@@ -145,10 +189,10 @@ def markdown(r: dict[str, Any]) -> str:
         f"Wall time {r['seconds'] / 60:.1f} min ({r['steps_run']} of {r['steps_total']} steps run, "
         "the rest cached).", "",
         _times(r["step_seconds"]), "",
-        "## Held-out accuracy (mean over seeds; 95% interval over seeds and prompts)", "",
-        "| pair source | " + " | ".join(NAMES.get(o, o) for o in objectives) + " |",
-        "| --- |" + " --- |" * len(objectives),
     ]  # fmt: skip
+
+
+def _body(r: dict[str, Any], lines: list[str], sources: list[str], objectives: list[str]) -> str:
     for src in sources:
         cells = []
         for o in objectives:
@@ -174,6 +218,8 @@ def markdown(r: dict[str, Any]) -> str:
                           r["claims"]["anchored"], "prescribed APO minus {k}")  # fmt: skip
     if r.get("rounds"):
         lines += _round_lines(r["rounds"])
+    if "real" in r:
+        lines += _real_tables(r)
     lines += ["## Figures", "", f"![log-probs]({r['figures']['logps']})", "",
               f"![contrastiveness]({r['figures']['contrastiveness']})", ""]  # fmt: skip
     return "\n".join(lines)
@@ -221,3 +267,58 @@ def _times(t: dict[str, Any]) -> str:
             f"grid (4 sources x 4 objectives x 3 seeds, world, target and pairs counted twice for "
             f"their larger sizes) would take about {t['full_grid_estimate'] / 60:.0f} min on this "
             "machine at that pace.")  # fmt: skip
+
+
+def _real_header(r: dict[str, Any]) -> list[str]:
+    """Setup of a real-target run: target, machine, command, families, cells, phases."""
+    s, b, x = r["settings"], r["baseline"], r["real"]
+    m, sc = x["machine"], x["screen"]
+    tuning = "full fine-tuning" if s["full"] else f"LoRA rank {s['lora_rank']} (base as reference)"
+    fams = ", ".join(f"{f} {v:.2f}{'' if f in sc['kept'] else ' (dropped)'}"
+                     for f, v in sc["val_accuracy"].items())  # fmt: skip
+    lines = [
+        "# Lab report: the paper's experiment on a real instruct model", "",
+        f"Target: `{s['model']}` (HF directory `{s['target_hf']}`). Commit `{m['commit']}`; "
+        f"CPU: {m['cpu']}, {m['cores']} cores; load average {m['load_start']} at the start and "
+        f"{m['load']} at the end (the machine is shared).", "",
+        f"Command: `{x['command']}`", "",
+        f"Families (target's greedy validation accuracy, kept in ({s['low']}, {s['high']})): "
+        f"{fams}. Held out (no pairs): **{sc['heldout']}**. Pair prompts: {sc['pair_prompts']} "
+        f"from {', '.join(sc['trained'])}.", "",
+        f"Target's greedy test accuracy (strict checker `final_number`): **{b['accuracy']:.3f}** "
+        f"{_ci(b['ci95'])} on {b['prompts']} test prompts; per family: "
+        + ", ".join(f"{f} {v:.3f}" for f, v in x["target_families"].items()) + ".", "",
+        f"Every cell: {tuning}, {s['steps']} steps of batch {s['batch_size']} "
+        f"({s['steps'] * s['batch_size']} pair presentations), learning rate {s['lr']:g} "
+        f"({x['lr']['how']}), beta {s['beta']:g}; {r['pairs_per_source']} pairs per source on the "
+        f"same prompts; {s['seeds']} seed(s); greedy answers of at most {s['max_new_tokens']} "
+        "tokens.", "",
+        f"Wall time {r['seconds'] / 60:.1f} min ({r['steps_run']} of {r['steps_total']} steps run "
+        "here, the rest cached). Phase times (as run): " + ", ".join(
+            f"{k} {v:.0f} s" for k, v in x["phases"].items()) + ".", "",
+    ]  # fmt: skip
+    if x["lr"].get("sweep"):
+        lines += ["Learning-rate sweep (validation accuracy): " + ", ".join(
+            f"{k}: {v['val_accuracy']:.3f}" for k, v in x["lr"]["sweep"].items()) + ".", ""]  # fmt: skip
+    return lines
+
+
+def _real_tables(r: dict[str, Any]) -> list[str]:
+    """Per-family accuracy and text statistics of every cell."""
+    fams = list(r["real"]["target_families"])
+    held = r["real"]["screen"]["heldout"]
+    lines = ["## Per family, length and repetition", "",
+             f"Accuracy per family (held-out family: {held}); mean response length in words; share "
+             "of responses with a word 3-gram repeated three times or more.", "",
+             "| model | " + " | ".join(fams) + " | words | repetitive |",
+             "| --- |" + " --- |" * (len(fams) + 2)]  # fmt: skip
+    t = r["text"]["target"]
+    lines.append("| target | " + " | ".join(f"{r['real']['target_families'][f]:.3f}" for f in fams)
+                 + f" | {t['mean_words']:.1f} | {t['repetition_rate']:.3f} |")  # fmt: skip
+    for c in r["conditions"]:
+        name = f"{c['dataset']}/{c['objective']}/s{c['seed']}"
+        t = r["text"][name]
+        lines.append(f"| {NAMES.get(c['dataset'], c['dataset'])} {NAMES.get(c['objective'])} "
+                     f"s{c['seed']} | " + " | ".join(f"{c['families'].get(f, 0):.3f}" for f in fams)
+                     + f" | {t['mean_words']:.1f} | {t['repetition_rate']:.3f} |")  # fmt: skip
+    return lines + [""]

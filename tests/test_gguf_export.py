@@ -15,8 +15,17 @@ import gguf
 import jax
 import numpy as np
 import pytest
-from gguf_helpers import CHATML, Q, Tiny, gpt2_vocab, write_model
-from test_gguf import GEMMA_TINY, chat_ids, ours_logits, transformers_logits
+from gguf_helpers import (
+    CHATML,
+    GEMMA_TINY,
+    Q,
+    Tiny,
+    chat_ids,
+    gpt2_vocab,
+    ours_logits,
+    transformers_logits,
+    write_model,
+)
 
 from apo_jax.models import convert, gguf_read, lora
 from apo_jax.models.hf import load_hf

@@ -1,9 +1,9 @@
 """Tiny GGUF files for the tests, written here with `gguf.GGUFWriter` as llama.cpp lays them out,
 and the logits of ours and transformers on them.
 
-`write_model(path, family, qtype)` writes random weights of a tiny llama, qwen2, qwen3 or gemma3 (q/k rows
-permuted for llama, (1 + w) norms for gemma3, as llama.cpp's converter stores them) with a tiny
-tokenizer (byte-level BPE for llama, SentencePiece-style for gemma3) and a ChatML template.
+`write_model(path, family, qtype)` writes random weights of a tiny llama, qwen2, qwen3 or gemma3
+(q/k rows permuted for llama, (1 + w) norms for gemma3, as llama.cpp's converter stores them) with
+a tiny tokenizer (SentencePiece-style for gemma3, byte-level BPE otherwise) and a ChatML template.
 K-quant weights (no quantizer in `gguf`) are random block bytes with small finite f16 scales.
 """
 

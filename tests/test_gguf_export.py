@@ -213,3 +213,16 @@ def test_mistral_exports_as_llama_and_sliding_windows_are_refused(tmp_path, caps
                 "every layer with full attention\n"
             )
             assert not os.path.exists(out)
+
+
+def test_pre_tokenizer_name_from_the_split_regex(tmp_path):
+    from transformers import AutoTokenizer
+
+    from apo_jax.data import demo
+    from apo_jax.models import gguf_vocab
+
+    tok_dir = demo.train_tokenizer(["hello world, one two three"] * 20, str(tmp_path), 300)
+    v = gguf_vocab.vocab_metadata(AutoTokenizer.from_pretrained(tok_dir), 320, tok_dir)
+    assert (v["model"], v["pre"]) == ("gpt2", "llama3")  # Llama 3's split, as llama.cpp names it
+    assert v["tokens"][-1] == "[PAD319]" and v["types"][-1] == gguf.TokenType.UNUSED
+    assert v["types"][v["bos"]] == gguf.TokenType.CONTROL

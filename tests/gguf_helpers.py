@@ -1,16 +1,19 @@
-"""Tiny GGUF files for the tests, written here with `gguf.GGUFWriter` as llama.cpp lays them out.
+"""Tiny GGUF files for the tests, written here with `gguf.GGUFWriter` as llama.cpp lays them out,
+and the logits of ours and transformers on them.
 
-`write_model(path, family, qtype)` writes random weights of a tiny llama or gemma3 (q/k rows
-permuted for llama, (1 + w) norms for gemma3, as llama.cpp's converter stores them) with a tiny
-tokenizer (byte-level BPE for llama, SentencePiece-style for gemma3) and a ChatML template.
+`write_model(path, family, qtype)` writes random weights of a tiny llama, qwen2, qwen3 or gemma3
+(q/k rows permuted for llama, (1 + w) norms for gemma3, as llama.cpp's converter stores them) with
+a tiny tokenizer (SentencePiece-style for gemma3, byte-level BPE otherwise) and a ChatML template.
 K-quant weights (no quantizer in `gguf`) are random block bytes with small finite f16 scales.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import gguf
+import jax.numpy as jnp
 import numpy as np
 
 Q = gguf.GGMLQuantizationType
@@ -180,3 +183,34 @@ def write_model(path, family: str = "llama", qtype: Q = Q.F32, t: Tiny | None = 
     w.write_tensors_to_file()
     w.close()
     return written
+
+
+GEMMA_TINY = Tiny(heads=2, kv=1, head_dim=256, layers=6, tied=True, window=4)  # one global layer
+TEXT = [{"role": "user", "content": "hello world, hello"}]
+
+
+def transformers_logits(path, ids) -> np.ndarray:
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def ours_logits(model_dir, ids) -> np.ndarray:
+    from apo_jax.models.hf import load_hf
+
+    model, _ = load_hf(model_dir)
+    return np.asarray(model(jnp.asarray([ids], jnp.int32)))[0]
+
+
+def chat_ids(model_dir) -> list[int]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return list(
+        tok.apply_chat_template(TEXT, add_generation_prompt=True, tokenize=True)["input_ids"]
+    )

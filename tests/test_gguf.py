@@ -11,10 +11,19 @@ from __future__ import annotations
 import os
 
 import gguf
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from gguf_helpers import CHATML, Q, Tiny, gguf_name, write_model
+from gguf_helpers import (
+    CHATML,
+    GEMMA_TINY,
+    Q,
+    Tiny,
+    chat_ids,
+    gguf_name,
+    ours_logits,
+    transformers_logits,
+    write_model,
+)
 
 from apo_jax.eval.runner import resolve_model_dir
 from apo_jax.models import convert, gguf_read
@@ -22,33 +31,6 @@ from apo_jax.models.hf import load_hf
 from apo_jax.models.safetensors_io import SafetensorsFile
 
 K_TINY = Tiny(d=256, heads=4, kv=2, head_dim=64, mlp=256, layers=1)  # rows of 256 for K-quants
-GEMMA_TINY = Tiny(heads=2, kv=1, head_dim=256, layers=6, tied=True, window=4)  # one global layer
-TEXT = [{"role": "user", "content": "hello world, hello"}]
-
-
-def transformers_logits(path, ids) -> np.ndarray:
-    import torch
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
-    ).eval()
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].numpy()
-
-
-def ours_logits(model_dir, ids) -> np.ndarray:
-    model, _ = load_hf(model_dir)
-    return np.asarray(model(jnp.asarray([ids], jnp.int32)))[0]
-
-
-def chat_ids(model_dir) -> list[int]:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    return list(
-        tok.apply_chat_template(TEXT, add_generation_prompt=True, tokenize=True)["input_ids"]
-    )
 
 
 def imported(tmp_path, family, qtype, t):

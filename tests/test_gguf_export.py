@@ -15,8 +15,17 @@ import gguf
 import jax
 import numpy as np
 import pytest
-from gguf_helpers import CHATML, Q, Tiny, gpt2_vocab, write_model
-from test_gguf import GEMMA_TINY, chat_ids, ours_logits, transformers_logits
+from gguf_helpers import (
+    CHATML,
+    GEMMA_TINY,
+    Q,
+    Tiny,
+    chat_ids,
+    gpt2_vocab,
+    ours_logits,
+    transformers_logits,
+    write_model,
+)
 
 from apo_jax.models import convert, gguf_read, lora
 from apo_jax.models.hf import load_hf
@@ -204,3 +213,16 @@ def test_mistral_exports_as_llama_and_sliding_windows_are_refused(tmp_path, caps
                 "every layer with full attention\n"
             )
             assert not os.path.exists(out)
+
+
+def test_pre_tokenizer_name_from_the_split_regex(tmp_path):
+    from transformers import AutoTokenizer
+
+    from apo_jax.data import demo
+    from apo_jax.models import gguf_vocab
+
+    tok_dir = demo.train_tokenizer(["hello world, one two three"] * 20, str(tmp_path), 300)
+    v = gguf_vocab.vocab_metadata(AutoTokenizer.from_pretrained(tok_dir), 320, tok_dir)
+    assert (v["model"], v["pre"]) == ("gpt2", "llama3")  # Llama 3's split, as llama.cpp names it
+    assert v["tokens"][-1] == "[PAD319]" and v["types"][-1] == gguf.TokenType.UNUSED
+    assert v["types"][v["bos"]] == gguf.TokenType.CONTROL

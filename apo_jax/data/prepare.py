@@ -450,7 +450,9 @@ def _flag_values() -> flags.FlagValues:
         "pair file (.jsonl, .jsonl.gz, .json, .parquet), save_to_disk dir or hub name",
         **kw,
     )
-    flags.DEFINE_string("tokenizer", None, "Hugging Face tokenizer dir with a chat template", **kw)
+    flags.DEFINE_string(
+        "tokenizer", None, "HF tokenizer dir with a chat template, or a .gguf file", **kw
+    )
     flags.DEFINE_string("out", None, "output dir: shards, manifest.json, rejects.jsonl", **kw)
     flags.DEFINE_integer("max_length", d.max_length, "prompt + completion tokens, each side", **kw)
     flags.DEFINE_integer("max_prompt_length", None, "prompt tokens at most (default: none)", **kw)

@@ -10,7 +10,7 @@ from apo_jax.eval import runner
 from apo_jax.eval.generation import Sampling
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "Hugging Face checkpoint dir, or a training workdir (its hf/).")
+flags.DEFINE_string("model", None, "HF checkpoint dir, training workdir (its hf/) or .gguf file.")
 flags.DEFINE_string("prompts", None, "Prompt rows: .jsonl, .json, .parquet or a datasets dir.")
 flags.DEFINE_string("out", None, "Output dir: generations.jsonl, summary.json, rejects.jsonl.")
 flags.DEFINE_string("tokenizer", "", "Tokenizer dir (default: the model dir).")

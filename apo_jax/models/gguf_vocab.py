@@ -5,7 +5,8 @@ Two vocabularies are written, chosen from the `tokenizers` model:
 - byte-level BPE (GPT-2 style: Llama 3, Qwen, SmolLM) -> `tokenizer.ggml.model = gpt2`: tokens in
   id order, the merges, token types, and `tokenizer.ggml.pre`, the name llama.cpp gives the
   pre-tokenizer split. A directory imported from GGUF keeps the original name under the
-  `tokenizer_config.json` key `gguf_pre_tokenizer` (see `PRE_KEY`); otherwise it is `default`.
+  `tokenizer_config.json` key `gguf_pre_tokenizer` (see `PRE_KEY`); otherwise the split regex is
+  looked up in transformers' GGUF table (`llama3`, `qwen2`, ...), and failing that it is `default`.
 - byte-fallback BPE converted from SentencePiece (Llama 2, Gemma) -> `tokenizer.ggml.model =
   llama`: tokens, scores (`-id`: the vocabulary's order is its merge order) and token types
   (`<0xNN>` bytes, unknown, control, user-defined, normal).
@@ -86,7 +87,7 @@ def vocab_metadata(tok: Any, vocab_size: int, tok_dir: str) -> dict[str, Any]:
                          "cannot be written to GGUF here")  # fmt: skip
     out: dict[str, Any] = dict(tokens=tokens, types=types, scores=None, merges=None, pre=None)
     if byte_level:
-        out.update(model="gpt2", merges=_merges(model), pre=_pre_name(tok_dir))
+        out.update(model="gpt2", merges=_merges(model), pre=_pre_name(tok_dir, spec))
     else:
         unk = model.get("unk_token")
         for i, token in enumerate(tokens):
@@ -102,12 +103,25 @@ def vocab_metadata(tok: Any, vocab_size: int, tok_dir: str) -> dict[str, Any]:
     return out
 
 
-def _pre_name(tok_dir: str) -> str:
+def _pre_name(tok_dir: str, spec: dict[str, Any]) -> str:
+    """llama.cpp's pre-tokenizer name: the one recorded on import, else the name transformers'
+    GGUF table gives the tokenizer's split regex (e.g. `llama3`, `qwen2`), else `default`."""
     path = os.path.join(tok_dir, "tokenizer_config.json")
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
-            return str(json.load(f).get(PRE_KEY) or "default")
-    return "default"
+            recorded = json.load(f).get(PRE_KEY)
+        if recorded:
+            return str(recorded)
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+            GGUF_PRE_TOKENIZER_SPLITS,
+        )
+    except ImportError:  # an internal table; without it the name stays `default`
+        return "default"
+    steps = (spec.get("pre_tokenizer") or {}).get("pretokenizers") or []
+    regexes = [n.get("pattern", {}).get("Regex") for n in steps if n.get("type") == "Split"]
+    names = [name for name, regex in GGUF_PRE_TOKENIZER_SPLITS.items() if regexes[:1] == [regex]]
+    return names[0] if names else "default"
 
 
 def write_vocab(writer: gguf.GGUFWriter, v: dict[str, Any]) -> None:

@@ -408,6 +408,7 @@ class StopSignal:
         # The step a signal arriving now stops after, kept by the training loop (the console
         # log runs a step or two behind the steps dispatched, so "this step" would mislead).
         self.stop_step: int | None = None
+        self.signal_step: int | None = None  # stop_step when the first signal came
 
     def _handle(self, signum, frame):
         self.count += 1
@@ -415,6 +416,7 @@ class StopSignal:
         if self.count == 1:
             self.signal_name = name
             self._event.set()
+            self.signal_step = self.stop_step
             which = "this step" if self.stop_step is None else f"step {self.stop_step}"
             print(f"apo_jax: {name}: stopping after {which} with a checkpoint (a second signal "
                   "waits for it, a third abandons it)", file=sys.stderr, flush=True)  # fmt: skip

@@ -212,6 +212,8 @@ def _loop(run: hooks.Run, side_tasks: list[hooks.Hook], on_abandon: Any = None) 
                 run.bar.update(1)
                 run.stopping = _stop_agreed(stop)
                 stop.stop_step = min(step + 1, run.num_steps)  # a later signal: the next step
+                if not run.stopping and jax.process_count() == 1 and stop.signal_step == step:
+                    run.stopping = True  # the signal came between the check and the line above
                 for task in side_tasks:
                     task.after_step(run)
                 if run.stopping:

@@ -231,6 +231,7 @@ def test_lora_run_resumes_exactly_and_exports_peft(make_hf_llama, small_shards, 
     with open(os.path.join(ckpt, "meta", "metadata")) as f:
         assert json.load(f)["base"]["path"] == os.path.abspath(path)
     shutil.copytree(ckpt, os.path.join(split, "checkpoints", "2"))  # a run stopped at step 2
+    shutil.copy(os.path.join(straight, "config.json"), split)  # (checkpoints alone are refused)
     _run(split, path, small_shards, tok_dir, 4)
     want, got = _losses(straight), _losses(split)
     assert sorted(got) == [3, 4] and want[1] != want[4]

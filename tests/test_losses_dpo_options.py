@@ -145,6 +145,7 @@ def test_trdpo_resume_continues_the_mixed_reference(tmp_path):
     trainer.train_and_evaluate(config, straight)
     shutil.copytree(os.path.join(straight, "checkpoints", "2"),
                     os.path.join(split, "checkpoints", "2"))  # a run stopped at step 2  # fmt: skip
+    shutil.copy(os.path.join(straight, "config.json"), split)  # (checkpoints alone are refused)
     trainer.train_and_evaluate(config, split)
     want, got = losses_by_step(straight), losses_by_step(split)
     assert sorted(got) == [3, 4]

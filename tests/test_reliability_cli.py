@@ -48,8 +48,9 @@ def test_two_sigints_finish_the_save_then_exit_75(tmp_path, small_shards):
     assert proc.poll() is None, list(lines.queue)[-30:]
     proc.send_signal(signal.SIGINT)
     err = ""
-    while "stopping after this step" not in err and time.time() < deadline:
+    while "stopping after step " not in err and time.time() < deadline:
         err += lines.get(timeout=600)
+    announced = int(err.split("stopping after step ")[1].split()[0])
     proc.send_signal(signal.SIGINT)  # while the first one's step finishes and its save runs
     out = proc.stdout.read()
     proc.wait(timeout=600)
@@ -61,7 +62,7 @@ def test_two_sigints_finish_the_save_then_exit_75(tmp_path, small_shards):
     # The stop is announced once its checkpoint is committed, and that checkpoint is complete.
     line = next(ln for ln in err.splitlines() if "committed in" in ln)
     step = int(line.split("checkpoint of step ")[1].split()[0])
-    assert 2 <= step < 500
+    assert 2 <= step < 500 and step == announced  # it stops after the step it said
     names = os.listdir(os.path.join(wd, "checkpoints"))
     assert str(step) in names and not [n for n in names if "tmp" in n], names
     assert "stopped early at step" in out

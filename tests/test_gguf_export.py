@@ -226,3 +226,19 @@ def test_pre_tokenizer_name_from_the_split_regex(tmp_path):
     assert (v["model"], v["pre"]) == ("gpt2", "llama3")  # Llama 3's split, as llama.cpp names it
     assert v["tokens"][-1] == "[PAD319]" and v["types"][-1] == gguf.TokenType.UNUSED
     assert v["types"][v["bos"]] == gguf.TokenType.CONTROL
+
+
+def test_non_finite_weights_are_never_exported(tmp_path, capsys):
+    hf_dir = make_dir(tmp_path)
+    st = os.path.join(hf_dir, "model.safetensors")
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(st)
+    name = "model.layers.1.mlp.down_proj.weight"
+    tensors[name][0, 0] = np.nan
+    save_file(tensors, st, metadata={"format": "pt"})
+    out = tmp_path / "nan.gguf"
+    assert err_of(capsys, f"--input={hf_dir}", f"--out={out}").startswith(
+        f"error: {out}: refusing to export non-finite weights ({name}: 1 of "
+    )
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == ["hf", "src.gguf"]

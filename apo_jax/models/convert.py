@@ -154,7 +154,7 @@ def to_gguf(path: str, out: str, dtype: str = "f32", overwrite: bool = False) ->
     """
     from transformers import AutoTokenizer
 
-    from apo_jax.models import families, lora
+    from apo_jax.models import families, hf, lora
 
     if dtype not in gguf_write.DTYPES:
         raise ConvertError(f"--dtype={dtype}: supported {', '.join(gguf_write.DTYPES)}")
@@ -166,6 +166,8 @@ def to_gguf(path: str, out: str, dtype: str = "f32", overwrite: bool = False) ->
                            "its tokenizer")  # fmt: skip
     gguf_write.check_exportable(families.config_from_hf(lora.config_dir(src)))  # before loading
     model, cfg = lora.load_merged(src)
+    for hf_name, arr in gguf_write.hf_tensors(model, cfg):  # a diverged run is never exported
+        hf.check_finite(arr, hf_name, out)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     tmp = f"{out}.tmp-{os.getpid()}"
     try:

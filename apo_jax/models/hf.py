@@ -197,7 +197,7 @@ def _read(tensors, entries, shape, dtype, target, stacked: bool) -> jax.Array:
     return jax.make_array_from_callback(tuple(shape), target, shard)
 
 
-def _check_finite(arr: np.ndarray, name: str, out_dir: str) -> None:
+def check_finite(arr: np.ndarray, name: str, out_dir: str) -> None:
     """Refuses to export a tensor holding NaN or infinity (a diverged run, or a dtype overflow)."""
     bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
     if bad:
@@ -264,7 +264,7 @@ def save_hf(
                 value = flat[p].get_value()
                 arr = np.asarray(jax.device_get(value[layer] if layer is not None else value))
                 tensors[name] = (arr.T if transpose else arr).astype(np_dtype)
-                _check_finite(tensors[name], name, out_dir)
+                check_finite(tensors[name], name, out_dir)
                 weight_map[name] = fname
                 total += tensors[name].nbytes
             write_safetensors(staged.path(fname), tensors)

@@ -32,7 +32,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*found in sys.modules after imp
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md", *sorted(os.path.relpath(p, REPO) for p in glob.glob(f"{REPO}/docs/*.md"))]
 MARK = "not run in tests:"
-SHELL_BLOCK = re.compile(r"^```(?:bash|sh|shell|console)\n(.*?)^```", re.M | re.S)
+SHELLS = ("bash", "sh", "shell", "console")
+OUTPUT_FLAGS = ("--out", "--output", "--workdir")  # what these name is written, never placed
 N_TRAIN, N_EVAL = 64, 32  # the sandbox's demo data
 # Flags appended to every run of a module: sizes only (a later flag wins over the doc's).
 SIZES = {
@@ -82,15 +83,32 @@ def _logical_lines(block: str, first: int):
         yield start, code.strip(), comment.strip()
 
 
+def _blocks(text: str):
+    """(language, first line number, body) of each fenced block, fences paired in order."""
+    lang, first, body = None, 0, []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.startswith("```"):
+            if lang is not None:
+                body.append(line)
+        elif lang is None:
+            lang, first, body = line[3:].strip(), i + 1, []
+        else:
+            yield lang, first, "\n".join(body)
+            lang = None
+
+
 def collect() -> tuple[list[DocCommand], list[str]]:
     """The apo_jax commands of README.md and docs/*.md, and every other program's steps."""
     commands, others = [], []
     for doc in DOCS:
         with open(os.path.join(REPO, doc), encoding="utf-8") as f:
             text = f.read()
-        for m in SHELL_BLOCK.finditer(text):
-            first = text[: m.start(1)].count("\n") + 1
-            for line, code, comment in _logical_lines(m.group(1), first):
+        for lang, first, body in _blocks(text):
+            if lang not in (*SHELLS, ""):
+                continue
+            for line, code, comment in _logical_lines(body, first):
+                if not lang and not re.match(r"python3? -m apo_jax", code):
+                    continue  # in a block with no language, other lines are listings
                 why = comment.split(MARK, 1)[1].strip() if MARK in comment else ""
                 for part in filter(None, (p.strip() for p in code.split("&&"))):
                     words = shlex.split(part)
@@ -136,6 +154,8 @@ PLACES = {
     "runs/*/hf": "model",
     "runs/dpo_demo": "workdir",
     "runs/apo_zero_demo": "workdir",
+    "runs/apo_zero_smollm2": "workdir",
+    "*.gguf": "gguf",
     "TOKDIR": "tokenizer",
     "data/clair/train": "train_shards",
     "data/clair/eval": "eval_shards",
@@ -179,6 +199,8 @@ class Sandbox:
     def path_args(self):
         for c in COMMANDS:
             for arg in c.argv[1:]:
+                if arg.split("=", 1)[0] in OUTPUT_FLAGS:
+                    continue
                 value = self.localize(arg.split("=", 1)[-1])
                 yield from value.split(",")
 
@@ -200,6 +222,17 @@ def _place(sb: Sandbox, rel: str, what) -> None:
         os.symlink(os.path.join(sb.root, "runs", "apo_down_demo", "hf"), dest)
     elif what == "workdir":
         os.symlink(os.path.join(sb.root, "runs", "apo_down_demo"), dest)
+    elif what == "gguf":  # our tiny model written as GGUF by the docs' own converter
+        import importlib.util
+
+        convert = DocCommand(
+            "",
+            0,
+            ("apo_jax.models.convert", f"--input={sb.root}/runs/apo_down_demo/hf", f"--out={dest}"),
+            "",
+        )
+        if importlib.util.find_spec(convert.module) is not None:
+            assert run_command(convert, sb) == 0, f"could not write a GGUF placeholder at {dest}"
     elif what == "tokenizer":
         os.symlink(a.tokenizer_dir, dest)
     else:  # shards: a copy, since a doc command may write over it

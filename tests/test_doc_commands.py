@@ -152,6 +152,7 @@ PLACES = {
     "ckpt/*": "model",
     "path/to/*": "model",
     "runs/*/hf": "model",
+    "runs/apo_down_demo": "workdir",
     "runs/dpo_demo": "workdir",
     "runs/apo_zero_demo": "workdir",
     "runs/apo_zero_smollm2": "workdir",
@@ -159,6 +160,7 @@ PLACES = {
     "TOKDIR": "tokenizer",
     "data/clair/train": "train_shards",
     "data/clair/eval": "eval_shards",
+    "data/clair_shards": "train_shards",
     "prompts.jsonl": lambda s: _prompt_rows(s),
     "pairs.jsonl": lambda s: s.pairs,
     "data/*.jsonl": lambda s: s.pairs,
@@ -196,8 +198,8 @@ class Sandbox:
         arg = re.sub(r"(^|[=,])/(ckpt|data|runs)/", r"\1\2/", arg)
         return arg.replace("demo-v2-3000-300-0-", f"demo-v2-{N_TRAIN}-{N_EVAL}-0-")
 
-    def path_args(self):
-        for c in COMMANDS:
+    def path_args(self, commands):
+        for c in commands:
             for arg in c.argv[1:]:
                 if arg.split("=", 1)[0] in OUTPUT_FLAGS:
                     continue
@@ -205,8 +207,8 @@ class Sandbox:
                 yield from value.split(",")
 
 
-def _place(sb: Sandbox, rel: str, what) -> None:
-    dest = os.path.join(sb.root, rel)
+def _place(sb: Sandbox, root: str, rel: str, what) -> None:
+    dest = os.path.join(root, rel)
     if os.path.lexists(dest):
         return
     os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
@@ -239,15 +241,15 @@ def _place(sb: Sandbox, rel: str, what) -> None:
         shutil.copytree(a.train_shards if what == "train_shards" else a.eval_shards, dest)
 
 
-def _fill(sb: Sandbox) -> None:
-    """Puts something at every placeholder path that a doc command reads."""
+def _fill(sb: Sandbox, root: str, commands) -> None:
+    """Puts something under `root` at every placeholder path that `commands` read."""
     import fnmatch
 
-    for arg in sorted(set(sb.path_args())):
+    for arg in sorted(set(sb.path_args(commands))):
         rel = arg.rstrip("/")
         for pattern, what in PLACES.items():
             if fnmatch.fnmatch(rel, pattern) and not os.path.isabs(rel):
-                _place(sb, rel, what)
+                _place(sb, root, rel, what)
                 break
 
 
@@ -272,10 +274,11 @@ def _as_command(argv: list[str], cwd: str):
         flags.FLAGS.mark_as_parsed()  # as conftest leaves them (grain workers read them)
 
 
-def run_command(c: DocCommand, sb: Sandbox, extra=()) -> int:
-    """Runs `python -m <module> <args>` in-process in the sandbox; returns its exit status."""
-    argv = [c.module, *(sb.localize(a) for a in c.argv[1:]), *SIZES.get(c.module, ()), *extra]
-    with _as_command(argv, sb.root):
+def run_command(c: DocCommand, sb: Sandbox, cwd: str = "") -> int:
+    """Runs `python -m <module> <args>` in-process; returns its exit status. `cwd` (default: the
+    sandbox) holds what the command reads."""
+    argv = [c.module, *(sb.localize(a) for a in c.argv[1:]), *SIZES.get(c.module, ())]
+    with _as_command(argv, cwd or sb.root):
         try:
             runpy.run_module(c.module, run_name="__main__", alter_sys=True)
         except SystemExit as e:
@@ -300,7 +303,7 @@ def sandbox(tmp_path_factory):
         sb = Sandbox(root, home, pairs, assets)
         status = run_command(QUICK_START, sb)
         sb.quick_start_status = status
-        _fill(sb)
+        _fill(sb, root, COMMANDS)  # what the in-process checks read
         yield sb
     finally:
         if old_home is None:
@@ -374,12 +377,22 @@ def test_every_command_parses_and_validates(c, sandbox):
     _check(c, sandbox)
 
 
+def _run_alone(c: DocCommand, sb: Sandbox) -> int:
+    """Runs `c` in a directory of its own holding only what it reads (so a run's default workdir
+    is fresh, as on a user's machine, and no run sees another's outputs)."""
+    import tempfile
+
+    cwd = tempfile.mkdtemp(prefix="run-", dir=sb.root)
+    _fill(sb, cwd, [c])
+    return run_command(c, sb, cwd)
+
+
 @pytest.mark.parametrize("c", FAST_RUNS, ids=lambda c: c.id)
 def test_one_command_of_each_module_runs(c, sandbox):
-    assert run_command(c, sandbox) == 0, c.id
+    assert _run_alone(c, sandbox) == 0, c.id
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("c", SLOW_RUNS, ids=lambda c: c.id)
 def test_every_other_command_runs(c, sandbox):
-    assert run_command(c, sandbox) == 0, c.id
+    assert _run_alone(c, sandbox) == 0, c.id

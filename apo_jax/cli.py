@@ -2,8 +2,8 @@
 
 Flags (`--config=<built-in name or file>[:preset]`, which `apo_jax.config_files` resolves,
 `--config.<field>=value`, `--workdir`), the console summary and the user-error mapping live here
-and nowhere else; the library (`apo_jax.trainer`) never imports this module. Errors a user can fix print one line and exit 2
-(`apo_jax.errors`); `APO_JAX_DEBUG=1` shows the traceback.
+and nowhere else; the library (`apo_jax.trainer`) never imports this module. Errors a user can
+fix print one line and exit 2 (`apo_jax.errors`); `APO_JAX_DEBUG=1` shows the traceback.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
 
@@ -55,6 +56,7 @@ def test_table_is_markdown():
     assert len({len(line) for line in out.splitlines()}) == 1
 
 
+@pytest.mark.slow  # compiles a bf16 rematerialized LoRA step
 def test_gpu_check_lora_step_trains_adapters_on_one_device():
     """gpu.sh's one-device LoRA step (gpu_check --llama8b), miniature model, bf16 base."""
     cfg = get_preset("tiny", vocab_size=128, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,

@@ -32,7 +32,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*found in sys.modules after imp
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md", *sorted(os.path.relpath(p, REPO) for p in glob.glob(f"{REPO}/docs/*.md"))]
 MARK = "not run in tests:"
-SHELL_BLOCK = re.compile(r"^```(?:bash|sh|shell|console)\n(.*?)^```", re.M | re.S)
+SHELLS = ("bash", "sh", "shell", "console")
+OUTPUT_FLAGS = ("--out", "--output", "--workdir")  # what these name is written, never placed
 N_TRAIN, N_EVAL = 64, 32  # the sandbox's demo data
 # Flags appended to every run of a module: sizes only (a later flag wins over the doc's).
 SIZES = {
@@ -82,15 +83,32 @@ def _logical_lines(block: str, first: int):
         yield start, code.strip(), comment.strip()
 
 
+def _blocks(text: str):
+    """(language, first line number, body) of each fenced block, fences paired in order."""
+    lang, first, body = None, 0, []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.startswith("```"):
+            if lang is not None:
+                body.append(line)
+        elif lang is None:
+            lang, first, body = line[3:].strip(), i + 1, []
+        else:
+            yield lang, first, "\n".join(body)
+            lang = None
+
+
 def collect() -> tuple[list[DocCommand], list[str]]:
     """The apo_jax commands of README.md and docs/*.md, and every other program's steps."""
     commands, others = [], []
     for doc in DOCS:
         with open(os.path.join(REPO, doc), encoding="utf-8") as f:
             text = f.read()
-        for m in SHELL_BLOCK.finditer(text):
-            first = text[: m.start(1)].count("\n") + 1
-            for line, code, comment in _logical_lines(m.group(1), first):
+        for lang, first, body in _blocks(text):
+            if lang not in (*SHELLS, ""):
+                continue
+            for line, code, comment in _logical_lines(body, first):
+                if not lang and not re.match(r"python3? -m apo_jax", code):
+                    continue  # in a block with no language, other lines are listings
                 why = comment.split(MARK, 1)[1].strip() if MARK in comment else ""
                 for part in filter(None, (p.strip() for p in code.split("&&"))):
                     words = shlex.split(part)
@@ -134,11 +152,15 @@ PLACES = {
     "ckpt/*": "model",
     "path/to/*": "model",
     "runs/*/hf": "model",
+    "runs/apo_down_demo": "workdir",
     "runs/dpo_demo": "workdir",
     "runs/apo_zero_demo": "workdir",
+    "runs/apo_zero_smollm2": "workdir",
+    "*.gguf": "gguf",
     "TOKDIR": "tokenizer",
     "data/clair/train": "train_shards",
     "data/clair/eval": "eval_shards",
+    "data/clair_shards": "train_shards",
     "prompts.jsonl": lambda s: _prompt_rows(s),
     "pairs.jsonl": lambda s: s.pairs,
     "data/*.jsonl": lambda s: s.pairs,
@@ -176,15 +198,17 @@ class Sandbox:
         arg = re.sub(r"(^|[=,])/(ckpt|data|runs)/", r"\1\2/", arg)
         return arg.replace("demo-v2-3000-300-0-", f"demo-v2-{N_TRAIN}-{N_EVAL}-0-")
 
-    def path_args(self):
-        for c in COMMANDS:
+    def path_args(self, commands):
+        for c in commands:
             for arg in c.argv[1:]:
+                if arg.split("=", 1)[0] in OUTPUT_FLAGS:
+                    continue
                 value = self.localize(arg.split("=", 1)[-1])
                 yield from value.split(",")
 
 
-def _place(sb: Sandbox, rel: str, what) -> None:
-    dest = os.path.join(sb.root, rel)
+def _place(sb: Sandbox, root: str, rel: str, what) -> None:
+    dest = os.path.join(root, rel)
     if os.path.lexists(dest):
         return
     os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
@@ -200,21 +224,32 @@ def _place(sb: Sandbox, rel: str, what) -> None:
         os.symlink(os.path.join(sb.root, "runs", "apo_down_demo", "hf"), dest)
     elif what == "workdir":
         os.symlink(os.path.join(sb.root, "runs", "apo_down_demo"), dest)
+    elif what == "gguf":  # our tiny model written as GGUF by the docs' own converter
+        import importlib.util
+
+        convert = DocCommand(
+            "",
+            0,
+            ("apo_jax.models.convert", f"--input={sb.root}/runs/apo_down_demo/hf", f"--out={dest}"),
+            "",
+        )
+        if importlib.util.find_spec(convert.module) is not None:
+            assert run_command(convert, sb) == 0, f"could not write a GGUF placeholder at {dest}"
     elif what == "tokenizer":
         os.symlink(a.tokenizer_dir, dest)
     else:  # shards: a copy, since a doc command may write over it
         shutil.copytree(a.train_shards if what == "train_shards" else a.eval_shards, dest)
 
 
-def _fill(sb: Sandbox) -> None:
-    """Puts something at every placeholder path that a doc command reads."""
+def _fill(sb: Sandbox, root: str, commands) -> None:
+    """Puts something under `root` at every placeholder path that `commands` read."""
     import fnmatch
 
-    for arg in sorted(set(sb.path_args())):
+    for arg in sorted(set(sb.path_args(commands))):
         rel = arg.rstrip("/")
         for pattern, what in PLACES.items():
             if fnmatch.fnmatch(rel, pattern) and not os.path.isabs(rel):
-                _place(sb, rel, what)
+                _place(sb, root, rel, what)
                 break
 
 
@@ -239,10 +274,11 @@ def _as_command(argv: list[str], cwd: str):
         flags.FLAGS.mark_as_parsed()  # as conftest leaves them (grain workers read them)
 
 
-def run_command(c: DocCommand, sb: Sandbox, extra=()) -> int:
-    """Runs `python -m <module> <args>` in-process in the sandbox; returns its exit status."""
-    argv = [c.module, *(sb.localize(a) for a in c.argv[1:]), *SIZES.get(c.module, ()), *extra]
-    with _as_command(argv, sb.root):
+def run_command(c: DocCommand, sb: Sandbox, cwd: str = "") -> int:
+    """Runs `python -m <module> <args>` in-process; returns its exit status. `cwd` (default: the
+    sandbox) holds what the command reads."""
+    argv = [c.module, *(sb.localize(a) for a in c.argv[1:]), *SIZES.get(c.module, ())]
+    with _as_command(argv, cwd or sb.root):
         try:
             runpy.run_module(c.module, run_name="__main__", alter_sys=True)
         except SystemExit as e:
@@ -267,7 +303,7 @@ def sandbox(tmp_path_factory):
         sb = Sandbox(root, home, pairs, assets)
         status = run_command(QUICK_START, sb)
         sb.quick_start_status = status
-        _fill(sb)
+        _fill(sb, root, COMMANDS)  # what the in-process checks read
         yield sb
     finally:
         if old_home is None:
@@ -341,12 +377,22 @@ def test_every_command_parses_and_validates(c, sandbox):
     _check(c, sandbox)
 
 
+def _run_alone(c: DocCommand, sb: Sandbox) -> int:
+    """Runs `c` in a directory of its own holding only what it reads (so a run's default workdir
+    is fresh, as on a user's machine, and no run sees another's outputs)."""
+    import tempfile
+
+    cwd = tempfile.mkdtemp(prefix="run-", dir=sb.root)
+    _fill(sb, cwd, [c])
+    return run_command(c, sb, cwd)
+
+
 @pytest.mark.parametrize("c", FAST_RUNS, ids=lambda c: c.id)
 def test_one_command_of_each_module_runs(c, sandbox):
-    assert run_command(c, sandbox) == 0, c.id
+    assert _run_alone(c, sandbox) == 0, c.id
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("c", SLOW_RUNS, ids=lambda c: c.id)
 def test_every_other_command_runs(c, sandbox):
-    assert run_command(c, sandbox) == 0, c.id
+    assert _run_alone(c, sandbox) == 0, c.id

@@ -193,6 +193,7 @@ def test_workdir_without_export_and_bad_flags_are_one_line_errors(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: --model=") and "hf" in lines[0]
 
 
+@pytest.mark.slow  # a subprocess with 4 simulated devices
 def test_command_sharded_over_4_devices_gives_the_same_responses(model, greedy_run, tmp_path):
     """The exact command, with prompts over 'data' and weights over 'tensor', equals 1 device."""
     rows, _, gens, s = greedy_run

@@ -121,6 +121,7 @@ def _start_alone(tmp, pid: int, port: int, timeout: int) -> tuple[int, str, floa
     return p.returncode, p.stderr, time.perf_counter() - t
 
 
+@pytest.mark.slow  # waits out the runtime's connection timeouts
 def test_unreachable_coordinator_is_a_one_line_error(tmp_path):
     rc, err, seconds = _start_alone(tmp_path, 1, _free_port(), 3)
     errors = [line for line in err.splitlines() if line.startswith("error:")]
@@ -129,6 +130,7 @@ def test_unreachable_coordinator_is_a_one_line_error(tmp_path):
     assert "Check failure" not in err and seconds < 60
 
 
+@pytest.mark.slow  # waits out the runtime's connection timeouts
 def test_coordinator_nobody_joins_times_out(tmp_path):
     rc, err, seconds = _start_alone(tmp_path, 0, _free_port(), 3)
     errors = [line for line in err.splitlines() if line.startswith("error:")]

@@ -198,6 +198,7 @@ def _metrics(workdir):
     return rows
 
 
+@pytest.mark.slow  # two training runs
 def test_training_packed_gives_the_concat_losses(tmp_path):
     cache = str(tmp_path / "demo")
     demo.build_demo(cache, n_train=128, n_eval=32, multi_turn=0.0)

@@ -116,6 +116,7 @@ _EIGHT_DEVICE_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # two subprocesses with 8 simulated devices
 def test_sharded_forward_and_grads_match_single_device(tmp_path):
     env = dict(os.environ)
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"

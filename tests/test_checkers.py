@@ -92,6 +92,14 @@ REAL = [
      False),
     ("Compute 4 x 4.", 16, "To find 4 x 4, we can use the formula for multiplication of 4x4, "
      "which is 4 * 4 = 16. This is the result of the multiplication of 4x4.", True),
+    ("What is 5 times 5?", 25, "To find 5 times 5, we can use the formula for multiplication of "
+     "a number by itself, which is 5 * 5 = 25. However, in this context, 5 * 5 is equivalent to "
+     "25, which is the result of 5 multiplied by itself.\n\n", True),
+    ("Which number is larger, 825 or 251?", 825, "To solve this problem, we need to find the "
+     "greatest common factor of 825 and 251.\n\nThe greatest common factor is 825, which is the "
+     "product of all prime numbers up to 825.\n\nThe least common multiple of 825 and ", False),
+    ("Which number is larger, 103 or 975?", 975, "To solve this problem, we need to find the "
+     "greatest common divisor (GCD) of 103 and 975.\n\nThe GCD of 103 and 975 is 103.", False),
     ("What is 10 + 88?", 98, "10 + 88 = 100 + 88 = 100 * 2 = 200\n\nThis is a classic example of "
      "a mathematical identity that is often misunderstood.", False),
     ("Tom has 18 apples and buys 34 more. How many apples does he have now?", 52,

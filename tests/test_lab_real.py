@@ -119,14 +119,14 @@ def test_real_path_end_to_end_on_a_tiny_random_model(tmp_path):
     from apo_jax.lab import real_run
 
     model_dir, _, _ = make_model_dir(str(tmp_path / "model"))
-    s = real.RealSettings(families=("add", "compare", "word_sub"), val_per_family=4,
+    s = real.RealSettings(families=("add", "compare", "word_add"), val_per_family=4,
                           pair_prompts_per_family=8, test=12, pairs=6, max_new_tokens=8,
                           max_length=128, steps=2, batch_size=2, sources=("clair",
                           "stronger_preferred"), objectives=("apo_zero", "sft"), seeds=1,
                           low=-0.1, high=1.1, eval_batch=16)  # fmt: skip
     out = str(tmp_path / "lab")
     r = real_run.run(out, s, model_dir, sweep=False, progress=False, command="test")
-    assert r["real"]["screen"]["heldout"] == "word_sub"
+    assert r["real"]["screen"]["heldout"] == "word_add"
     for c in r["conditions"]:
         with open(os.path.join(out, c["generations"])) as f:
             rows = [json.loads(line) for line in f]

@@ -105,6 +105,9 @@ _CUE = re.compile(
 )
 _LEADS = re.compile(r"\s*(?:is|was)\s+(?:the\s+)?(?:larger|bigger|greater|higher|answer|result)\b",
                     re.I)  # fmt: skip
+_CHOSEN = re.compile(r"(?:larger|bigger|greater|higher|largest|biggest|greatest|highest)"
+                     r"(?:\s+(?:number|one|value))?\s*(?:is|=|:|would be)\s*(" + _NUM + ")",
+                     re.I)  # fmt: skip
 _QUOTED = re.compile(r"'([^'\s]{1,30})'|\"([^\"]{1,60})\"")
 
 
@@ -116,6 +119,16 @@ def _sentences(text: str) -> list[str]:
     """Sentences (split after . ! ? before a space, and at line breaks), markdown stripped."""
     text = re.sub(r"[*_`#]", "", text)
     return [p.strip() for p in re.split(r"(?<=[.!?])\s+|\n+", text) if p.strip()]
+
+
+def _picked(sentence: str, hits: list[re.Match[str]]) -> float | None:
+    """A number of the question that the sentence states as the answer ("95 is larger", "the
+    larger number is 95"), else None (a restatement, or an answer about something else)."""
+    for h in hits:
+        if _LEADS.match(sentence, h.end()):
+            return _number(h[0])
+    m = _CHOSEN.search(sentence)
+    return _number(m[1]) if m else None
 
 
 def _final_value(question: str, response: str) -> float | None:
@@ -139,11 +152,11 @@ def _final_value(question: str, response: str) -> float | None:
         return None  # "Maybe 12, maybe 13, maybe 14"
     if stated:
         return stated.pop()
-    if len(values) == 1:
-        return values.pop()
-    for h in hits:  # "95 is larger than 74"
-        if _LEADS.match(last, h.end()):
-            return _number(h[0])
+    if not new:  # only the question's numbers: one counts only when stated as the answer
+        return _picked(last, hits)
+    fresh = {_number(h[0]) for h in hits if _number(h[0]) not in asked}
+    if len(fresh) == 1:
+        return fresh.pop()  # "5 * 5 is equivalent to 25, the result of 5 multiplied by itself"
     start = hits[-2].end() if len(hits) > 1 else 0
     if _CUE.search(last[start : hits[-1].start()]):
         return _number(hits[-1][0])  # "... = 15, so he has 15 books"
@@ -156,13 +169,14 @@ def _final_value(question: str, response: str) -> float | None:
 def final_number(row: Mapping[str, Any], response: str) -> bool:
     """True when `response` states exactly one final answer and it equals the row's ``answer``.
 
-    The final answer is, in order: the value of "the answer is X" (several different such values:
-    wrong); else, in the last sentence with a number (questions skipped), the number after the
-    last "=", the only number, a number that "is larger/the answer", or the last number when a
-    verb or "=" leads to it. Wrong: no such number; several numbers with a hedge ("maybe", "or",
-    "about" ...); several numbers none stated as the result (a restated question); a quoted item
-    that the question does not quote (an answer about another item). Thousands separators and a
-    trailing period are allowed.
+    The final answer is the value of "the answer is X" (several different such values: wrong);
+    else, in the last sentence holding a number that the question does not hold: the only such
+    number, the last number when a verb or "=" leads to it, or the number right after the last
+    "=". When no sentence has a new number (comparisons), a number of the question counts only
+    when stated as the answer ("95 is larger", "the larger number is 95"). Questions in the
+    response are skipped. Wrong: no such number; several numbers with a hedge ("maybe", "or",
+    "about" ...); a restated question; a quoted item that the question does not quote (an answer
+    about another item). Thousands separators and a trailing period are allowed.
 
     Raises:
       ValueError: when the row has no numeric ``answer``.

@@ -22,7 +22,7 @@ from apo_jax.lab import real, report
 from apo_jax.lab.real import RealSettings
 from apo_jax.lab.steps import read_json, run_step
 
-VERSION = 2  # bump when a step's code changes what it writes
+VERSION = 3  # bump when a step's code changes what it writes
 WORLD = ("seed", "families", "val_per_family", "pair_prompts_per_family", "test")
 SCREEN = ("max_new_tokens", "low", "high", "heldout_family")
 PAIRS = ("temperature", "pairs", "sources", "max_length")

@@ -45,6 +45,12 @@ def _mul(rng: random.Random) -> str:
     return f"What is {rng.randint(2, 9)} times {rng.randint(11, 49)}?"
 
 
+def _word_mul(rng: random.Random) -> str:
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    return f"{name} has {a} bags with {b} {item} in each bag. How many {item} does {name} have?"
+
+
 def _word_add(rng: random.Random) -> str:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     a, b = rng.randint(10, 60), rng.randint(3, 39)
@@ -67,9 +73,9 @@ def _minutes(rng: random.Random) -> str:
     return f"How many minutes are there in {rng.randint(1, 9)} hours and {rng.randint(5, 55)} minutes?"
 
 
-FAMILIES = {"add": _add, "add1": _add1, "sub": _sub, "mul1": _mul1, "mul": _mul, "word_add": _word_add,
+FAMILIES = {"add": _add, "add1": _add1, "sub": _sub, "mul1": _mul1, "mul": _mul, "word_mul": _word_mul, "word_add": _word_add,
             "word_sub": _word_sub, "compare": _compare, "minutes": _minutes}  # fmt: skip
-HELDOUT = "word_sub"  # the family no pair is built from (when it is kept; else the last kept one)
+HELDOUT = "word_add"  # the family no pair is built from (when it is kept; else the last kept one)
 
 _PATTERNS = {
     "add": r"What is (\d+) \+ (\d+)\?",
@@ -77,6 +83,7 @@ _PATTERNS = {
     "sub": r"What is (\d+) - (\d+)\?",
     "mul1": r"(?:What is (\d) times (\d)\?|What is (\d) multiplied by (\d)\?|Compute (\d) x (\d)\.)",
     "mul": r"What is (\d+) times (\d+)\?",
+    "word_mul": r"(\w+) has (\d+) bags with (\d+) (\w+) in each bag\. How many \w+ does \w+ have\?",
     "word_add": r"(\w+) has (\d+) (\w+) and gets (\d+) more\. How many \w+ does \w+ have now\?",
     "word_sub": r"(\w+) has (\d+) (\w+) and gives away (\d+)\. How many \w+ does \w+ have left\?",
     "compare": r"Which number is larger, (\d+) or (\d+)\?",
@@ -98,6 +105,9 @@ def solve(question: str) -> Solution:
     for kind, pattern in _PATTERNS.items():
         if m := re.fullmatch(pattern, question.strip()):
             g = [x for x in m.groups() if x is not None]
+            if kind == "word_mul":
+                a, b = int(g[1]), int(g[2])
+                return Solution(kind, {"name": g[0], "item": g[3], "a": a, "b": b}, a * b)
             if kind in ("word_add", "word_sub"):
                 a, b = int(g[1]), int(g[3])
                 f = {"name": g[0], "item": g[2], "a": a, "b": b}
@@ -127,6 +137,7 @@ STRONG = {
     "sub": "Subtracting: {a} - {b} = {v}. The answer is {v}.",
     "mul": "Multiplying: {a} x {b} = {v}. The answer is {v}.",
     "mul1": "Multiplying: {a} x {b} = {v}. The answer is {v}.",
+    "word_mul": "{name} has {a} bags of {b} {item}: {a} x {b} = {v}. The answer is {v}.",
     "word_add": "{name} starts with {a} {item} and receives {b}: {a} + {b} = {v}. "
     "The answer is {v}.",
     "word_sub": "{name} starts with {a} {item} and gives {b} away: {a} - {b} = {v}. "

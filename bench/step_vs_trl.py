@@ -20,7 +20,9 @@ learning rate 1e-4 constant, AdamW, clipping 1.0, float32 unless the row says ot
   down, reference = adapters disabled; "bf16": the model loaded in bfloat16 (torch runs bfloat16
   matmuls through oneDNN, on AMX where the CPU has it).
 
-Steady state: the median of the steps after `--warmup` (the first includes compilation). Tokens/s
+Steady state: the median of the steps after `--warmup` that compiled nothing (apo_jax compiles
+once per packed row count; `JAX_LOG_COMPILES` tells which steps did, marked "c"; its persistent
+compile cache is off here, so "compile s" is the first step's compilation). Tokens/s
 counts the same real tokens for every row (each pair's prompt twice and both answers, no padding).
 Rows run one after another, so run the benchmark on a machine nobody else loads, or repeat it.
 """
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -53,7 +56,10 @@ ROWS = {
     "trl-lora-pre": ("trl", "precomputed", True, "float32"),
     "trl-bf16": ("trl", "online", False, "bfloat16"),
 }
-DEFAULT_ROWS = "apo-pre,apo-online,apo-lora-pre,apo-lora-online,trl-online,trl-pre,trl-lora,trl-bf16"
+COMPILED = re.compile(r"Finished XLA compilation of .* in ([0-9.]+) s")
+DEFAULT_ROWS = (
+    "apo-pre,apo-online,apo-lora-pre,apo-lora-online,trl-online,trl-pre,trl-lora,trl-bf16"
+)
 # Which TRL row each apo_jax row is compared with (like with like: float32, same reference).
 BASELINE = {"apo-pre": "trl-pre", "apo-online": "trl-online", "apo-lora-pre": "trl-lora",
             "apo-lora-online": "trl-lora"}  # fmt: skip
@@ -122,20 +128,31 @@ def run_apo(spec: dict) -> dict:
         "--config.export_hf=False", "--config.checkpoint.every=0", "--config.checkpoint.keep_best=0",
         "--config.progress_bar=False",
     ]  # fmt: skip
+    # One merged, unbuffered stream: JAX's compile log lines land before the step they delay.
+    env = {**os.environ, "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1", "JAX_LOG_COMPILES": "1",
+           "APO_JAX_COMPILE_CACHE": "off"}  # fmt: skip
     t0 = time.perf_counter()
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": ROOT})  # fmt: skip
+    proc = subprocess.run(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, env=env)  # fmt: skip
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise SystemExit(f"apo_jax train failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"apo_jax train failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
     steps = []
     with open(os.path.join(work, "metrics.jsonl")) as f:
         for line in f:
             m = json.loads(line)
             if "train/tokens_per_sec" in m:
                 steps.append(m["train/tokens"] / m["train/tokens_per_sec"])
-    layout = next((ln for ln in proc.stderr.splitlines() if "layout" in ln), "")
-    return {"step_s": steps, "wall_s": wall, "note": layout[-160:]}
+    compile_s, pending = [0.0] * len(steps), 0.0
+    for line in proc.stdout.splitlines():
+        hit = COMPILED.search(line)
+        if hit and "train_fn" in line:
+            pending += float(hit.group(1))
+        step = re.match(r"\s*step (\d+)/", line)
+        if step and int(step.group(1)) <= len(steps):
+            compile_s[int(step.group(1)) - 1], pending = pending, 0.0
+    layout = next((ln for ln in proc.stdout.splitlines() if "layout=auto chose" in ln), "")
+    return {"step_s": steps, "compile_s": compile_s, "wall_s": wall, "note": layout[-160:]}
 
 
 # ------------------------------------------------------------------ TRL's DPOTrainer
@@ -197,6 +214,15 @@ def run_row(name: str, spec: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def steady(r: dict, warmup: int) -> float:
+    """Median seconds of the steps after `warmup` that compiled nothing (apo_jax compiles each new
+    packed row count once; its log says which steps did)."""
+    comp = r.get("compile_s") or [0.0] * len(r["step_s"])
+    after = list(zip(r["step_s"], comp, strict=True))[warmup:]
+    clean = [t for t, c in after if not c] or [t - c for t, c in after] or r["step_s"][-1:]
+    return statistics.median(clean)
+
+
 def shape_rows(label: str, manifest: dict, shards: str, pairs_path: str, max_length: int,
                steps: int, args) -> list:  # fmt: skip
     tokens_per_step = pair_tokens(manifest) * args.batch
@@ -211,16 +237,18 @@ def shape_rows(label: str, manifest: dict, shards: str, pairs_path: str, max_len
     rows = []
     for name, r in results.items():
         if "error" in r:
-            rows.append((label, name, "error", r["error"][:80], "", "", ""))
+            rows.append((label, name, "error", r["error"][:80], "", "", "", ""))
             continue
-        steady = r["step_s"][args.warmup:] or r["step_s"][-1:]
-        s = statistics.median(steady)
+        s = steady(r, args.warmup)
         base = results.get(BASELINE.get(name, ""), {})
-        ratio = ""
-        if base and "step_s" in base:
-            ratio = f"{statistics.median(base['step_s'][args.warmup:] or base['step_s'][-1:]) / s:.2f}x"
-        rows.append((label, name, f"{s:.2f}", " ".join(f"{x:.2f}" for x in r["step_s"]),
-                     f"{tokens_per_step / s:.0f}", ratio, f"{r['wall_s']:.0f}"))  # fmt: skip
+        ratio = f"{steady(base, args.warmup) / s:.2f}x" if "step_s" in base else ""
+        comp = r.get("compile_s") or [0.0] * len(r["step_s"])
+        every = " ".join(
+            f"{x:.1f}" + ("c" if c else "") for x, c in zip(r["step_s"], comp, strict=True)
+        )
+        first = f"{comp[0]:.1f}" if r.get("compile_s") else ""
+        rows.append((label, name, f"{s:.2f}", every, f"{tokens_per_step / s:.0f}", ratio, first,
+                     f"{r['wall_s']:.0f}"))  # fmt: skip
     return rows
 
 
@@ -263,7 +291,8 @@ def main() -> None:
           f"load average before {load0[0]:.1f}, after {os.getloadavg()[0]:.1f}")  # fmt: skip
     print(f"model {args.model}, {args.pairs} pairs, batch {args.batch}, steps {args.steps} "
           f"(median of the steps after the first {args.warmup})")  # fmt: skip
-    header = ("pairs", "row", "s/step (median)", "every step", "tokens/s", "vs TRL", "wall s")
+    header = ("pairs", "row", "s/step (median)", "every step (c: compiled)", "tokens/s", "vs TRL",
+              "compile s", "wall s")  # fmt: skip
     print(table(header, rows))
 
 

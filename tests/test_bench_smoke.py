@@ -70,3 +70,18 @@ def test_gpu_check_lora_step_trains_adapters_on_one_device():
     # adapters on q,k,v,o,gate,up,down of one layer: A [in, 4] and B [4, out] each
     io = [(32, 32), (32, 16), (32, 16), (32, 32), (32, 64), (32, 64), (64, 32)]
     assert r["adapter_params"] == sum(4 * (i + o) for i, o in io)
+
+
+def test_step_vs_trl_pairs_and_steady_state():
+    import step_vs_trl
+
+    short, long = step_vs_trl.short_pairs(2), step_vs_trl.long_pairs(2)
+    for rows in (short, long):  # TRL's conversational format: the prompt ends with the user
+        assert [r["prompt"][-1]["role"] for r in rows] == ["user", "user"]
+        assert all(len(r["chosen"]) == len(r["rejected"]) == 1 for r in rows)
+    assert len(long[0]["prompt"][-1]["content"]) > 10 * len(short[0]["prompt"][-1]["content"])
+    # Steps that compiled are left out; with none left, their compile time is taken off.
+    r = {"step_s": [9.0, 2.0, 5.0, 2.2], "compile_s": [7.0, 0.0, 3.0, 0.0]}
+    assert step_vs_trl.steady(r, 1) == 2.1
+    assert step_vs_trl.steady({"step_s": [9.0, 5.0], "compile_s": [7.0, 3.0]}, 1) == 2.0
+    assert step_vs_trl.steady({"step_s": [9.0, 3.0, 4.0]}, 1) == 3.5  # TRL: nothing compiles

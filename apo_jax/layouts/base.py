@@ -46,6 +46,15 @@ class RowSpec:
     micro_batches: int = 1  # packed: the pairs of each micro-batch are packed apart
 
 
+def split_records(records: Sequence[Any], k: int) -> list[Sequence[Any]]:
+    """The records of one step as k equal micro-batches, in order (micro-batch i holds records
+    i * N/k up to (i + 1) * N/k), for the packing layouts' host-side collate."""
+    if len(records) % k:
+        raise ValueError(f"{len(records)} pairs do not split into {k} micro-batches")
+    m = len(records) // k
+    return [records[i * m : (i + 1) * m] for i in range(k)]
+
+
 def pick_length(needed: int, seq_len: int, buckets: Sequence[int] | None) -> int:
     """Returns the smallest bucket >= needed (or seq_len without buckets); raises when none fits."""
     for t in sorted(buckets or ()) + [seq_len]:

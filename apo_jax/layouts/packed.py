@@ -59,10 +59,8 @@ class Packed(base.Layout):
     ) -> dict[str, np.ndarray]:
         """The pairs of each of ``spec.micro_batches`` micro-batches packed into R rows each."""
         k = spec.micro_batches
-        if len(records) % k:
-            raise ValueError(f"{len(records)} pairs do not split into {k} micro-batches")
         m = len(records) // k
-        seqs = [_sequences(records[i * m : (i + 1) * m]) for i in range(k)]
+        seqs = [_sequences(micro) for micro in base.split_records(records, k)]
         longest = max([len(p) + len(c) for micro in seqs for p, c in filter(None, micro)] + [1])
         t = base.pick_length(longest, spec.seq_len, spec.buckets)
         placed = [_place(micro, t) for micro in seqs]

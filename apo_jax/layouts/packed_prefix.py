@@ -55,10 +55,8 @@ class PackedPrefix(packed.Packed):
     ) -> dict[str, np.ndarray]:
         """The pairs of each of ``spec.micro_batches`` micro-batches packed into R rows each."""
         k = spec.micro_batches
-        if len(records) % k:
-            raise ValueError(f"{len(records)} pairs do not split into {k} micro-batches")
-        m = len(records) // k
-        micros = [records[i * m : (i + 1) * m] for i in range(k)]
+        micros = base.split_records(records, k)
+        m = len(micros[0])
         longest = max([_unit_length(r) for r in records if r] + [1])
         t = base.pick_length(longest, spec.seq_len, spec.buckets)
         placed = [_place(micro, t) for micro in micros]

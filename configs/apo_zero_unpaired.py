@@ -15,5 +15,5 @@ from apo_jax.config_base import base_config
 
 
 def get_config(arg=None):
-    """Presets: demo (default), llama3_1b, llama3_8b."""
+    """Presets: demo (default), llama3_1b, llama3_8b, qwen2_5_7b, qwen3_8b, mistral_7b, gemma3_4b."""
     return base_config("apo_zero_unpaired", arg)  # data.layout=auto reads unpaired rows for this loss

@@ -10,8 +10,8 @@ split, config checks and documentation:
 - :mod:`~apo_jax.layouts.unpaired`: labelled single completions (KTO data) and their KL rows.
 
 ``config.data.layout=auto`` picks one of them from the shards' lengths (:mod:`~apo_jax.layouts.auto`).
-All three give the same log-probs, losses and gradients for the same pairs (tests/test_layouts*.py,
-test_prefix.py, test_packing.py). ``get(name)`` returns the layout object; it is a frozen,
+The four paired layouts give the same log-probs, losses and gradients for the same pairs
+(tests/test_layouts.py, test_prefix.py, test_packing.py). ``get(name)`` returns the layout object; it is a frozen,
 hashable dataclass, so ``StepConfig.layout`` holds it and the jitted step calls its methods.
 
 The contract of a layout (:class:`Layout`; defaults in :mod:`~apo_jax.layouts.base`):

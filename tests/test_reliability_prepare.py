@@ -131,7 +131,7 @@ def test_a_full_disk_while_writing_the_manifest_keeps_the_previous_one(
 
 @pytest.mark.slow  # a real process and a real SIGINT (about 5 s on 2 idle cores)
 def test_ctrl_c_during_a_prepare_with_workers_is_one_line_exit_130(tmp_path, tok_dir, small_pairs):
-    rows = small_pairs[1] * 500  # 20,000 rows: still running when the signal comes
+    rows = small_pairs[1] * 5000  # 200,000 rows: still running when the signal comes, even on idle cores
     src = write_jsonl(tmp_path / "many.jsonl", rows)
     out = tmp_path / "out"
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -145,6 +145,7 @@ def test_ctrl_c_during_a_prepare_with_workers_is_one_line_exit_130(tmp_path, tok
     while not glob.glob(str(out / ".prepare-*" / "pairs-*")) and proc.poll() is None:
         assert time.monotonic() < deadline, "prepare never started writing"
         time.sleep(0.05)
+    assert proc.poll() is None, "prepare finished before the signal: give it more rows"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and err == "apo_jax: interrupted (Ctrl-C)\n", err

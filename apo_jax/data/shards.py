@@ -193,11 +193,8 @@ def shard_paths(shard_dir: str) -> list[str]:
 
 def file_sha256(path: str) -> str:
     """Returns the sha256 hex digest of a file's bytes."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def sample_sha256(path: str) -> str:

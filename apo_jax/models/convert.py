@@ -78,11 +78,8 @@ def cache_dir() -> str:
 
 def file_hash(path: str) -> str:
     """The file's sha256 (hex)."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def resolve_model_path(path: str) -> str:
@@ -231,7 +228,8 @@ def _check_out(out: str, overwrite: bool) -> None:
         raise ConvertError(f"--out={out} exists; pass --overwrite to replace it")
     parent = os.path.dirname(os.path.abspath(out))
     try:
-        os.makedirs(parent, exist_ok=True)  # `--out=ckpt/model` makes ckpt/, as save_pretrained does
+        # `--out=ckpt/model` makes ckpt/, as save_pretrained does
+        os.makedirs(parent, exist_ok=True)
     except OSError as e:
         raise ConvertError(f"--out={out}: cannot create directory {parent} ({e.strerror})") from e
 

@@ -10,8 +10,11 @@ environment variable ``APO_JAX_DEBUG=1`` re-raises instead, so the traceback is 
 from __future__ import annotations
 
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -35,6 +38,53 @@ def one_line(message: object) -> str:
     return " ".join(str(message).split())
 
 
+_ctrl_c = threading.Event()  # set by the first Ctrl-C a guarded command receives
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    _ctrl_c.set()
+    raise KeyboardInterrupt
+
+
+def check_interrupted() -> None:
+    """Raises KeyboardInterrupt when a Ctrl-C came in and was lost on its way up.
+
+    Python delivers Ctrl-C as an exception wherever the main thread happens to be; when that is a
+    finalizer, a weakref callback or a C extension that clears errors, the exception is swallowed
+    and the command would go on as if nothing happened. Commands call this before they publish
+    their output, and :func:`guard` calls it when the body returns, so a Ctrl-C always ends the
+    command with exit 130 and nothing half-published.
+    """
+    if _ctrl_c.is_set():
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def _ctrl_c_recorded() -> Iterator[None]:
+    """While a command runs: Ctrl-C is recorded (and still raised), and a KeyboardInterrupt that
+    a finalizer swallows is recorded instead of printed ("Exception ignored in ...")."""
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield  # a handler of the caller's own (or not the main thread): leave it alone
+        return
+    previous_hook = sys.unraisablehook
+
+    def hook(unraisable: object) -> None:
+        if isinstance(getattr(unraisable, "exc_value", None), KeyboardInterrupt):
+            _ctrl_c.set()
+            return
+        previous_hook(unraisable)  # type: ignore[arg-type]
+
+    _ctrl_c.clear()
+    signal.signal(signal.SIGINT, _on_sigint)
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        sys.unraisablehook = previous_hook
+
+
 def guard(fn: Callable[[], T], *, interrupted: str = "interrupted (Ctrl-C)") -> T:
     """Runs ``fn()`` as a command's body, so that no expected failure shows a traceback.
 
@@ -43,7 +93,10 @@ def guard(fn: Callable[[], T], *, interrupted: str = "interrupted (Ctrl-C)") -> 
     prints the one line ``interrupted`` and exits 130 (128 + SIGINT, as shells do).
     """
     try:
-        return fn()
+        with _ctrl_c_recorded():
+            result = fn()
+            check_interrupted()
+        return result
     except UserError as e:
         if debug():
             raise

@@ -52,6 +52,43 @@ def test_ctrl_c_and_os_errors_in_a_command_are_one_line(tmp_path, capsys, monkey
         errors.guard(interrupted)
 
 
+_SWALLOWED_CTRL_C = """
+import os, signal, sys
+from apo_jax import errors
+
+class Finalized:
+    def __del__(self):  # the Ctrl-C lands in a finalizer, where Python swallows the exception
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(10_000):
+            pass
+
+def body():
+    Finalized()
+    print("went on")
+
+errors.guard(body)
+"""
+
+
+def test_a_ctrl_c_swallowed_by_a_finalizer_still_ends_the_command_with_130():
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", _SWALLOWED_CTRL_C], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": REPO}, timeout=120)  # fmt: skip
+    assert proc.returncode == 130, (proc.returncode, proc.stderr)
+    assert proc.stderr == "apo_jax: interrupted (Ctrl-C)\n"  # no "Exception ignored in ..."
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # this process untouched
+
+
+def test_a_guarded_command_leaves_the_ctrl_c_handler_as_it_found_it():
+    hook = sys.unraisablehook
+    seen = []
+    errors.guard(lambda: seen.append(signal.getsignal(signal.SIGINT)))
+    assert seen and seen[0] is not signal.default_int_handler  # recorded while the body ran
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert sys.unraisablehook is hook
+
+
 def test_a_seq_len_shorter_than_the_rows_is_one_line_naming_max_length(
     tmp_path, small_shards, capsys, monkeypatch
 ):

@@ -130,13 +130,9 @@ def test_a_full_disk_while_writing_the_manifest_keeps_the_previous_one(
 
 
 @pytest.mark.slow  # a real process and a real SIGINT (about 5 s on 2 idle cores)
-@pytest.mark.xfail(
-    strict=False,
-    reason="known open bug: on idle cores a prepare with --workers=2 sometimes finishes with exit 0 "
-    "after the SIGINT (seen 2 of 4 fresh-clone runs); under investigation, see docs/reliability.md",
-)
 def test_ctrl_c_during_a_prepare_with_workers_is_one_line_exit_130(tmp_path, tok_dir, small_pairs):
-    rows = small_pairs[1] * 5000  # 200,000 rows: still running when the signal comes, even on idle cores
+    # 200,000 rows: still running when the signal comes, even on idle cores
+    rows = small_pairs[1] * 5000
     src = write_jsonl(tmp_path / "many.jsonl", rows)
     out = tmp_path / "out"
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -372,6 +372,7 @@ def prepare(
             "seconds": round(time.perf_counter() - start, 3),
             "shard_fingerprint": shards.shard_fingerprint(staging) if paths else None,
         }
+        errors.check_interrupted()  # a Ctrl-C lost on its way up still publishes nothing
         _write_manifest(staging, manifest)
         _publish(staging, out_dir)
     except OSError as e:

@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 import torch
-from common import machine, median, table, time_interleaved
+from common import dot_flops_per_s, machine, median, table, time_interleaved
 
 from apo_jax.eval import generation as eval_gen
 from apo_jax.eval.generation import bucket_length
@@ -103,6 +103,27 @@ def torch_generate(model, prompts: list[list[int]], new: int) -> list[list[int]]
     return [trim(r) for r in out[:, width:].tolist()]
 
 
+def decode_flops(cfg, batch: int, context: int) -> float:
+    """FLOPs of one decode step of ``batch`` rows at ``context`` cached positions: every matmul
+    weight once per row (the tied head included), plus attention's scores and values."""
+    d, hd = cfg.d_model, cfg.head_dim
+    per_layer = d * cfg.n_heads * hd * 2 + d * cfg.n_kv_heads * hd * 2 + 3 * d * cfg.mlp_dim
+    weights = cfg.n_layers * per_layer + d * cfg.vocab_size
+    attention = cfg.n_layers * cfg.n_heads * hd * context * 2
+    return 2.0 * batch * (weights + attention)
+
+
+def work(cfg, groups: list[list[list[int]]], out: list[list[int]]) -> float:
+    """FLOPs of the decode steps both sides run: a batch steps until its longest row stops."""
+    total, k = 0.0, 0
+    for g in groups:
+        steps = max(len(r) for r in out[k : k + len(g)])
+        width = max(len(p) for p in g)
+        total += sum(decode_flops(cfg, len(g), width + i) for i in range(steps))
+        k += len(g)
+    return total
+
+
 def run(
     n_prompts: int, batch1: int, new: int, repeats: int, model_dir: str = ""
 ) -> list[list[object]]:
@@ -138,9 +159,12 @@ def run(
         tokens = sum(len(r) for r in jx_out)  # generated, stop tokens included
         torch_tokens = sum(len(r) for r in pt_out)
         jax_tps, torch_tps = tokens / median(times["jax"]), torch_tokens / median(times["torch"])
+        flops = work(jx_model.cfg, groups, jx_out)
+        jax_gf, torch_gf = flops / median(times["jax"]) / 1e9, flops / median(times["torch"]) / 1e9
         rows.append([batch, len(groups), tokens, f"{jax_tps:,.0f}", f"{torch_tps:,.0f}",
                      f"{jax_tps / torch_tps:.2f}x", f"{first_call - median(times['jax']):.1f}",
-                     f"{same:.0%}"])  # fmt: skip
+                     f"{same:.0%}", f"{jax_gf:.0f}", f"{torch_gf:.0f}"])  # fmt: skip
+    return rows
     return rows
 
 
@@ -153,10 +177,16 @@ def main() -> None:
     p.add_argument("--model", default="", help="a Hugging Face model dir: chat prompts, real stops")
     args = p.parse_args()
     rows = run(args.prompts, args.batch1_prompts, args.new, args.repeats, args.model)
+    ceiling = dot_flops_per_s() / 1e9
+    print(
+        f"float32 jnp.dot 2048^3 ceiling: {ceiling:.0f} GFLOP/s (decode GFLOP/s columns count "
+        "every weight once per row and step, and attention over the cache)"
+    )
     print(f"model: {args.model or 'random, ' + str(MODEL)}; load average {os.getloadavg()[0]:.1f}")
     print(f"machine: {machine()}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
     print(table(["batch", "calls", "tokens", "apo_jax tok/s", "transformers tok/s", "speed-up",
-                 "compile s", "same tokens"], rows))  # fmt: skip
+                 "compile s", "same tokens", "apo_jax GFLOP/s", "transformers GFLOP/s"],
+                rows))  # fmt: skip
 
 
 if __name__ == "__main__":

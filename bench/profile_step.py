@@ -1,7 +1,7 @@
 """Where the real model's train step spends its time: step variants timed interleaved, in-process.
 
     python bench/profile_step.py --shards DIR [--model /work/models/smollm2-hf] [--batch 8]
-        [--variants packed,prefix,concat] [--repeats 3] [--lora 0] [--trace DIR]
+        [--variants packed,prefix,concat] [--repeats 3] [--lora 0] [--trace DIR] [--ops 20]
 
 The step is the train command's (`train_step.train_step`, APO-zero, AdamW with clipping, stored
 reference log-probs) on the first `--batch` pairs of prepared shards, each variant compiled once
@@ -9,7 +9,9 @@ and then timed interleaved (median of `--repeats`). A variant is `layout[:key=va
 `remat` (none | full | save_dots), `chunk` (log-prob chunk), `scan` (0 | 1) and `head` (flat | rows: the log-prob head's
 chunks over the batch's flattened positions, or per row as before) and `piece` (step |
 grads | fwd: the whole step, only loss and gradients, only the loss). `--trace` writes a
-`jax.profiler` trace of one call of each variant (open with TensorBoard or Perfetto).
+`jax.profiler` trace of one call of each variant (open with TensorBoard or Perfetto); `--ops N`
+prints each variant's time per kind of XLA instruction and its N costliest sources
+(`bench/op_profile.py`).
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ def build(variant: str, model_dir: str, items, lora: int):
         fn = functools.partial(ts.train_step, graphdef=graphdef, tx=tx, cfg=scfg, schedule=sched)
         step = jax.jit(lambda s, b, f: fn(s, b, None, f), donate_argnums=(0,))
     else:
+
         def g(s, b, f):
             out = ts._grads(s, graphdef, b, scfg, None, None, f)
             return out if piece == "grads" else out[1]
@@ -122,6 +125,7 @@ def build(variant: str, model_dir: str, items, lora: int):
             holder[0] = out[0]
         jax.block_until_ready(out)
 
+    run.compiled = exe
     return run, compile_s, {k: tuple(v.shape) for k, v in batch.items() if k == "input_ids"}
 
 
@@ -134,6 +138,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--lora", type=int, default=0)
     ap.add_argument("--trace", default="")
+    ap.add_argument("--ops", type=int, default=0, help="per-op tables of each variant, top N ops")
     args = ap.parse_args()
     items = records(args.shards, args.batch)
     fns, info = {}, {}
@@ -153,6 +158,12 @@ def main():
     print(f"machine: {machine()}; load average {load0:.1f} -> {os.getloadavg()[0]:.1f}; "
           f"{args.batch} pairs, lora {args.lora}")  # fmt: skip
     print(table(("variant", "rows", "s (median)", "all rounds", "vs first", "compile s"), rows))
+    if args.ops:
+        from op_profile import traced_ops
+
+        for v, fn in fns.items():
+            print(f"\n### per-op time of {v} (2 calls traced)\n")
+            print(traced_ops(fn.compiled, fn, calls=2, top=args.ops), flush=True)
 
 
 if __name__ == "__main__":

@@ -85,3 +85,24 @@ def test_step_vs_trl_pairs_and_steady_state():
     assert step_vs_trl.steady(r, 1) == 2.1
     assert step_vs_trl.steady({"step_s": [9.0, 5.0], "compile_s": [7.0, 3.0]}, 1) == 2.0
     assert step_vs_trl.steady({"step_s": [9.0, 3.0, 4.0]}, 1) == 3.5  # TRL: nothing compiles
+
+
+def test_op_profile_names_each_instruction_of_a_scanned_grad():
+    import op_profile
+
+    def f(w, x):
+        return jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi), None), x, w)[0].sum()
+
+    w, x = jnp.full((3, 16, 16), 0.01), jnp.ones((4, 16))
+    compiled = jax.jit(jax.grad(f)).lower(w, x).compile()
+    instrs = op_profile.parse_hlo(compiled.as_text())
+    kinds = {op_profile.kind(i) for i in instrs.values()}
+    assert {"matmul", "control"} <= kinds  # the dots and the scan's while loop
+    bwd = [
+        i
+        for i in instrs.values()
+        if op_profile.kind(i) == "matmul" and "transpose(" in i["op_name"]
+    ]
+    assert bwd and all(op_profile.short(i["op_name"]).startswith("bwd ") for i in bwd)
+    table = op_profile.traced_ops(compiled, lambda: jax.block_until_ready(compiled(w, x)), calls=1)
+    assert "| matmul |" in table and "busy time" in table

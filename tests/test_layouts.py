@@ -45,7 +45,7 @@ def collate(name, its, micro_batches=1):
     rng = np.random.default_rng(1)
     ref_w, ref_l = rng.normal(size=(2, len(LENGTHS))).astype(np.float32) - 9  # by record index
     spec = layouts.RowSpec(24, pad_id=0, micro_batches=micro_batches)
-    return layouts.Collate(layouts.get(name), spec, ref_w, ref_l)(its)
+    return loader.Collate(layouts.get(name), spec, ref_w, ref_l)(its)
 
 
 def test_registry_gives_hashable_layout_objects():

@@ -309,6 +309,16 @@ def _rope_dict(theta: float, scaling: Any) -> dict[str, Any]:
     return {"rope_type": "llama3", "rope_theta": theta, **scaling.__dict__}
 
 
+# The key order of a Llama config.json as exports have always written it, so a re-export is the
+# same bytes (reference fingerprints hash config.json).
+_LLAMA_KEYS = tuple(
+    "architectures model_type vocab_size hidden_size intermediate_size num_hidden_layers "
+    "num_attention_heads num_key_value_heads head_dim hidden_act max_position_embeddings "
+    "rms_norm_eps rope_parameters tie_word_embeddings attention_bias mlp_bias torch_dtype "
+    "dtype".split()
+)
+
+
 def _scalar(cfg: LlamaConfig) -> int | float:
     value = cfg.query_pre_attn_scalar or cfg.head_dim
     return int(value) if float(value).is_integer() else float(value)  # transformers wants an int
@@ -351,7 +361,7 @@ def to_hf(cfg: LlamaConfig) -> dict[str, Any]:
     out.update(hidden_act="silu", rope_parameters=rope)
     if cfg.family == "llama":
         out.update(attention_bias=False, mlp_bias=False)
-        return out
+        return {key: out[key] for key in _LLAMA_KEYS}
     if cfg.family == "mistral":
         out["sliding_window"] = cfg.sliding_window
         return out

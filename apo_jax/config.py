@@ -16,15 +16,11 @@ import os
 from typing import Any
 
 from apo_jax import config_base, distributed, layouts, losses, sharding, workdir
-from apo_jax.errors import UserError
+from apo_jax.errors import ConfigError, UserError
 from apo_jax.models import lora as lora_lib
 from apo_jax.optim import OptimConfig
 
 REFERENCE_MODES = ("auto", "precomputed", "online", "none")
-
-
-class ConfigError(UserError):
-    """A config field that cannot work; the message names it."""
 
 
 @dataclasses.dataclass(frozen=True)

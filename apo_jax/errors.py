@@ -28,6 +28,12 @@ class UserError(Exception):
     """A problem the user can fix; the message names the field, file or record, and the fix."""
 
 
+class ConfigError(UserError, ValueError):
+    """A setting that cannot work: a run's config field (`apo_jax.config`), a model config field
+    or a Hugging Face config.json the model cannot represent (`apo_jax.models.config`). The
+    message names the field."""
+
+
 def debug() -> bool:
     """Whether tracebacks are wanted (``APO_JAX_DEBUG`` set to anything but '', '0')."""
     return os.environ.get(DEBUG_ENV, "") not in ("", "0")

@@ -91,22 +91,18 @@ def pair_logps(
     The online reference runs through `ref_graphdef` (default: the policy's graph), which may
     differ in compute dtype; a precomputed one is read from the batch.
     """
-    layout = cfg.layout
+    layout, chunk = cfg.layout, cfg.logprob_chunk
     wpo = bool(dict(cfg.loss_hparams).get("use_weighting"))
-    weights = (None, None)
-    if cfg.ld_alpha != 1.0 or wpo:  # TRL's DPO options (concat rows, checked by config)
-        side, *weights = layout.regularized_logps(
-            graphdef, params, batch, cfg.logprob_chunk, ld_alpha=cfg.ld_alpha, wpo=wpo
-        )
-    else:
-        side = layout.pair_logps(graphdef, params, batch, cfg.logprob_chunk)
+    # TRL's DPO options (LD-DPO, WPO weights) go through the layout's contract entry, which is
+    # plain pair_logps without them (concat supports them; config.validate checks the layout).
+    side, *weights = layout.regularized_logps(
+        graphdef, params, batch, chunk, ld_alpha=cfg.ld_alpha, wpo=wpo
+    )
     chosen, rejected, n_w, n_l = side
-    if cfg.reference == "online":
-        if cfg.ld_alpha != 1.0:  # TRL weights the reference's log-probs alike
-            ref, _, _ = layout.regularized_logps(ref_graphdef or graphdef, ref_params, batch,
-                                                 cfg.logprob_chunk, ld_alpha=cfg.ld_alpha, wpo=False)  # fmt: skip
-        else:
-            ref = layout.pair_logps(ref_graphdef or graphdef, ref_params, batch, cfg.logprob_chunk)
+    if cfg.reference == "online":  # TRL weights the reference's log-probs alike (not with WPO)
+        ref, _, _ = layout.regularized_logps(
+            ref_graphdef or graphdef, ref_params, batch, chunk, ld_alpha=cfg.ld_alpha
+        )
         ref_w, ref_l = jax.lax.stop_gradient(ref[0]), jax.lax.stop_gradient(ref[1])
     elif cfg.reference == "precomputed":
         ref_w, ref_l = batch["ref_chosen_logps"], batch["ref_rejected_logps"]

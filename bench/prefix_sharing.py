@@ -20,7 +20,7 @@ import numpy as np
 from common import STEP_MODEL, machine, median, table, time_interleaved, ts
 
 from apo_jax import layouts
-from apo_jax.data import shards
+from apo_jax.data import loader, shards
 
 
 def pair_batches(n: int, prompt: int, completion: int, vocab: int, seed: int = 0):
@@ -34,7 +34,7 @@ def pair_batches(n: int, prompt: int, completion: int, vocab: int, seed: int = 0
     refs = np.full(n, -700.0, np.float32)
     out = {}
     for layout, t in (("concat", prompt + completion), ("prefix", prompt + 2 * completion)):
-        collate = layouts.Collate(layouts.get(layout), layouts.RowSpec(t), refs, refs)
+        collate = loader.Collate(layouts.get(layout), layouts.RowSpec(t), refs, refs)
         out[layout] = {k: jnp.asarray(v) for k, v in collate(items).items()}
     return out
 

@@ -30,6 +30,7 @@ from common import machine, median, table, time_interleaved
 
 from apo_jax import layouts, logprobs
 from apo_jax import train_step as ts
+from apo_jax.data import loader
 from apo_jax.data import shards as shards_lib
 from apo_jax.models import hf
 from apo_jax.optim import OptimConfig, make_optimizer
@@ -95,8 +96,8 @@ def build(variant: str, model_dir: str, items, lora: int):
     spec = layouts.RowSpec(int(opts.get("seq", 128)))
     n = len(items)
     rng = np.random.default_rng(0)
-    collate = layouts.Collate(layout, spec, (rng.normal(size=n) - 50).astype(np.float32),
-                              (rng.normal(size=n) - 50).astype(np.float32))  # fmt: skip
+    refs = [(rng.normal(size=n) - 50).astype(np.float32) for _ in range(2)]
+    collate = loader.Collate(layout, spec, *refs)
     batch = {k: jnp.asarray(v) for k, v in collate(items).items()}
     scfg = ts.StepConfig(loss="apo_zero", reference="precomputed", layout=layout,
                          logprob_chunk=int(opts.get("chunk", 128)))  # fmt: skip

@@ -62,7 +62,7 @@ JAX_VARIANTS = {
 
 def prefix_batch(concat: dict[str, np.ndarray], shp: Shapes) -> dict[str, np.ndarray]:
     """The same pairs as a 'prefix' batch (prompt + chosen + rejected in one row), via the loader."""
-    from apo_jax.data import shards
+    from apo_jax.data import loader, shards
 
     n, p = shp.pairs, shp.prompt
     ids = concat["input_ids"]
@@ -70,7 +70,7 @@ def prefix_batch(concat: dict[str, np.ndarray], shp: Shapes) -> dict[str, np.nda
         (i, shards.serialize(shards.PairRecord(ids[i, :p], ids[i, p:], ids[n + i, p:], i)))
         for i in range(n)
     ]
-    collate = layouts.Collate(
+    collate = loader.Collate(
         layouts.get("prefix"),
         layouts.RowSpec(2 * shp.seq - p),
         concat["ref_chosen_logps"],

@@ -20,8 +20,10 @@ def hf_llama(cfg, seed: int = 0):
     from transformers import LlamaConfig as HFConfig
     from transformers import LlamaForCausalLM
 
+    from apo_jax.models import families
+
     torch.manual_seed(seed)
-    hf_cfg = HFConfig(**{k: v for k, v in cfg.to_hf().items() if k != "architectures"})
+    hf_cfg = HFConfig(**{k: v for k, v in families.to_hf(cfg).items() if k != "architectures"})
     model = LlamaForCausalLM(hf_cfg).to(torch.float32)
     model.train()
     return model

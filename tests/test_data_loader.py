@@ -207,7 +207,7 @@ def _collated(layout, seq_len=32, buckets=(16,)):
              for i, lens in enumerate(PAD_LENGTHS)] + [(-1, b"")]  # fmt: skip
     ref_w, ref_l = rng.normal(size=(2, len(items))).astype(np.float32) - 9
     spec = layouts.RowSpec(seq_len, PAD_ID, buckets)
-    return layouts.Collate(layouts.get(layout), spec, ref_w, ref_l)(items)
+    return loader.Collate(layouts.get(layout), spec, ref_w, ref_l)(items)
 
 
 @pytest.mark.parametrize("layout", ["concat", "prefix", "packed"])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from apo_jax.models import get_preset
+from apo_jax.models import families, get_preset
 from apo_jax.models.hf import CheckpointError, load_hf, save_hf
 from apo_jax.models.llama import Llama
 from apo_jax.models.safetensors_io import SafetensorsFile, write_safetensors
@@ -112,7 +112,7 @@ def test_error_extra_tensor(checkpoint):
 
 
 def test_error_pickle_only(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(get_preset("tiny").to_hf()))
+    (tmp_path / "config.json").write_text(json.dumps(families.to_hf(get_preset("tiny"))))
     (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(CheckpointError, match="only safetensors"):
         load_hf(tmp_path)

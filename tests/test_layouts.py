@@ -45,7 +45,7 @@ def collate(name, its, micro_batches=1):
     rng = np.random.default_rng(1)
     ref_w, ref_l = rng.normal(size=(2, len(LENGTHS))).astype(np.float32) - 9  # by record index
     spec = layouts.RowSpec(24, pad_id=0, micro_batches=micro_batches)
-    return layouts.Collate(layouts.get(name), spec, ref_w, ref_l)(its)
+    return loader.Collate(layouts.get(name), spec, ref_w, ref_l)(its)
 
 
 def test_registry_gives_hashable_layout_objects():
@@ -231,3 +231,14 @@ def test_auto_is_the_default_and_resolved_from_the_shards():
     bad = with_overrides(base_config("apo_down", None), {"data.layout": "pack"})
     with pytest.raises(config_lib.ConfigError, match="must be auto or one of concat, prefix, "):
         config_lib.validate(bad, device_count=1)
+
+
+def test_layouts_other_than_concat_refuse_dpo_options():
+    # regularized_logps is the contract's entry; only concat implements LD-DPO and WPO.
+    for name in ("prefix", "packed", "packed_prefix"):
+        with pytest.raises(
+            layouts.LayoutError, match="need config.data.layout=concat, not " + name
+        ):
+            layouts.get(name).regularized_logps(None, None, {}, 8, ld_alpha=0.5)
+        with pytest.raises(layouts.LayoutError, match="need config.data.layout=concat"):
+            layouts.get(name).regularized_logps(None, None, {}, 8, wpo=True)

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from apo_jax.models import config as config_lib
+from apo_jax.models import families
 from apo_jax.models.hf import load_hf
 from apo_jax.models.llama import Llama
 
@@ -239,16 +240,20 @@ def test_blocked_and_xla_attention_give_the_same_model_logits():
 def test_config_hf_round_trip():
     for name in ("tiny", "llama3_1b", "llama3_8b"):
         cfg = config_lib.get_preset(name)
-        back = config_lib.LlamaConfig.from_hf(
-            cfg.to_hf(), param_dtype=cfg.param_dtype, dtype=cfg.dtype, remat=cfg.remat
+        back = families.config_from_hf(
+            families.to_hf(cfg), param_dtype=cfg.param_dtype, dtype=cfg.dtype, remat=cfg.remat
         )
         assert back == cfg, name
-    legacy = dataclasses.replace(config_lib.get_preset("llama3_1b")).to_hf()
+    legacy = families.to_hf(dataclasses.replace(config_lib.get_preset("llama3_1b")))
     legacy["rope_theta"] = legacy["rope_parameters"].pop("rope_theta")
     legacy["rope_scaling"] = legacy.pop("rope_parameters")  # transformers-4 layout
-    assert config_lib.LlamaConfig.from_hf(legacy).rope_scaling.factor == 32.0
-    with pytest.raises(config_lib.ConfigError, match="not a Llama"):
-        config_lib.LlamaConfig.from_hf({"model_type": "mistral"})
+    assert families.config_from_hf(legacy).rope_scaling.factor == 32.0
+    linear = families.to_hf(config_lib.get_preset("tiny"))
+    linear["rope_parameters"] = {"rope_type": "linear", "factor": 2.0}
+    with pytest.raises(config_lib.ConfigError, match="'linear'; supported: default, llama3"):
+        families.config_from_hf(linear)
+    with pytest.raises(config_lib.ConfigError, match="unsupported Llama variant: mlp_bias=true"):
+        families.config_from_hf({**legacy, "mlp_bias": True})
 
 
 def test_scanned_layers_give_unrolled_grads(make_hf_llama):

@@ -40,7 +40,7 @@ def batches(seq_len=24, with_padding_pair=True):
     ref_w, ref_l = rng.normal(size=(2, n)).astype(np.float32) - 9
     out = []
     for layout in ("concat", "packed"):
-        collate = layouts.Collate(layouts.get(layout), layouts.RowSpec(seq_len), ref_w, ref_l)
+        collate = loader.Collate(layouts.get(layout), layouts.RowSpec(seq_len), ref_w, ref_l)
         out.append({k: jnp.asarray(v) for k, v in collate(items).items()})
     return out
 

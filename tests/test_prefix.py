@@ -11,7 +11,7 @@ from flax import nnx
 
 from apo_jax import layouts, losses
 from apo_jax import train_step as ts
-from apo_jax.data import shards
+from apo_jax.data import loader, shards
 from apo_jax.layouts.prefix import predictor_index
 from apo_jax.models.config import get_preset
 from apo_jax.models.llama import Llama
@@ -39,7 +39,7 @@ def batches(seed=0, with_padding_pair=True):
     )
     out = []
     for layout, seq_len in (("concat", 16), ("prefix", 24)):
-        collate = layouts.Collate(layouts.get(layout), layouts.RowSpec(seq_len), ref_w, ref_l)
+        collate = loader.Collate(layouts.get(layout), layouts.RowSpec(seq_len), ref_w, ref_l)
         out.append({k: jnp.asarray(v) for k, v in collate(items).items()})
     return out
 

@@ -7,16 +7,17 @@ together form exactly the global batch and a run on P hosts sees the same data a
 With a finite number of epochs, a stream that does not fill the last global batch is cut
 (``drop_remainder=True``, counted in ``dropped``) or filled with padding pairs (``index == -1``).
 
-The rows of a batch are the layout's (:mod:`apo_jax.layouts`): the loader asks it for the
-collate, the default ``seq_len`` and the longest row of the shards, and
-:meth:`PairLoader.global_batch` hands a batch to its global-batch rules.
+The rows of a batch are the layout's (:mod:`apo_jax.layouts`): :class:`Collate` decodes the
+records and asks the layout to lay them out, the layout gives the default ``seq_len`` and the
+longest row of the shards, and :meth:`PairLoader.global_batch` hands a batch to its global-batch
+rules. Imports go one way: this module uses the layouts, the layouts never import ``data``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -60,6 +61,39 @@ class LoaderConfig:
             raise ValueError(f"row_multiple must be >= 1, got {self.row_multiple}")
         if self.micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Collate:
+    """grain ``batch_fn``: a list of ``(record_index, record_bytes)`` -> dict of numpy arrays.
+
+    ``record_bytes`` empty (index -1) is a padding pair. Picklable, so grain worker processes
+    can run it. Decodes the records (:func:`apo_jax.data.shards.deserialize`), lays them out
+    with ``layout.collate`` and adds ``index int64[N]`` and, given reference log-probs by record
+    index, ``ref_chosen_logps, ref_rejected_logps float32[N]`` (0 for padding pairs).
+    """
+
+    layout: layouts.Layout
+    spec: layouts.RowSpec
+    ref_chosen_R: np.ndarray | None = None
+    ref_rejected_R: np.ndarray | None = None
+
+    def __call__(self, items: Sequence[tuple[int, bytes]]) -> dict[str, np.ndarray]:
+        """Decodes the records and lays them out as one batch."""
+        recs = [shards.deserialize(b) if b else None for _, b in items]
+        index_N = np.array(
+            [i if r is not None else -1 for (i, _), r in zip(items, recs, strict=True)], np.int64
+        )
+        batch = self.layout.collate(recs, self.spec)
+        batch["index"] = index_N
+        if self.ref_chosen_R is not None:
+            real = index_N >= 0
+            for key, ref_R in (
+                ("ref_chosen_logps", self.ref_chosen_R),
+                ("ref_rejected_logps", self.ref_rejected_R),
+            ):
+                batch[key] = np.where(real, ref_R[np.maximum(index_N, 0)], 0.0).astype(np.float32)
+        return batch
 
 
 def _with_index(num_records: int, index: int, record: bytes) -> tuple[int, bytes]:
@@ -128,7 +162,7 @@ class PairLoader:
         self._dataset = ds.batch(config.batch_size, drop_remainder=True, batch_fn=self._collate)
         self._iter = self._new_iter()
 
-    def _make_collate(self, config: LoaderConfig) -> layouts.Collate:
+    def _make_collate(self, config: LoaderConfig) -> Collate:
         layout = config.layout
         seq_len = config.seq_len or layout.default_seq_len(self.manifest)
         longest = layout.longest_row(self.manifest)
@@ -147,7 +181,7 @@ class PairLoader:
         spec = layouts.RowSpec(
             seq_len, pad_id, config.buckets, config.row_multiple, config.micro_batches
         )
-        return layouts.Collate(layout, spec, ref_c, ref_r)
+        return Collate(layout, spec, ref_c, ref_r)
 
     def global_batch(self, batch: Mapping[str, np.ndarray], sharding: Any) -> dict[str, Any]:
         """This process's batch -> global jax arrays, by the layout's rules.

@@ -26,7 +26,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -48,6 +48,7 @@ class ShardError(errors.UserError):
 class PairRecord:
     """A tokenized pair as stored in a shard."""
 
+    kind: ClassVar[str] = "pair"  # what a layout checks (apo_jax.layouts.base.Record)
     prompt: np.ndarray  # int32[P]
     chosen: np.ndarray  # int32[C], includes the end-of-turn token(s)
     rejected: np.ndarray  # int32[R]
@@ -64,6 +65,7 @@ class UnpairedRecord:
     unpaired record are ``chosen`` = log pi_ref(y|x) and ``rejected`` = log pi_ref(y'|x).
     """
 
+    kind: ClassVar[str] = "unpaired"
     prompt: np.ndarray  # int32[P]
     completion: np.ndarray  # int32[C], includes the end-of-turn token(s)
     kl_completion: np.ndarray  # int32[K]

@@ -1,8 +1,10 @@
-"""What every row layout shares: the base class, the grain collate, padding, global arrays.
+"""What every row layout shares: the base class, the record it reads, padding, global arrays.
 
 A layout subclasses :class:`Layout` and overrides what differs from the defaults here (one row
 per pair, every array split evenly on its first axis); see :mod:`apo_jax.layouts` for the
-contract.
+contract. Layouts import nothing from :mod:`apo_jax.data`: they read records through the
+:class:`Record` protocol, and the loader (:class:`apo_jax.data.loader.Collate`) hands them the
+decoded records.
 """
 
 from __future__ import annotations
@@ -10,13 +12,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import jax
 import numpy as np
 
 from apo_jax import errors
-from apo_jax.data import shards
 
 Array = jax.Array
 Batch = Mapping[str, Any]
@@ -24,6 +25,16 @@ Batch = Mapping[str, Any]
 
 class LayoutError(errors.UserError, ValueError):
     """A layout that cannot work with these settings; the message names the config field."""
+
+
+class Record(Protocol):
+    """What a layout reads of a stored record (``apo_jax.data.shards.PairRecord`` or
+    ``UnpairedRecord``): its kind and its token arrays."""
+
+    kind: ClassVar[str]  # 'pair' or 'unpaired'
+    prompt: np.ndarray  # int32[P]
+    chosen: np.ndarray  # int32[C]; an unpaired record's completion
+    rejected: np.ndarray  # int32[R]; an unpaired record's KL completion
 
 
 class SideLogps(NamedTuple):
@@ -74,11 +85,9 @@ class Layout:
     rows_per_pair: ClassVar[int] = 1  # rows of a micro-batch per pair that the mesh must divide
     length_key: ClassVar[str] = "row_max"  # the manifest's `lengths` entry of one row
 
-    def collate(
-        self, records: Sequence[shards.PairRecord | None], spec: RowSpec
-    ) -> dict[str, np.ndarray]:
+    def collate(self, records: Sequence[Record | None], spec: RowSpec) -> dict[str, np.ndarray]:
         """The records (None: a padding pair) as numpy rows; `index` and reference log-probs
-        are added by :class:`Collate`."""
+        are added by the loader's :class:`apo_jax.data.loader.Collate`."""
         raise NotImplementedError
 
     def default_seq_len(self, manifest: Mapping[str, Any]) -> int:
@@ -148,6 +157,40 @@ class Layout:
         """
         raise NotImplementedError
 
+    def regularized_logps(
+        self,
+        graphdef: Any,
+        params: Any,
+        batch: Batch,
+        chunk: int,
+        *,
+        ld_alpha: float = 1.0,
+        wpo: bool = False,
+    ) -> tuple[SideLogps, Array | None, Array | None]:
+        """:meth:`pair_logps` with TRL's DPO options; what the train step calls.
+
+        Without the options (``ld_alpha=1``, ``wpo=False``) this is :meth:`pair_logps`. A layout
+        that supports them overrides this (concat); the others refuse them.
+
+        Args:
+          graphdef, params, batch, chunk: as for :meth:`pair_logps`.
+          ld_alpha: LD-DPO's weight of the longer completion's tail (1: plain sums).
+          wpo: also return the WPO weights of each side (:func:`apo_jax.logprobs.wpo_weights`).
+
+        Returns:
+          ``(SideLogps, chosen_weight_N, rejected_weight_N)``; the weights are None without wpo.
+          Token counts stay the unweighted completion lengths.
+
+        Raises:
+          LayoutError: options this layout does not support.
+        """
+        if ld_alpha != 1.0 or wpo:
+            raise LayoutError(
+                f"config.loss.ld_alpha and use_weighting need config.data.layout=concat, "
+                f"not {self.name}"
+            )
+        return self.pair_logps(graphdef, params, batch, chunk), None, None
+
     def micro_batches(self, batch: Batch, k: int) -> dict[str, Array]:
         """Splits a batch into k micro-batches stacked on a new axis 0 (each array's first axis
         split evenly: pair j of micro-batch i is pair i * N/k + j)."""
@@ -155,38 +198,6 @@ class Layout:
         if n % k:
             raise ValueError(f"{n} pairs per step do not split into {k} micro-batches")
         return {key: x.reshape(k, x.shape[0] // k, *x.shape[1:]) for key, x in batch.items()}
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Collate:
-    """grain ``batch_fn``: a list of ``(record_index, record_bytes)`` -> dict of numpy arrays.
-
-    ``record_bytes`` empty (index -1) is a padding pair. Picklable, so grain worker processes
-    can run it. Adds ``index int64[N]`` and, given reference log-probs by record index,
-    ``ref_chosen_logps, ref_rejected_logps float32[N]`` (0 for padding pairs).
-    """
-
-    layout: Layout
-    spec: RowSpec
-    ref_chosen_R: np.ndarray | None = None
-    ref_rejected_R: np.ndarray | None = None
-
-    def __call__(self, items: Sequence[tuple[int, bytes]]) -> dict[str, np.ndarray]:
-        """Decodes the records and lays them out as one batch."""
-        recs = [shards.deserialize(b) if b else None for _, b in items]
-        index_N = np.array(
-            [i if r is not None else -1 for (i, _), r in zip(items, recs, strict=True)], np.int64
-        )
-        batch = self.layout.collate(recs, self.spec)
-        batch["index"] = index_N
-        if self.ref_chosen_R is not None:
-            real = index_N >= 0
-            for key, ref_R in (
-                ("ref_chosen_logps", self.ref_chosen_R),
-                ("ref_rejected_logps", self.ref_rejected_R),
-            ):
-                batch[key] = np.where(real, ref_R[np.maximum(index_N, 0)], 0.0).astype(np.float32)
-        return batch
 
 
 def pad_batch(

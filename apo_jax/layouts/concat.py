@@ -27,7 +27,6 @@ import numpy as np
 from flax import nnx
 
 from apo_jax import logprobs
-from apo_jax.data import shards
 from apo_jax.layouts import base
 from apo_jax.logprobs import sequence_logps
 
@@ -40,7 +39,7 @@ class Concat(base.Layout):
     rows_per_pair = 2
 
     def collate(
-        self, records: Sequence[shards.PairRecord | None], spec: base.RowSpec
+        self, records: Sequence[base.Record | None], spec: base.RowSpec
     ) -> dict[str, np.ndarray]:
         """2N rows: prompt + chosen of each pair, then prompt + rejected."""
         sides = [(r.prompt, r.chosen) if r else None for r in records] + [
@@ -71,19 +70,22 @@ class Concat(base.Layout):
         return base.SideLogps(logps_R[:n], logps_R[n:], counts_R[:n], counts_R[n:])
 
     def regularized_logps(
-        self, graphdef: Any, params: Any, batch: base.Batch, chunk: int, *, ld_alpha: float,
-        wpo: bool,
-    ) -> tuple[base.SideLogps, Any, Any]:  # fmt: skip
+        self,
+        graphdef: Any,
+        params: Any,
+        batch: base.Batch,
+        chunk: int,
+        *,
+        ld_alpha: float = 1.0,
+        wpo: bool = False,
+    ) -> tuple[base.SideLogps, Any, Any]:
         """:meth:`pair_logps` with TRL's DPO options, from one forward pass.
 
-        Args:
-          ld_alpha: LD-DPO's weight of the longer completion's tail (1: plain sums).
-          wpo: also return the WPO weights of each side (:func:`apo_jax.logprobs.wpo_weights`).
-
-        Returns:
-          ``(SideLogps, chosen_weight_N, rejected_weight_N)``; the weights are None without wpo.
-          Token counts stay the unweighted completion lengths.
+        See :meth:`apo_jax.layouts.base.Layout.regularized_logps`; without the options this is
+        :meth:`pair_logps`.
         """
+        if ld_alpha == 1.0 and not wpo:
+            return self.pair_logps(graphdef, params, batch, chunk), None, None
         model = nnx.merge(graphdef, params)
         hidden_BxTxD = model(batch["input_ids"], positions_BxT=batch["positions"],
                              segment_ids_BxT=None, attn_mask_BxTxT=None, return_hidden=True)  # fmt: skip

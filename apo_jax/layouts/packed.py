@@ -40,7 +40,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from apo_jax.data import shards
 from apo_jax.layouts import base
 from apo_jax.logprobs import token_logps
 
@@ -55,7 +54,7 @@ class Packed(base.Layout):
     name = "packed"
 
     def collate(
-        self, records: Sequence[shards.PairRecord | None], spec: base.RowSpec
+        self, records: Sequence[base.Record | None], spec: base.RowSpec
     ) -> dict[str, np.ndarray]:
         """The pairs of each of ``spec.micro_batches`` micro-batches packed into R rows each."""
         k = spec.micro_batches
@@ -179,7 +178,7 @@ def _ceil_to(x: int, m: int) -> int:
 Side = tuple[np.ndarray, np.ndarray] | None  # (prompt, completion); None for a padding pair
 
 
-def _sequences(records: Sequence[shards.PairRecord | None]) -> list[Side]:
+def _sequences(records: Sequence[base.Record | None]) -> list[Side]:
     # Sequence i: prompt + chosen of pair i; sequence m + i: prompt + rejected.
     return [(r.prompt, r.chosen) if r else None for r in records] + [
         (r.prompt, r.rejected) if r else None for r in records

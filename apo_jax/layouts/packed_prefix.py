@@ -36,7 +36,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from apo_jax.data import shards
 from apo_jax.layouts import base, packed, prefix
 from apo_jax.logprobs import token_logps
 
@@ -51,7 +50,7 @@ class PackedPrefix(packed.Packed):
     length_key = "prefix_row"
 
     def collate(
-        self, records: Sequence[shards.PairRecord | None], spec: base.RowSpec
+        self, records: Sequence[base.Record | None], spec: base.RowSpec
     ) -> dict[str, np.ndarray]:
         """The pairs of each of ``spec.micro_batches`` micro-batches packed into R rows each."""
         k = spec.micro_batches
@@ -96,11 +95,11 @@ class PackedPrefix(packed.Packed):
         return base.SideLogps(sums_2N[:n], sums_2N[n:], counts_2N[:n], counts_2N[n:])
 
 
-def _unit_length(r: shards.PairRecord) -> int:
+def _unit_length(r: base.Record) -> int:
     return len(r.prompt) + len(r.chosen) + len(r.rejected)
 
 
-def _place(records: Sequence[shards.PairRecord | None], t: int) -> list[list[int]]:
+def _place(records: Sequence[base.Record | None], t: int) -> list[list[int]]:
     """The pair numbers each row holds (padding pairs hold none)."""
     real = [i for i, r in enumerate(records) if r is not None and _unit_length(r)]
     lengths = [_unit_length(records[i]) for i in real]

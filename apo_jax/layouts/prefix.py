@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from apo_jax.data import shards
 from apo_jax.layouts import base
 from apo_jax.logprobs import segment_logps
 
@@ -46,7 +45,7 @@ class Prefix(base.Layout):
     length_key = "prefix_row"
 
     def collate(
-        self, records: Sequence[shards.PairRecord | None], spec: base.RowSpec
+        self, records: Sequence[base.Record | None], spec: base.RowSpec
     ) -> dict[str, np.ndarray]:
         """N rows of prompt + chosen + rejected, with branch ids and the prompt/chosen lengths."""
         n = len(records)

@@ -1,8 +1,9 @@
 """The 'unpaired' layout: single completions labelled desirable or undesirable (TRL's KTO data).
 
-A batch of N :class:`~apo_jax.data.shards.UnpairedRecord` is laid out as concat lays pairs: rows
-``0..N-1`` prompt + completion, rows ``N..2N-1`` prompt + KL completion (the mismatched pair whose
-log-ratio enters the batch's KL estimate), plus ``label bool[N]``:
+A batch of N unpaired records (:class:`UnpairedRecord`, as ``apo_jax.data.shards`` stores them)
+is laid out as concat lays pairs: rows ``0..N-1`` prompt + completion, rows ``N..2N-1`` prompt +
+KL completion (the mismatched pair whose log-ratio enters the batch's KL estimate), plus
+``label bool[N]``:
 
   ``input_ids, completion_mask, positions, segment_ids: int32[2N, T]``, ``label: bool[N]``
 
@@ -17,17 +18,24 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import jax.numpy as jnp
 import numpy as np
 
-from apo_jax.data import shards
 from apo_jax.layouts import base, concat
 
 
 class UnpairedDataError(base.LayoutError):
     """Shards of pairs given to an unpaired loss (or the other way round)."""
+
+
+class UnpairedRecord(base.Record, Protocol):
+    """What the layout reads of an unpaired record (``kind == 'unpaired'``)."""
+
+    completion: np.ndarray  # int32[C]
+    kl_completion: np.ndarray  # int32[K]
+    label: bool  # True: desirable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,12 +46,12 @@ class Unpaired(concat.Concat):
     kl: bool = True  # write and run the KL rows
 
     def collate(
-        self, records: Sequence[shards.UnpairedRecord | None], spec: base.RowSpec
+        self, records: Sequence[UnpairedRecord | None], spec: base.RowSpec
     ) -> dict[str, np.ndarray]:
         """2N rows (N without KL rows) and ``label``; padding examples are undesirable rows
         without tokens, which the loss masks out."""
         for r in records:
-            if r is not None and not isinstance(r, shards.UnpairedRecord):
+            if r is not None and r.kind != "unpaired":
                 raise UnpairedDataError(
                     "an unpaired loss got shards of pairs: prepare rows with prompt, completion "
                     "and label fields (python -m apo_jax.data.prepare), or use a pair loss"

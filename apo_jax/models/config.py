@@ -2,23 +2,17 @@
 
 The family fields (`family`, `qkv_bias`, `qk_norm`, `sliding_window`, `layer_types`,
 `rope_local_theta`, `norm_offset`, `embed_scale`, `mlp_activation`, `post_norms`,
-`query_pre_attn_scalar`) default to Llama-3; `families.py` sets them from other families'
-`config.json`.
-
-`LlamaConfig.from_hf` reads a Hugging Face Llama `config.json` (dict or path) in both the
-transformers-4 layout (`rope_theta` + `rope_scaling`) and the transformers-5 layout
-(`rope_parameters`); `to_hf` writes a dict that either version loads (other families:
-`families.config_from_hf` / `families.to_hf`).
+`query_pre_attn_scalar`) default to Llama-3. A Hugging Face `config.json` of any family, Llama
+included, becomes a LlamaConfig through `families.config_from_hf` and goes back through
+`families.to_hf` (the one family table).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
 
-from apo_jax.errors import UserError
+from apo_jax.errors import ConfigError
 
 REMAT_POLICIES = ("none", "full", "save_dots")
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma3")
@@ -26,10 +20,6 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "blocked")
-
-
-class ConfigError(UserError, ValueError):
-    """A LlamaConfig field or a Hugging Face config.json that this model cannot represent."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,103 +171,6 @@ class LlamaConfig:
         layer = attn + 3 * D * F + (4 if self.post_norms else 2) * D
         emb = self.vocab_size * D * (1 if self.tie_embeddings else 2)
         return self.n_layers * layer + emb + D
-
-    @classmethod
-    def from_hf(cls, config: dict[str, Any] | str | os.PathLike, **overrides: Any) -> LlamaConfig:
-        """Builds a config from a Hugging Face Llama `config.json`.
-
-        Args:
-          config: the parsed dict, a path to `config.json`, or a checkpoint directory.
-          **overrides: LlamaConfig fields that replace the read values (dtype, remat, ...).
-
-        Returns:
-          The LlamaConfig. Raises ConfigError when the checkpoint is not a Llama this model supports.
-        """
-        if not isinstance(config, dict):
-            path = os.fspath(config)
-            if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
-            with open(path, encoding="utf-8") as f:
-                config = json.load(f)
-        hf = config
-        if hf.get("model_type") != "llama":
-            raise ConfigError(f"not a Llama checkpoint: model_type={hf.get('model_type')!r}")
-        for key, bad in (("attention_bias", True), ("mlp_bias", True)):
-            if hf.get(key, False) == bad:
-                raise ConfigError(f"unsupported Llama variant: {key}={bad}")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"unsupported hidden_act {hf['hidden_act']!r}; Llama uses 'silu'")
-        rope = dict(hf.get("rope_parameters") or {})
-        legacy = hf.get("rope_scaling") or {}
-        theta = rope.get("rope_theta", hf.get("rope_theta", 10_000.0))
-        kind = rope.get("rope_type", legacy.get("rope_type", legacy.get("type", "default")))
-        params = {**legacy, **rope}
-        max_len = int(hf.get("max_position_embeddings", 2048))
-        if kind == "default":
-            scaling = None
-        elif kind == "llama3":
-            scaling = Llama3RopeScaling(
-                factor=float(params["factor"]),
-                low_freq_factor=float(params["low_freq_factor"]),
-                high_freq_factor=float(params["high_freq_factor"]),
-                original_max_position_embeddings=int(
-                    params.get("original_max_position_embeddings", max_len)
-                ),
-            )
-        else:
-            raise ConfigError(f"unsupported rope type {kind!r}; supported: 'default', 'llama3'")
-        n_heads = int(hf["num_attention_heads"])
-        fields = dict(
-            vocab_size=int(hf["vocab_size"]),
-            d_model=int(hf["hidden_size"]),
-            n_layers=int(hf["num_hidden_layers"]),
-            n_heads=n_heads,
-            n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-            head_dim=int(hf.get("head_dim") or hf["hidden_size"] // n_heads),
-            mlp_dim=int(hf["intermediate_size"]),
-            rope_theta=float(theta),
-            rope_scaling=scaling,
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            max_seq_len=max_len,
-        )
-        fields.update(_coerce(overrides))
-        return cls(**fields)
-
-    def to_hf(self) -> dict[str, Any]:
-        """Returns a Hugging Face `LlamaForCausalLM` config dict (readable by transformers 4 and 5).
-
-        Llama only; `apo_jax.models.families.to_hf` writes every family.
-        """
-        if self.family != "llama":
-            raise ConfigError(
-                f"LlamaConfig.to_hf writes Llama configs; use apo_jax.models.families.to_hf "
-                f"for family {self.family!r}"
-            )
-        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
-        if self.rope_scaling is not None:
-            rope = {"rope_type": "llama3", "rope_theta": self.rope_theta}
-            rope.update(dataclasses.asdict(self.rope_scaling))
-        return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.d_model,
-            "intermediate_size": self.mlp_dim,
-            "num_hidden_layers": self.n_layers,
-            "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_kv_heads,
-            "head_dim": self.head_dim,
-            "hidden_act": "silu",
-            "max_position_embeddings": self.max_seq_len,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_parameters": rope,
-            "tie_word_embeddings": self.tie_embeddings,
-            "attention_bias": False,
-            "mlp_bias": False,
-            "torch_dtype": self.param_dtype,  # transformers 4 name
-            "dtype": self.param_dtype,  # transformers 5 name
-        }
 
 
 def _coerce(overrides: dict[str, Any]) -> dict[str, Any]:

@@ -11,9 +11,10 @@ fields (docs/models.md):
 | `mistral` | sliding-window attention in every layer (when `sliding_window` is set) |
 | `gemma3` (`gemma3_text`) | (1 + w) RMSNorm, sqrt(D)-scaled embeddings, GeGLU, sandwich norms, q/k norm, `query_pre_attn_scalar`, sliding and global layers with their own RoPE |
 
-`config_from_hf` dispatches on `model_type`; `to_hf` writes a dict that
-`transformers.AutoConfig` reads back to the same model; `layer_params` lists the per-layer
-parameters whose names follow the family's `*ForCausalLM`.
+`config_from_hf` dispatches on `model_type` (Llama included: this is the one family table);
+`to_hf` writes a dict that `transformers.AutoConfig` (transformers 4 and 5) reads back to the
+same model; `layer_params` lists the per-layer parameters whose names follow the family's
+`*ForCausalLM`.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ FIXED: dict[str, dict[str, Any]] = {
     "gemma3": dict(qkv_bias=False, qk_norm=True, norm_offset=1.0, embed_scale=True,
                    mlp_activation="gelu_tanh", post_norms=True),
 }  # fmt: skip
+
+_ROPE_TYPES = ("default", "linear", "llama3")  # what `_rope` reads
 
 _ATTN = (("q_proj", "kernel"), ("k_proj", "kernel"), ("v_proj", "kernel"), ("o_proj", "kernel"))
 _MLP = (("gate_proj", "kernel"), ("up_proj", "kernel"), ("down_proj", "kernel"))
@@ -96,9 +99,8 @@ def config_from_hf(config: dict[str, Any] | str | os.PathLike, **overrides: Any)
     if model_type == "gemma3":  # multimodal: the text decoder's config is nested
         hf = {**(hf.get("text_config") or {}), "model_type": "gemma3_text"}
         model_type = "gemma3_text"
-    if model_type == "llama":
-        return LlamaConfig.from_hf(hf, **overrides)
-    readers = {"qwen2": _qwen, "qwen3": _qwen, "mistral": _mistral, "gemma3_text": _gemma3}
+    readers = {"llama": _llama, "qwen2": _qwen, "qwen3": _qwen, "mistral": _mistral,
+               "gemma3_text": _gemma3}  # fmt: skip
     if model_type not in readers:
         raise ConfigError(
             f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(MODEL_TYPES))}"
@@ -123,10 +125,15 @@ def _shape(hf: dict[str, Any], head_dim: int | None, max_len: int) -> dict[str, 
     )
 
 
-def _rope(params: dict[str, Any], theta: float, max_len: int) -> tuple[float, Any]:
-    """(theta, rope_scaling) from one rope-parameters dict (transformers 4 or 5 keys)."""
+def _rope(
+    params: dict[str, Any], theta: float, max_len: int, supported: tuple[str, ...] = _ROPE_TYPES
+) -> tuple[float, Any]:
+    """(theta, rope_scaling) from one rope-parameters dict (transformers 4 or 5 keys); the one
+    place a config.json's RoPE is read. `supported`: the rope types the family takes."""
     kind = params.get("rope_type", params.get("type", "default"))
     theta = float(params.get("rope_theta", theta))
+    if kind not in supported:
+        raise ConfigError(f"unsupported rope type {kind!r}; supported: {', '.join(supported)}")
     if kind == "default":
         return theta, None
     if kind == "linear":
@@ -140,12 +147,16 @@ def _rope(params: dict[str, Any], theta: float, max_len: int) -> tuple[float, An
                 params.get("original_max_position_embeddings", max_len)
             ),
         )
-    raise ConfigError(f"unsupported rope type {kind!r}; supported: default, linear, llama3")
+    raise AssertionError(kind)  # every supported type is handled above
 
 
-def _flat_rope(hf: dict[str, Any], max_len: int) -> tuple[float, Any]:
+def _flat_rope(
+    hf: dict[str, Any], max_len: int, supported: tuple[str, ...] = _ROPE_TYPES
+) -> tuple[float, Any]:
+    """RoPE of a family with one rope for every layer: transformers 4's `rope_theta` +
+    `rope_scaling` or transformers 5's `rope_parameters` (which wins)."""
     params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
-    return _rope(params, hf.get("rope_theta", 10_000.0), max_len)
+    return _rope(params, hf.get("rope_theta", 10_000.0), max_len, supported)
 
 
 def _check_act(hf: dict[str, Any], key: str, want: str) -> None:
@@ -165,6 +176,22 @@ def _sliding(hf: dict[str, Any], n_layers: int) -> dict[str, Any]:
     if "sliding_attention" not in types:
         return dict(sliding_window=None, layer_types=None)
     return dict(sliding_window=int(window), layer_types=tuple(types))
+
+
+def _llama(hf: dict[str, Any]) -> dict[str, Any]:
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise ConfigError(f"unsupported Llama variant: {key}=true")
+    _check_act(hf, "hidden_act", "silu")
+    fields = _shape(hf, None, 2048)
+    theta, scaling = _flat_rope(hf, fields["max_seq_len"], supported=("default", "llama3"))
+    fields.update(
+        family="llama",
+        rope_theta=theta,
+        rope_scaling=scaling,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+    return fields
 
 
 def _qwen(hf: dict[str, Any]) -> dict[str, Any]:
@@ -282,6 +309,16 @@ def _rope_dict(theta: float, scaling: Any) -> dict[str, Any]:
     return {"rope_type": "llama3", "rope_theta": theta, **scaling.__dict__}
 
 
+# The key order of a Llama config.json as exports have always written it, so a re-export is the
+# same bytes (reference fingerprints hash config.json).
+_LLAMA_KEYS = tuple(
+    "architectures model_type vocab_size hidden_size intermediate_size num_hidden_layers "
+    "num_attention_heads num_key_value_heads head_dim hidden_act max_position_embeddings "
+    "rms_norm_eps rope_parameters tie_word_embeddings attention_bias mlp_bias torch_dtype "
+    "dtype".split()
+)
+
+
 def _scalar(cfg: LlamaConfig) -> int | float:
     value = cfg.query_pre_attn_scalar or cfg.head_dim
     return int(value) if float(value).is_integer() else float(value)  # transformers wants an int
@@ -293,8 +330,6 @@ def to_hf(cfg: LlamaConfig) -> dict[str, Any]:
     Raises ConfigError when a field departs from what the family's class can hold.
     """
     _check_fixed(cfg)  # a llama with biases or q/k norms would be written as plain llama
-    if cfg.family == "llama":
-        return cfg.to_hf()
     model_type = _FAMILY_TYPE[cfg.family]
     out: dict[str, Any] = {
         "architectures": [MODEL_TYPES[model_type][1]],
@@ -324,6 +359,9 @@ def to_hf(cfg: LlamaConfig) -> dict[str, Any]:
         )  # fmt: skip
         return out
     out.update(hidden_act="silu", rope_parameters=rope)
+    if cfg.family == "llama":
+        out.update(attention_bias=False, mlp_bias=False)
+        return {key: out[key] for key in _LLAMA_KEYS}
     if cfg.family == "mistral":
         out["sliding_window"] = cfg.sliding_window
         return out

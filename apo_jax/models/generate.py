@@ -84,7 +84,7 @@ def _generate(
     q_positions_BxP = k_positions_BxS[:, :P]
     local_BxPxS = model.window_mask(mask_BxPxS, q_positions_BxP, k_positions_BxS)
     positions_BxP = jnp.maximum(q_positions_BxP, 0)
-    hidden_BxPxD, cache = model.forward_cached(
+    hidden_BxPxD, cache = model.hidden_states(
         tokens_BxP, positions_BxP, mask_BxPxS, cache, 0, local_mask_BxTxS=local_BxPxS
     )
     rng, sub = jax.random.split(rng)
@@ -102,7 +102,7 @@ def _generate(
         mask_Bx1xS = ((jnp.arange(S) <= index)[None, :] & key_valid_BxS)[:, None, :]
         positions_Bx1 = (lengths_B + i)[:, None]
         local_Bx1xS = model.window_mask(mask_Bx1xS, positions_Bx1, k_positions_BxS)
-        hidden_Bx1xD, cache = model.forward_cached(
+        hidden_Bx1xD, cache = model.hidden_states(
             token_B[:, None], positions_Bx1, mask_Bx1xS, cache, index, local_mask_BxTxS=local_Bx1xS
         )
         rng, sub = jax.random.split(rng)

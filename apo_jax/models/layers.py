@@ -1,9 +1,10 @@
 """Llama building blocks in flax.nnx: Linear, Embed, RMSNorm, RoPE, attention masks.
 
 Every parameter carries its logical axes in `out_sharding` metadata (with `eager_sharding=False`,
-so construction never needs a mesh); `apo_jax.sharding` maps them to the mesh. A `Linear` may carry
-LoRA adapters (`lora_a`, `lora_b` of the variable type `LoraParam`), which `apo_jax.models.lora`
-attaches; without them it is a plain matmul.
+so construction never needs a mesh); `apo_jax.sharding` maps them to the mesh. A `Linear` declares
+its optional parts: `bias` (None without one) and the LoRA adapters (`lora_a`, `lora_b` of the
+variable type `LoraParam`, `lora_key`), None until `apo_jax.models.lora.attach` sets them; without
+them it is a plain matmul.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ class Linear(nnx.Module):
     """y = x @ kernel (+ bias) (+ scale * dropout(x) @ lora_a @ lora_b), kernel stored [in, out].
 
     Hugging Face stores the transpose of `kernel`. The adapters `lora_a [in, r]`, `lora_b [r, out]`
-    exist only once `apo_jax.models.lora.attach` has added them.
+    (and `lora_key`, the dropout state, with LoRA dropout) are None until
+    `apo_jax.models.lora.attach` sets them.
     """
 
     def __init__(
@@ -66,12 +68,18 @@ class Linear(nnx.Module):
         bias: bool = False,
     ):
         self.kernel = param(rngs, (d_in, d_out), axes, cfg.param_dtype)
-        if bias:  # zeros, as Hugging Face initializes it
-            self.bias = param(None, (d_out,), axes[1:], cfg.param_dtype, fill=0.0)
+        # zeros, as Hugging Face initializes it
+        self.bias = param(None, (d_out,), axes[1:], cfg.param_dtype, fill=0.0) if bias else None
+        # LoRA, set by lora.attach; nnx.data: the variables replace the Nones later.
+        self.lora_a: LoraParam | None = nnx.data(None)  # [in, r]
+        self.lora_b: LoraParam | None = nnx.data(None)  # [r, out]
+        self.lora_key: LoraKey | None = nnx.data(None)  # dropout state, with lora.dropout > 0
+        self.lora_scale = 0.0  # alpha / r
+        self.lora_dropout = 0.0
 
     @property
     def has_lora(self) -> bool:
-        return "lora_a" in vars(self)
+        return self.lora_a is not None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = add_bias(jnp.dot(x, self.kernel[...].astype(x.dtype)), self)
@@ -79,7 +87,7 @@ class Linear(nnx.Module):
 
     def lora_delta(self, x: jax.Array) -> jax.Array:
         """scale * dropout(x) @ lora_a @ lora_b, in the dtype of `x`."""
-        if "lora_key" in vars(self):
+        if self.lora_key is not None:
             x = _lora_dropout(x, self.lora_key[...], self.lora_dropout)
         h = jnp.dot(x, self.lora_a[...].astype(x.dtype))
         # The scale goes on B ([r, out], small), not on the [.., out] product.
@@ -88,7 +96,7 @@ class Linear(nnx.Module):
 
 def add_bias(y: jax.Array, linear: Linear) -> jax.Array:
     """y + linear.bias when the layer has one."""
-    if not hasattr(linear, "bias"):
+    if linear.bias is None:
         return y
     return y + linear.bias[...].astype(y.dtype)
 

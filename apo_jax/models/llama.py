@@ -4,7 +4,7 @@ Layout: `embed_tokens.embedding [V, D]`, `layers.{self_attn.{q,k,v,o}_proj, mlp.
 .kernel [in, out]`, `layers.{input,post_attention}_layernorm.scale [D]`, `norm.scale [D]`,
 `lm_head.kernel [D, V]` (absent when tied). Families add `self_attn.{q,k,v}_proj.bias`,
 `self_attn.{q,k}_norm.scale [Dh]` and `layers.{pre,post}_feedforward_layernorm.scale` through
-`LlamaConfig` fields (docs/models.md). With `scan_layers` every layer parameter has a leading
+`LlamaConfig` fields (docs/models.md); each module declares them, None when its family has none. With `scan_layers` every layer parameter has a leading
 L axis (logical axis 'layers') and the layers run as one compiled block under `lax.scan`; layers
 of two kinds (Gemma 3's sliding and global) scan a per-layer flag with the parameters.
 """
@@ -44,9 +44,9 @@ class Attention(nnx.Module):
         self.k_proj = Linear(D, K * Dh, ("embed", "kv_heads"), cfg, rngs=rngs, bias=bias)
         self.v_proj = Linear(D, K * Dh, ("embed", "kv_heads"), cfg, rngs=rngs, bias=bias)
         self.o_proj = Linear(H * Dh, D, ("heads", "embed"), cfg, rngs=rngs)
-        if cfg.qk_norm:  # one RMSNorm over head_dim, shared by all heads
-            self.q_norm = RMSNorm(Dh, cfg)
-            self.k_norm = RMSNorm(Dh, cfg)
+        # Qwen3, Gemma 3: one RMSNorm over head_dim on queries and keys, shared by all heads
+        self.q_norm = RMSNorm(Dh, cfg) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(Dh, cfg) if cfg.qk_norm else None
         self.shape = (H, K, Dh)
         self.scale = cfg.attn_scale
         self.attention = cfg.attention
@@ -75,7 +75,7 @@ class Attention(nnx.Module):
         k_BxTxKDh, v_BxTxKDh = stacked_matmul(x_BxTxD, self.k_proj, self.v_proj)
         k_BxTxKxDh = k_BxTxKDh.reshape(B, T, K, Dh)
         v_BxTxKxDh = v_BxTxKDh.reshape(B, T, K, Dh)
-        if hasattr(self, "q_norm"):
+        if self.q_norm is not None:
             q_BxTxHxDh, k_BxTxKxDh = self.q_norm(q_BxTxHxDh), self.k_norm(k_BxTxKxDh)
         q_BxTxHxDh = apply_rope(q_BxTxHxDh, cos_BxTxDh, sin_BxTxDh)
         k_BxTxKxDh = apply_rope(k_BxTxKxDh, cos_BxTxDh, sin_BxTxDh)
@@ -133,16 +133,16 @@ class Block(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.d_model, cfg)
         self.self_attn = Attention(cfg, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg)
-        if cfg.post_norms:
-            self.pre_feedforward_layernorm = RMSNorm(cfg.d_model, cfg)
-            self.post_feedforward_layernorm = RMSNorm(cfg.d_model, cfg)
+        # Gemma 3's sandwich norms (cfg.post_norms), else None
+        self.pre_feedforward_layernorm = RMSNorm(cfg.d_model, cfg) if cfg.post_norms else None
+        self.post_feedforward_layernorm = RMSNorm(cfg.d_model, cfg) if cfg.post_norms else None
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x_BxTxD, cos_BxTxDh, sin_BxTxDh, mask_BxTxS, kv=None, cache_index=None):
         h_BxTxD, kv = self.self_attn(
             self.input_layernorm(x_BxTxD), cos_BxTxDh, sin_BxTxDh, mask_BxTxS, kv, cache_index
         )
-        if hasattr(self, "pre_feedforward_layernorm"):
+        if self.pre_feedforward_layernorm is not None:
             x_BxTxD = x_BxTxD + self.post_attention_layernorm(h_BxTxD)
             h_BxTxD = self.mlp(self.pre_feedforward_layernorm(x_BxTxD))
             x_BxTxD = x_BxTxD + self.post_feedforward_layernorm(h_BxTxD)
@@ -242,7 +242,7 @@ class Llama(nnx.Module):
         if segment_ids_BxT is not None or attn_mask_BxTxT is not None:
             mask_BxTxT = attention_mask((B, T), segment_ids_BxT, attn_mask_BxTxT)
         local_BxTxT = self.window_mask(mask_BxTxT, positions_BxT, positions_BxT)
-        hidden_BxTxD, _ = self.forward_cached(
+        hidden_BxTxD, _ = self.hidden_states(
             input_ids_BxT, positions_BxT, mask_BxTxT, local_mask_BxTxS=local_BxTxT
         )
         if return_hidden:
@@ -255,7 +255,7 @@ class Llama(nnx.Module):
         logits_BxTxV = jnp.dot(hidden_BxTxD, w_DxV, preferred_element_type=jnp.float32)
         return sharding.constrain(logits_BxTxV, ("batch", "length", "act_vocab"))
 
-    def forward_cached(
+    def hidden_states(
         self,
         input_ids_BxT: jax.Array,
         positions_BxT: jax.Array,
@@ -264,7 +264,9 @@ class Llama(nnx.Module):
         cache_index: jax.Array | int | None = None,
         local_mask_BxTxS: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Decoder body with an optional KV cache (used by `generate`).
+        """The decoder: embeddings, layers and final norm, with an optional KV cache.
+
+        The one forward path: `__call__` runs it without a cache, `generate` with one.
 
         Args:
           input_ids_BxT: token ids.

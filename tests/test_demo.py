@@ -85,9 +85,16 @@ def test_summary_prints_the_accuracy_before_and_after_and_both_answers():
          "samples_before": _rows(["a0", "a1", "a2", "a3"], [True, False, False, False]),
          "samples": _rows(["b0", "b1", "b2", "b3"], [True, True, False, False])}  # fmt: skip
     text = cli.summary_text(s)
-    assert "  before training (step 0): 1 of 4 held-out prompts answered right (accuracy 0.250)" in text
-    assert "  after training (step 9): 2 of 4 held-out prompts answered right (accuracy 0.500)" in text
-    assert "  sample: 'What is 1 + 1?'\n    before: 'a1'  [wrong]\n    after: 'b1'  [correct]" in text
+    assert (
+        "  before training (step 0): 1 of 4 held-out prompts answered right (accuracy 0.250)"
+        in text
+    )
+    assert (
+        "  after training (step 9): 2 of 4 held-out prompts answered right (accuracy 0.500)" in text
+    )
+    assert (
+        "  sample: 'What is 1 + 1?'\n    before: 'a1'  [wrong]\n    after: 'b1'  [correct]" in text
+    )
     assert text.count("  sample: ") == 3
 
 

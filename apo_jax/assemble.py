@@ -81,6 +81,11 @@ def resolve_demo_model(rc: RunConfig, paths: DataPaths) -> RunConfig:
         return rc
     from apo_jax import warm_start
 
+    root = warm_start.directory(paths.demo_root, rc.demo.warm_start_steps, rc.model.preset, rc.seed)
+    if jax.process_count() > 1 and not os.path.exists(os.path.join(root, "hf", "config.json")):
+        raise ConfigError(f"the demo's warm start ({root}) is built by one process: run the same "
+                          "command once on one process first, or pass "
+                          "--config.demo.warm_start_steps=0 (random weights)")  # fmt: skip
     hf_dir = warm_start.build(paths.demo_root, os.path.join(paths.demo_root, "train_shards"),
                               steps=rc.demo.warm_start_steps, preset=rc.model.preset,
                               seed=rc.seed)  # fmt: skip

@@ -43,12 +43,13 @@ class DataPaths:
     manifest: dict[str, Any]
     sample_prompts: str = ""  # prompts file for the samples hook ('' = the eval split's source)
     sample_checker: str = ""  # module:function scoring the samples ('' = none)
+    demo_root: str = ""  # the demo assets' directory ('' = not the demo data)
 
 
 def resolve_data(rc: RunConfig) -> DataPaths:
     """The shard and tokenizer directories of the run; builds the embedded demo when none is given."""
     train, eval_, tokenizer = rc.data.train, rc.data.eval, rc.data.tokenizer
-    prompts, checker = rc.samples.prompts, rc.samples.checker
+    prompts, checker, demo_root = rc.samples.prompts, rc.samples.checker, ""
     if rc.is_demo:
         from apo_jax.data import demo
 
@@ -65,10 +66,30 @@ def resolve_data(rc: RunConfig) -> DataPaths:
         tokenizer = tokenizer or assets.tokenizer_dir
         prompts = prompts or assets.eval_pairs
         checker = checker or DEMO_CHECKER
+        demo_root = assets.root
     manifest = shards.read_manifest(train)
     tokenizer = tokenizer or manifest.get("tokenizer", {}).get("dir", "")
     tokenizer = tokenizer if tokenizer and os.path.isdir(tokenizer) else ""
-    return DataPaths(train, eval_, tokenizer, manifest, prompts, checker)
+    return DataPaths(train, eval_, tokenizer, manifest, prompts, checker, demo_root)
+
+
+def resolve_demo_model(rc: RunConfig, paths: DataPaths) -> RunConfig:
+    """`rc` with the demo's warm start as config.model.hf_path (`apo_jax.warm_start`, built once
+    from the demo's paired training shards); unchanged off the demo data, with a model.hf_path of
+    its own or with demo.warm_start_steps=0."""
+    if not paths.demo_root or rc.model.hf_path or not rc.demo.warm_start_steps:
+        return rc
+    from apo_jax import warm_start
+
+    root = warm_start.directory(paths.demo_root, rc.demo.warm_start_steps, rc.model.preset, rc.seed)
+    if jax.process_count() > 1 and not os.path.exists(os.path.join(root, "hf", "config.json")):
+        raise ConfigError(f"the demo's warm start ({root}) is built by one process: run the same "
+                          "command once on one process first, or pass "
+                          "--config.demo.warm_start_steps=0 (random weights)")  # fmt: skip
+    hf_dir = warm_start.build(paths.demo_root, os.path.join(paths.demo_root, "train_shards"),
+                              steps=rc.demo.warm_start_steps, preset=rc.model.preset,
+                              seed=rc.seed)  # fmt: skip
+    return dataclasses.replace(rc, model=dataclasses.replace(rc.model, hf_path=hf_dir))
 
 
 def base_path(rc: RunConfig) -> str:

@@ -172,11 +172,38 @@ def summary_text(s: dict[str, Any]) -> str:
         lines.append(f"  Hugging Face export: {s['hf_export']}")
     if s.get("plots"):
         lines.append(f"  plots: {s['plots']}")
-    for row in s.get("samples", []):
-        mark = {True: "  [correct]", False: "  [wrong]"}.get(row.get("correct"), "")
-        prompt, response = (" ".join(str(x).split()) for x in (row["prompt"], row["response"]))
-        lines.append(f"  sample: {prompt[:70]!r} -> {response[:70]!r}{mark}")
+    lines += _samples_lines(s)
     return "\n".join(lines)
+
+
+SHOWN_SAMPLES = 3  # prompts printed in the summary; the accuracy counts every sampled prompt
+
+
+def _samples_lines(s: dict[str, Any]) -> list[str]:
+    """The greedy samples' accuracy before training (step 0) and after, and a few of them."""
+    after, before = s.get("samples") or [], s.get("samples_before") or []
+    if s.get("samples_step") == 0:
+        after = []  # the run has not sampled since its start
+    lines = []
+    for name, step, rows in (("before training", 0, before),
+                             ("after training", s.get("samples_step"), after)):  # fmt: skip
+        scored = [r["correct"] for r in rows if r.get("correct") is not None]
+        if scored:
+            lines.append(f"  {name} (step {step}): {sum(scored)} of {len(scored)} held-out "
+                         f"prompts answered right (accuracy {sum(scored) / len(scored):.3f})")  # fmt: skip
+    by_prompt = {r["prompt"]: r for r in before}
+    for row in (after or before)[:SHOWN_SAMPLES]:
+        lines.append(f"  sample: {_one_line(row['prompt'])!r}")
+        pairs = [("before", by_prompt.get(row["prompt"])), ("after", row)] if after else [("", row)]
+        for name, r in pairs:
+            if r is not None:
+                mark = {True: "  [correct]", False: "  [wrong]"}.get(r.get("correct"), "")
+                lines.append(f"    {name + ': ' if name else ''}{_one_line(r['response'])!r}{mark}")
+    return lines
+
+
+def _one_line(text: Any, width: int = 90) -> str:
+    return " ".join(str(text).split())[:width]
 
 
 def train_main(argv: Sequence[str] | None = None) -> None:

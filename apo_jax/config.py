@@ -111,6 +111,7 @@ class DemoSettings:
     n_train: int
     n_eval: int
     multi_turn: float
+    warm_start_steps: int  # sft steps of the demo's starting model; 0: random weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,7 +221,8 @@ def _loss(c: Any) -> LossSettings:
             losses.parse_spec(c.loss.name)
     except ValueError as e:
         raise ConfigError(f"config.loss.name: {e} (unpaired: kto, apo_zero_unpaired)") from None
-    _need(c.loss.beta > 0, f"config.loss.beta must be > 0, got {c.loss.beta}")
+    _need(c.loss.beta > 0 or c.loss.beta == -1,
+          f"config.loss.beta must be > 0 (or -1), got {c.loss.beta}")  # fmt: skip
     _need(
         0 <= c.loss.label_smoothing < 0.5,
         f"config.loss.label_smoothing must be in [0, 0.5), got {c.loss.label_smoothing}",
@@ -230,7 +232,10 @@ def _loss(c: Any) -> LossSettings:
     )
     _need(c.loss.desirable_weight > 0 and c.loss.undesirable_weight > 0,
           "config.loss.desirable_weight and undesirable_weight must be > 0")  # fmt: skip
-    loss = _section(LossSettings, c, "loss")
+    beta = float(c.loss.beta)
+    if beta == -1:  # the demo preset's value: config_base.DEMO_BETA on the demo data
+        beta = config_base.DEMO_BETA if not c.data.train else 0.1
+    loss = _section(LossSettings, c, "loss", beta=beta)
     if losses.is_unpaired(loss.name):
         _need(loss.f_divergence_type == "reverse_kl" and not loss.use_weighting
               and loss.ld_alpha == 1, f"config.loss: {loss.name} takes no f_divergence_type, "
@@ -337,8 +342,8 @@ def _lora(c: Any) -> lora_lib.LoraConfig:
 
 def _samples(c: Any) -> SamplesSettings:
     s = c.samples
-    _need(s.num_prompts >= 0 and s.max_new_tokens > 0,
-          "config.samples.num_prompts must be >= 0 and max_new_tokens > 0")  # fmt: skip
+    _need(s.num_prompts >= -1 and s.max_new_tokens > 0,
+          "config.samples.num_prompts must be >= 0 (or -1) and max_new_tokens > 0")  # fmt: skip
     _need(not s.prompts or os.path.exists(s.prompts),
           f"config.samples.prompts: {s.prompts} does not exist")  # fmt: skip
     if s.checker:
@@ -348,7 +353,16 @@ def _samples(c: Any) -> SamplesSettings:
             scoring.load_checker(s.checker)
         except UserError as e:
             raise ConfigError(f"config.samples.checker: {e}") from None
-    return _section(SamplesSettings, c, "samples")
+    n = int(s.num_prompts)
+    if n == -1:  # the demo preset's value: more on the demo data, where a checker scores them
+        n = config_base.SAMPLE_PROMPTS if c.data.train else config_base.DEMO_SAMPLE_PROMPTS
+    return _section(SamplesSettings, c, "samples", num_prompts=n)
+
+
+def _demo(c: Any) -> DemoSettings:
+    _need(c.demo.warm_start_steps >= 0,
+          f"config.demo.warm_start_steps must be >= 0, got {c.demo.warm_start_steps}")  # fmt: skip
+    return _section(DemoSettings, c, "demo")
 
 
 def _distributed(c: Any) -> distributed.DistributedConfig:
@@ -417,7 +431,7 @@ def validate(c: Any, *, device_count: int, process_count: int = 1) -> RunConfig:
         export_hf=bool(c.export_hf),
         plots=bool(c.plots),
         samples=_samples(c),
-        demo=_section(DemoSettings, c, "demo"),
+        demo=_demo(c),
         distributed=_distributed(c),
         lora=lora,
     )

@@ -8,6 +8,9 @@ import ml_collections
 from apo_jax import losses
 
 DEMO_SEQ_LEN = 128  # data.seq_len=-1 on the demo data: single-turn rows are at most about 80 tokens
+DEMO_BETA = 5.0  # loss.beta=-1 on the demo data (docs/training.md, "The demo")
+DEMO_SAMPLE_PROMPTS = 64  # samples.num_prompts=-1: held-out prompts scored on the demo data
+SAMPLE_PROMPTS = 3  # samples.num_prompts=-1 on your data
 
 RUN_PRESETS = (
     "demo",
@@ -143,21 +146,25 @@ def base_config(loss: str, preset: str | None) -> ml_collections.ConfigDict:
     c.demo.n_train = 3000
     c.demo.n_eval = 300
     c.demo.multi_turn = 0.0  # fraction of multi-turn conversations (long rows, slower on a CPU)
+    c.demo.warm_start_steps = 300  # sft steps of the model the demo starts from (cached); 0: random
 
     if preset == "demo":
         c.model.preset = "tiny"
         c.data.seq_len = -1  # 128 on the demo's rows; your shards' max_length on your data
-        c.optim.learning_rate = 3e-3
+        # The demo starts from a model already trained on the answers' format (the warm start):
+        # small steps, and a beta that keeps both likelihoods near it, so its samples stay legible.
+        c.loss.beta = -1  # 5.0 on the demo data; 0.1 (the paper's) on yours
+        c.optim.learning_rate = 1e-4
         c.optim.warmup_steps = 10
         # 32 pairs a step; an unpaired loss takes as many completions (64 rows)
         c.batch_size = 64 if losses.is_unpaired(loss) else 32
         c.num_steps = 0
-        c.data.num_epochs = 2
+        c.data.num_epochs = 1
         c.eval_every = 50
         c.log_every = 10
         c.checkpoint.every = 50
         c.plots = True
-        c.samples.num_prompts = 3  # off when the data has no held-out split
+        c.samples.num_prompts = -1  # 64 on the demo data, 3 on yours; off with no held-out split
         c.samples.max_new_tokens = 48
     elif preset in RUN_PRESETS:
         # The paper's setting for Llama-3-8B-Instruct on CLAIR pairs, for any family's checkpoint

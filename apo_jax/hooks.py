@@ -59,6 +59,8 @@ class Run:
     hf_export: str = ""
     plots: str = ""  # directory of the end-of-run figures
     samples: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the last round
+    samples_step: int = -1  # the step of `samples`
+    samples_before: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # step 0's
     policy: Any = None  # assemble.Policy (the frozen LoRA base and the bare base graph)
     base: dict[str, str] = dataclasses.field(default_factory=dict)  # LoRA: base path, fingerprint
     data_fp: dict[str, str] = dataclasses.field(default_factory=dict)  # integrity.data_identity
@@ -95,6 +97,9 @@ class Hook:
     def after_step(self, run: Run) -> None:
         if self.due(run):
             self.act(run)
+
+    def at_start(self, run: Run) -> None:
+        """Called once before the loop's first step (`run.step` is the start step)."""
 
     def act(self, run: Run) -> None:
         """The hook's work at a due step."""
@@ -320,7 +325,9 @@ class Samples(Hook):
 
     Each round is appended to `<workdir>/samples.jsonl` (one line per prompt, with its step), put
     in TensorBoard's text tab, and, with a checker, scored as `samples/accuracy` in the metrics.
-    Runs on one process only (generation gathers results on the host).
+    A run that starts at step 0 samples its starting model first (step 0: the "before" of the
+    summary); a resumed one reads its step-0 and latest rounds back from samples.jsonl. Runs on
+    one process only (generation gathers results on the host).
     """
 
     def __init__(self, every: int, rows: list[dict[str, Any]], tokenizer: Any, *,
@@ -328,6 +335,24 @@ class Samples(Hook):
         self.every, self.rows, self.tokenizer = every, rows, tokenizer
         self.max_new_tokens, self.checker = max_new_tokens, checker
         self.stop_tokens, self.mesh = stop_tokens, mesh
+
+    def at_start(self, run: Run) -> None:
+        if run.step == 0:
+            self.act(run)
+            run.samples_before = run.samples
+            return
+        rounds: dict[int, list[dict[str, Any]]] = {}
+        path = os.path.join(run.workdir, "samples.jsonl")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    row = json.loads(line)
+                    if row.get("step", -1) <= run.step:
+                        rounds.setdefault(row.pop("step", -1), []).append(row)
+        run.samples_before = rounds.get(0, [])
+        if rounds:
+            run.samples_step = max(rounds)
+            run.samples = rounds[run.samples_step]
 
     def act(self, run: Run) -> None:
         from apo_jax.eval import generation
@@ -340,7 +365,7 @@ class Samples(Hook):
             batch_size=-(-min(len(self.rows), 8) // ways) * ways,
             stop_tokens=self.stop_tokens, checker=self.checker, mesh=self.mesh,
         )  # fmt: skip
-        run.samples = out
+        run.samples, run.samples_step = out, run.step
         with open(os.path.join(run.workdir, "samples.jsonl"), "a", encoding="utf-8") as f:
             for row in out:
                 f.write(json.dumps({"step": run.step, **row}, ensure_ascii=False) + "\n")

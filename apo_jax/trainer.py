@@ -66,6 +66,7 @@ def _train(config: Any, rc: config_lib.RunConfig, workdir: str, allow_config_cha
     changes = _check_config(config, workdir, allow_config_change)
     paths = assemble.resolve_data(rc)
     integrity.verify_shards((paths.train, paths.eval), rc.data.verify)
+    rc = assemble.resolve_demo_model(rc, paths)  # the demo starts from its cached warm start
     data_fp = integrity.data_identity(paths.train, paths.eval)
     if _has_checkpoint(workdir):  # before the reference pass: other data is refused early
         meta = workdir_lib.newest_checkpoint_meta(workdir)
@@ -201,6 +202,8 @@ def _loop(run: hooks.Run, side_tasks: list[hooks.Hook], on_abandon: Any = None) 
     stop = StopSignal(on_abandon=on_abandon)
     t_start, run.step = time.perf_counter(), run.start_step
     try:
+        for task in side_tasks:
+            task.at_start(run)
         try:
             for step in range(run.start_step + 1, run.num_steps + 1):
                 stop.stop_step = step  # a signal from here to the check below stops after `step`
@@ -260,6 +263,8 @@ def _summary(run: hooks.Run, seconds: float) -> dict[str, Any]:
         "hf_export": run.hf_export,
         "plots": run.plots,
         "samples": run.samples,
+        "samples_step": run.samples_step,
+        "samples_before": run.samples_before,
         "interrupted": run.stopping,
         "finished": run.last,
         "num_steps": run.num_steps,
@@ -279,6 +284,7 @@ def precompute_reference(config: Any, workdir: str = "") -> None:
     )
     paths = assemble.resolve_data(rc)
     integrity.verify_shards((paths.train, paths.eval), rc.data.verify)
+    rc = assemble.resolve_demo_model(rc, paths)
     mesh = sharding.make_mesh(rc.mesh.data, rc.mesh.fsdp, rc.mesh.tensor)
     model, model_cfg, weights_fp = assemble.build_model(rc, paths, mesh)
     graphdef, params = ts.split_model(model)

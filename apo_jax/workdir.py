@@ -51,6 +51,7 @@ RUN_DEFINING = (
     "demo.n_train",
     "demo.n_eval",
     "demo.multi_turn",
+    "demo.warm_start_steps",
     "model.preset",
     "model.hf_path",
     "lora.",

@@ -39,6 +39,7 @@ def _flags(cache_dir: str, steps: int) -> list[str]:
         f"--config.demo.cache_dir={cache_dir}",
         "--config.checkpoint.async_save=False",
         "--config.samples.num_prompts=0",  # no generation or plots: not what these runs test
+        "--config.demo.warm_start_steps=0",  # random weights: the warm start is test_demo's
         "--config.plots=False",
     ]
 

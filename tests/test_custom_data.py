@@ -44,8 +44,9 @@ def test_custom_data_with_eval_samples_its_prompts(hf_model, small_shards, small
     first = [r["prompt"] for r in small_pairs[1][:3]]  # the eval shards' source, in order
     assert [r["prompt"] for r in summary["samples"]] == first
     assert all("correct" not in r for r in summary["samples"])  # the demo checker stays off
-    with open(tmp_path / "samples.jsonl") as f:
-        assert len([json.loads(line) for line in f]) == 3
+    with open(tmp_path / "samples.jsonl") as f:  # the starting model (step 0), then step 1
+        assert [json.loads(line)["step"] for line in f] == [0, 0, 0, 1, 1, 1]
+    assert [r["prompt"] for r in summary["samples_before"]] == first
 
 
 def test_samples_are_off_when_the_eval_source_is_gone(tmp_path, small_shards):

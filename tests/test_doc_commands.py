@@ -46,9 +46,9 @@ N_TRAIN, N_EVAL = 64, 32  # the sandbox's demo data
 SIZES = {
     "apo_jax.train": [f"--config.demo.n_train={N_TRAIN}", f"--config.demo.n_eval={N_EVAL}",
                       "--config.num_steps=2", "--config.batch_size=8", "--config.eval_batches=1",
-                      "--config.samples.max_new_tokens=8"],
+                      "--config.samples.max_new_tokens=8", "--config.demo.warm_start_steps=2"],
     "apo_jax.reference": [f"--config.demo.n_train={N_TRAIN}", f"--config.demo.n_eval={N_EVAL}",
-                          "--config.batch_size=8"],
+                          "--config.batch_size=8", "--config.demo.warm_start_steps=2"],
     "apo_jax.eval": ["--max_new_tokens=8"],
     "apo_jax.lab": ["--seeds=1", "--n_sft=64", "--sft_steps=4", "--pair_prompts=16",
                     "--pairs=8", "--heldout=8", "--steps=2", "--batch_size=4"],

@@ -205,7 +205,8 @@ def test_training_packed_gives_the_concat_losses(tmp_path):
     over = {"demo.cache_dir": cache, "demo.n_train": 128, "demo.n_eval": 32, "batch_size": 8,
             "num_steps": 3, "log_every": 1, "eval_every": 0, "eval_batches": 2,
             "checkpoint.every": 0, "checkpoint.async_save": False, "export_hf": False,
-            "progress_bar": False, "samples.num_prompts": 0, "plots": False}  # fmt: skip
+            "progress_bar": False, "samples.num_prompts": 0, "plots": False,
+            "demo.warm_start_steps": 0}  # fmt: skip
     runs = {}
     for layout in ("concat", "packed"):
         config = with_overrides(base_config("apo_down", None), {**over, "data.layout": layout})

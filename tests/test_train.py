@@ -42,6 +42,7 @@ def small_overrides(cache, **extra):
         "export_hf": False,
         "progress_bar": False,
         "samples.num_prompts": 0,  # generation and plots are tested elsewhere; they cost here
+        "demo.warm_start_steps": 0,  # random weights: the warm start is test_demo's
         "plots": False,
     }
     o.update(extra)

@@ -1,0 +1,91 @@
+"""The demo's starting model: the demo's model preset briefly trained with the `sft` loss on the
+chosen answers of the demo's training pairs, built once and cached beside the demo data.
+
+A preference objective moves a model that already answers; from random weights the demo's greedy
+samples are noise whatever it learns. The warm start is a short run of the trainer itself
+(`trainer.train_and_evaluate`, loss `sft`), exported as a Hugging Face directory that the demo
+then loads as `config.model.hf_path`. Its directory is keyed by :data:`VERSION`, the steps, the
+model preset and the seed; a build runs in a temporary directory renamed into place, so a crash
+leaves nothing half-written and two runs racing both end with the same model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from apo_jax.errors import UserError
+
+log = logging.getLogger("apo_jax")
+
+VERSION = "warm-v1"  # bump when the recipe below changes: the cache then rebuilds
+LEARNING_RATE = 3e-3
+BATCH_SIZE = 32
+
+
+class Interrupted(UserError):
+    """The warm start's training stopped early (a signal); nothing is cached."""
+
+
+def directory(demo_root: str, steps: int, preset: str, seed: int) -> str:
+    """Where the warm start of these settings is cached (its `hf/` is the model)."""
+    return os.path.join(demo_root, f"{VERSION}-{preset}-{steps}-s{seed}")
+
+
+def build(demo_root: str, train_shards: str, *, steps: int, preset: str, seed: int) -> str:
+    """Builds (once) and returns the warm start's Hugging Face directory.
+
+    Args:
+      demo_root: the demo assets' directory (`demo.DemoAssets.root`); the model is cached in it.
+      train_shards: the demo's training shards (their chosen answers are the sft targets).
+      steps: sft steps of batch :data:`BATCH_SIZE` at :data:`LEARNING_RATE` (linear decay).
+      preset: the model preset (`models/config.py`) trained.
+      seed: model init and data order.
+
+    Returns:
+      The `hf/` directory (safetensors, config.json, tokenizer).
+    """
+    root = directory(demo_root, steps, preset, seed)
+    hf_dir = os.path.join(root, "hf")
+    if os.path.exists(os.path.join(hf_dir, "config.json")):
+        return hf_dir
+    log.info("building the demo's warm start: %d sft steps on the demo's chosen answers "
+             "(once; cached in %s)", steps, root)  # fmt: skip
+    tmp = tempfile.mkdtemp(prefix=".build-", dir=demo_root)
+    try:
+        summary = _train(_config(train_shards, steps, preset, seed), os.path.join(tmp, "run"))
+        if not summary["finished"] or not summary["hf_export"]:
+            raise Interrupted(f"the demo's warm start stopped at step {summary['steps']} of "
+                              f"{steps}: rerun the command to build it again")  # fmt: skip
+        os.makedirs(os.path.join(tmp, "out"))
+        os.rename(summary["hf_export"], os.path.join(tmp, "out", "hf"))
+        try:
+            os.rename(os.path.join(tmp, "out"), root)  # atomic; a concurrent build may have won
+        except OSError:
+            if not os.path.exists(os.path.join(hf_dir, "config.json")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return hf_dir
+
+
+def _config(train_shards: str, steps: int, preset: str, seed: int) -> Any:
+    from apo_jax.config_base import DEMO_SEQ_LEN, base_config, with_overrides
+
+    return with_overrides(base_config("sft", "demo"), {
+        "data.train": train_shards, "data.seq_len": DEMO_SEQ_LEN, "model.preset": preset, "seed": seed,
+        "num_steps": steps, "batch_size": BATCH_SIZE, "optim.learning_rate": LEARNING_RATE,
+        "log_every": 50, "eval_every": 0, "samples.num_prompts": 0, "plots": False,
+        "progress_bar": False, "checkpoint.every": 0, "checkpoint.keep": 1,
+        "checkpoint.keep_best": 0, "checkpoint.async_save": False, "export_hf": True,
+        "demo.warm_start_steps": 0,
+    })  # fmt: skip
+
+
+def _train(config: Any, workdir: str) -> dict[str, Any]:
+    from apo_jax import trainer
+
+    return trainer.train_and_evaluate(config, workdir)

@@ -73,25 +73,6 @@ def resolve_data(rc: RunConfig) -> DataPaths:
     return DataPaths(train, eval_, tokenizer, manifest, prompts, checker, demo_root)
 
 
-def resolve_demo_model(rc: RunConfig, paths: DataPaths) -> RunConfig:
-    """`rc` with the demo's warm start as config.model.hf_path (`apo_jax.warm_start`, built once
-    from the demo's paired training shards); unchanged off the demo data, with a model.hf_path of
-    its own or with demo.warm_start_steps=0."""
-    if not paths.demo_root or rc.model.hf_path or not rc.demo.warm_start_steps:
-        return rc
-    from apo_jax import warm_start
-
-    root = warm_start.directory(paths.demo_root, rc.demo.warm_start_steps, rc.model.preset, rc.seed)
-    if jax.process_count() > 1 and not os.path.exists(os.path.join(root, "hf", "config.json")):
-        raise ConfigError(f"the demo's warm start ({root}) is built by one process: run the same "
-                          "command once on one process first, or pass "
-                          "--config.demo.warm_start_steps=0 (random weights)")  # fmt: skip
-    hf_dir = warm_start.build(paths.demo_root, os.path.join(paths.demo_root, "train_shards"),
-                              steps=rc.demo.warm_start_steps, preset=rc.model.preset,
-                              seed=rc.seed)  # fmt: skip
-    return dataclasses.replace(rc, model=dataclasses.replace(rc.model, hf_path=hf_dir))
-
-
 def base_path(rc: RunConfig) -> str:
     """The starting checkpoint: model.hf_path, or with LoRA the base of the adapter it names."""
     if rc.lora.enabled and lora_lib.is_adapter_dir(rc.model.hf_path):

@@ -8,6 +8,7 @@ evaluation, checkpoints, export). The parts are built by `apo_jax.assemble`; the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -18,7 +19,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from apo_jax import assemble, hooks, integrity, reference, sharding
+from apo_jax import assemble, hooks, integrity, reference, sharding, warm_start
 from apo_jax import config as config_lib
 from apo_jax import metrics as metrics_lib
 from apo_jax import train_step as ts
@@ -66,7 +67,7 @@ def _train(config: Any, rc: config_lib.RunConfig, workdir: str, allow_config_cha
     changes = _check_config(config, workdir, allow_config_change)
     paths = assemble.resolve_data(rc)
     integrity.verify_shards((paths.train, paths.eval), rc.data.verify)
-    rc = assemble.resolve_demo_model(rc, paths)  # the demo starts from its cached warm start
+    rc = _with_warm_start(rc, paths)  # the demo starts from its cached warm start
     data_fp = integrity.data_identity(paths.train, paths.eval)
     if _has_checkpoint(workdir):  # before the reference pass: other data is refused early
         meta = workdir_lib.newest_checkpoint_meta(workdir)
@@ -139,6 +140,24 @@ def _train(config: Any, rc: config_lib.RunConfig, workdir: str, allow_config_cha
     if rc.plots:
         side_tasks.append(hooks.Plots())
     return _loop(run, side_tasks, on_abandon=lock.release if lock is not None else None)
+
+
+def _with_warm_start(rc: config_lib.RunConfig, paths: assemble.DataPaths) -> config_lib.RunConfig:
+    """`rc` with the demo's warm start as config.model.hf_path (`apo_jax.warm_start`, built once
+    by this trainer from the demo's paired training shards); unchanged off the demo data, with a
+    model.hf_path of its own or with demo.warm_start_steps=0."""
+    if not paths.demo_root or rc.model.hf_path or not rc.demo.warm_start_steps:
+        return rc
+    root = warm_start.directory(paths.demo_root, rc.demo.warm_start_steps, rc.model.preset, rc.seed)
+    if jax.process_count() > 1 and not os.path.exists(os.path.join(root, "hf", "config.json")):
+        raise config_lib.ConfigError(
+            f"the demo's warm start ({root}) is built by one process: run the same command once "
+            "on one process first, or pass --config.demo.warm_start_steps=0 (random weights)"
+        )
+    hf_dir = warm_start.build(paths.demo_root, os.path.join(paths.demo_root, "train_shards"),
+                              steps=rc.demo.warm_start_steps, preset=rc.model.preset,
+                              seed=rc.seed, train=train_and_evaluate)  # fmt: skip
+    return dataclasses.replace(rc, model=dataclasses.replace(rc.model, hf_path=hf_dir))
 
 
 def _has_checkpoint(workdir: str) -> bool:
@@ -284,7 +303,7 @@ def precompute_reference(config: Any, workdir: str = "") -> None:
     )
     paths = assemble.resolve_data(rc)
     integrity.verify_shards((paths.train, paths.eval), rc.data.verify)
-    rc = assemble.resolve_demo_model(rc, paths)
+    rc = _with_warm_start(rc, paths)
     mesh = sharding.make_mesh(rc.mesh.data, rc.mesh.fsdp, rc.mesh.tensor)
     model, model_cfg, weights_fp = assemble.build_model(rc, paths, mesh)
     graphdef, params = ts.split_model(model)

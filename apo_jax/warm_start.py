@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 from apo_jax.errors import UserError
@@ -35,7 +36,15 @@ def directory(demo_root: str, steps: int, preset: str, seed: int) -> str:
     return os.path.join(demo_root, f"{VERSION}-{preset}-{steps}-s{seed}")
 
 
-def build(demo_root: str, train_shards: str, *, steps: int, preset: str, seed: int) -> str:
+def build(
+    demo_root: str,
+    train_shards: str,
+    *,
+    steps: int,
+    preset: str,
+    seed: int,
+    train: Callable[[Any, str], dict[str, Any]],
+) -> str:
     """Builds (once) and returns the warm start's Hugging Face directory.
 
     Args:
@@ -44,6 +53,8 @@ def build(demo_root: str, train_shards: str, *, steps: int, preset: str, seed: i
       steps: sft steps of batch :data:`BATCH_SIZE` at :data:`LEARNING_RATE` (linear decay).
       preset: the model preset (`models/config.py`) trained.
       seed: model init and data order.
+      train: runs a config in a workdir and returns its summary (the trainer's
+        `train_and_evaluate`, passed in so that this module does not import the trainer).
 
     Returns:
       The `hf/` directory (safetensors, config.json, tokenizer).
@@ -56,7 +67,7 @@ def build(demo_root: str, train_shards: str, *, steps: int, preset: str, seed: i
              "(once; cached in %s)", steps, root)  # fmt: skip
     tmp = tempfile.mkdtemp(prefix=".build-", dir=demo_root)
     try:
-        summary = _train(_config(train_shards, steps, preset, seed), os.path.join(tmp, "run"))
+        summary = train(_config(train_shards, steps, preset, seed), os.path.join(tmp, "run"))
         if not summary["finished"] or not summary["hf_export"]:
             raise Interrupted(f"the demo's warm start stopped at step {summary['steps']} of "
                               f"{steps}: rerun the command to build it again")  # fmt: skip
@@ -83,9 +94,3 @@ def _config(train_shards: str, steps: int, preset: str, seed: int) -> Any:
         "checkpoint.keep_best": 0, "checkpoint.async_save": False, "export_hf": True,
         "demo.warm_start_steps": 0,
     })  # fmt: skip
-
-
-def _train(config: Any, workdir: str) -> dict[str, Any]:
-    from apo_jax import trainer
-
-    return trainer.train_and_evaluate(config, workdir)

@@ -292,12 +292,14 @@ class Llama(nnx.Module):
             layer = nnx.merge(graphdef, state)
             return layer(x, *pick(flag if local is None else local), kv, cache_index)
 
-        if cfg.scan_layers:
+        if cfg.scan_layers and cache is not None:
+            x_BxTxD, cache = self._scan_with_cache(layer_fn, x_BxTxD, cache, cache_index)
+        elif cfg.scan_layers:
             graphdef, state = nnx.split(self.layers)
             local = None if mixed else sliding[0]
             step = _remat(functools.partial(layer_fn, graphdef, local), cfg.remat, scanned=True)
-            xs = (state, cache, jnp.asarray(sliding)) if mixed else (state, cache)
-            x_BxTxD, cache = jax.lax.scan(lambda x, xs: step(x, *xs), x_BxTxD, xs)
+            xs = (state, None, jnp.asarray(sliding)) if mixed else (state, None)
+            x_BxTxD, _ = jax.lax.scan(lambda x, xs: step(x, *xs), x_BxTxD, xs)
         else:
             new_kv = []
             for i, block in enumerate(self.layers):
@@ -311,6 +313,35 @@ class Llama(nnx.Module):
             if cache is not None:
                 cache = tuple(jnp.stack([kv[j] for kv in new_kv]) for j in range(2))
         return self.norm(x_BxTxD), cache
+
+    def _scan_with_cache(self, layer_fn, x_BxTxD, cache, cache_index):
+        """The scanned layers with a KV cache carried through the scan: layer i reads its slice
+        of the stacked cache and writes back only this call's T positions, in place. (Passing the
+        cache as the scan's input and its output copied the whole cache two or three times per
+        decode step: docs/performance.md, benchmark 7.)"""
+        sliding = self.cfg.sliding_layers
+        mixed = len(set(sliding)) > 1
+        graphdef, state = nnx.split(self.layers)
+        local = None if mixed else sliding[0]
+        step = functools.partial(layer_fn, graphdef, local)
+        T = x_BxTxD.shape[1]
+
+        def body(carry, xs):
+            x, k_LxBxSxKxDh, v_LxBxSxKxDh = carry
+            state_i, i, *flag = xs
+            kv = (k_LxBxSxKxDh[i], v_LxBxSxKxDh[i])
+            x, (k_BxSxKxDh, v_BxSxKxDh) = step(x, state_i, kv, *flag)
+            start = (i, 0, cache_index, 0, 0)
+            k_new = jax.lax.dynamic_slice_in_dim(k_BxSxKxDh, cache_index, T, axis=1)[None]
+            v_new = jax.lax.dynamic_slice_in_dim(v_BxSxKxDh, cache_index, T, axis=1)[None]
+            k_LxBxSxKxDh = jax.lax.dynamic_update_slice(k_LxBxSxKxDh, k_new, start)
+            v_LxBxSxKxDh = jax.lax.dynamic_update_slice(v_LxBxSxKxDh, v_new, start)
+            return (x, k_LxBxSxKxDh, v_LxBxSxKxDh), None
+
+        layer_ids = jnp.arange(len(sliding), dtype=jnp.int32)
+        xs = (state, layer_ids, jnp.asarray(sliding)) if mixed else (state, layer_ids)
+        (x_BxTxD, k, v), _ = jax.lax.scan(body, (x_BxTxD, *cache), xs)
+        return x_BxTxD, (k, v)
 
     def window_mask(
         self, mask_BxTxS: jax.Array | None, q_positions_BxT: jax.Array, k_positions_BxS: jax.Array

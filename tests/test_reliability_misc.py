@@ -52,6 +52,12 @@ def test_ctrl_c_and_os_errors_in_a_command_are_one_line(tmp_path, capsys, monkey
         errors.guard(interrupted)
 
 
+def ctrl_c_reaches_the_child() -> None:
+    """A child's Ctrl-C as in a terminal: a test run started in the background (``cmd &`` without
+    job control, as CI may be) inherits SIGINT ignored, and Python then never raises it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 _SWALLOWED_CTRL_C = """
 import os, signal, sys
 from apo_jax import errors
@@ -74,19 +80,28 @@ def test_a_ctrl_c_swallowed_by_a_finalizer_still_ends_the_command_with_130():
     import subprocess
 
     proc = subprocess.run([sys.executable, "-c", _SWALLOWED_CTRL_C], cwd=REPO, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": REPO}, timeout=120)  # fmt: skip
+                          text=True, env={**os.environ, "PYTHONPATH": REPO}, timeout=120,
+                          preexec_fn=ctrl_c_reaches_the_child)  # fmt: skip
     assert proc.returncode == 130, (proc.returncode, proc.stderr)
     assert proc.stderr == "apo_jax: interrupted (Ctrl-C)\n"  # no "Exception ignored in ..."
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # this process untouched
 
 
 def test_a_guarded_command_leaves_the_ctrl_c_handler_as_it_found_it():
-    hook = sys.unraisablehook
-    seen = []
-    errors.guard(lambda: seen.append(signal.getsignal(signal.SIGINT)))
-    assert seen and seen[0] is not signal.default_int_handler  # recorded while the body ran
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    assert sys.unraisablehook is hook
+    # Python's own handler, as in a terminal (a job started in the background inherits SIGINT
+    # ignored, and then guard rightly leaves it ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        hook = sys.unraisablehook
+        seen = []
+        errors.guard(lambda: seen.append(signal.getsignal(signal.SIGINT)))
+        assert seen and seen[0] is not signal.default_int_handler  # recorded while the body ran
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert sys.unraisablehook is hook
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        errors.guard(lambda: seen.append(signal.getsignal(signal.SIGINT)))
+        assert seen[1] is signal.SIG_IGN and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_seq_len_shorter_than_the_rows_is_one_line_naming_max_length(

@@ -141,6 +141,7 @@ def test_ctrl_c_during_a_prepare_with_workers_is_one_line_exit_130(tmp_path, tok
          f"--out={out}", "--workers=2", "--noprogress"],
         cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": repo},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while not glob.glob(str(out / ".prepare-*" / "pairs-*")) and proc.poll() is None:

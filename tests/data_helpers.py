@@ -22,3 +22,18 @@ def pair(prompt: str, chosen: str, rejected: str) -> dict:
         "chosen": [user, {"role": "assistant", "content": chosen}],
         "rejected": [user, {"role": "assistant", "content": rejected}],
     }
+
+
+def small_run_config(shard_dir: str, **overrides):
+    """A 4-step apo_down run on ``shard_dir`` (concat rows, no samples, plots, export or async
+    saves), with ``overrides`` as `--config.a.b=v` would set them."""
+    from apo_jax.config_base import base_config, with_overrides
+
+    o = {
+        "data.train": shard_dir, "data.layout": "concat", "data.seq_len": 0,
+        "samples.num_prompts": 0, "plots": False, "export_hf": False, "progress_bar": False,
+        "batch_size": 8, "num_steps": 4, "log_every": 1, "eval_every": 0,
+        "checkpoint.every": 0, "checkpoint.async_save": False, "optim.warmup_steps": 0,
+    }  # fmt: skip
+    o.update(overrides)
+    return with_overrides(base_config("apo_down", None), o)

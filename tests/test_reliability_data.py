@@ -12,23 +12,15 @@ import os
 import shutil
 
 import pytest
-from data_helpers import write_jsonl
+from data_helpers import small_run_config, write_jsonl
 
 from apo_jax import trainer
 from apo_jax import workdir as workdir_lib
-from apo_jax.config_base import base_config, with_overrides
 from apo_jax.data import prepare
 
 
 def _config(shard_dir, **extra):
-    o = {
-        "data.train": shard_dir, "data.layout": "concat", "data.seq_len": 0,
-        "samples.num_prompts": 0, "plots": False, "export_hf": False, "progress_bar": False,
-        "batch_size": 8, "num_steps": 2, "log_every": 1, "eval_every": 0,
-        "checkpoint.every": 1, "checkpoint.async_save": False, "optim.warmup_steps": 0,
-    }  # fmt: skip
-    o.update(extra)
-    return with_overrides(base_config("apo_down", None), o)
+    return small_run_config(shard_dir, **{**{"num_steps": 2, "checkpoint.every": 1}, **extra})
 
 
 def _prepare(rows, tok_dir, out):

@@ -16,10 +16,10 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from data_helpers import small_run_config
 
 from apo_jax import cli, errors, hooks, trainer
 from apo_jax.checkpoint import Checkpointer, abstract_like
-from apo_jax.config_base import base_config, with_overrides
 from apo_jax.data import prepare
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,14 +154,7 @@ def test_a_damaged_checkpoint_file_is_named(tmp_path, caplog, damage):
 
 
 def _config(shard_dir, **extra):
-    o = {
-        "data.train": shard_dir, "data.layout": "concat", "data.seq_len": 0,
-        "samples.num_prompts": 0, "plots": False, "export_hf": False, "progress_bar": False,
-        "batch_size": 8, "num_steps": 4, "log_every": 1, "eval_every": 0,
-        "checkpoint.every": 0, "checkpoint.async_save": False, "optim.warmup_steps": 0,
-    }  # fmt: skip
-    o.update(extra)
-    return with_overrides(base_config("apo_down", None), o)
+    return small_run_config(shard_dir, **extra)
 
 
 @pytest.mark.slow  # two short runs (about 8 s on 2 idle cores)

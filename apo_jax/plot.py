@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
-from absl import app, flags
+from absl import flags
 
-from apo_jax import errors
+from apo_jax import commands, errors
 from apo_jax import workdir as workdir_lib
 
 Series = dict[str, list[tuple[int, float]]]  # "train/loss" -> [(step, value)]
@@ -202,31 +203,40 @@ def _save(fig, out_dir: str, name: str) -> str:
     return path
 
 
-FLAGS = flags.FLAGS
+USAGE = "python -m apo_jax.plot WORKDIR... [--datasets=a,b] --out=DIR"
 
 
-def define_flags() -> None:
-    """The command's flags (defined only when run as a command, so importing defines none)."""
-    flags.DEFINE_string("out", None, "Directory for the PNG files.")
-    flags.DEFINE_list("datasets", [], "Pair files or shard dirs for contrastiveness histograms.")
-    flags.mark_flag_as_required("out")
+def flag_values() -> flags.FlagValues:
+    """The command's flags, in their own FlagValues (see apo_jax.commands)."""
+    fv = flags.FlagValues()
+    kw = {"flag_values": fv}
+    flags.DEFINE_string("out", None, "Directory for the PNG files.", **kw)
+    flags.DEFINE_list("datasets", [], "Pair files or shard dirs for contrastiveness histograms.", **kw)
+    flags.mark_flag_as_required("out", flag_values=fv)
+    return fv
 
 
-def main(argv: list[str]) -> None:
-    """Plots the workdirs given as arguments (and --datasets) into --out."""
+def run(argv: Sequence[str]) -> list[str]:
+    """Plots the workdirs given as arguments (and --datasets) into --out; returns the files.
 
-    def body() -> None:
-        workdirs = argv[1:]
-        if not workdirs and not FLAGS.datasets:
-            raise PlotError("give one or more training workdirs (and/or --datasets=a,b)")
-        written = list(plot_runs(workdirs, FLAGS.out)) if workdirs else []
-        if FLAGS.datasets:
-            written.append(plot_contrastiveness(FLAGS.datasets, FLAGS.out))
-        print("\n".join(f"wrote {p}" for p in written))
+    Raises:
+      UserError: a flag that does not parse, no input given, or a workdir that cannot be read.
+    """
+    fv = flag_values()
+    workdirs = commands.parse(fv, argv, USAGE, __doc__.splitlines()[0])[1:]
+    if not workdirs and not fv.datasets:
+        raise PlotError("give one or more training workdirs (and/or --datasets=a,b)")
+    written = list(plot_runs(workdirs, fv.out)) if workdirs else []
+    if fv.datasets:
+        written.append(plot_contrastiveness(fv.datasets, fv.out))
+    print("\n".join(f"wrote {p}" for p in written))
+    return written
 
-    errors.guard(body)
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The command: :func:`run` under :func:`apo_jax.errors.guard` (one-line errors)."""
+    errors.guard(lambda: run(sys.argv if argv is None else argv))
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    main()

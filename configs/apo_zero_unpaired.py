@@ -11,7 +11,7 @@ python -m apo_jax.data.prepare):
     --workdir=/runs/apo_zero_unpaired_8b
 """
 
-from apo_jax.config_base import base_config
+from apo_jax.config import base_config
 
 
 def get_config(arg=None):

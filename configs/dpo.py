@@ -8,7 +8,7 @@ The paper's setting on Llama-3-8B-Instruct (needs a checkpoint and prepared CLAI
     --config.data.eval=/data/clair/eval --workdir=/runs/dpo_8b
 """
 
-from apo_jax.config_base import base_config
+from apo_jax.config import base_config
 
 
 def get_config(arg=None):

@@ -10,7 +10,7 @@ python -m apo_jax.data.prepare, which recognizes the layout):
     --workdir=/runs/kto_8b
 """
 
-from apo_jax.config_base import base_config
+from apo_jax.config import base_config
 
 
 def get_config(arg=None):

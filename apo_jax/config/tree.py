@@ -48,7 +48,7 @@ class RunConfig:
     reference: ReferenceSettings = section(ReferenceSettings, "the reference log-probs")
     optim: OptimConfig = section(OptimConfig, "the optimizer and its schedule")
     mesh: MeshShape = section(MeshShape, "the device mesh")
-    batch_size: int = field(16, "pairs per optimizer step (completions for an unpaired loss), all processes together", above(0))  # fmt: skip
+    batch_size: int = field(16, "pairs per optimizer step (completions for an unpaired loss), all processes together; the demo preset's 32 is 64 for an unpaired loss", above(0))  # fmt: skip
     grad_accum: int = field(1, "micro-batches per step (batch_size must divide)", above(0))
     num_steps: int = field(0, "0: as many as data.num_epochs give; else exactly this many steps, the data repeating as needed", at_least(0, "0 (0: as the epochs give)"))  # fmt: skip
     logprob_chunk: int = field(128, "time steps per chunk of the log-prob head; memory grows with it (docs/performance.md)", above(0))  # fmt: skip

@@ -60,7 +60,9 @@ def test_field_checks_name_the_field():
     with pytest.raises(config_lib.ConfigError, match=r"^config.batch_size must be > 0, got 0$"):
         config_lib.validate(c, device_count=1)
     c = presets.with_overrides(presets.base_config("apo_down", None), {"data.verify": "some"})
-    with pytest.raises(config_lib.ConfigError, match="^config.data.verify must be fast, full or off"):
+    with pytest.raises(
+        config_lib.ConfigError, match="^config.data.verify must be fast, full or off"
+    ):
         config_lib.validate(c, device_count=1)
 
 

@@ -86,17 +86,11 @@ def build(cls: type, values: Mapping[str, Any], name: str, **resolved: Any) -> A
         raise ConfigError(f"config.{name}: {e}") from None
 
 
-def help_of(f: dataclasses.Field) -> str:
-    """A field's help: `field`'s metadata, else the `help` metadata of a plain dataclass field."""
-    return f.metadata.get("help", "")
-
-
 def rows(cls: type, prefix: str = "") -> Iterator[tuple[str, Any, str]]:
     """(dotted name, default, help) of every value field of the tree, in declaration order."""
     for f in dataclasses.fields(cls):
         sub = _section_of(f)
         if sub:
             yield from rows(sub, f"{prefix}{f.name}.")
-        else:
-            default = f.default if f.default is not dataclasses.MISSING else None
-            yield f"{prefix}{f.name}", default, help_of(f)
+        else:  # optim, lora and distributed declare their help as plain `help` metadata
+            yield f"{prefix}{f.name}", f.default, f.metadata.get("help", "")

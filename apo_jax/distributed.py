@@ -37,19 +37,27 @@ ENV_ADDRESS, ENV_COUNT, ENV_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
 WATCHDOG_EXIT = 3  # exit status when the coordinator handshake times out
 
 
+def _field(default, help: str):
+    """A field of the config tree (`apo_jax.config.fields.field`: default and one-line help),
+    written here because this module is imported before the config package."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 class DistributedError(UserError, RuntimeError):
     """A multi-process setting that cannot work; the message says what to fix."""
 
 
 @dataclasses.dataclass(frozen=True)
 class DistributedConfig:
-    """How this process joins the run (see `config.distributed` in apo_jax/config_base.py)."""
+    """How this process joins the run: the config tree's `distributed` section (docs/scaling.md)."""
 
-    mode: str = "auto"  # auto | on (always initialize) | off (always one process)
-    coordinator_address: str = ""  # host:port of process 0; "" = environment / cluster
-    num_processes: int = 0  # 0 = environment / cluster
-    process_id: int = -1  # -1 = environment / cluster
-    initialization_timeout: int = 300  # seconds to wait for every process to join
+    mode: str = _field(
+        "auto", "auto (join when config, environment, SLURM or a TPU pod says so) | on | off"
+    )
+    coordinator_address: str = _field("", "process 0's host:port; '': the environment or cluster")
+    num_processes: int = _field(0, "0: JAX_NUM_PROCESSES or cluster detection")
+    process_id: int = _field(-1, "-1: JAX_PROCESS_ID or cluster detection")
+    initialization_timeout: int = _field(300, "seconds for every process to join, then an error")
 
     @classmethod
     def from_mapping(cls, m: Mapping[str, Any] | None) -> DistributedConfig:

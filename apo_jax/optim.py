@@ -12,22 +12,31 @@ SCHEDULES = ("cosine", "linear", "constant")
 DECAY_MASKS = ("all", "no_norms", "no_norms_no_embed")
 
 
+def _field(default, help: str):
+    """A field of the config tree (`apo_jax.config.fields.field`: default and one-line help),
+    written here because this module is imported before the config package."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     """Optimizer settings (the fields of the config's `optim` block)."""
 
-    name: str = "adamw"  # one of OPTIMIZERS
-    learning_rate: float = 5e-7  # peak learning rate
-    warmup_steps: int = 0  # linear warmup from 0 to the peak
-    schedule: str = "linear"  # decay after warmup: one of SCHEDULES
-    end_lr_factor: float = 0.0  # final learning rate as a fraction of the peak
-    weight_decay: float = 0.0
-    decay_mask: str = "no_norms"  # which parameters weight decay touches: one of DECAY_MASKS
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    momentum: float = 0.0  # sgd only
-    clip_norm: float = 1.0  # global gradient-norm clipping; 0 disables
+    name: str = _field("adamw", "adamw | rmsprop | adafactor | sgd")
+    learning_rate: float = _field(5e-7, "peak learning rate")
+    warmup_steps: int = _field(0, "linear warmup from 0 to the peak over this many steps")
+    schedule: str = _field("linear", "decay after warmup: cosine | linear | constant")
+    end_lr_factor: float = _field(0.0, "final learning rate as a fraction of the peak")
+    weight_decay: float = _field(0.0, "decoupled weight decay")
+    decay_mask: str = _field(
+        "no_norms",
+        "what weight decay touches: all | no_norms (every weight but norm scales and biases) | no_norms_no_embed (nor the embedding)",
+    )
+    b1: float = _field(0.9, "Adam's first-moment decay")
+    b2: float = _field(0.999, "Adam's (and RMSProp's) second-moment decay")
+    eps: float = _field(1e-8, "added to the denominator of the adaptive optimizers")
+    momentum: float = _field(0.0, "sgd only")
+    clip_norm: float = _field(1.0, "global gradient-norm clipping; 0 disables")
 
     def __post_init__(self):
         for field, allowed in (

@@ -84,7 +84,7 @@ def build(
 
 
 def _config(train_shards: str, steps: int, preset: str, seed: int) -> Any:
-    from apo_jax.config_base import DEMO_SEQ_LEN, base_config, with_overrides
+    from apo_jax.config import DEMO_SEQ_LEN, base_config, with_overrides
 
     return with_overrides(base_config("sft", "demo"), {
         "data.train": train_shards, "data.seq_len": DEMO_SEQ_LEN, "model.preset": preset, "seed": seed,

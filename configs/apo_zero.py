@@ -1,4 +1,7 @@
-"""apo_zero on preference pairs.
+r"""APO-zero on preference pairs: raise the chosen answers' likelihood, lower the rejected ones'.
+
+Anchored Preference Optimization (D'Oosterlinck et al. 2024, eq. 7), for chosen answers better
+than what the model writes, such as CLAIR's minimal revisions of its own answers.
 
 Run the embedded demo (tiny model, generated pairs) on a CPU:
   python -m apo_jax.train --config=configs/apo_zero.py
@@ -6,11 +9,18 @@ The paper's setting on Llama-3-8B-Instruct (needs a checkpoint and prepared CLAI
   python -m apo_jax.train --config=configs/apo_zero.py:llama3_8b \
     --config.model.hf_path=/ckpt/Meta-Llama-3-8B-Instruct --config.data.train=/data/clair/train \
     --config.data.eval=/data/clair/eval --workdir=/runs/apo_zero_8b
+
+Every other field keeps the config tree's default (apo_jax/config; the table in docs/training.md),
+with the preset's overrides (apo_jax/config/presets.py); any field is one flag away:
+--config.<section>.<field>=value.
 """
 
-from apo_jax.config_base import base_config
+from apo_jax.config import base_config
 
 
 def get_config(arg=None):
     """Presets: demo (default), llama3_1b, llama3_8b, qwen2_5_7b, qwen3_8b, mistral_7b, gemma3_4b."""
-    return base_config("apo_zero", arg)
+    return base_config(
+        loss="apo_zero",  # (1 - sigma(beta r_w)) + sigma(beta r_l), r: log-ratio to the reference
+        preset=arg,
+    )

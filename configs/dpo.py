@@ -1,4 +1,7 @@
-"""dpo on preference pairs.
+r"""DPO on preference pairs: raise the chosen-minus-rejected log-ratio margin.
+
+Direct Preference Optimization (Rafailov et al. 2023), TRL's `sigmoid` loss; the baseline the APO
+paper compares against.
 
 Run the embedded demo (tiny model, generated pairs) on a CPU:
   python -m apo_jax.train --config=configs/dpo.py
@@ -6,11 +9,18 @@ The paper's setting on Llama-3-8B-Instruct (needs a checkpoint and prepared CLAI
   python -m apo_jax.train --config=configs/dpo.py:llama3_8b \
     --config.model.hf_path=/ckpt/Meta-Llama-3-8B-Instruct --config.data.train=/data/clair/train \
     --config.data.eval=/data/clair/eval --workdir=/runs/dpo_8b
+
+Every other field keeps the config tree's default (apo_jax/config; the table in docs/training.md),
+with the preset's overrides (apo_jax/config/presets.py); any field is one flag away:
+--config.<section>.<field>=value.
 """
 
-from apo_jax.config_base import base_config
+from apo_jax.config import base_config
 
 
 def get_config(arg=None):
     """Presets: demo (default), llama3_1b, llama3_8b, qwen2_5_7b, qwen3_8b, mistral_7b, gemma3_4b."""
-    return base_config("sigmoid", arg)
+    return base_config(
+        loss="sigmoid",  # -log sigma(beta (r_w - r_l)), TRL's name for DPO
+        preset=arg,
+    )

@@ -27,7 +27,7 @@ def pair(prompt: str, chosen: str, rejected: str) -> dict:
 def small_run_config(shard_dir: str, **overrides):
     """A 4-step apo_down run on ``shard_dir`` (concat rows, no samples, plots, export or async
     saves), with ``overrides`` as `--config.a.b=v` would set them."""
-    from apo_jax.config_base import base_config, with_overrides
+    from apo_jax.config import base_config, with_overrides
 
     o = {
         "data.train": shard_dir, "data.layout": "concat", "data.seq_len": 0,

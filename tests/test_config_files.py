@@ -46,7 +46,7 @@ def test_names_and_configs_paths_work_from_another_directory(
 def test_a_file_anywhere_and_a_local_configs_file_win(monkeypatch, tmp_path):
     mine = tmp_path / "my_run.py"
     mine.write_text(
-        "from apo_jax.config_base import base_config\n\n"
+        "from apo_jax.config import base_config\n\n"
         "def get_config(arg=None):\n"
         "    c = base_config('ipo', arg)\n"
         "    c.batch_size = 8\n"

@@ -10,7 +10,7 @@ import os
 import pytest
 
 from apo_jax import assemble, trainer
-from apo_jax.config_base import base_config, with_overrides
+from apo_jax.config import base_config, with_overrides
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from apo_jax import cli, trainer
-from apo_jax.config_base import base_config, with_overrides
+from apo_jax.config import base_config, with_overrides
 from apo_jax.eval import checkers
 
 # A band, not a point: XLA:CPU picks its kernels by instruction set, so the demo ends at

@@ -148,7 +148,7 @@ def test_resolve_model_path_converts_once_into_the_cache(tmp_path, monkeypatch):
 
 def test_train_config_takes_a_gguf_hf_path(tmp_path, monkeypatch):
     from apo_jax import config as config_lib
-    from apo_jax.config_base import base_config, with_overrides
+    from apo_jax.config import base_config, with_overrides
 
     monkeypatch.setenv(convert.CACHE_ENV, str(tmp_path / "cache"))
     path = str(tmp_path / "m.gguf")

@@ -16,7 +16,7 @@ from flax import nnx
 from apo_jax import config as config_lib
 from apo_jax import errors, layouts
 from apo_jax import train_step as ts
-from apo_jax.config_base import base_config, with_overrides
+from apo_jax.config import base_config, with_overrides
 from apo_jax.data import loader, shards
 from apo_jax.layouts import auto
 from apo_jax.models.config import get_preset

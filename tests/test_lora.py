@@ -14,8 +14,7 @@ from test_train_step import CFG, make_batch
 
 from apo_jax import assemble, trainer
 from apo_jax import train_step as ts
-from apo_jax.config import ConfigError
-from apo_jax.config_base import base_config, with_overrides
+from apo_jax.config import ConfigError, base_config, with_overrides
 from apo_jax.models import hf, lora
 from apo_jax.models.llama import Llama
 from apo_jax.optim import OptimConfig, make_optimizer

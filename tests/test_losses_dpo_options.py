@@ -13,7 +13,7 @@ from flax import nnx
 from apo_jax import config as config_lib
 from apo_jax import hooks
 from apo_jax import train_step as ts
-from apo_jax.config_base import base_config, with_overrides
+from apo_jax.config import base_config, with_overrides
 from apo_jax.layouts import concat
 from apo_jax.models.llama import Llama
 from tests.test_train_step import CFG, make_batch

@@ -34,7 +34,7 @@ from multihost_helpers import (
 
 from apo_jax import config as config_lib
 from apo_jax import distributed
-from apo_jax.config_base import with_overrides
+from apo_jax.config import with_overrides
 
 
 @pytest.fixture(scope="module")

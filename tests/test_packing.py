@@ -14,7 +14,7 @@ from flax import nnx
 
 from apo_jax import layouts, losses, trainer
 from apo_jax import train_step as ts
-from apo_jax.config_base import base_config, with_overrides
+from apo_jax.config import base_config, with_overrides
 from apo_jax.data import demo, loader, shards
 from apo_jax.layouts.packed import global_sequence_ids, pack_rows, row_count, targets
 from apo_jax.models.config import get_preset

@@ -17,7 +17,7 @@ import pytest
 from apo_jax import cli, errors, hooks, integrity, trainer
 from apo_jax import workdir as workdir_lib
 from apo_jax.checkpoint import Checkpointer, SaveError, abstract_like
-from apo_jax.config_base import base_config, with_overrides
+from apo_jax.config import base_config, with_overrides
 from apo_jax.data import refs, shards
 from apo_jax.metrics import MetricWriter
 from apo_jax.models import safetensors_io

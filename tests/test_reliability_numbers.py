@@ -18,7 +18,7 @@ from flax import nnx
 from apo_jax import atomic, metrics
 from apo_jax import config as config_lib
 from apo_jax import train_step as ts
-from apo_jax.config_base import base_config, with_overrides
+from apo_jax.config import base_config, with_overrides
 from apo_jax.models import hf
 from apo_jax.models.config import get_preset
 from apo_jax.models.llama import Llama

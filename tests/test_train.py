@@ -12,8 +12,7 @@ import pytest
 
 from apo_jax import cli as cli_lib
 from apo_jax import trainer
-from apo_jax.config import ConfigError
-from apo_jax.config_base import base_config, with_overrides
+from apo_jax.config import ConfigError, base_config, with_overrides
 from apo_jax.data import demo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

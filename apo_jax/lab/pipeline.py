@@ -114,7 +114,7 @@ def _train(config: Any, workdir: str) -> dict[str, Any]:
 
 
 def _config(loss: str, overrides: dict[str, Any]) -> Any:
-    from apo_jax.config_base import base_config, with_overrides
+    from apo_jax.config import base_config, with_overrides
 
     common = {
         "data.seq_len": 128, "samples.num_prompts": 0, "plots": False, "progress_bar": False,

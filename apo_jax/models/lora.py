@@ -57,6 +57,12 @@ _PEFT_NAME = re.compile(
 )
 
 
+def _field(default, help: str):
+    """A field of the config tree (`apo_jax.config.fields.field`: default and one-line help),
+    written here because this module is imported before the config package."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 class LoraError(UserError, ValueError):
     """A LoRA setting or adapter directory that cannot work; the message says why."""
 
@@ -65,12 +71,17 @@ class LoraError(UserError, ValueError):
 class LoraConfig:
     """The fields of the config's `lora` block (rank 0 = LoRA off)."""
 
-    rank: int = 0  # r; 0 trains every parameter (no LoRA)
-    alpha: float = 16.0  # scale = alpha / r (alpha / sqrt(r) with rslora)
-    dropout: float = 0.0  # dropout on the adapters' input, training steps only
-    targets: str = "q,k,v,o,gate,up,down"  # comma-separated short or HF names
-    rslora: bool = False  # rank-stabilized scaling alpha / sqrt(r)
-    adapter: str = ""  # PEFT adapter directory to start the adapters from ('' = fresh)
+    rank: int = _field(0, "adapter rank r; 0 = off (every parameter trains)")
+    alpha: float = _field(16.0, "scale = alpha / r (alpha / sqrt(r) with rslora)")
+    dropout: float = _field(0.0, "dropout on the adapters' input during training steps, in [0, 1)")
+    targets: str = _field(
+        "q,k,v,o,gate,up,down",
+        "adapted linears, comma-separated short or HF names (q, k, v, o, gate, up, down)",
+    )
+    rslora: bool = _field(False, "rank-stabilized scaling alpha / sqrt(r)")
+    adapter: str = _field(
+        "", "PEFT adapter dir to continue from (its r, alpha, dropout and targets are used)"
+    )
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 0:

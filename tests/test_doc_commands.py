@@ -463,3 +463,15 @@ def test_the_real_model_quick_start_runs_in_order(sandbox):
         out = next(a.split("=", 1)[1] for a in c.argv if a.startswith("--out="))
         with open(os.path.join(cwd, out, "summary.json"), encoding="utf-8") as f:
             assert "accuracy" in json.dumps(json.load(f)), out
+
+
+def test_the_quick_start_timing_script_runs_the_readme_commands_verbatim():
+    """bench/quickstart_real.sh times README's real-model commands: the same ones, in order."""
+    with open(os.path.join(REPO, "bench", "quickstart_real.sh"), encoding="utf-8") as f:
+        body = f.read().replace("\\\n", " ")
+    timed = [
+        tuple(shlex.split(line.strip())[3:])  # after "timed python -m"
+        for line in body.splitlines()
+        if line.strip().startswith("timed python -m apo_jax")
+    ]
+    assert timed == [c.argv for c in REAL_MODEL]

@@ -34,11 +34,12 @@ from common import machine, table  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from apo_jax import assemble, sharding  # noqa: E402
-from apo_jax import train_step as ts  # noqa: E402
+from apo_jax import sharding  # noqa: E402
 from apo_jax.models.config import get_preset  # noqa: E402
 from apo_jax.models.llama import Llama  # noqa: E402
 from apo_jax.optim import OptimConfig, make_optimizer  # noqa: E402
+from apo_jax.train import assemble  # noqa: E402
+from apo_jax.train import train_step as ts  # noqa: E402
 
 GiB = 2**30
 CARDS = (("H100 80 GiB", 80), ("TPU v5p 95 GiB", 95))

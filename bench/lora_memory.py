@@ -31,12 +31,13 @@ from common import STEP_MODEL, Shapes, concat_batch, machine, median, table, tim
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from apo_jax import assemble, sharding
-from apo_jax import train_step as ts
+from apo_jax import sharding
 from apo_jax.models import lora
 from apo_jax.models.config import get_preset
 from apo_jax.models.llama import Llama
 from apo_jax.optim import OptimConfig, make_optimizer
+from apo_jax.train import assemble
+from apo_jax.train import train_step as ts
 
 GiB = 2**30
 

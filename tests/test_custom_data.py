@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from apo_jax import assemble, trainer
 from apo_jax.config_base import base_config, with_overrides
+from apo_jax.train import assemble, loop
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def _run(workdir, **extra):
     o = {"num_steps": 1, "batch_size": 4, "progress_bar": False, "export_hf": False,
          "plots": False, "checkpoint.async_save": False, "lora.rank": 16,
          "samples.max_new_tokens": 4, **extra}  # fmt: skip
-    return trainer.train_and_evaluate(with_overrides(base_config("apo_down", None), o), workdir)
+    return loop.train_and_evaluate(with_overrides(base_config("apo_down", None), o), workdir)
 
 
 def test_custom_data_without_eval_trains_with_samples_off(hf_model, small_shards, tmp_path):

@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-from apo_jax import cli, trainer
 from apo_jax.config_base import base_config, with_overrides
 from apo_jax.eval import checkers
+from apo_jax.train import cli, loop
 
 # A band, not a point: XLA:CPU picks its kernels by instruction set, so the demo ends at
 # different held-out accuracies on different CPUs (docs/training.md gives the measured figure and
@@ -50,7 +50,7 @@ def test_demo_learns_held_out_preferences_and_shows_samples_before_and_after(tmp
         base_config("apo_down", None),
         {"demo.cache_dir": str(tmp_path / "cache"), "export_hf": False, "progress_bar": False},
     )
-    summary = trainer.train_and_evaluate(config, str(tmp_path / "run"))
+    summary = loop.train_and_evaluate(config, str(tmp_path / "run"))
     assert summary["steps"] == 93 and summary["skipped"] == 0
     low, high = HELD_OUT_ACCURACY
     assert low <= summary["eval/rewards/accuracies"] <= high, summary
@@ -102,7 +102,7 @@ def test_a_resumed_run_reads_its_before_and_latest_samples_back(tmp_path):
     import json
     import types
 
-    from apo_jax import hooks
+    from apo_jax.train import hooks
 
     with open(tmp_path / "samples.jsonl", "w") as f:
         for step, resp in ((0, "first"), (5, "mid"), (8, "later")):

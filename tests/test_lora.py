@@ -12,13 +12,13 @@ import pytest
 from flax import nnx
 from test_train_step import CFG, make_batch
 
-from apo_jax import assemble, trainer
-from apo_jax import train_step as ts
 from apo_jax.config import ConfigError
 from apo_jax.config_base import base_config, with_overrides
 from apo_jax.models import hf, lora
 from apo_jax.models.llama import Llama
 from apo_jax.optim import OptimConfig, make_optimizer
+from apo_jax.train import assemble, loop
+from apo_jax.train import train_step as ts
 
 IDS = jnp.asarray(np.random.default_rng(0).integers(1, 64, size=(2, 12)), jnp.int32)
 
@@ -206,7 +206,7 @@ def _run(workdir, hf_path, shards, tok_dir, steps, **extra):
         "samples.num_prompts": 0, "plots": False,
     }  # fmt: skip
     o.update(extra)
-    return trainer.train_and_evaluate(with_overrides(base_config("apo_down", None), o), workdir)
+    return loop.train_and_evaluate(with_overrides(base_config("apo_down", None), o), workdir)
 
 
 def _losses(workdir):

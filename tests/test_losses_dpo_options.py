@@ -11,11 +11,11 @@ import pytest
 from flax import nnx
 
 from apo_jax import config as config_lib
-from apo_jax import hooks
-from apo_jax import train_step as ts
 from apo_jax.config_base import base_config, with_overrides
 from apo_jax.layouts import concat
 from apo_jax.models.llama import Llama
+from apo_jax.train import hooks
+from apo_jax.train import train_step as ts
 from tests.test_train_step import CFG, make_batch
 
 
@@ -131,8 +131,8 @@ def test_trdpo_resume_continues_the_mixed_reference(tmp_path):
     steps 3 and 4 to the losses of the run that never stopped."""
     import shutil
 
-    from apo_jax import trainer
     from apo_jax.data import demo
+    from apo_jax.train import loop
     from tests.test_train import losses_by_step, small_overrides
 
     cache = str(tmp_path / "demo")
@@ -142,11 +142,11 @@ def test_trdpo_resume_continues_the_mixed_reference(tmp_path):
         "reference.ref_model_mixup_alpha": 0.6, "optim.learning_rate": 0.05})  # fmt: skip
     config = with_overrides(base_config("apo_down", None), overrides)
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    trainer.train_and_evaluate(config, straight)
+    loop.train_and_evaluate(config, straight)
     shutil.copytree(os.path.join(straight, "checkpoints", "2"),
                     os.path.join(split, "checkpoints", "2"))  # a run stopped at step 2  # fmt: skip
     shutil.copy(os.path.join(straight, "config.json"), split)  # (checkpoints alone are refused)
-    trainer.train_and_evaluate(config, split)
+    loop.train_and_evaluate(config, split)
     want, got = losses_by_step(straight), losses_by_step(split)
     assert sorted(got) == [3, 4]
     for s in got:

@@ -10,11 +10,11 @@ import time
 import numpy as np
 import pytest
 
-from apo_jax import cli as cli_lib
-from apo_jax import trainer
 from apo_jax.config import ConfigError
 from apo_jax.config_base import base_config, with_overrides
 from apo_jax.data import demo
+from apo_jax.train import cli as cli_lib
+from apo_jax.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,17 +86,17 @@ def cli(workdir, overrides, env=None, **popen):
 
 
 def test_same_seed_same_losses_online_reference_and_prefix_layout(demo_cache, tmp_path):
-    pre = trainer.train_and_evaluate(
+    pre = loop.train_and_evaluate(
         make_config(small_overrides(demo_cache, num_steps=3)), str(tmp_path / "a")
     )
-    again = trainer.train_and_evaluate(
+    again = loop.train_and_evaluate(
         make_config(small_overrides(demo_cache, num_steps=3)), str(tmp_path / "b")
     )
-    online = trainer.train_and_evaluate(
+    online = loop.train_and_evaluate(
         make_config(small_overrides(demo_cache, num_steps=3, **{"reference.mode": "online"})),
         str(tmp_path / "c"),
     )
-    trainer.train_and_evaluate(
+    loop.train_and_evaluate(
         make_config(
             small_overrides(demo_cache, num_steps=3, **{"data.layout": "prefix", "data.seq_len": 0})
         ),
@@ -110,7 +110,7 @@ def test_same_seed_same_losses_online_reference_and_prefix_layout(demo_cache, tm
     np.testing.assert_allclose([a[s] for s in a], [d[s] for s in a], rtol=1e-4)
     assert pre["steps"] == again["steps"] == online["steps"] == 3
     # The same command on a finished workdir restores the last checkpoint and runs nothing more.
-    done = trainer.train_and_evaluate(
+    done = loop.train_and_evaluate(
         make_config(small_overrides(demo_cache, num_steps=3)), str(tmp_path / "a")
     )
     assert done["steps"] == 3 and "train/loss" not in done

@@ -1,6 +1,6 @@
 """Side tasks of the training loop, each a hook with a cadence.
 
-The loop body is batch -> step -> hooks (`apo_jax.trainer`). A hook sees the live `Run` after
+The loop body is batch -> step -> hooks (`apo_jax.train.loop`). A hook sees the live `Run` after
 every step, acts when it is due (every `every` steps, and at the last step), and may act once more
 when the loop ends. Hooks run in list order, so held-out metrics exist before the checkpoint that
 ranks by them is saved.
@@ -20,8 +20,8 @@ import numpy as np
 from flax import nnx
 
 from apo_jax import metrics as metrics_lib
-from apo_jax import workdir as workdir_lib
 from apo_jax.errors import UserError
+from apo_jax.train import workdir as workdir_lib
 
 log = logging.getLogger("apo_jax")
 

@@ -1,9 +1,9 @@
 """One training run, top to bottom: `train_and_evaluate(config, workdir)`.
 
 Config -> data -> mesh -> model -> reference -> loader -> optimizer -> state -> compiled steps ->
-restore -> loop. The loop body is batch -> step -> hooks (`apo_jax.hooks`: metrics, held-out
-evaluation, checkpoints, export). The parts are built by `apo_jax.assemble`; the command line is
-`apo_jax.cli`.
+restore -> loop. The loop body is batch -> step -> hooks (`apo_jax.train.hooks`: metrics, held-out
+evaluation, checkpoints, export). The parts are built by `apo_jax.train.assemble`; the command line is
+`apo_jax.train.cli`.
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from apo_jax import assemble, hooks, integrity, reference, sharding, warm_start
 from apo_jax import config as config_lib
 from apo_jax import metrics as metrics_lib
-from apo_jax import train_step as ts
-from apo_jax import workdir as workdir_lib
-from apo_jax.checkpoint import EXIT_STOPPED, Checkpointer, StopSignal, abstract_like
+from apo_jax import reference, sharding
 from apo_jax.data import shards
 from apo_jax.optim import make_optimizer
+from apo_jax.train import assemble, hooks, integrity, warm_start
+from apo_jax.train import train_step as ts
+from apo_jax.train import workdir as workdir_lib
+from apo_jax.train.checkpoint import EXIT_STOPPED, Checkpointer, StopSignal, abstract_like
 
 log = logging.getLogger("apo_jax")
 
@@ -43,7 +44,7 @@ def train_and_evaluate(
     """Trains per `config` (a ConfigDict of configs/*.py) in `workdir`, resuming if it holds a
     checkpoint; returns the run's summary (steps, seconds, last train and held-out metrics, paths).
 
-    The workdir is locked for the run (`apo_jax.workdir.Lock`). A resume must keep the config
+    The workdir is locked for the run (`apo_jax.train.workdir.Lock`). A resume must keep the config
     fields that define the run (`workdir.RUN_DEFINING`); `allow_config_change` lets it go on with
     the new ones, recorded in metrics.jsonl.
     """
@@ -143,7 +144,7 @@ def _train(config: Any, rc: config_lib.RunConfig, workdir: str, allow_config_cha
 
 
 def _with_warm_start(rc: config_lib.RunConfig, paths: assemble.DataPaths) -> config_lib.RunConfig:
-    """`rc` with the demo's warm start as config.model.hf_path (`apo_jax.warm_start`, built once
+    """`rc` with the demo's warm start as config.model.hf_path (`apo_jax.train.warm_start`, built once
     by this trainer from the demo's paired training shards); unchanged off the demo data, with a
     model.hf_path of its own or with demo.warm_start_steps=0."""
     if not paths.demo_root or rc.model.hf_path or not rc.demo.warm_start_steps:

@@ -1,6 +1,6 @@
 """The parts of a run, each built from the validated RunConfig by one function.
 
-`apo_jax.trainer.train_and_evaluate` calls them in order (data, model, loaders, optimizer, state,
+`apo_jax.train.loop.train_and_evaluate` calls them in order (data, model, loaders, optimizer, state,
 compiled steps); a notebook or a benchmark can call any one of them alone.
 """
 
@@ -19,7 +19,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from apo_jax import layouts, losses, reference, sharding
 from apo_jax import metrics as metrics_lib
-from apo_jax import train_step as ts
 from apo_jax.config import ConfigError, RunConfig
 from apo_jax.data import loader as loader_lib
 from apo_jax.data import shards
@@ -27,6 +26,7 @@ from apo_jax.layouts import auto
 from apo_jax.models import config as model_config
 from apo_jax.models import lora as lora_lib
 from apo_jax.models.llama import Llama
+from apo_jax.train import train_step as ts
 
 log = logging.getLogger("apo_jax")
 
@@ -262,7 +262,7 @@ def step_config(rc: RunConfig) -> ts.StepConfig:
 
 def samples_hook(rc: RunConfig, paths: DataPaths, mesh: jax.sharding.Mesh) -> Any:
     """The samples hook of the run, or None (off, several processes, no tokenizer, no prompts)."""
-    from apo_jax import hooks
+    from apo_jax.train import hooks
 
     if not rc.samples.num_prompts:
         return None

@@ -10,7 +10,8 @@ import os
 import pytest
 
 from apo_jax.config_base import base_config, with_overrides
-from apo_jax.train import assemble, loop
+from apo_jax.train import data as data_lib
+from apo_jax.train import loop, samples
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +56,6 @@ def test_samples_are_off_when_the_eval_source_is_gone(tmp_path, small_shards):
     moved.mkdir()
     manifest["inputs"] = [str(tmp_path / "gone.jsonl")]
     (moved / "manifest.json").write_text(json.dumps(manifest))
-    paths = assemble.DataPaths(small_shards, str(moved), "", manifest)
-    rows, why = assemble.sample_rows(paths, 3)
+    paths = data_lib.DataPaths(small_shards, str(moved), "", manifest)
+    rows, why = samples.sample_rows(paths, 3)
     assert rows == [] and "gone.jsonl is not on this machine; pass config.samples.prompts" in why

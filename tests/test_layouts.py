@@ -217,17 +217,17 @@ def test_auto_layout_says_why_and_what_was_ruled_out():
 
 
 def test_auto_is_the_default_and_resolved_from_the_shards():
-    from apo_jax.train import assemble
+    from apo_jax.train import data as data_lib
 
     c = with_overrides(base_config("apo_down", None), {"data.seq_len": 0})
     rc = config_lib.validate(c, device_count=1)
     assert rc.data.layout is None  # auto, until the shards are known
-    paths = assemble.DataPaths("", "", "", _manifest(384, 128, 128, 512))
-    assert assemble.resolve_layout(rc, paths, CFG).data.layout is layouts.get("prefix")
+    paths = data_lib.DataPaths("", "", "", _manifest(384, 128, 128, 512))
+    assert data_lib.resolve_layout(rc, paths, CFG).data.layout is layouts.get("prefix")
     named = config_lib.validate(
         with_overrides(base_config("apo_down", None), {"data.layout": "concat"}), device_count=1
     )
-    assert assemble.resolve_layout(named, paths) is named
+    assert data_lib.resolve_layout(named, paths) is named
     bad = with_overrides(base_config("apo_down", None), {"data.layout": "pack"})
     with pytest.raises(config_lib.ConfigError, match="must be auto or one of concat, prefix, "):
         config_lib.validate(bad, device_count=1)

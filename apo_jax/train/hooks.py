@@ -36,10 +36,10 @@ class Run:
 
     rc: Any  # the RunConfig
     workdir: str
-    paths: Any  # assemble.DataPaths
+    paths: Any  # data.DataPaths
     graphdef: nnx.GraphDef
     model_cfg: Any
-    steps_fn: Any  # assemble.Steps
+    steps_fn: Any  # steps.Steps
     train_data: Any  # this process's training loader
     state: Any  # the TrainState, replaced after every step
     num_steps: int  # the last step of the run
@@ -61,7 +61,7 @@ class Run:
     samples: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the last round
     samples_step: int = -1  # the step of `samples`
     samples_before: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # step 0's
-    policy: Any = None  # assemble.Policy (the frozen LoRA base and the bare base graph)
+    policy: Any = None  # model.Policy (the frozen LoRA base and the bare base graph)
     base: dict[str, str] = dataclasses.field(default_factory=dict)  # LoRA: base path, fingerprint
     data_fp: dict[str, str] = dataclasses.field(default_factory=dict)  # integrity.data_identity
 

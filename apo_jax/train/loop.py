@@ -24,7 +24,10 @@ from apo_jax import metrics as metrics_lib
 from apo_jax import reference, sharding
 from apo_jax.data import shards
 from apo_jax.optim import make_optimizer
-from apo_jax.train import assemble, hooks, integrity, warm_start
+from apo_jax.train import data as data_lib
+from apo_jax.train import hooks, integrity, steps, warm_start
+from apo_jax.train import model as model_lib
+from apo_jax.train import samples as samples_lib
 from apo_jax.train import train_step as ts
 from apo_jax.train import workdir as workdir_lib
 from apo_jax.train.checkpoint import EXIT_STOPPED, Checkpointer, StopSignal, abstract_like
@@ -66,7 +69,7 @@ def train_and_evaluate(
 def _train(config: Any, rc: config_lib.RunConfig, workdir: str, allow_config_change: bool,
            lock: workdir_lib.Lock | None) -> dict[str, Any]:  # fmt: skip
     changes = _check_config(config, workdir, allow_config_change)
-    paths = assemble.resolve_data(rc)
+    paths = data_lib.resolve_data(rc)
     integrity.verify_shards((paths.train, paths.eval), rc.data.verify)
     rc = _with_warm_start(rc, paths)  # the demo starts from its cached warm start
     data_fp = integrity.data_identity(paths.train, paths.eval)
@@ -75,18 +78,18 @@ def _train(config: Any, rc: config_lib.RunConfig, workdir: str, allow_config_cha
         changes.update(workdir_lib.check_data(meta.get(workdir_lib.DATA_KEY), data_fp,
                                               allow=allow_config_change,
                                               where=f"{workdir}/checkpoints"))  # fmt: skip
-    integrity.check_tokenizer(paths.manifest, assemble.model_config_dir(rc),
+    integrity.check_tokenizer(paths.manifest, model_lib.model_config_dir(rc),
                               shards.read_manifest(paths.eval) if paths.eval else None)  # fmt: skip
     mesh = sharding.make_mesh(rc.mesh.data, rc.mesh.fsdp, rc.mesh.tensor)
-    model, model_cfg, weights_fp = assemble.build_model(rc, paths, mesh)
-    rc = assemble.resolve_layout(rc, paths, model_cfg)  # config.data.layout=auto
-    policy = assemble.split_policy(rc, model, mesh)  # with LoRA: adapters train, the base is frozen
+    model, model_cfg, weights_fp = model_lib.build_model(rc, paths, mesh)
+    rc = data_lib.resolve_layout(rc, paths, model_cfg)  # config.data.layout=auto
+    policy = model_lib.split_policy(rc, model, mesh)  # with LoRA: adapters train, the base is frozen
     graphdef, params = policy.graphdef, policy.params
     ref = reference.prepare(rc, (paths.train, paths.eval), policy.base_graphdef,
                             policy.base_params, model_cfg, weights_fp, mesh, workdir,
                             shared=policy.frozen is not None)  # fmt: skip
 
-    train_data = assemble.make_loader(
+    train_data = data_lib.make_loader(
         rc, paths.train, ref.info, train=True, reference_workdir=ref.workdir
     )
     num_steps = rc.num_steps or (train_data.num_batches or 0)
@@ -94,11 +97,11 @@ def _train(config: Any, rc: config_lib.RunConfig, workdir: str, allow_config_cha
         raise config_lib.ConfigError(f"{paths.train} gives no full batch of {rc.batch_size} "
                                      "pairs: lower config.batch_size")  # fmt: skip
     tx, schedule = make_optimizer(rc.optim, num_steps)
-    state_sh = assemble.state_shardings(params, tx, mesh)
-    state = assemble.init_state(params, tx, rc.seed, state_sh)
-    steps_fn = assemble.Steps(rc, graphdef, ref, tx, schedule, state_sh, mesh, model_cfg,
+    state_sh = steps.state_shardings(params, tx, mesh)
+    state = steps.init_state(params, tx, rc.seed, state_sh)
+    steps_fn = steps.Steps(rc, graphdef, ref, tx, schedule, state_sh, mesh, model_cfg,
                               frozen=policy.frozen)  # fmt: skip
-    base = assemble.base_record(rc, weights_fp)
+    base = model_lib.base_record(rc, weights_fp)
 
     ckpt = Checkpointer(
         os.path.join(workdir, "checkpoints"),
@@ -129,10 +132,10 @@ def _train(config: Any, rc: config_lib.RunConfig, workdir: str, allow_config_cha
         r = rc.reference
         side_tasks.append(hooks.SyncReference(r.ref_model_sync_steps, r.ref_model_mixup_alpha))
     if paths.eval:
-        eval_loader = lambda: assemble.make_loader(rc, paths.eval, ref.info, train=False,  # noqa: E731
+        eval_loader = lambda: data_lib.make_loader(rc, paths.eval, ref.info, train=False,  # noqa: E731
                                                    reference_workdir=ref.workdir)  # fmt: skip
         side_tasks.append(hooks.HeldOutEval(rc.eval_every, eval_loader, rc.eval_batches))
-    samples = assemble.samples_hook(rc, paths, mesh)
+    samples = samples_lib.samples_hook(rc, paths, mesh)
     if samples is not None:
         side_tasks.append(samples)
     side_tasks.append(hooks.Checkpoint(rc.checkpoint.every))
@@ -143,7 +146,7 @@ def _train(config: Any, rc: config_lib.RunConfig, workdir: str, allow_config_cha
     return _loop(run, side_tasks, on_abandon=lock.release if lock is not None else None)
 
 
-def _with_warm_start(rc: config_lib.RunConfig, paths: assemble.DataPaths) -> config_lib.RunConfig:
+def _with_warm_start(rc: config_lib.RunConfig, paths: data_lib.DataPaths) -> config_lib.RunConfig:
     """`rc` with the demo's warm start as config.model.hf_path (`apo_jax.train.warm_start`, built once
     by this trainer from the demo's paired training shards); unchanged off the demo data, with a
     model.hf_path of its own or with demo.warm_start_steps=0."""
@@ -196,7 +199,7 @@ def _restore(
     step, tree, data_state, meta = restored
     state = hooks.from_checkpoint_tree(rc, tree, steps_fn)
     if base:
-        assemble.check_base(meta.get("base"), base, f"checkpoint {ckpt.directory}/{step}")
+        model_lib.check_base(meta.get("base"), base, f"checkpoint {ckpt.directory}/{step}")
     data.set_state(data_state)
     log.info("resumed from %s at step %d", ckpt.directory, step)
     return step, state, meta
@@ -302,11 +305,11 @@ def precompute_reference(config: Any, workdir: str = "") -> None:
     rc = config_lib.validate(
         config, device_count=jax.device_count(), process_count=jax.process_count()
     )
-    paths = assemble.resolve_data(rc)
+    paths = data_lib.resolve_data(rc)
     integrity.verify_shards((paths.train, paths.eval), rc.data.verify)
     rc = _with_warm_start(rc, paths)
     mesh = sharding.make_mesh(rc.mesh.data, rc.mesh.fsdp, rc.mesh.tensor)
-    model, model_cfg, weights_fp = assemble.build_model(rc, paths, mesh)
+    model, model_cfg, weights_fp = model_lib.build_model(rc, paths, mesh)
     graphdef, params = ts.split_model(model)
     reference.prepare(rc, (paths.train, paths.eval), graphdef, params, model_cfg, weights_fp, mesh,
                       workdir, shared=rc.lora.enabled)  # fmt: skip

@@ -313,7 +313,7 @@ def test_truncated_safetensors_names_the_file(tmp_path):
 
 
 def test_a_non_finite_stop_is_one_line(capsys):
-    metrics = hooks.TrainMetrics(every=1, max_bad_steps=2)
+    metrics = hooks.TrainMetrics(every=1, max_bad_steps=2, writer=None, say=print)
     with pytest.raises(SystemExit) as e:
         errors.guard(lambda: metrics._fetch(7, {"bad_steps": np.float32(2)}, np.array([3, 5])))
     err = capsys.readouterr().err.strip().splitlines()

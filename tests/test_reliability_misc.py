@@ -167,10 +167,10 @@ def test_a_stop_names_its_step_and_the_same_shards_elsewhere_are_no_change(
     wd = str(tmp_path / "run")
     real = hooks.TrainMetrics.after_step
 
-    def ctrl_c_at_step_2(self, run):  # after the loop's stop check: the stop is the next step
-        if run.step == 2:
+    def ctrl_c_at_step_2(self, info):  # after the loop's stop check: the stop is the next step
+        if info.step == 2:
             os.kill(os.getpid(), signal.SIGINT)
-        real(self, run)
+        return real(self, info)
 
     monkeypatch.setattr(hooks.TrainMetrics, "after_step", ctrl_c_at_step_2)
     stopped = loop.train_and_evaluate(_config(data), wd)

@@ -1,89 +1,59 @@
 """Side tasks of the training loop, each a hook with a cadence.
 
-The loop body is batch -> step -> hooks (`apo_jax.train.loop`). A hook sees the live `Run` after
-every step, acts when it is due (every `every` steps, and at the last step), and may act once more
-when the loop ends. Hooks run in list order, so held-out metrics exist before the checkpoint that
-ranks by them is saved.
+The loop body is batch -> step -> hooks (`apo_jax.train.loop`). After every step the loop makes
+one frozen `StepInfo` (the step, the state after it, its device metrics, its batch); each hook
+acts when it is due (every `every` steps, and at the last step) and returns what it produced as a
+mapping ({} when nothing). What a hook needs besides the step (the metric writer, the
+checkpointer, the loaders) it is given when it is made.
+
+Hooks run in list order, and each sees in `info.outputs` what the hooks before it returned at the
+same step: the checkpoint hook ranks a checkpoint by the held-out loss measured at its own step.
+The loop keeps the latest value of every output for the run's summary.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 import os
 import time
+import types
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
 from apo_jax import metrics as metrics_lib
 from apo_jax.errors import UserError
 from apo_jax.train import workdir as workdir_lib
+from apo_jax.train.checkpoint import Checkpointer
 
-log = logging.getLogger("apo_jax")
+Outputs = Mapping[str, Any]
+NONE: Outputs = types.MappingProxyType({})
 
 
 class NonFiniteError(UserError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
-@dataclasses.dataclass
-class Run:
-    """What the loop and its hooks share: settings, the live state and the latest results."""
+@dataclasses.dataclass(frozen=True)
+class StepInfo:
+    """One step as the hooks see it; the loop makes a new one per step and per hook."""
 
-    rc: Any  # the RunConfig
-    workdir: str
-    paths: Any  # data.DataPaths
-    graphdef: nnx.GraphDef
-    model_cfg: Any
-    steps_fn: Any  # steps.Steps
-    train_data: Any  # this process's training loader
-    state: Any  # the TrainState, replaced after every step
-    num_steps: int  # the last step of the run
-    start_step: int
-    writer: metrics_lib.MetricWriter
-    ckpt: Any  # checkpoint.Checkpointer
-    bar: Any  # the tqdm progress bar (bar.write prints even when it is disabled)
-    row_sharding: Any  # how batch rows are laid over the mesh
-    step: int = 0
-    batch: dict[str, np.ndarray] | None = None  # this process's batch of `step`
-    step_metrics: Any = None  # `step`'s device metrics (not yet fetched)
+    step: int  # the step just taken (in `at_start`: the step the run starts from)
+    num_steps: int  # the run's last step
+    state: Any  # the TrainState after `step`
+    metrics: Any = None  # `step`'s device metrics (not fetched yet); None in `at_start`
+    batch: Mapping[str, np.ndarray] | None = None  # this process's batch of `step`
+    flops: float | None = None  # model FLOPs of `step` (its batch shape's), None if unknown
     tokens_seen: int = 0  # real tokens of all processes trained on by this invocation
     stopping: bool = False  # a stop signal was agreed: save and leave after this step
-    train_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # last logged
-    eval_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # last held-out
-    eval_step: int = -1  # the step of eval_metrics
-    hf_export: str = ""
-    plots: str = ""  # directory of the end-of-run figures
-    samples: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the last round
-    samples_step: int = -1  # the step of `samples`
-    samples_before: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # step 0's
-    policy: Any = None  # model.Policy (the frozen LoRA base and the bare base graph)
-    base: dict[str, str] = dataclasses.field(default_factory=dict)  # LoRA: base path, fingerprint
-    data_fp: dict[str, str] = dataclasses.field(default_factory=dict)  # integrity.data_identity
-
-    @property
-    def frozen(self) -> Any:
-        """A LoRA run's frozen base state, else None."""
-        return None if self.policy is None else self.policy.frozen
-
-    def model(self) -> nnx.Module:
-        """The current policy as a module (base and adapters together under LoRA)."""
-        extra = () if self.frozen is None else (self.frozen,)
-        return nnx.merge(self.graphdef, self.state.params, *extra)
+    outputs: Outputs = dataclasses.field(default_factory=lambda: NONE)  # earlier hooks, this step
 
     @property
     def last(self) -> bool:
         """Whether `step` is the run's last (when the loop has ended: the run finished)."""
         return self.step == self.num_steps
-
-    def print(self, line: str) -> None:
-        """A console line from process 0, above the progress bar."""
-        if jax.process_index() == 0:
-            self.bar.write(line)
 
 
 class Hook:
@@ -91,43 +61,60 @@ class Hook:
 
     every: int = 0
 
-    def due(self, run: Run) -> bool:
-        return bool(self.every and run.step % self.every == 0) or run.last
+    def due(self, info: StepInfo) -> bool:
+        return bool(self.every and info.step % self.every == 0) or info.last
 
-    def after_step(self, run: Run) -> None:
-        if self.due(run):
-            self.act(run)
+    def after_step(self, info: StepInfo) -> Outputs:
+        return self.act(info) if self.due(info) else NONE
 
-    def at_start(self, run: Run) -> None:
-        """Called once before the loop's first step (`run.step` is the start step)."""
+    def at_start(self, info: StepInfo) -> Outputs:
+        """Called once before the loop's first step (`info.step` is the start step)."""
+        return NONE
 
-    def act(self, run: Run) -> None:
+    def act(self, info: StepInfo) -> Outputs:
         """The hook's work at a due step."""
+        return NONE
 
-    def at_end(self, run: Run, *, finished: bool) -> None:
+    def at_end(self, info: StepInfo, *, finished: bool) -> Outputs:
         """Called once when the loop ends (`finished`: it reached the last step)."""
+        return NONE
+
+
+def run_hooks(hooks: Sequence[Hook], info: StepInfo, call: Callable[[Hook, StepInfo], Outputs]) -> dict[str, Any]:  # fmt: skip
+    """`call(hook, info)` for each hook in order, each seeing the outputs of those before it;
+    returns all their outputs."""
+    produced: dict[str, Any] = {}
+    for hook in hooks:
+        seen = dataclasses.replace(info, outputs=types.MappingProxyType(dict(produced)))
+        produced.update(call(hook, seen) or NONE)
+    return produced
 
 
 class TrainMetrics(Hook):
     """Fetches each step's metrics after the next step is dispatched (so the host never stalls
-    the device), stops on too many non-finite steps, and logs window means every `every` steps."""
+    the device), stops on too many non-finite steps, and logs window means every `every` steps.
 
-    def __init__(self, every: int, max_bad_steps: int):
+    Returns the logged means as ``train/<name>``.
+    """
+
+    def __init__(self, every: int, max_bad_steps: int, writer: Any, say: Callable[[str], None]):
         self.every, self.max_bad_steps = every, max_bad_steps
+        self.writer, self.say = writer, say
         self.window: list[dict[str, float]] = []
         self.pending: tuple[int, Any, Any] | None = None
         self.tokens_logged = 0
         self.t_log = time.perf_counter()
         self.peak = metrics_lib.chip_peak_flops()
 
-    def after_step(self, run: Run) -> None:
+    def after_step(self, info: StepInfo) -> Outputs:
         if self.pending is not None:
             self.window.append(self._fetch(*self.pending))
-        self.pending = (run.step, run.step_metrics, run.batch["index"])
-        if self.due(run):
-            self.window.append(self._fetch(*self.pending))
-            self.pending = None
-            self.act(run)
+        self.pending = (info.step, info.metrics, info.batch["index"])
+        if not self.due(info):
+            return NONE
+        self.window.append(self._fetch(*self.pending))
+        self.pending = None
+        return self.act(info)
 
     def _fetch(self, step: int, m: Any, index: Any) -> dict[str, float]:
         host = {k: float(v) for k, v in jax.device_get(m).items()}
@@ -139,76 +126,36 @@ class TrainMetrics(Hook):
             )
         return host
 
-    def act(self, run: Run) -> None:
+    def act(self, info: StepInfo) -> Outputs:
         now = time.perf_counter()
         mean = {k: float(np.mean([w[k] for w in self.window])) for k in self.window[-1]}
-        mean["tokens_per_sec"] = (run.tokens_seen - self.tokens_logged) / (now - self.t_log)
+        mean["tokens_per_sec"] = (info.tokens_seen - self.tokens_logged) / (now - self.t_log)
         steps_per_sec = mean["tokens_per_sec"] / max(mean["tokens"], 1.0)
-        flops = run.steps_fn.flops
-        if flops:
-            mean["flops_per_sec"] = flops * steps_per_sec
+        if info.flops:
+            mean["flops_per_sec"] = info.flops * steps_per_sec
             if self.peak:
                 mean["mfu"] = mean["flops_per_sec"] / (self.peak * jax.device_count())
-        run.train_metrics = {f"train/{k}": v for k, v in mean.items()}
-        run.writer.write(run.step, run.train_metrics)
-        run.print(metrics_lib.console_line(run.step, run.num_steps, mean))
-        self.window, self.t_log, self.tokens_logged = [], now, run.tokens_seen
-
-
-@jax.jit
-def _mix(ref: Any, pol: Any, alpha: jax.Array, keep: jax.Array) -> Any:
-    f32 = "float32"
-    return jax.tree.map(
-        lambda r, p: (alpha * p.astype(f32) + keep * r.astype(f32)).astype(r.dtype), ref, pol
-    )
-
-
-def mix_reference(ref_params: Any, params: Any, alpha: float) -> Any:
-    """TR-DPO's soft update: ``alpha * policy + (1 - alpha) * reference``, in float32, each leaf
-    back in the reference's dtype and sharding (compiled once; alpha is an argument)."""
-    out_sh = jax.tree.map(lambda r: r.sharding, ref_params)
-    mixed = _mix(ref_params, params, np.float32(alpha), np.float32(1 - alpha))
-    return jax.device_put(mixed, out_sh)
-
-
-def checkpoint_tree(rc: Any, state: Any, steps_fn: Any) -> Any:
-    """What a checkpoint's state item holds: the train state, and under TR-DPO the reference
-    mixed so far (it cannot be rebuilt from the policy), so that a resume goes on exactly."""
-    if rc.reference.sync_ref_model:
-        return {"train": state, "reference": steps_fn.ref_params}
-    return state
-
-
-def from_checkpoint_tree(rc: Any, tree: Any, steps_fn: Any) -> Any:
-    """The train state of a restored `checkpoint_tree`; a TR-DPO reference goes back in place."""
-    if rc.reference.sync_ref_model:
-        steps_fn.ref_params = tree["reference"]
-        return tree["train"]
-    return tree
-
-
-class SyncReference(Hook):
-    """TR-DPO (Gorbatovski et al., 2024), as TRL's ``sync_ref_model``: after every
-    `every`-th step the online reference becomes ``alpha * policy + (1 - alpha) * reference``."""
-
-    def __init__(self, every: int, alpha: float):
-        self.every, self.alpha = every, alpha
-
-    def due(self, run: Run) -> bool:
-        return run.step % self.every == 0  # TRL syncs at multiples of the period only
-
-    def act(self, run: Run) -> None:
-        steps = run.steps_fn
-        steps.ref_params = mix_reference(steps.ref_params, run.state.params, self.alpha)
+        logged = {f"train/{k}": v for k, v in mean.items()}
+        self.writer.write(info.step, logged)
+        self.say(metrics_lib.console_line(info.step, info.num_steps, mean))
+        self.window, self.t_log, self.tokens_logged = [], now, info.tokens_seen
+        return logged
 
 
 class HeldOutEval(Hook):
-    """Loss metrics over the held-out split (weighted by its real pairs), every `every` steps."""
+    """Loss metrics over the held-out split (weighted by its real pairs), every `every` steps.
 
-    def __init__(self, every: int, make_loader: Any, max_batches: int):
+    Returns them as ``eval/<name>``.
+    """
+
+    def __init__(self, every: int, make_loader: Callable[[], Any], max_batches: int, *,
+                 evaluate: Callable[[Any, Any], Any], row_sharding: Any, writer: Any,
+                 say: Callable[[str], None]):  # fmt: skip
         self.every, self.make_loader, self.max_batches = every, make_loader, max_batches
+        self.evaluate, self.row_sharding = evaluate, row_sharding
+        self.writer, self.say = writer, say
 
-    def act(self, run: Run) -> None:
+    def act(self, info: StepInfo) -> Outputs:
         data = self.make_loader()
         sums: dict[str, float] = {}
         total = 0
@@ -216,179 +163,85 @@ class HeldOutEval(Hook):
             if self.max_batches and i >= self.max_batches:
                 break
             n = int(np.sum(batch["index"] >= 0))
-            g = data.global_batch(batch, run.row_sharding)
-            m = jax.device_get(run.steps_fn.evaluate(run.state.params, g))
+            m = jax.device_get(
+                self.evaluate(info.state, data.global_batch(batch, self.row_sharding))
+            )
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * n
             total += n
-        run.eval_metrics = {f"eval/{k}": v / max(total, 1) for k, v in sums.items()}
-        run.eval_step = run.step
-        run.writer.write(run.step, run.eval_metrics)
-        line = metrics_lib.console_line(
-            run.step,
-            run.num_steps,
-            {k: run.eval_metrics[f"eval/{k}"] for k in ("loss", "rewards/accuracies", "kl")
-             if f"eval/{k}" in run.eval_metrics},
-        )  # fmt: skip
-        run.print(line.replace("loss", "held-out loss", 1))
+        measured = {f"eval/{k}": v / max(total, 1) for k, v in sums.items()}
+        self.writer.write(info.step, measured)
+        shown = {k: measured[f"eval/{k}"] for k in ("loss", "rewards/accuracies", "kl")
+                 if f"eval/{k}" in measured}  # fmt: skip
+        line = metrics_lib.console_line(info.step, info.num_steps, shown)
+        self.say(line.replace("loss", "held-out loss", 1))
+        return measured
 
 
 class Checkpoint(Hook):
-    """Saves state, data position and run facts every `every` steps, at the end and on a stop."""
+    """Saves the state, the loader's position and the run's facts every `every` steps, at the end
+    and on a stop. The state is the whole of what a step changes (TR-DPO's reference included),
+    so a checkpoint is one tree.
 
-    def __init__(self, every: int):
-        self.every = every
-
-    def due(self, run: Run) -> bool:
-        return super().due(run) or run.stopping
-
-    def after_step(self, run: Run) -> None:
-        run.ckpt.poll()  # a failed asynchronous save stops the run here, in one line
-        super().after_step(run)
-
-    def act(self, run: Run) -> None:
-        # Checkpoints are ranked (keep_best) by the held-out loss measured at their own step.
-        ranked = None
-        if run.eval_step == run.step:
-            ranked = {"eval/loss": run.eval_metrics["eval/loss"]}
-        meta = {"step": run.step, "preset": run.rc.preset, "loss": run.rc.loss.name,
-                "data": run.paths.train, workdir_lib.DATA_KEY: run.data_fp}  # fmt: skip
-        if run.base:  # LoRA: adapters and optimizer only; the base they need is recorded
-            meta["base"] = run.base
-        tree = checkpoint_tree(run.rc, run.state, run.steps_fn)
-        run.ckpt.save(run.step, tree, run.train_data.get_state(), meta, ranked)
-
-    def at_end(self, run: Run, *, finished: bool) -> None:
-        run.ckpt.wait()
-
-
-class ExportHF(Hook):
-    """Writes `<workdir>/hf` (safetensors, config, tokenizer) when the run reaches its end.
-
-    A LoRA run also writes `<workdir>/hf_adapter` (PEFT), `hf` being the merged model."""
-
-    def after_step(self, run: Run) -> None:
-        pass
-
-    def at_end(self, run: Run, *, finished: bool) -> None:
-        if not finished:
-            return
-        out_dir = os.path.join(run.workdir, "hf")
-        export_hf(run, out_dir)
-        run.hf_export = out_dir
-
-
-def _host(tree: Any) -> Any:
-    if jax.process_count() == 1:
-        return jax.device_get(tree)
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.process_allgather(tree, tiled=True)
-
-
-def export_hf(run: Run, out_dir: str) -> None:
-    """The current policy as a Hugging Face checkpoint directory (written by process 0)."""
-    from apo_jax.models import hf
-
-    params = _host(run.state.params)
-    if run.frozen is not None:
-        return _export_lora(run, params, out_dir)
-    if jax.process_index() == 0:
-        model = nnx.merge(run.graphdef, params)
-        hf.save_hf(model, run.model_cfg, out_dir, tokenizer_dir=run.paths.tokenizer or None)
-
-
-def _export_lora(run: Run, adapters: Any, out_dir: str) -> None:
-    """`out_dir`: the merged model; `<workdir>/hf_adapter`: the PEFT adapter of its base (a
-    randomly initialized base is written to `<workdir>/hf_base` so the adapter has one)."""
-    from apo_jax.models import hf, lora
-
-    base = _host(run.policy.base_params)
-    if jax.process_index() != 0:
-        return
-    tok = run.paths.tokenizer or None
-    merged = lora.merged_base(base, adapters, run.rc.lora)
-    hf.save_hf(nnx.merge(run.policy.base_graphdef, merged), run.model_cfg, out_dir,
-               tokenizer_dir=tok)  # fmt: skip
-    base_dir = run.base.get("path", "")
-    if not base_dir:
-        base_dir = os.path.join(run.workdir, "hf_base")
-        hf.save_hf(nnx.merge(run.policy.base_graphdef, base), run.model_cfg, base_dir,
-                   tokenizer_dir=tok)  # fmt: skip
-    lora.save_peft(adapters, run.rc.lora, run.model_cfg.n_layers,
-                   os.path.join(run.workdir, "hf_adapter"), base_path=base_dir,
-                   tokenizer_dir=tok)  # fmt: skip
-
-
-class Samples(Hook):
-    """Greedy generations of a few held-out prompts every `every` steps and at the end.
-
-    Each round is appended to `<workdir>/samples.jsonl` (one line per prompt, with its step), put
-    in TensorBoard's text tab, and, with a checker, scored as `samples/accuracy` in the metrics.
-    A run that starts at step 0 samples its starting model first (step 0: the "before" of the
-    summary); a resumed one reads its step-0 and latest rounds back from samples.jsonl. Runs on
-    one process only (generation gathers results on the host).
+    Args:
+      every: the cadence.
+      ckpt: the run's Checkpointer.
+      data: the training loader, whose position is saved with the state.
+      meta: the run's facts saved with each checkpoint (the step is added).
     """
 
-    def __init__(self, every: int, rows: list[dict[str, Any]], tokenizer: Any, *,
-                 max_new_tokens: int, checker: Any, stop_tokens: list[int], mesh: Any):  # fmt: skip
-        self.every, self.rows, self.tokenizer = every, rows, tokenizer
-        self.max_new_tokens, self.checker = max_new_tokens, checker
-        self.stop_tokens, self.mesh = stop_tokens, mesh
+    def __init__(self, every: int, ckpt: Checkpointer, data: Any, meta: Mapping[str, Any]):
+        self.every, self.ckpt, self.data, self.meta = every, ckpt, data, dict(meta)
 
-    def at_start(self, run: Run) -> None:
-        if run.step == 0:
-            self.act(run)
-            run.samples_before = run.samples
-            return
-        rounds: dict[int, list[dict[str, Any]]] = {}
-        path = os.path.join(run.workdir, "samples.jsonl")
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    row = json.loads(line)
-                    if row.get("step", -1) <= run.step:
-                        rounds.setdefault(row.pop("step", -1), []).append(row)
-        run.samples_before = rounds.get(0, [])
-        if rounds:
-            run.samples_step = max(rounds)
-            run.samples = rounds[run.samples_step]
+    def due(self, info: StepInfo) -> bool:
+        return super().due(info) or info.stopping
 
-    def act(self, run: Run) -> None:
-        from apo_jax.eval import generation
+    def after_step(self, info: StepInfo) -> Outputs:
+        self.ckpt.poll()  # a failed asynchronous save stops the run here, in one line
+        return super().after_step(info)
 
-        model = run.model()
-        ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        out = generation.sample(
-            model, self.tokenizer, self.rows,
-            sampling=generation.Sampling(max_new_tokens=self.max_new_tokens),
-            batch_size=-(-min(len(self.rows), 8) // ways) * ways,
-            stop_tokens=self.stop_tokens, checker=self.checker, mesh=self.mesh,
-        )  # fmt: skip
-        run.samples, run.samples_step = out, run.step
-        with open(os.path.join(run.workdir, "samples.jsonl"), "a", encoding="utf-8") as f:
-            for row in out:
-                f.write(json.dumps({"step": run.step, **row}, ensure_ascii=False) + "\n")
-        text = "\n\n".join(f"**{r['prompt']}**\n\n{r['response']}" for r in out)
-        run.writer.write_text(run.step, "samples", text)
-        if self.checker is not None:
-            scored = [r["correct"] for r in out if r.get("correct") is not None]
-            if scored:
-                run.writer.write(run.step, {"samples/accuracy": float(np.mean(scored))})
+    def act(self, info: StepInfo) -> Outputs:
+        # Checkpoints are ranked (keep_best) by the held-out loss measured at their own step.
+        ranked = None
+        if "eval/loss" in info.outputs:
+            ranked = {"eval/loss": info.outputs["eval/loss"]}
+        meta = {"step": info.step, **self.meta}
+        self.ckpt.save(info.step, info.state, self.data.get_state(), meta, ranked)
+        return NONE
+
+    def at_end(self, info: StepInfo, *, finished: bool) -> Outputs:
+        self.ckpt.wait()
+        return NONE
+
+
+def checkpoint_meta(rc: Any, train_dir: str, data_fp: Mapping[str, str], base: Mapping[str, str]) -> dict[str, Any]:  # fmt: skip
+    """The run's facts a checkpoint records: preset, loss, data and its fingerprints, and under
+    LoRA the base its adapters need (`model.base_record`)."""
+    meta = {"preset": rc.preset, "loss": rc.loss.name, "data": train_dir,
+            workdir_lib.DATA_KEY: dict(data_fp)}  # fmt: skip
+    if base:  # LoRA: adapters and optimizer only; the base they need is recorded
+        meta["base"] = dict(base)
+    return meta
 
 
 class Plots(Hook):
-    """PNG figures of the run's metrics.jsonl in `<workdir>/plots` when the loop ends."""
+    """PNG figures of the run's metrics.jsonl in `<workdir>/plots` when the loop ends.
 
-    def after_step(self, run: Run) -> None:
-        pass
+    Returns ``plots``: their directory.
+    """
 
-    def at_end(self, run: Run, *, finished: bool) -> None:
+    def __init__(self, workdir: str, writer: Any):
+        self.workdir, self.writer = workdir, writer
+
+    def after_step(self, info: StepInfo) -> Outputs:
+        return NONE
+
+    def at_end(self, info: StepInfo, *, finished: bool) -> Outputs:
         if jax.process_index() != 0:
-            return
+            return NONE
         from apo_jax import plot
 
-        run.writer.flush()
-        out_dir = os.path.join(run.workdir, "plots")
-        plot.plot_runs([run.workdir], out_dir)
-        run.plots = out_dir
+        self.writer.flush()
+        out_dir = os.path.join(self.workdir, "plots")
+        plot.plot_runs([self.workdir], out_dir)
+        return {"plots": out_dir}

@@ -70,6 +70,11 @@ class Policy:
     base_graphdef: nnx.GraphDef  # the graph without adapters: the reference's
     base_params: nnx.State  # the base's parameters (the very arrays inside `frozen`)
 
+    def module(self, params: nnx.State) -> nnx.Module:
+        """The policy with trained `params` as a module (base and adapters together under LoRA)."""
+        extra = () if self.frozen is None else (self.frozen,)
+        return nnx.merge(self.graphdef, params, *extra)
+
 
 def split_policy(rc: RunConfig, model: Llama, mesh: jax.sharding.Mesh) -> Policy:
     """Splits `model`; with LoRA, attaches the adapters first (fresh or from lora.adapter)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -17,9 +18,13 @@ from apo_jax.train import train_step as ts
 
 
 def state_shardings(
-    params: nnx.State, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
+    params: nnx.State,
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    ref_params: nnx.State | None = None,
 ) -> ts.TrainState:
-    """Shardings of the whole TrainState: params as placed, optimizer moments like their params."""
+    """Shardings of the whole TrainState: params (and TR-DPO's reference) as placed, optimizer
+    moments like their params."""
     replicated = NamedSharding(mesh, PartitionSpec())
     params_sh = jax.tree.map(lambda x: x.sharding, params)
     opt_sh = optax.tree_map_params(
@@ -29,15 +34,24 @@ def state_shardings(
         params_sh,
         transform_non_params=lambda _: replicated,
     )
+    ref_sh = None if ref_params is None else jax.tree.map(lambda x: x.sharding, ref_params)
     return ts.TrainState(step=replicated, params=params_sh, opt_state=opt_sh, rng=replicated,
-                         bad_steps=replicated, skipped=replicated)  # fmt: skip
+                         bad_steps=replicated, skipped=replicated, ref_params=ref_sh)  # fmt: skip
 
 
 def init_state(
-    params: nnx.State, tx: optax.GradientTransformation, seed: int, state_sh: ts.TrainState
+    params: nnx.State,
+    tx: optax.GradientTransformation,
+    seed: int,
+    state_sh: ts.TrainState,
+    ref_params: nnx.State | None = None,
 ) -> ts.TrainState:
-    """A fresh TrainState laid out on `state_sh`."""
-    return jax.jit(lambda p: ts.init_state(p, tx, seed), out_shardings=state_sh)(params)
+    """A fresh TrainState laid out on `state_sh`, holding `ref_params` (TR-DPO's reference) as a
+    copy of its own: the state is donated to every step, the reference it starts from is not."""
+    if ref_params is not None:
+        ref_params = jax.tree.map(jnp.copy, ref_params)
+    init = lambda p, r: ts.init_state(p, tx, seed, r)  # noqa: E731
+    return jax.jit(init, out_shardings=state_sh)(params, ref_params)
 
 
 def step_config(rc: RunConfig) -> ts.StepConfig:
@@ -51,6 +65,8 @@ def step_config(rc: RunConfig) -> ts.StepConfig:
         layout=rc.data.layout,
         ld_alpha=rc.loss.ld_alpha,
         unpaired_weights=(rc.loss.desirable_weight, rc.loss.undesirable_weight),
+        sync_every=rc.reference.ref_model_sync_steps if rc.reference.sync_ref_model else 0,
+        sync_alpha=rc.reference.ref_model_mixup_alpha if rc.reference.sync_ref_model else 0.0,
     )
 
 
@@ -71,17 +87,20 @@ class Steps:
             return ts.train_step(state, batch, ref_params, frozen, graphdef=graphdef, tx=tx,
                                  cfg=scfg, schedule=schedule, ref_graphdef=ref_graphdef)  # fmt: skip
 
-        def eval_fn(params, batch, ref_params, frozen):
-            return ts.eval_step(params, batch, ref_params, frozen, graphdef=graphdef, cfg=scfg,
-                                ref_graphdef=ref_graphdef)  # fmt: skip
+        def eval_fn(state, batch, ref_params, frozen):
+            if state.ref_params is not None:  # TR-DPO: the reference mixed so far
+                ref_params = state.ref_params
+            return ts.eval_step(state.params, batch, ref_params, frozen, graphdef=graphdef,
+                                cfg=scfg, ref_graphdef=ref_graphdef)  # fmt: skip
 
         # The frozen LoRA base keeps the sharding it was placed with; only the state is donated.
         self._train = jax.jit(train_fn, in_shardings=(state_sh, None, None, None),
                               out_shardings=(state_sh, replicated), donate_argnames=("state",))  # fmt: skip
-        self._eval = jax.jit(eval_fn, in_shardings=(state_sh.params, None, None, None),
+        self._eval = jax.jit(eval_fn, in_shardings=(state_sh, None, None, None),
                              out_shardings=replicated)  # fmt: skip
-        # LoRA: the online reference is the frozen base itself, found inside the step.
-        self.ref_params = None if frozen is not None else ref.params
+        # LoRA: the online reference is the frozen base itself, found inside the step; TR-DPO's
+        # moves, so it lives in the state (`init_state`).
+        self.ref_params = None if frozen is not None or scfg.sync_every else ref.params
         self.frozen = frozen
         self._online = rc.reference.mode == "online"
         self._model_cfg = model_cfg
@@ -103,6 +122,6 @@ class Steps:
         exe, self.flops = self._compiled[key]
         return exe(state, batch, self.ref_params, self.frozen)
 
-    def evaluate(self, params: nnx.State, batch: dict[str, Any]) -> Any:
-        """Loss metrics of a held-out global batch (device values)."""
-        return self._eval(params, batch, self.ref_params, self.frozen)
+    def evaluate(self, state: ts.TrainState, batch: dict[str, Any]) -> Any:
+        """Loss metrics of the state's policy on a held-out global batch (device values)."""
+        return self._eval(state, batch, self.ref_params, self.frozen)

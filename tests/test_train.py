@@ -209,3 +209,18 @@ def test_a_workdir_as_hf_path_points_to_its_export(tmp_path):
     with pytest.raises(ConfigError, match=r"is a training workdir; pass its Hugging Face export "
                        r".*/hf \(written when that run finishes"):  # fmt: skip
         config_lib.validate(make_config({"model.hf_path": str(tmp_path)}), device_count=1)
+
+
+def test_precompute_reference_leaves_its_config_as_it_was(small_shards, monkeypatch):
+    """The reference command runs in 'precomputed' mode on a copy: the caller's config (here
+    with the default reference.mode) is not changed."""
+    from apo_jax import reference
+    from tests.data_helpers import small_run_config
+
+    config = small_run_config(small_shards)
+    before, locked = config.to_dict(), config.is_locked
+    modes = []
+    monkeypatch.setattr(reference, "prepare", lambda rc, *a, **k: modes.append(rc.reference.mode))
+    loop.precompute_reference(config)
+    assert modes == ["precomputed"]
+    assert config.to_dict() == before and config.is_locked == locked

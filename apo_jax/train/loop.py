@@ -82,7 +82,7 @@ def _train(config: Any, rc: config_lib.RunConfig, workdir: str, allow_config_cha
     mesh = sharding.make_mesh(rc.mesh.data, rc.mesh.fsdp, rc.mesh.tensor)
     model, model_cfg, weights_fp = model_lib.build_model(rc, paths, mesh)
     rc = data_lib.resolve_layout(rc, paths, model_cfg)  # config.data.layout=auto
-    policy = model_lib.split_policy(rc, model, mesh)  # with LoRA: adapters train, the base is frozen
+    policy = model_lib.split_policy(rc, model, mesh)  # LoRA: adapters train, the base is frozen
     ref = reference.prepare(rc, (paths.train, paths.eval), policy.base_graphdef,
                             policy.base_params, model_cfg, weights_fp, mesh, workdir,
                             shared=policy.frozen is not None)  # fmt: skip

@@ -59,7 +59,7 @@ class StepConfig:
     layout: layouts.Layout = layouts.get("concat")  # the batch's row layout (layouts.get(name))
     ld_alpha: float = 1.0  # LD-DPO weight of the longer completion's tail (1: off; concat)
     unpaired_weights: tuple[float, float] = (1.0, 1.0)  # desirable, undesirable (kto ...)
-    sync_every: int = 0  # TR-DPO: mix the state's reference toward the policy every N steps (0: off)
+    sync_every: int = 0  # TR-DPO: mix the reference toward the policy every N steps (0: off)
     sync_alpha: float = 0.0  # TR-DPO: the policy's share of each mix
 
 

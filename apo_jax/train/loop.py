@@ -133,8 +133,8 @@ def _train(config: Any, rc: config_lib.RunConfig, workdir: str, allow_config_cha
                                        model=policy.module)  # fmt: skip
     if samples is not None:
         side_tasks.append(samples)
-    meta = hooks.checkpoint_meta(rc, paths.train, data_fp, base)
-    side_tasks.append(hooks.Checkpoint(rc.checkpoint.every, ckpt, train_data, meta))
+    facts = hooks.checkpoint_meta(rc, paths.train, data_fp, base)
+    side_tasks.append(hooks.Checkpoint(rc.checkpoint.every, ckpt, train_data, facts))
     if rc.export_hf:
         side_tasks.append(ExportHF(workdir, policy, model_cfg, tokenizer_dir=paths.tokenizer,
                                    lora_cfg=rc.lora, base=base))  # fmt: skip

@@ -22,7 +22,7 @@ from typing import Any
 from absl import flags
 
 from apo_jax import commands, errors
-from apo_jax import workdir as workdir_lib
+from apo_jax.config.fields import flatten
 
 Series = dict[str, list[tuple[int, float]]]  # "train/loss" -> [(step, value)]
 # (file name, title, metric names, splits, y label)
@@ -90,7 +90,7 @@ def run_config(workdir: str) -> dict[str, Any]:
             data = json.load(f)
     except (OSError, ValueError):
         return {}
-    return workdir_lib.flatten(data) if isinstance(data, dict) else {}
+    return flatten(data) if isinstance(data, dict) else {}
 
 
 def legend_labels(

@@ -21,10 +21,10 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from apo_jax import train_step as ts  # noqa: E402
 from apo_jax.models.config import LlamaConfig  # noqa: E402
 from apo_jax.models.llama import Llama  # noqa: E402
 from apo_jax.optim import OptimConfig, make_optimizer  # noqa: E402
+from apo_jax.train import train_step as ts  # noqa: E402
 
 # Benchmark 1's shapes (docs/performance.md): a small Llama-3-architecture model.
 STEP_MODEL = LlamaConfig(

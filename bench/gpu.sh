@@ -24,7 +24,7 @@ smoke() {
   "$PY" - <<'PYEOF'
 import jax, jax.numpy as jnp, flax, optax, functools
 from flax import nnx
-from apo_jax import train_step as ts
+from apo_jax.train import train_step as ts
 from apo_jax.models.config import get_preset
 from apo_jax.models.llama import Llama
 from apo_jax.optim import OptimConfig, make_optimizer

@@ -34,11 +34,12 @@ from common import machine, table  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from apo_jax import assemble, sharding  # noqa: E402
-from apo_jax import train_step as ts  # noqa: E402
+from apo_jax import sharding  # noqa: E402
 from apo_jax.models.config import get_preset  # noqa: E402
 from apo_jax.models.llama import Llama  # noqa: E402
 from apo_jax.optim import OptimConfig, make_optimizer  # noqa: E402
+from apo_jax.train import steps  # noqa: E402
+from apo_jax.train import train_step as ts  # noqa: E402
 
 GiB = 2**30
 CARDS = (("H100 80 GiB", 80), ("TPU v5p 95 GiB", 95))
@@ -53,7 +54,7 @@ def abstract_state(cfg, tx, mesh):
     params = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, params_sh
     )
-    state_sh = assemble.state_shardings(params, tx, mesh)  # moments laid out like params
+    state_sh = steps.state_shardings(params, tx, mesh)  # moments laid out like params
     state = jax.eval_shape(lambda p: ts.init_state(p, tx, 0), params)
     state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh

@@ -31,12 +31,13 @@ from common import STEP_MODEL, Shapes, concat_batch, machine, median, table, tim
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from apo_jax import assemble, sharding
-from apo_jax import train_step as ts
+from apo_jax import sharding
 from apo_jax.models import lora
 from apo_jax.models.config import get_preset
 from apo_jax.models.llama import Llama
 from apo_jax.optim import OptimConfig, make_optimizer
+from apo_jax.train import steps
+from apo_jax.train import train_step as ts
 
 GiB = 2**30
 
@@ -65,7 +66,7 @@ def abstract_parts(cfg, rank: int, tx, mesh):
         frozen, base_graphdef = None, graphdef
     params_sh = sharding.param_shardings(params, mesh)
     params = _with_sharding(params, params_sh)
-    state_sh = assemble.state_shardings(params, tx, mesh)  # moments laid out like params
+    state_sh = steps.state_shardings(params, tx, mesh)  # moments laid out like params
     state = _with_sharding(jax.eval_shape(lambda p: ts.init_state(p, tx, 0), params), state_sh)
     return graphdef, state, state_sh, frozen, base_graphdef
 

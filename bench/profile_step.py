@@ -29,11 +29,11 @@ import numpy as np
 from common import machine, median, table, time_interleaved
 
 from apo_jax import layouts, logprobs
-from apo_jax import train_step as ts
 from apo_jax.data import loader
 from apo_jax.data import shards as shards_lib
 from apo_jax.models import hf
 from apo_jax.optim import OptimConfig, make_optimizer
+from apo_jax.train import train_step as ts
 
 
 def records(shard_dir: str, n: int) -> list[tuple[int, bytes]]:

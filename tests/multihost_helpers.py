@@ -120,9 +120,9 @@ def _get_config():
 def _demo_data(tmp: str):
     """(config, paths) of the small demo data every run here reads (`_flags`), built on first
     call so that no process builds it while another reads it."""
-    from apo_jax import assemble
     from apo_jax import config as config_lib
+    from apo_jax.train import data as data_lib
 
     c = _get_config()
     c.demo.cache_dir, c.demo.n_train, c.demo.n_eval = os.path.join(tmp, "demo"), 64, 16
-    return c, assemble.resolve_data(config_lib.validate(c, device_count=8))
+    return c, data_lib.resolve_data(config_lib.validate(c, device_count=8))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apo_jax.checkpoint import Checkpointer, RestoreError, abstract_like
+from apo_jax.train.checkpoint import Checkpointer, RestoreError, abstract_like
 
 
 def _state(k):
@@ -48,7 +48,7 @@ def test_corrupted_latest_falls_back_with_a_warning(tmp_path, caplog):
             with open(f, "wb") as fh:
                 fh.write(b"not a checkpoint")
     ck = Checkpointer(str(tmp_path), keep=3, keep_best=0)
-    with caplog.at_level(logging.WARNING, logger="apo_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="apo_jax.train.checkpoint"):
         step, state, data, _ = ck.restore(abstract_like(_state(0)))
     assert step == 1 and data == {"next_batch": 1}
     np.testing.assert_array_equal(state["w"], np.arange(4.0) + 1)

@@ -9,8 +9,9 @@ import os
 
 import pytest
 
-from apo_jax import assemble, trainer
 from apo_jax.config import base_config, with_overrides
+from apo_jax.train import data as data_lib
+from apo_jax.train import loop, samples
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def _run(workdir, **extra):
     o = {"num_steps": 1, "batch_size": 4, "progress_bar": False, "export_hf": False,
          "plots": False, "checkpoint.async_save": False, "lora.rank": 16,
          "samples.max_new_tokens": 4, **extra}  # fmt: skip
-    return trainer.train_and_evaluate(with_overrides(base_config("apo_down", None), o), workdir)
+    return loop.train_and_evaluate(with_overrides(base_config("apo_down", None), o), workdir)
 
 
 def test_custom_data_without_eval_trains_with_samples_off(hf_model, small_shards, tmp_path):
@@ -55,6 +56,6 @@ def test_samples_are_off_when_the_eval_source_is_gone(tmp_path, small_shards):
     moved.mkdir()
     manifest["inputs"] = [str(tmp_path / "gone.jsonl")]
     (moved / "manifest.json").write_text(json.dumps(manifest))
-    paths = assemble.DataPaths(small_shards, str(moved), "", manifest)
-    rows, why = assemble.sample_rows(paths, 3)
+    paths = data_lib.DataPaths(small_shards, str(moved), "", manifest)
+    rows, why = samples.sample_rows(paths, 3)
     assert rows == [] and "gone.jsonl is not on this machine; pass config.samples.prompts" in why

@@ -248,9 +248,9 @@ def test_padding_to_a_larger_shape_keeps_logps_and_loss(layout):
     import jax.numpy as jnp
     from flax import nnx
 
-    from apo_jax import train_step as ts
     from apo_jax.models.config import get_preset
     from apo_jax.models.llama import Llama
+    from apo_jax.train import train_step as ts
 
     cfg = get_preset("tiny", vocab_size=64, n_layers=2, d_model=32, mlp_dim=64, n_heads=4,
                      n_kv_heads=2, head_dim=8)  # fmt: skip

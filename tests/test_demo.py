@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-from apo_jax import cli, trainer
 from apo_jax.config import base_config, with_overrides
 from apo_jax.eval import checkers
+from apo_jax.train import cli, loop
 
 # A band, not a point: XLA:CPU picks its kernels by instruction set, so the demo ends at
 # different held-out accuracies on different CPUs (docs/training.md gives the measured figure and
@@ -50,7 +50,7 @@ def test_demo_learns_held_out_preferences_and_shows_samples_before_and_after(tmp
         base_config("apo_down", None),
         {"demo.cache_dir": str(tmp_path / "cache"), "export_hf": False, "progress_bar": False},
     )
-    summary = trainer.train_and_evaluate(config, str(tmp_path / "run"))
+    summary = loop.train_and_evaluate(config, str(tmp_path / "run"))
     assert summary["steps"] == 93 and summary["skipped"] == 0
     low, high = HELD_OUT_ACCURACY
     assert low <= summary["eval/rewards/accuracies"] <= high, summary
@@ -100,15 +100,12 @@ def test_summary_prints_the_accuracy_before_and_after_and_both_answers():
 
 def test_a_resumed_run_reads_its_before_and_latest_samples_back(tmp_path):
     import json
-    import types
 
-    from apo_jax import hooks
+    from apo_jax.train import samples
 
     with open(tmp_path / "samples.jsonl", "w") as f:
         for step, resp in ((0, "first"), (5, "mid"), (8, "later")):
             f.write(json.dumps({"step": step, "prompt": "p", "response": resp}) + "\n")
-    run = types.SimpleNamespace(step=5, workdir=str(tmp_path), samples=[], samples_step=-1,
-                                samples_before=[])  # fmt: skip
-    hooks.Samples.at_start(None, run)  # step 5: nothing is generated, step 8 is past the restore
-    assert run.samples_before == [{"prompt": "p", "response": "first"}]
-    assert run.samples == [{"prompt": "p", "response": "mid"}] and run.samples_step == 5
+    out = samples.read_rounds(str(tmp_path), 5)  # step 5: step 8 is past the restore
+    assert out["samples_before"] == [{"prompt": "p", "response": "first"}]
+    assert out["samples"] == [{"prompt": "p", "response": "mid"}] and out["samples_step"] == 5

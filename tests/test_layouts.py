@@ -15,13 +15,13 @@ from flax import nnx
 
 from apo_jax import config as config_lib
 from apo_jax import errors, layouts
-from apo_jax import train_step as ts
 from apo_jax.config import base_config, with_overrides
 from apo_jax.data import loader, shards
 from apo_jax.layouts import auto
 from apo_jax.models.config import get_preset
 from apo_jax.models.llama import Llama
 from apo_jax.optim import OptimConfig, make_optimizer
+from apo_jax.train import train_step as ts
 
 CFG = get_preset(
     "tiny", vocab_size=64, n_layers=2, d_model=32, mlp_dim=64, n_heads=4, n_kv_heads=2, head_dim=8
@@ -217,17 +217,17 @@ def test_auto_layout_says_why_and_what_was_ruled_out():
 
 
 def test_auto_is_the_default_and_resolved_from_the_shards():
-    from apo_jax import assemble
+    from apo_jax.train import data as data_lib
 
     c = with_overrides(base_config("apo_down", None), {"data.seq_len": 0})
     rc = config_lib.validate(c, device_count=1)
     assert rc.data.layout is None  # auto, until the shards are known
-    paths = assemble.DataPaths("", "", "", _manifest(384, 128, 128, 512))
-    assert assemble.resolve_layout(rc, paths, CFG).data.layout is layouts.get("prefix")
+    paths = data_lib.DataPaths("", "", "", _manifest(384, 128, 128, 512))
+    assert data_lib.resolve_layout(rc, paths, CFG).data.layout is layouts.get("prefix")
     named = config_lib.validate(
         with_overrides(base_config("apo_down", None), {"data.layout": "concat"}), device_count=1
     )
-    assert assemble.resolve_layout(named, paths) is named
+    assert data_lib.resolve_layout(named, paths) is named
     bad = with_overrides(base_config("apo_down", None), {"data.layout": "pack"})
     with pytest.raises(config_lib.ConfigError, match="must be auto or one of concat, prefix, "):
         config_lib.validate(bad, device_count=1)

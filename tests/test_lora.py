@@ -12,12 +12,13 @@ import pytest
 from flax import nnx
 from test_train_step import CFG, make_batch
 
-from apo_jax import assemble, trainer
-from apo_jax import train_step as ts
 from apo_jax.config import ConfigError, base_config, with_overrides
 from apo_jax.models import hf, lora
 from apo_jax.models.llama import Llama
 from apo_jax.optim import OptimConfig, make_optimizer
+from apo_jax.train import loop
+from apo_jax.train import model as model_lib
+from apo_jax.train import train_step as ts
 
 IDS = jnp.asarray(np.random.default_rng(0).integers(1, 64, size=(2, 12)), jnp.int32)
 
@@ -177,14 +178,14 @@ def test_peft_round_trip_equal_logits(make_hf_llama, tmp_path):
     c = with_overrides(base_config("apo_down", None), {"model.hf_path": out, "lora.rank": 8})
     rc = config_lib.validate(c, device_count=1)
     assert (rc.lora.rank, rc.lora.rslora, rc.lora.adapter) == (4, True, out)
-    assert assemble.base_path(rc) == os.path.abspath(path)
+    assert model_lib.base_path(rc) == os.path.abspath(path)
 
 
 def test_a_resume_onto_another_base_is_refused():
     base = {"path": "/a", "fingerprint": "123"}
-    assemble.check_base(base, dict(base), "checkpoint x")
+    model_lib.check_base(base, dict(base), "checkpoint x")
     with pytest.raises(ConfigError, match="trained on base /a .*fingerprint 123"):
-        assemble.check_base(base, {"path": "/b", "fingerprint": "456"}, "checkpoint x")
+        model_lib.check_base(base, {"path": "/b", "fingerprint": "456"}, "checkpoint x")
 
 
 def test_config_lora_errors_name_the_field():
@@ -205,7 +206,7 @@ def _run(workdir, hf_path, shards, tok_dir, steps, **extra):
         "samples.num_prompts": 0, "plots": False,
     }  # fmt: skip
     o.update(extra)
-    return trainer.train_and_evaluate(with_overrides(base_config("apo_down", None), o), workdir)
+    return loop.train_and_evaluate(with_overrides(base_config("apo_down", None), o), workdir)
 
 
 def _losses(workdir):

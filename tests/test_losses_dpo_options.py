@@ -11,11 +11,10 @@ import pytest
 from flax import nnx
 
 from apo_jax import config as config_lib
-from apo_jax import hooks
-from apo_jax import train_step as ts
 from apo_jax.config import base_config, with_overrides
 from apo_jax.layouts import concat
 from apo_jax.models.llama import Llama
+from apo_jax.train import train_step as ts
 from tests.test_train_step import CFG, make_batch
 
 
@@ -67,14 +66,18 @@ def test_wpo_weights_from_the_models_distribution():
 def test_mix_reference_is_trdpo_soft_update():
     ref = {"w": jnp.array([1.0, 2.0])}
     pol = {"w": jnp.array([3.0, -2.0])}
-    mixed = hooks.mix_reference(ref, pol, 0.6)
+    mixed = ts.mix_reference(ref, pol, 0.6)
     np.testing.assert_allclose(mixed["w"], [0.6 * 3 + 0.4 * 1, 0.6 * -2 + 0.4 * 2], rtol=1e-6)
-    hook = hooks.SyncReference(every=4, alpha=0.6)
-    assert [s for s in range(1, 13) if hook.due(SimpleNamespace(step=s))] == [4, 8, 12]
-    run = SimpleNamespace(step=4, steps_fn=SimpleNamespace(ref_params=ref),
-                          state=SimpleNamespace(params=pol))  # fmt: skip
-    hook.after_step(run)
-    np.testing.assert_allclose(run.steps_fn.ref_params["w"], mixed["w"], rtol=1e-6)
+    cfg = ts.StepConfig(sync_every=4, sync_alpha=0.6)
+    synced = []
+    for s in range(1, 13):  # the state after step s; TRL syncs at multiples of the period only
+        state = SimpleNamespace(step=jnp.int32(s), params=pol, ref_params=ref)
+        got = ts.sync_reference(state, cfg)
+        if not np.array_equal(got["w"], ref["w"]):
+            np.testing.assert_allclose(got["w"], mixed["w"], rtol=1e-6)
+            synced.append(s)
+    assert synced == [4, 8, 12]
+    assert ts.sync_reference(state, ts.StepConfig()) is ref  # TR-DPO off: the reference stays
 
 
 def _validate(loss, **overrides):
@@ -131,8 +134,8 @@ def test_trdpo_resume_continues_the_mixed_reference(tmp_path):
     steps 3 and 4 to the losses of the run that never stopped."""
     import shutil
 
-    from apo_jax import trainer
     from apo_jax.data import demo
+    from apo_jax.train import loop
     from tests.test_train import losses_by_step, small_overrides
 
     cache = str(tmp_path / "demo")
@@ -142,11 +145,11 @@ def test_trdpo_resume_continues_the_mixed_reference(tmp_path):
         "reference.ref_model_mixup_alpha": 0.6, "optim.learning_rate": 0.05})  # fmt: skip
     config = with_overrides(base_config("apo_down", None), overrides)
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    trainer.train_and_evaluate(config, straight)
+    loop.train_and_evaluate(config, straight)
     shutil.copytree(os.path.join(straight, "checkpoints", "2"),
                     os.path.join(split, "checkpoints", "2"))  # a run stopped at step 2  # fmt: skip
     shutil.copy(os.path.join(straight, "config.json"), split)  # (checkpoints alone are refused)
-    trainer.train_and_evaluate(config, split)
+    loop.train_and_evaluate(config, split)
     want, got = losses_by_step(straight), losses_by_step(split)
     assert sorted(got) == [3, 4]
     for s in got:

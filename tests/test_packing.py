@@ -12,13 +12,14 @@ import pytest
 from conftest import assert_same_grads
 from flax import nnx
 
-from apo_jax import layouts, losses, trainer
-from apo_jax import train_step as ts
+from apo_jax import layouts, losses
 from apo_jax.config import base_config, with_overrides
 from apo_jax.data import demo, loader, shards
 from apo_jax.layouts.packed import global_sequence_ids, pack_rows, row_count, targets
 from apo_jax.models.config import get_preset
 from apo_jax.models.llama import Llama
+from apo_jax.train import loop
+from apo_jax.train import train_step as ts
 
 CFG = get_preset(
     "tiny", vocab_size=64, n_layers=2, d_model=32, mlp_dim=64, n_heads=4, n_kv_heads=2, head_dim=8
@@ -210,7 +211,7 @@ def test_training_packed_gives_the_concat_losses(tmp_path):
     runs = {}
     for layout in ("concat", "packed"):
         config = with_overrides(base_config("apo_down", None), {**over, "data.layout": layout})
-        trainer.train_and_evaluate(config, str(tmp_path / layout))
+        loop.train_and_evaluate(config, str(tmp_path / layout))
         runs[layout] = _metrics(str(tmp_path / layout))
     a, b = runs["concat"], runs["packed"]
     assert sorted(a) == sorted(b) == [1, 2, 3]

@@ -10,11 +10,11 @@ from conftest import assert_same_grads
 from flax import nnx
 
 from apo_jax import layouts, losses
-from apo_jax import train_step as ts
 from apo_jax.data import loader, shards
 from apo_jax.layouts.prefix import predictor_index
 from apo_jax.models.config import get_preset
 from apo_jax.models.llama import Llama
+from apo_jax.train import train_step as ts
 
 CFG = get_preset(
     "tiny", vocab_size=64, n_layers=2, d_model=32, mlp_dim=64, n_heads=4, n_kv_heads=2, head_dim=8

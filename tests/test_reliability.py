@@ -14,13 +14,14 @@ import sys
 import numpy as np
 import pytest
 
-from apo_jax import cli, errors, hooks, integrity, trainer
-from apo_jax import workdir as workdir_lib
-from apo_jax.checkpoint import Checkpointer, SaveError, abstract_like
+from apo_jax import errors
 from apo_jax.config import base_config, with_overrides
 from apo_jax.data import refs, shards
 from apo_jax.metrics import MetricWriter
 from apo_jax.models import safetensors_io
+from apo_jax.train import cli, hooks, integrity, loop
+from apo_jax.train import workdir as workdir_lib
+from apo_jax.train.checkpoint import Checkpointer, SaveError, abstract_like
 
 
 def _config(shard_dir, **extra):
@@ -66,7 +67,7 @@ def test_resume_falls_back_from_a_damaged_checkpoint_and_never_changes_the_run(
     wd = str(tmp_path / "run")
     # A read-only shard directory: the reference log-probs go to the workdir.
     monkeypatch.setattr(refs, "writable", lambda d: os.path.abspath(d) != os.path.abspath(data))
-    first = trainer.train_and_evaluate(_config(data), wd)
+    first = loop.train_and_evaluate(_config(data), wd)
     assert first["steps"] == 4 and first["finished"]
     assert not glob.glob(os.path.join(data, "reference_logps*"))
     assert len(glob.glob(os.path.join(wd, "reference_logps", "*", "reference_logps-*.npz"))) == 1
@@ -80,7 +81,7 @@ def test_resume_falls_back_from_a_damaged_checkpoint_and_never_changes_the_run(
     with open(victim, "r+b") as f:
         f.truncate(os.path.getsize(victim) // 2)
     with caplog.at_level(logging.WARNING, logger="apo_jax"):
-        again = trainer.train_and_evaluate(_config(data), wd)
+        again = loop.train_and_evaluate(_config(data), wd)
     assert again["steps"] == 4 and again["finished"]
     warning = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
     assert len(warning) == 1 and len(warning[0].splitlines()) <= 2, warning
@@ -92,11 +93,11 @@ def test_resume_falls_back_from_a_damaged_checkpoint_and_never_changes_the_run(
     # Another run holding the workdir: refused, naming it.
     with workdir_lib.Lock(wd):
         with pytest.raises(workdir_lib.WorkdirError, match=f"in use by pid {os.getpid()} on host"):
-            trainer.train_and_evaluate(_config(data), wd)
+            loop.train_and_evaluate(_config(data), wd)
 
     # A resume that changes the loss and the schedule's length: refused in one line.
     with pytest.raises(workdir_lib.ConfigChangeError) as e:
-        trainer.train_and_evaluate(_config(data, **{"loss.name": "dpo", "num_steps": 5}), wd)
+        loop.train_and_evaluate(_config(data, **{"loss.name": "dpo", "num_steps": 5}), wd)
     assert 'loss.name "apo_down" -> "dpo"' in str(e.value) and "num_steps 4 -> 5" in str(e.value)
     assert "--allow_config_change" in str(e.value) and "\n" not in str(e.value)
 
@@ -110,7 +111,7 @@ def test_resume_falls_back_from_a_damaged_checkpoint_and_never_changes_the_run(
     monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", disk_full)
     cfg = _config(data, num_steps=6, **{"checkpoint.every": 1, "checkpoint.async_save": True})
     with pytest.raises(SaveError) as e:
-        trainer.train_and_evaluate(cfg, wd, allow_config_change=True)
+        loop.train_and_evaluate(cfg, wd, allow_config_change=True)
     msg = str(e.value)
     assert f"{wd}/checkpoints/5 failed: [Errno 28] No space left on device" in msg, msg
     assert "last good checkpoint is step 4" in msg and "\n" not in msg
@@ -208,7 +209,7 @@ def test_a_swapped_or_truncated_shard_stops_training_before_it_starts(shard_copy
         with open(paths[0], "r+b") as f:
             f.truncate(os.path.getsize(paths[0]) - 7)
     with pytest.raises(shards.ShardError, match=os.path.basename(paths[0])):
-        trainer.train_and_evaluate(_config(shard_copy), str(tmp_path / "run"))
+        loop.train_and_evaluate(_config(shard_copy), str(tmp_path / "run"))
 
 
 def _permuted_tokenizer(tok_dir, out):
@@ -312,7 +313,7 @@ def test_truncated_safetensors_names_the_file(tmp_path):
 
 
 def test_a_non_finite_stop_is_one_line(capsys):
-    metrics = hooks.TrainMetrics(every=1, max_bad_steps=2)
+    metrics = hooks.TrainMetrics(every=1, max_bad_steps=2, writer=None, say=print)
     with pytest.raises(SystemExit) as e:
         errors.guard(lambda: metrics._fetch(7, {"bad_steps": np.float32(2)}, np.array([3, 5])))
     err = capsys.readouterr().err.strip().splitlines()
@@ -323,7 +324,7 @@ def test_a_non_finite_stop_is_one_line(capsys):
 def test_a_third_signal_abandons_the_save_and_exits_75(monkeypatch, capsys):
     import signal
 
-    from apo_jax import checkpoint
+    from apo_jax.train import checkpoint
 
     exits, released = [], []
 

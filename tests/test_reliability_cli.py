@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from apo_jax.checkpoint import EXIT_STOPPED
+from apo_jax.train.checkpoint import EXIT_STOPPED
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

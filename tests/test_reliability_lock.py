@@ -8,7 +8,7 @@ import multiprocessing
 import os
 import socket
 
-from apo_jax import workdir as workdir_lib
+from apo_jax.train import workdir as workdir_lib
 
 TRIALS = 300
 

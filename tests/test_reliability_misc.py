@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 from data_helpers import small_run_config
 
-from apo_jax import cli, errors, hooks, trainer
-from apo_jax.checkpoint import Checkpointer, abstract_like
+from apo_jax import errors
 from apo_jax.data import prepare
+from apo_jax.train import cli, hooks, loop
+from apo_jax.train.checkpoint import Checkpointer, abstract_like
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -144,7 +145,7 @@ def test_a_damaged_checkpoint_file_is_named(tmp_path, caplog, damage):
             byte = f.read(1)
             f.seek(-1, os.SEEK_CUR)
             f.write(bytes([byte[0] ^ 0x01]))
-    with caplog.at_level(logging.WARNING, logger="apo_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="apo_jax.train.checkpoint"):
         step, state, _, _ = Checkpointer(str(tmp_path)).restore(abstract_like(_state(0)))
     assert step == 1
     np.testing.assert_array_equal(state["w"], np.arange(4000.0) + 1)
@@ -166,13 +167,13 @@ def test_a_stop_names_its_step_and_the_same_shards_elsewhere_are_no_change(
     wd = str(tmp_path / "run")
     real = hooks.TrainMetrics.after_step
 
-    def ctrl_c_at_step_2(self, run):  # after the loop's stop check: the stop is the next step
-        if run.step == 2:
+    def ctrl_c_at_step_2(self, info):  # after the loop's stop check: the stop is the next step
+        if info.step == 2:
             os.kill(os.getpid(), signal.SIGINT)
-        real(self, run)
+        return real(self, info)
 
     monkeypatch.setattr(hooks.TrainMetrics, "after_step", ctrl_c_at_step_2)
-    stopped = trainer.train_and_evaluate(_config(data), wd)
+    stopped = loop.train_and_evaluate(_config(data), wd)
     monkeypatch.undo()
     err = capsys.readouterr().err
     assert "apo_jax: SIGINT: stopping after step 3 with a checkpoint" in err, err
@@ -182,7 +183,7 @@ def test_a_stop_names_its_step_and_the_same_shards_elsewhere_are_no_change(
     # data is compared by content, so this is no config change.
     moved = str(tmp_path / "elsewhere")
     shutil.move(data, moved)
-    again = trainer.train_and_evaluate(_config(moved), wd)
+    again = loop.train_and_evaluate(_config(moved), wd)
     assert again["steps"] == 4 and again["finished"]
     with open(os.path.join(wd, "metrics.jsonl")) as f:
         assert not [r for r in map(json.loads, f) if "config_change" in r]

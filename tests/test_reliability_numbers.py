@@ -17,11 +17,11 @@ from flax import nnx
 
 from apo_jax import atomic, metrics
 from apo_jax import config as config_lib
-from apo_jax import train_step as ts
 from apo_jax.config import base_config, with_overrides
 from apo_jax.models import hf
 from apo_jax.models.config import get_preset
 from apo_jax.models.llama import Llama
+from apo_jax.train import train_step as ts
 
 CFG = get_preset(
     "tiny", vocab_size=64, n_layers=1, d_model=16, mlp_dim=32, n_heads=2, n_kv_heads=1, head_dim=8

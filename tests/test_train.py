@@ -10,10 +10,10 @@ import time
 import numpy as np
 import pytest
 
-from apo_jax import cli as cli_lib
-from apo_jax import trainer
 from apo_jax.config import ConfigError, base_config, with_overrides
 from apo_jax.data import demo
+from apo_jax.train import cli as cli_lib
+from apo_jax.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,17 +85,17 @@ def cli(workdir, overrides, env=None, **popen):
 
 
 def test_same_seed_same_losses_online_reference_and_prefix_layout(demo_cache, tmp_path):
-    pre = trainer.train_and_evaluate(
+    pre = loop.train_and_evaluate(
         make_config(small_overrides(demo_cache, num_steps=3)), str(tmp_path / "a")
     )
-    again = trainer.train_and_evaluate(
+    again = loop.train_and_evaluate(
         make_config(small_overrides(demo_cache, num_steps=3)), str(tmp_path / "b")
     )
-    online = trainer.train_and_evaluate(
+    online = loop.train_and_evaluate(
         make_config(small_overrides(demo_cache, num_steps=3, **{"reference.mode": "online"})),
         str(tmp_path / "c"),
     )
-    trainer.train_and_evaluate(
+    loop.train_and_evaluate(
         make_config(
             small_overrides(demo_cache, num_steps=3, **{"data.layout": "prefix", "data.seq_len": 0})
         ),
@@ -109,7 +109,7 @@ def test_same_seed_same_losses_online_reference_and_prefix_layout(demo_cache, tm
     np.testing.assert_allclose([a[s] for s in a], [d[s] for s in a], rtol=1e-4)
     assert pre["steps"] == again["steps"] == online["steps"] == 3
     # The same command on a finished workdir restores the last checkpoint and runs nothing more.
-    done = trainer.train_and_evaluate(
+    done = loop.train_and_evaluate(
         make_config(small_overrides(demo_cache, num_steps=3)), str(tmp_path / "a")
     )
     assert done["steps"] == 3 and "train/loss" not in done
@@ -208,3 +208,18 @@ def test_a_workdir_as_hf_path_points_to_its_export(tmp_path):
     with pytest.raises(ConfigError, match=r"is a training workdir; pass its Hugging Face export "
                        r".*/hf \(written when that run finishes"):  # fmt: skip
         config_lib.validate(make_config({"model.hf_path": str(tmp_path)}), device_count=1)
+
+
+def test_precompute_reference_leaves_its_config_as_it_was(small_shards, monkeypatch):
+    """The reference command runs in 'precomputed' mode on a copy: the caller's config (here
+    with the default reference.mode) is not changed."""
+    from apo_jax import reference
+    from tests.data_helpers import small_run_config
+
+    config = small_run_config(small_shards)
+    before, locked = config.to_dict(), config.is_locked
+    modes = []
+    monkeypatch.setattr(reference, "prepare", lambda rc, *a, **k: modes.append(rc.reference.mode))
+    loop.precompute_reference(config)
+    assert modes == ["precomputed"]
+    assert config.to_dict() == before and config.is_locked == locked

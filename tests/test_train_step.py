@@ -8,11 +8,11 @@ import numpy as np
 from flax import nnx
 
 from apo_jax import layouts
-from apo_jax import train_step as ts
 from apo_jax.layouts import concat
 from apo_jax.models.config import get_preset
 from apo_jax.models.llama import Llama
 from apo_jax.optim import OptimConfig, make_optimizer
+from apo_jax.train import train_step as ts
 
 CFG = get_preset(
     "tiny", vocab_size=64, n_layers=2, d_model=32, mlp_dim=64, n_heads=4, n_kv_heads=2, head_dim=8

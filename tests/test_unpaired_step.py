@@ -8,10 +8,10 @@ import numpy as np
 from flax import nnx
 
 from apo_jax import layouts, losses
-from apo_jax import train_step as ts
 from apo_jax.data import shards
 from apo_jax.layouts import concat
 from apo_jax.models.llama import Llama
+from apo_jax.train import train_step as ts
 from tests.test_train_step import CFG
 
 

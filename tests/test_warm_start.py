@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from apo_jax import warm_start
+from apo_jax.train import warm_start
 
 
 def _fake_train(calls, on_train=None):

@@ -9,6 +9,7 @@ the fields' checks on a ConfigDict's values, and `rows` lists every field for do
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -94,3 +95,15 @@ def rows(cls: type, prefix: str = "") -> Iterator[tuple[str, Any, str]]:
             yield from rows(sub, f"{prefix}{f.name}.")
         else:  # optim, lora and distributed declare their help as plain `help` metadata
             yield f"{prefix}{f.name}", f.default, f.metadata.get("help", "")
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a.b': value} of a nested config dict, values normalised as JSON stores them: the form
+    the field checks, figure labels and the resume comparison read a run's `config.json` in."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = json.loads(json.dumps(value, default=str))
+    return out

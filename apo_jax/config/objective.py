@@ -140,7 +140,7 @@ def data(c: Any, batch_ways: int, process_count: int) -> DataSettings:
     needs_concat = c.loss.ld_alpha != 1 or c.loss.use_weighting
     if name == "auto" and (unpaired or needs_concat):  # the loss decides, not the data
         name = "unpaired" if unpaired else "concat"
-    layout = None if name == "auto" else layouts.get(name)  # None: assemble.resolve_layout picks
+    layout = None if name == "auto" else layouts.get(name)  # None: train.data.resolve_layout picks
     if layout is not None:
         _need(unpaired == (layout.name == "unpaired"), "config.data.layout must be 'unpaired' "
               "for the unpaired losses (kto, apo_zero_unpaired) and only for them, got "

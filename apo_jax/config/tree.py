@@ -6,7 +6,7 @@ and the command line overrides (`presets.base_config`), the field table of docs/
 (`python -m apo_jax.config.doc`) and, through `validate`, the frozen `RunConfig` the rest of the
 run receives. A validated RunConfig has one vocabulary for each setting: the reference mode is
 'precomputed', 'online' or 'none', the mesh has its real sizes, the data layout is a Layout object
-(None for auto until `assemble.resolve_layout` picks), the demo preset's -1 values are resolved.
+(None for auto until `train.data.resolve_layout` picks), the demo preset's -1 values are resolved.
 Checks of one field sit on the field, checks across a section's fields beside the section
 (`objective.py`, `sections.py`), the mesh rule in `sharding` and the distributed settings in
 `distributed`; each message names the field and what to do.
@@ -19,7 +19,6 @@ import math
 from typing import Any
 
 from apo_jax import distributed as distributed_lib
-from apo_jax import workdir
 from apo_jax.config import fields, objective, sections
 from apo_jax.config.fields import above, at_least, field, section
 from apo_jax.config.objective import DataSettings, LossSettings, ReferenceSettings
@@ -73,7 +72,7 @@ class RunConfig:
 def _check_finite(c: Any) -> None:
     """Refuses NaN and infinity in any number of the config (``--config.optim.learning_rate=nan``
     would train, skip nothing and export a NaN model)."""
-    for name, value in workdir.flatten(c.to_dict()).items():
+    for name, value in fields.flatten(c.to_dict()).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"config.{name} must be a finite number, got {value}")
 

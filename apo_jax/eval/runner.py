@@ -63,7 +63,7 @@ def resolve_model_dir(path: str) -> str:
     if not os.path.isdir(path):
         raise EvalError(f"--model={path}: no such directory")
     hf_dir = os.path.join(path, "hf")
-    # A training workdir also holds a config.json (the run's, apo_jax.workdir): look for its
+    # A training workdir also holds a config.json (the run's, apo_jax.train.workdir): look for its
     # export first.
     workdir = os.path.isdir(os.path.join(path, "checkpoints"))
     if workdir and os.path.exists(os.path.join(hf_dir, "config.json")):

@@ -104,9 +104,9 @@ def evaluate(hf_dir: str, heldout_path: str, out_path: str) -> dict[str, Any]:
 
 
 def _train(config: Any, workdir: str) -> dict[str, Any]:
-    from apo_jax import trainer
+    from apo_jax import train
 
-    summary = trainer.train_and_evaluate(config, workdir)
+    summary = train.train_and_evaluate(config, workdir)
     if summary["interrupted"] or not summary["hf_export"]:
         raise Interrupted(f"training in {workdir} stopped at step {summary['steps']}; its "
                           "checkpoint is saved: rerun the same command to resume")  # fmt: skip

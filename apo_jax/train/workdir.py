@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from apo_jax import atomic
+from apo_jax.config.fields import flatten
 from apo_jax.errors import UserError
 
 log = logging.getLogger("apo_jax")
@@ -191,17 +192,6 @@ class Lock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'a.b': value} of a nested dict, values normalised as JSON stores them."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = json.loads(json.dumps(value, default=str))
-    return out
 
 
 def _defines_run(key: str) -> bool:

@@ -3,7 +3,7 @@ chosen answers of the demo's training pairs, built once and cached beside the de
 
 A preference objective moves a model that already answers; from random weights the demo's greedy
 samples are noise whatever it learns. The warm start is a short run of the trainer itself
-(`trainer.train_and_evaluate`, loss `sft`), exported as a Hugging Face directory that the demo
+(`apo_jax.train.train_and_evaluate`, loss `sft`), exported as a Hugging Face directory that the demo
 then loads as `config.model.hf_path`. Its directory is keyed by :data:`VERSION`, the steps, the
 model preset and the seed; a build runs in a temporary directory renamed into place, so a crash
 leaves nothing half-written and two runs racing both end with the same model.
@@ -11,6 +11,7 @@ leaves nothing half-written and two runs racing both end with the same model.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -18,6 +19,9 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
+import jax
+
+from apo_jax.config import ConfigError, RunConfig
 from apo_jax.errors import UserError
 
 log = logging.getLogger("apo_jax")
@@ -34,6 +38,24 @@ class Interrupted(UserError):
 def directory(demo_root: str, steps: int, preset: str, seed: int) -> str:
     """Where the warm start of these settings is cached (its `hf/` is the model)."""
     return os.path.join(demo_root, f"{VERSION}-{preset}-{steps}-s{seed}")
+
+
+def apply(rc: RunConfig, demo_root: str, train: Callable[[Any, str], dict[str, Any]]) -> RunConfig:
+    """`rc` with the demo's warm start as config.model.hf_path (built once by `train`, the
+    trainer, from the demo's paired training shards); unchanged off the demo data (`demo_root`
+    ''), with a model.hf_path of its own or with demo.warm_start_steps=0."""
+    if not demo_root or rc.model.hf_path or not rc.demo.warm_start_steps:
+        return rc
+    root = directory(demo_root, rc.demo.warm_start_steps, rc.model.preset, rc.seed)
+    if jax.process_count() > 1 and not os.path.exists(os.path.join(root, "hf", "config.json")):
+        raise ConfigError(
+            f"the demo's warm start ({root}) is built by one process: run the same command once "
+            "on one process first, or pass --config.demo.warm_start_steps=0 (random weights)"
+        )
+    hf_dir = build(demo_root, os.path.join(demo_root, "train_shards"),
+                   steps=rc.demo.warm_start_steps, preset=rc.model.preset, seed=rc.seed,
+                   train=train)  # fmt: skip
+    return dataclasses.replace(rc, model=dataclasses.replace(rc.model, hf_path=hf_dir))
 
 
 def build(

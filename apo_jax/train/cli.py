@@ -2,7 +2,7 @@
 
 Flags (`--config=<built-in name or file>[:preset]`, which `apo_jax.config_files` resolves,
 `--config.<field>=value`, `--workdir`), the console summary and the user-error mapping live here
-and nowhere else; the library (`apo_jax.trainer`) never imports this module. Errors a user can
+and nowhere else; the library (`apo_jax.train.loop`) never imports this module. Errors a user can
 fix print one line and exit 2 (`apo_jax.errors`); `APO_JAX_DEBUG=1` shows the traceback.
 """
 
@@ -17,8 +17,9 @@ from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from apo_jax import commands, config_files, distributed, errors, trainer
-from apo_jax.checkpoint import EXIT_STOPPED
+from apo_jax import commands, config_files, distributed, errors
+from apo_jax.train import loop
+from apo_jax.train.checkpoint import EXIT_STOPPED
 
 log = logging.getLogger("apo_jax")
 
@@ -136,13 +137,13 @@ def _run(
 
 
 def _train(fv: flags.FlagValues) -> dict[str, Any]:
-    return trainer.train_and_evaluate(
+    return loop.train_and_evaluate(
         fv.config, fv.workdir, allow_config_change=fv.allow_config_change
     )
 
 
 def _reference(fv: flags.FlagValues) -> Any:
-    return trainer.precompute_reference(fv.config, fv.workdir)
+    return loop.precompute_reference(fv.config, fv.workdir)
 
 
 def summary_text(s: dict[str, Any]) -> str:

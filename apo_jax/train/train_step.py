@@ -20,6 +20,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -40,6 +41,9 @@ class TrainState:
     rng: Array  # PRNG key, split once per step
     bad_steps: Array  # int32: consecutive steps skipped for non-finite loss or gradients
     skipped: Array  # int32: all skipped steps
+    # TR-DPO's online reference, mixed toward the policy by the step itself (`sync_reference`);
+    # None otherwise (a reference that never changes is an argument of the step, not state).
+    ref_params: nnx.State | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +59,8 @@ class StepConfig:
     layout: layouts.Layout = layouts.get("concat")  # the batch's row layout (layouts.get(name))
     ld_alpha: float = 1.0  # LD-DPO weight of the longer completion's tail (1: off; concat)
     unpaired_weights: tuple[float, float] = (1.0, 1.0)  # desirable, undesirable (kto ...)
+    sync_every: int = 0  # TR-DPO: mix the reference toward the policy every N steps (0: off)
+    sync_alpha: float = 0.0  # TR-DPO: the policy's share of each mix
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
@@ -65,8 +71,13 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
     return graphdef, params
 
 
-def init_state(params: nnx.State, tx: optax.GradientTransformation, seed: int) -> TrainState:
-    """A fresh state: step 0, optimizer initialized on `params`."""
+def init_state(
+    params: nnx.State,
+    tx: optax.GradientTransformation,
+    seed: int,
+    ref_params: nnx.State | None = None,
+) -> TrainState:
+    """A fresh state: step 0, optimizer initialized on `params`; `ref_params`: TR-DPO's reference."""
     zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731 - distinct buffers, so each can be donated
     return TrainState(
         step=zero(),
@@ -75,6 +86,30 @@ def init_state(params: nnx.State, tx: optax.GradientTransformation, seed: int) -
         rng=jax.random.key_data(jax.random.key(seed)),
         bad_steps=zero(),
         skipped=zero(),
+        ref_params=ref_params,
+    )
+
+
+def mix_reference(ref_params: nnx.State, params: nnx.State, alpha: float) -> nnx.State:
+    """TR-DPO's soft update: ``alpha * policy + (1 - alpha) * reference``, in float32, each leaf
+    back in the reference's dtype."""
+    a, keep = np.float32(alpha), np.float32(1 - alpha)
+    f32 = jnp.float32
+    return jax.tree.map(
+        lambda r, p: (a * p.astype(f32) + keep * r.astype(f32)).astype(r.dtype), ref_params, params
+    )
+
+
+def sync_reference(state: TrainState, cfg: StepConfig) -> nnx.State | None:
+    """The state's reference after its step: TR-DPO (Gorbatovski et al., 2024, as TRL's
+    ``sync_ref_model``) mixes it toward the policy when the step count is a multiple of
+    `cfg.sync_every` (TRL syncs at multiples of the period only); unchanged otherwise."""
+    if not cfg.sync_every or state.ref_params is None:
+        return state.ref_params
+    return jax.lax.cond(
+        state.step % cfg.sync_every == 0,
+        lambda: mix_reference(state.ref_params, state.params, cfg.sync_alpha),
+        lambda: state.ref_params,
     )
 
 
@@ -196,7 +231,8 @@ def train_step(
       state: the TrainState (donated by the caller's jit).
       batch: a batch of N pairs in `cfg.layout`, laid out for `cfg.grad_accum` micro-batches.
       ref_params: frozen reference parameters, for ``cfg.reference == 'online'`` (None with
-        LoRA: the reference is then the frozen base without adapters).
+        LoRA: the reference is then the frozen base without adapters; unused when the state
+        carries TR-DPO's reference).
       frozen: a LoRA run's frozen base (merged with the adapters in ``state.params``), or None.
       graphdef: the model's static graph.
       tx: the optax transformation (clipping included).
@@ -205,9 +241,12 @@ def train_step(
       ref_graphdef: the online reference's graph when its dtype differs from the policy's.
 
     Returns:
-      (new state, metrics): the loss metrics plus ``grad_norm``, ``learning_rate``,
+      (new state, metrics): the new state (its TR-DPO reference synced when due), the loss
+      metrics plus ``grad_norm``, ``learning_rate``,
       ``skipped`` (1 when this update was skipped) and ``tokens``.
     """
+    if state.ref_params is not None:
+        ref_params = state.ref_params
     grads, metrics = _grads(state, graphdef, batch, cfg, ref_params, ref_graphdef, frozen)
     grad_norm = optax.tree.norm(grads)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
@@ -226,6 +265,7 @@ def train_step(
         bad_steps=bad,
         skipped=state.skipped + (1 - ok.astype(jnp.int32)),
     )
+    new_state = new_state.replace(ref_params=sync_reference(new_state, cfg))
     metrics = dict(metrics)
     metrics["grad_norm"] = grad_norm
     metrics["skipped"] = 1 - ok.astype(jnp.int32)

@@ -27,10 +27,17 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     # torch for parity tests against transformers' PyTorch Llama (pinned to the CPU wheel); trl for
     # parity tests of the losses against TRL's own functions; peft for the LoRA adapter round trip.
-    "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "trl==1.16.0", "peft>=0.13"],
+    "test": [
+        "pytest>=8",
+        "pytest-xdist>=3.5",
+        "torch==2.13.0",
+        "trl==1.16.0",
+        "peft>=0.13",
+        "ruff==0.17.6",  # tests/test_format.py: the formatter and linter CI checks with
+    ],
     "gpu": ["jax[cuda12]>=0.10.2"],
     "tpu": ["jax[tpu]>=0.10.2"],
-    "dev": ["ruff>=0.6"],
+    "dev": ["ruff==0.17.6"],
 }
 
 setuptools.setup(

@@ -101,4 +101,3 @@ def use_compile_cache() -> None:
     path = where or os.path.join(os.path.expanduser("~"), ".cache", "apo_jax", "jax_cache")
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-

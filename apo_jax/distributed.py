@@ -136,8 +136,15 @@ def plan(cfg: DistributedConfig, env: Mapping[str, str] | None = None) -> dict[s
     if count == 1 and not cluster:
         return None
     if not cluster and cfg.mode == "auto" and None in (address or None, count, pid):
-        missing = [n for n, v in (("coordinator_address", address), ("num_processes", count),
-                                  ("process_id", pid)) if v in (None, "")]  # fmt: skip
+        missing = [
+            n
+            for n, v in (
+                ("coordinator_address", address),
+                ("num_processes", count),
+                ("process_id", pid),
+            )
+            if v in (None, "")
+        ]
         raise DistributedError(
             f"a multi-process run needs config.distributed.{', '.join(missing)} (or {ENV_ADDRESS}, "
             f"{ENV_COUNT}, {ENV_ID}) on every process; none of SLURM or Cloud TPU was detected"

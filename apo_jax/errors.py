@@ -112,8 +112,11 @@ def guard(fn: Callable[[], T], *, interrupted: str = "interrupted (Ctrl-C)") -> 
         if debug():
             raise
         where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{one_line(e.strerror or e)} ({APO_JAX_DEBUG_HINT})", file=sys.stderr,
-              flush=True)  # fmt: skip
+        print(
+            f"error: {where}{one_line(e.strerror or e)} ({APO_JAX_DEBUG_HINT})",
+            file=sys.stderr,
+            flush=True,
+        )
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         if debug():

@@ -355,9 +355,11 @@ def wpo_weights(
     def chunk(acc_B, xs):
         h_BxCxD, t_BxC, m_BxC = xs
         logits = jnp.einsum(
-            "bcd,dv->bcv", h_BxCxD, unembed_DxV.astype(h_BxCxD.dtype),
+            "bcd,dv->bcv",
+            h_BxCxD,
+            unembed_DxV.astype(h_BxCxD.dtype),
             preferred_element_type=jnp.float32,
-        )  # fmt: skip
+        )
         lse = jax.nn.logsumexp(logits, axis=-1)
         log_sum_sq = jax.nn.logsumexp(2.0 * logits, axis=-1) - 2.0 * lse
         logp = jnp.take_along_axis(logits, t_BxC[..., None], axis=-1)[..., 0] - lse

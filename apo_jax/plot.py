@@ -28,15 +28,39 @@ Series = dict[str, list[tuple[int, float]]]  # "train/loss" -> [(step, value)]
 # (file name, title, metric names, splits, y label)
 PANELS = (
     ("loss", "loss", ("loss",), ("train", "eval"), "loss"),
-    ("rewards_train", "rewards (train)", ("rewards/chosen", "rewards/rejected"), ("train",), "beta x log-ratio"),
-    ("rewards_eval", "rewards (held-out)", ("rewards/chosen", "rewards/rejected"), ("eval",), "beta x log-ratio"),
-    ("logps_train", "log-probs (train)", ("logps/chosen", "logps/rejected"), ("train",), "sequence log-prob"),
-    ("logps_eval", "log-probs (held-out)", ("logps/chosen", "logps/rejected"), ("eval",), "sequence log-prob"),
+    (
+        "rewards_train",
+        "rewards (train)",
+        ("rewards/chosen", "rewards/rejected"),
+        ("train",),
+        "beta x log-ratio",
+    ),
+    (
+        "rewards_eval",
+        "rewards (held-out)",
+        ("rewards/chosen", "rewards/rejected"),
+        ("eval",),
+        "beta x log-ratio",
+    ),
+    (
+        "logps_train",
+        "log-probs (train)",
+        ("logps/chosen", "logps/rejected"),
+        ("train",),
+        "sequence log-prob",
+    ),
+    (
+        "logps_eval",
+        "log-probs (held-out)",
+        ("logps/chosen", "logps/rejected"),
+        ("eval",),
+        "sequence log-prob",
+    ),
     ("margins", "reward margin", ("rewards/margins",), ("train", "eval"), "chosen - rejected"),
     ("accuracies", "reward accuracy", ("rewards/accuracies",), ("train", "eval"), "fraction"),
     ("grad_norm", "grad norm", ("grad_norm",), ("train",), "global L2 norm"),
     ("learning_rate", "learning rate", ("learning_rate",), ("train",), "learning rate"),
-)  # fmt: skip
+)
 SPLIT_STYLE = {
     "train": {"linestyle": "-"},
     "eval": {"linestyle": "--", "marker": "o", "markersize": 3},
@@ -125,8 +149,13 @@ def _draw(ax, runs: Sequence[tuple[str, Series]], panel: tuple) -> list[tuple[st
                     "" if len(splits) == 1 else f" {'held-out' if split == 'eval' else 'train'}"
                 )
                 line_label += f" {side}" if len(metrics) > 1 else ""
-                ax.plot(*zip(*points, strict=True), color=f"C{color}", alpha=SIDE_ALPHA.get(side, 1.0),
-                        label=line_label, **SPLIT_STYLE[split])  # fmt: skip
+                ax.plot(
+                    *zip(*points, strict=True),
+                    color=f"C{color}",
+                    alpha=SIDE_ALPHA.get(side, 1.0),
+                    label=line_label,
+                    **SPLIT_STYLE[split],
+                )
                 drawn.append((line_label, len(points)))
     ax.set(title=title, xlabel="step", ylabel=ylabel)
     ax.grid(alpha=0.3)
@@ -177,8 +206,11 @@ def plot_contrastiveness(datasets: Sequence[str], out_dir: str) -> str:
         rows = res["per_pair"]
         axes[0, col].hist([r["jaccard"] for r in rows], bins=40, range=(0, 1), color="tab:blue")
         name = os.path.join(*os.path.abspath(path).split(os.sep)[-2:])  # parent/name: unambiguous
-        axes[0, col].set(title=f"{name} ({len(rows)} pairs)",
-                         xlabel=f"Jaccard similarity ({res['jaccard_tokens']} tokens)", ylabel="pairs")  # fmt: skip
+        axes[0, col].set(
+            title=f"{name} ({len(rows)} pairs)",
+            xlabel=f"Jaccard similarity ({res['jaccard_tokens']} tokens)",
+            ylabel="pairs",
+        )
         axes[1, col].hist([r["levenshtein"] for r in rows], bins=40, color="tab:orange")
         axes[1, col].set(xlabel=f"Levenshtein distance ({res['levenshtein_unit']})", ylabel="pairs")
     os.makedirs(out_dir, exist_ok=True)
@@ -211,7 +243,9 @@ def flag_values() -> flags.FlagValues:
     fv = flags.FlagValues()
     kw = {"flag_values": fv}
     flags.DEFINE_string("out", None, "Directory for the PNG files.", **kw)
-    flags.DEFINE_list("datasets", [], "Pair files or shard dirs for contrastiveness histograms.", **kw)
+    flags.DEFINE_list(
+        "datasets", [], "Pair files or shard dirs for contrastiveness histograms.", **kw
+    )
     flags.mark_flag_as_required("out", flag_values=fv)
     return fv
 

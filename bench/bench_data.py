@@ -39,8 +39,15 @@ def bench_prepare(tmp: str, n_pairs: int, workers_list: list[int]) -> list[dict]
         )
         dt = time.perf_counter() - t0
         rate = m["counts"]["written"] / dt
-        out.append({"workers": w, "seconds": dt, "pairs_per_s": rate, "per_worker": rate / max(w, 1),
-                    "fingerprint": m["shard_fingerprint"][:12]})  # fmt: skip
+        out.append(
+            {
+                "workers": w,
+                "seconds": dt,
+                "pairs_per_s": rate,
+                "per_worker": rate / max(w, 1),
+                "fingerprint": m["shard_fingerprint"][:12],
+            }
+        )
     return out
 
 
@@ -59,8 +66,12 @@ def synthetic_shards(
         writer.write(shards.PairRecord(*ids, source_index=i))
         longest = max(longest, p + c + r)
     writer.close()
-    manifest = {"settings": {"max_length": max_length}, "tokenizer": {"pad_id": 0},
-                "counts": {"written": n}, "lengths": {"prefix_row": {"max": longest}}}  # fmt: skip
+    manifest = {
+        "settings": {"max_length": max_length},
+        "tokenizer": {"pad_id": 0},
+        "counts": {"written": n},
+        "lengths": {"prefix_row": {"max": longest}},
+    }
     with open(os.path.join(out_dir, shards.MANIFEST), "w") as f:
         json.dump(manifest, f)
     return out_dir
@@ -85,8 +96,15 @@ def bench_loader(shard_dir: str, n_batches: int) -> list[dict]:
                 b = next(ld)
             dt = time.perf_counter() - t0
             shape = "x".join(map(str, b["input_ids"].shape))
-            out.append({"layout": layout, "workers": workers, "shape": shape, "batches_per_s": n_batches / dt,
-                        "tokens_per_s": n_batches * b["input_ids"].size / dt})  # fmt: skip
+            out.append(
+                {
+                    "layout": layout,
+                    "workers": workers,
+                    "shape": shape,
+                    "batches_per_s": n_batches / dt,
+                    "tokens_per_s": n_batches * b["input_ids"].size / dt,
+                }
+            )
     return out
 
 
@@ -107,16 +125,20 @@ def main() -> None:
         print(f"prepare: {args.pairs} demo pairs, max_length 256 (cpu count {os.cpu_count()})")
         print(f"{'workers':>8} {'seconds':>8} {'pairs/s':>9} {'pairs/s/worker':>15} {'output':>13}")
         for r in bench_prepare(tmp, args.pairs, args.workers):
-            print(f"{r['workers']:>8} {r['seconds']:>8.2f} {r['pairs_per_s']:>9.0f} {r['per_worker']:>15.0f} "
-                  f"{r['fingerprint']:>13}")  # fmt: skip
+            print(
+                f"{r['workers']:>8} {r['seconds']:>8.2f} {r['pairs_per_s']:>9.0f} {r['per_worker']:>15.0f} "
+                f"{r['fingerprint']:>13}"
+            )
         shard_dir = synthetic_shards(os.path.join(tmp, "synth"), args.records)
         print(
             f"\nloader: {args.records} synthetic records, 8 pairs per batch, {args.batches} batches"
         )
         print(f"{'layout':>8} {'workers':>8} {'input_ids':>11} {'batches/s':>10} {'Mtokens/s':>10}")
         for r in bench_loader(shard_dir, args.batches):
-            print(f"{r['layout']:>8} {r['workers']:>8} {r['shape']:>11} {r['batches_per_s']:>10.1f} "
-                  f"{r['tokens_per_s'] / 1e6:>10.1f}")  # fmt: skip
+            print(
+                f"{r['layout']:>8} {r['workers']:>8} {r['shape']:>11} {r['batches_per_s']:>10.1f} "
+                f"{r['tokens_per_s'] / 1e6:>10.1f}"
+            )
 
 
 if __name__ == "__main__":

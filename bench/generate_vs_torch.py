@@ -38,10 +38,20 @@ from apo_jax.models import generate as generate_lib
 from apo_jax.models.hf import load_hf
 
 MODEL = dict(
-    vocab_size=32000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-    num_attention_heads=8, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,
-    rms_norm_eps=1e-5, initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-)  # fmt: skip
+    vocab_size=32000,
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=32,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-5,
+    initializer_range=0.1,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 
 
 def make_model(path: str) -> torch.nn.Module:
@@ -85,8 +95,9 @@ def trim(row: list[int]) -> list[int]:
 
 def jax_generate(model, prompts: list[list[int]], new: int) -> list[list[int]]:
     pad_to = bucket_length(max(len(p) for p in prompts))
-    return generate_lib.generate(model, prompts, max_new_tokens=new, pad_to=pad_to,
-                                 stop_tokens=STOPS, include_stop=True)  # fmt: skip
+    return generate_lib.generate(
+        model, prompts, max_new_tokens=new, pad_to=pad_to, stop_tokens=STOPS, include_stop=True
+    )
 
 
 def torch_generate(model, prompts: list[list[int]], new: int) -> list[list[int]]:
@@ -98,8 +109,9 @@ def torch_generate(model, prompts: list[list[int]], new: int) -> list[list[int]]
         mask[i, width - len(p) :] = 1
     stop = dict(eos_token_id=STOPS) if STOPS else dict(eos_token_id=None, min_new_tokens=new)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                             pad_token_id=0, **stop)  # fmt: skip
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0, **stop
+        )
     return [trim(r) for r in out[:, width:].tolist()]
 
 
@@ -161,9 +173,20 @@ def run(
         jax_tps, torch_tps = tokens / median(times["jax"]), torch_tokens / median(times["torch"])
         flops = work(jx_model.cfg, groups, jx_out)
         jax_gf, torch_gf = flops / median(times["jax"]) / 1e9, flops / median(times["torch"]) / 1e9
-        rows.append([batch, len(groups), tokens, f"{jax_tps:,.0f}", f"{torch_tps:,.0f}",
-                     f"{jax_tps / torch_tps:.2f}x", f"{first_call - median(times['jax']):.1f}",
-                     f"{same:.0%}", f"{jax_gf:.0f}", f"{torch_gf:.0f}"])  # fmt: skip
+        rows.append(
+            [
+                batch,
+                len(groups),
+                tokens,
+                f"{jax_tps:,.0f}",
+                f"{torch_tps:,.0f}",
+                f"{jax_tps / torch_tps:.2f}x",
+                f"{first_call - median(times['jax']):.1f}",
+                f"{same:.0%}",
+                f"{jax_gf:.0f}",
+                f"{torch_gf:.0f}",
+            ]
+        )
     return rows
     return rows
 
@@ -184,9 +207,23 @@ def main() -> None:
     )
     print(f"model: {args.model or 'random, ' + str(MODEL)}; load average {os.getloadavg()[0]:.1f}")
     print(f"machine: {machine()}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
-    print(table(["batch", "calls", "tokens", "apo_jax tok/s", "transformers tok/s", "speed-up",
-                 "compile s", "same tokens", "apo_jax GFLOP/s", "transformers GFLOP/s"],
-                rows))  # fmt: skip
+    print(
+        table(
+            [
+                "batch",
+                "calls",
+                "tokens",
+                "apo_jax tok/s",
+                "transformers tok/s",
+                "speed-up",
+                "compile s",
+                "same tokens",
+                "apo_jax GFLOP/s",
+                "transformers GFLOP/s",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

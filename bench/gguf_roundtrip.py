@@ -126,9 +126,12 @@ def main() -> None:
     ap.add_argument("--export_from", default=None, help="comma-separated dirs (default: import)")
     ap.add_argument("--work", default="/tmp/gguf_roundtrip")
     ap.add_argument("--greedy_tokens", type=int, default=24)
-    ap.add_argument("--compare_with", default=None,
-                    help="comma-separated GGUF files made from the imported dir by another tool "
-                    "(llama.cpp's convert_hf_to_gguf.py); the dtype is read from each file")  # fmt: skip
+    ap.add_argument(
+        "--compare_with",
+        default=None,
+        help="comma-separated GGUF files made from the imported dir by another tool "
+        "(llama.cpp's convert_hf_to_gguf.py); the dtype is read from each file",
+    )
     a = ap.parse_args()
     src = a.gguf or default_gguf()
     os.makedirs(a.work, exist_ok=True)
@@ -148,22 +151,41 @@ def main() -> None:
     d_import = max_diff(ours, hf_logits(model_ref, ids_list))
     del model_ref
     n_tok = sum(map(len, ids_list))
-    rows.append(f"import  chat tokens equal to transformers': {same_ids} ({n_tok} tokens, "
-                f"{len(PROMPTS)} prompts)")  # fmt: skip
-    rows.append(f"import  max |logit diff| vs transformers' GGUF load: {d_import:.2e} "
-                f"(target 5e-4: {'ok' if d_import <= 5e-4 else 'FAIL'})")  # fmt: skip
+    rows.append(
+        f"import  chat tokens equal to transformers': {same_ids} ({n_tok} tokens, "
+        f"{len(PROMPTS)} prompts)"
+    )
+    rows.append(
+        f"import  max |logit diff| vs transformers' GGUF load: {d_import:.2e} "
+        f"(target 5e-4: {'ok' if d_import <= 5e-4 else 'FAIL'})"
+    )
 
     for i, other in enumerate(a.compare_with.split(",") if a.compare_with else []):
         rows += compare_rows(other, hf_dir, os.path.join(a.work, f"ours_compare{i}.gguf"))
     for i, export_from in enumerate((a.export_from or hf_dir).split(",")):
-        rows += export_rows(src, export_from, os.path.join(a.work, f"export{i}_f32.gguf"), hf_dir,
-                            ours, ids_list, tok, a.greedy_tokens)  # fmt: skip
+        rows += export_rows(
+            src,
+            export_from,
+            os.path.join(a.work, f"export{i}_f32.gguf"),
+            hf_dir,
+            ours,
+            ids_list,
+            tok,
+            a.greedy_tokens,
+        )
     print("\n".join(rows))
 
 
-VOCAB_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens",
-              "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.chat_template",
-              "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id")  # fmt: skip
+VOCAB_KEYS = (
+    "tokenizer.ggml.model",
+    "tokenizer.ggml.pre",
+    "tokenizer.ggml.tokens",
+    "tokenizer.ggml.merges",
+    "tokenizer.ggml.token_type",
+    "tokenizer.chat_template",
+    "tokenizer.ggml.bos_token_id",
+    "tokenizer.ggml.eos_token_id",
+)
 
 
 def compare_rows(other: str, hf_dir: str, out: str) -> list[str]:
@@ -182,8 +204,11 @@ def compare_rows(other: str, hf_dir: str, out: str) -> list[str]:
     keys = {k for k in set(theirs.fields) | set(ours.fields) if not k.startswith(skip)}
     missing = sorted(k for k in keys if k not in ours.fields)
     extra = sorted(k for k in keys if k not in theirs.fields)
-    differ = sorted(k for k in keys - set(missing) - set(extra)
-                    if theirs.fields[k].contents() != ours.fields[k].contents())  # fmt: skip
+    differ = sorted(
+        k
+        for k in keys - set(missing) - set(extra)
+        if theirs.fields[k].contents() != ours.fields[k].contents()
+    )
     t1, t2 = ({t.name: t for t in r.tensors} for r in (theirs, ours))
     same = set(t1) == set(t2) and all(
         t1[n].tensor_type == t2[n].tensor_type and np.array_equal(t1[n].data, t2[n].data)
@@ -210,8 +235,10 @@ def export_rows(source, src, out, hf_dir, ours_import, ids_list, tok, n_greedy) 
 
     t0 = time.time()
     counts = convert.to_gguf(src, out, "f32", overwrite=True)
-    rows = [f"export  {src} -> {out} ({counts}): {time.time() - t0:.1f} s, "
-            f"{os.path.getsize(out) / 2**20:.0f} MiB"]  # fmt: skip
+    rows = [
+        f"export  {src} -> {out} ({counts}): {time.time() - t0:.1f} s, "
+        f"{os.path.getsize(out) / 2**20:.0f} MiB"
+    ]
     tok_exp, model_exp = hf_gguf(out)
     same = [chat_ids(tok_exp, p) for p in PROMPTS] == ids_list
     ours = ours_import if src == hf_dir else ours_logits(convert.model_dir(src), ids_list)
@@ -219,9 +246,11 @@ def export_rows(source, src, out, hf_dir, ours_import, ids_list, tok, n_greedy) 
     del model_exp
     rows.append(f"export  chat tokens of transformers' load of the export equal: {same}")
     rows.append(f"export  tokenizer metadata equal to the source GGUF's: {same_vocab(source, out)}")
-    rows.append(f"export  max |logit diff| ours vs transformers' load of the f32 export: "
-                f"{d_export:.2e}; the model differs from the imported one by "
-                f"{max_diff(ours, ours_import):.2e}")  # fmt: skip
+    rows.append(
+        f"export  max |logit diff| ours vs transformers' load of the f32 export: "
+        f"{d_export:.2e}; the model differs from the imported one by "
+        f"{max_diff(ours, ours_import):.2e}"
+    )
     greedy = greedy_ours(convert.model_dir(src), ids_list[0], n_greedy, tok.eos_token_id)
     rows.append(f"ours    greedy on prompt 0: {tok.decode(greedy)!r}")
     rows.append(llama_cpp_check(out, ids_list[0], greedy))

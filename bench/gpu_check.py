@@ -75,8 +75,18 @@ class Recorder:
 
 
 def small_cfg(**kw):
-    return get_preset("tiny", vocab_size=1024, d_model=256, n_layers=2, n_heads=8, n_kv_heads=2,
-                      head_dim=64, mlp_dim=512, max_seq_len=1024, **kw)  # fmt: skip
+    return get_preset(
+        "tiny",
+        vocab_size=1024,
+        d_model=256,
+        n_layers=2,
+        n_heads=8,
+        n_kv_heads=2,
+        head_dim=64,
+        mlp_dim=512,
+        max_seq_len=1024,
+        **kw,
+    )
 
 
 def parity() -> dict:
@@ -132,8 +142,9 @@ def attention_check(dry: bool) -> list[dict]:
     cfg = small_cfg(dtype="bfloat16")
     model = Llama(cfg.replace(attention="xla"), rngs=nnx.Rngs(1))
     _, params = nnx.split(model)
-    graphs = {a: nnx.split(Llama(cfg.replace(attention=a), rngs=nnx.Rngs(1)))[0]
-              for a in ("xla", "cudnn")}  # fmt: skip
+    graphs = {
+        a: nnx.split(Llama(cfg.replace(attention=a), rngs=nnx.Rngs(1)))[0] for a in ("xla", "cudnn")
+    }
     out = []
     w = jnp.asarray(np.random.default_rng(2).normal(size=(cfg.vocab_size,)), jnp.float32)
     for case, kw in attention_cases(np.random.default_rng(3), 4, 256).items():
@@ -150,8 +161,12 @@ def attention_check(dry: bool) -> list[dict]:
         except Exception as e:  # noqa: BLE001 - an unsupported mask kind is a finding
             out.append({"case": case, "ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"})
             continue
-        rec = {"case": case, "logits_rel": _rel(res["cudnn"][0], res["xla"][0]),
-               "grads_rel": _rel(res["cudnn"][1], res["xla"][1]), "tol": 2e-2}  # fmt: skip
+        rec = {
+            "case": case,
+            "logits_rel": _rel(res["cudnn"][0], res["xla"][0]),
+            "grads_rel": _rel(res["cudnn"][1], res["xla"][1]),
+            "tol": 2e-2,
+        }
         rec["ok"] = bool(rec["logits_rel"] < 2e-2 and rec["grads_rel"] < 2e-2)
         out.append(rec)
     return out
@@ -188,8 +203,9 @@ class StepBench:
         if "chunk" in variant:
             step_cfg = dataclasses.replace(step_cfg, logprob_chunk=variant["chunk"])
         graphdef, _ = ts.split_model(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
-        fn = functools.partial(ts.train_step, graphdef=graphdef, tx=self.tx, cfg=step_cfg,
-                               schedule=self.sched)  # fmt: skip
+        fn = functools.partial(
+            ts.train_step, graphdef=graphdef, tx=self.tx, cfg=step_cfg, schedule=self.sched
+        )
         return cfg, jax.jit(fn, donate_argnums=(0,))
 
     def compile(self, variant: dict, pairs: int, seq: int):
@@ -213,8 +229,12 @@ class StepBench:
                 continue
             compile_s = time.perf_counter() - t0
             m = compiled.memory_analysis()
-            need = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-                    + m.temp_size_in_bytes)  # fmt: skip
+            need = (
+                m.argument_size_in_bytes
+                + m.output_size_in_bytes
+                - m.alias_size_in_bytes
+                + m.temp_size_in_bytes
+            )
             if self.limit and need > 0.97 * self.limit:
                 tried.append(f"{pairs}: needs {need / 2**30:.1f} GiB > {self.limit / 2**30:.1f}")
                 del compiled
@@ -234,12 +254,19 @@ class StepBench:
             self.state = holder[0]
             secs = median(times)
             flops = 3 * forward_flops(cfg, shp, causal=True, head_tokens=shp.seq - shp.prompt)
-            return {**variant, "seq": seq, "pairs": pairs, "ms_step": round(1e3 * secs, 1),
-                    "all_ms": [round(1e3 * x, 1) for x in times],
-                    "tokens_s": round(2 * pairs * seq / secs), "tflops": round(flops / secs / 1e12, 1),
-                    "mfu_peak": round(flops / secs / PEAK_BF16, 3),
-                    "gib_needed": round(need / 2**30, 1), "compile_s": round(compile_s, 1),
-                    "tried": tried}  # fmt: skip
+            return {
+                **variant,
+                "seq": seq,
+                "pairs": pairs,
+                "ms_step": round(1e3 * secs, 1),
+                "all_ms": [round(1e3 * x, 1) for x in times],
+                "tokens_s": round(2 * pairs * seq / secs),
+                "tflops": round(flops / secs / 1e12, 1),
+                "mfu_peak": round(flops / secs / PEAK_BF16, 3),
+                "gib_needed": round(need / 2**30, 1),
+                "compile_s": round(compile_s, 1),
+                "tried": tried,
+            }
         return {**variant, "seq": seq, "failed": tried}
 
 
@@ -259,9 +286,15 @@ def generation(cfg, batch: int, prompt_len: int, new: int) -> dict:
     out = generate(model, prompts, max_new_tokens=new)
     secs = time.perf_counter() - t0
     tokens = sum(len(o) for o in out)
-    return {"batch": batch, "prompt": prompt_len, "new": new, "tokens": tokens,
-            "tokens_s": round(tokens / secs), "s": round(secs, 2),
-            "first_call_s": round(compile_s, 1)}  # fmt: skip
+    return {
+        "batch": batch,
+        "prompt": prompt_len,
+        "new": new,
+        "tokens": tokens,
+        "tokens_s": round(tokens / secs),
+        "s": round(secs, 2),
+        "first_call_s": round(compile_s, 1),
+    }
 
 
 def lora_on_device(cfg, rank: int, device):
@@ -305,14 +338,26 @@ def lora_step(
     state = jax.tree.map(jnp.copy, ts.init_state(adapters, tx, 0))
     del adapters
     jax.block_until_ready((state, frozen))
-    rec = {"preset_params_b": round(cfg.n_params / 1e9, 2), "rank": rank, "remat": cfg.remat,
-           "attention": cfg.attention, "param_dtype": cfg.param_dtype,
-           "adapter_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
-           "init_s": round(time.perf_counter() - t_start, 1),
-           "limit_gib": round(limit / 2**30, 1) if limit else None, "tried": []}  # fmt: skip
+    rec = {
+        "preset_params_b": round(cfg.n_params / 1e9, 2),
+        "rank": rank,
+        "remat": cfg.remat,
+        "attention": cfg.attention,
+        "param_dtype": cfg.param_dtype,
+        "adapter_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
+        "init_s": round(time.perf_counter() - t_start, 1),
+        "limit_gib": round(limit / 2**30, 1) if limit else None,
+        "tried": [],
+    }
     step_cfg = ts.StepConfig(loss="apo_down", reference="online", logprob_chunk=chunk)
-    fn = functools.partial(ts.train_step, graphdef=graphdef, tx=tx, cfg=step_cfg,
-                           schedule=sched, ref_graphdef=base_graphdef)  # fmt: skip
+    fn = functools.partial(
+        ts.train_step,
+        graphdef=graphdef,
+        tx=tx,
+        cfg=step_cfg,
+        schedule=sched,
+        ref_graphdef=base_graphdef,
+    )
     jitted = jax.jit(fn, donate_argnums=(0,))
     for seq in seqs:
         if time.perf_counter() - t_start > budget_s:
@@ -326,16 +371,24 @@ def lora_step(
             rec["tried"].append(f"{seq}: compile {type(e).__name__}: {str(e)[:120]}")
             continue
         m = compiled.memory_analysis()
-        need = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-                + m.temp_size_in_bytes)  # fmt: skip
-        analysis = {"argument_gib": m.argument_size_in_bytes / 2**30,
-                    "output_gib": m.output_size_in_bytes / 2**30,
-                    "alias_gib": m.alias_size_in_bytes / 2**30,
-                    "temp_gib": m.temp_size_in_bytes / 2**30, "total_gib": need / 2**30}  # fmt: skip
+        need = (
+            m.argument_size_in_bytes
+            + m.output_size_in_bytes
+            - m.alias_size_in_bytes
+            + m.temp_size_in_bytes
+        )
+        analysis = {
+            "argument_gib": m.argument_size_in_bytes / 2**30,
+            "output_gib": m.output_size_in_bytes / 2**30,
+            "alias_gib": m.alias_size_in_bytes / 2**30,
+            "temp_gib": m.temp_size_in_bytes / 2**30,
+            "total_gib": need / 2**30,
+        }
         analysis = {k: round(v, 2) for k, v in analysis.items()}
         analysis["total_bytes"] = int(need)
-        rec["tried"].append({"seq": seq, "compile_s": round(time.perf_counter() - t0, 1),
-                             **analysis})  # fmt: skip
+        rec["tried"].append(
+            {"seq": seq, "compile_s": round(time.perf_counter() - t0, 1), **analysis}
+        )
         print(f"llama8b part: seq {seq} compiled, {rec['tried'][-1]}", flush=True)
         if limit and need > 0.97 * limit:
             rec["tried"][-1]["fits"] = False
@@ -362,25 +415,39 @@ def lora_step(
         state = holder[0]
         secs = median(times)
         peak = (dev.memory_stats() or {}).get("peak_bytes_in_use")
-        return {**rec, "seq": seq, "pairs": 1, "ms_step": round(1e3 * secs, 1),
-                "all_ms": [round(1e3 * x, 1) for x in times],
-                "tokens_s": round(2 * seq / secs), "losses": losses,
-                "steps": int(state.step), "memory_analysis": analysis,
-                "peak_gib": round(peak / 2**30, 2) if peak else None,
-                "ok": all(np.isfinite(losses)),
-                "part_s": round(time.perf_counter() - t_start, 1)}  # fmt: skip
+        return {
+            **rec,
+            "seq": seq,
+            "pairs": 1,
+            "ms_step": round(1e3 * secs, 1),
+            "all_ms": [round(1e3 * x, 1) for x in times],
+            "tokens_s": round(2 * seq / secs),
+            "losses": losses,
+            "steps": int(state.step),
+            "memory_analysis": analysis,
+            "peak_gib": round(peak / 2**30, 2) if peak else None,
+            "ok": all(np.isfinite(losses)),
+            "part_s": round(time.perf_counter() - t_start, 1),
+        }
     return {**rec, "failed": "no sequence length fits"}
 
 
 def llama8b_part(args, rec) -> None:
     """5 above: the one-device LoRA step, `llama3_8b` (the tiny preset with `--dry`)."""
     if args.dry:
-        cfg = get_preset("tiny", dtype="bfloat16", param_dtype="bfloat16", remat="full",
-                         attention="xla")  # fmt: skip
+        cfg = get_preset(
+            "tiny", dtype="bfloat16", param_dtype="bfloat16", remat="full", attention="xla"
+        )
         kw = dict(seqs=(64, 32), chunk=32)
     else:
-        cfg = get_preset("llama3_8b", dtype="bfloat16", param_dtype="bfloat16", remat="full",
-                         attention="cudnn", scan_layers=True)  # fmt: skip
+        cfg = get_preset(
+            "llama3_8b",
+            dtype="bfloat16",
+            param_dtype="bfloat16",
+            remat="full",
+            attention="cudnn",
+            scan_layers=True,
+        )
         kw = dict(seqs=(4096, 2048), chunk=512)
     try:
         r = lora_step(cfg, rank=16, budget_s=args.llama8b_budget_s, **kw)
@@ -417,20 +484,30 @@ def main():
     rec = Recorder(args.out, append=args.llama8b)
     dev = jax.devices()[0]
     auto = Llama(small_cfg(dtype="bfloat16"), rngs=nnx.Rngs(0)).layers.self_attn
-    rec("device", device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
-        flax=__import__("flax").__version__, optax=__import__("optax").__version__,
+    rec(
+        "device",
+        device=dev.device_kind,
+        platform=dev.platform,
+        jax=jax.__version__,
+        flax=__import__("flax").__version__,
+        optax=__import__("optax").__version__,
         xla_flags=os.environ.get("XLA_FLAGS", ""),
-        auto_attention=auto.implementation(jnp.bfloat16, cached=False) or "xla")  # fmt: skip
+        auto_attention=auto.implementation(jnp.bfloat16, cached=False) or "xla",
+    )
     if not args.dry and dev.platform != "gpu":
         sys.exit("no GPU: run with --dry")
     if args.llama8b:
         llama8b_part(args, rec)
         return
 
-    checks = () if args.skip_checks else (
-        ("parity", lambda: [parity()]),
-        ("attention", lambda: attention_check(args.dry)),
-    )  # fmt: skip
+    checks = (
+        ()
+        if args.skip_checks
+        else (
+            ("parity", lambda: [parity()]),
+            ("attention", lambda: attention_check(args.dry)),
+        )
+    )
     for kind, fn in checks:
         try:
             for r in fn():
@@ -440,14 +517,18 @@ def main():
 
     if args.dry:
         cfg, seq, repeats, chunk = get_preset("tiny", dtype="bfloat16"), 64, 2, 32
-        variants = [(dict(attention="xla", remat="save_dots"), (4, 2)),
-                    (dict(attention="xla", remat="full"), (4, 2))]  # fmt: skip
+        variants = [
+            (dict(attention="xla", remat="save_dots"), (4, 2)),
+            (dict(attention="xla", remat="full"), (4, 2)),
+        ]
         ceiling = dot_ceiling(512, jnp.float32)
     else:
         cfg, seq, repeats, chunk = get_preset("llama3_1b"), 2048, 5, 512
-        variants = [(dict(attention="cudnn", remat="save_dots"), (16, 8, 4)),
-                    (dict(attention="cudnn", remat="full"), (16, 8)),
-                    (dict(attention="xla", remat="full"), (8, 4))]  # fmt: skip
+        variants = [
+            (dict(attention="cudnn", remat="save_dots"), (16, 8, 4)),
+            (dict(attention="cudnn", remat="full"), (16, 8)),
+            (dict(attention="xla", remat="full"), (8, 4)),
+        ]
         ceiling = dot_ceiling(8192, jnp.bfloat16)
     if args.variants:
         variants = []
@@ -475,23 +556,60 @@ def main():
         r["mfu_dot"] = round(r["tflops"] * 1e12 / ceiling, 3) if "tflops" in r else None
         rec("step", **r)
         if "tflops" in r:
-            rows.append((r["attention"], r["remat"], r.get("chunk", chunk), seq, r["pairs"], r["ms_step"], r["tokens_s"],
-                         r["tflops"], f"{100 * r['mfu_peak']:.1f}%", f"{100 * r['mfu_dot']:.1f}%",
-                         r["gib_needed"], r["compile_s"]))  # fmt: skip
+            rows.append(
+                (
+                    r["attention"],
+                    r["remat"],
+                    r.get("chunk", chunk),
+                    seq,
+                    r["pairs"],
+                    r["ms_step"],
+                    r["tokens_s"],
+                    r["tflops"],
+                    f"{100 * r['mfu_peak']:.1f}%",
+                    f"{100 * r['mfu_dot']:.1f}%",
+                    r["gib_needed"],
+                    r["compile_s"],
+                )
+            )
         gc.collect()
     del bench
     gc.collect()
-    gen_cfg = (get_preset("tiny", dtype="bfloat16") if args.dry
-               else cfg.replace(dtype="bfloat16", param_dtype="bfloat16"))  # fmt: skip
+    gen_cfg = (
+        get_preset("tiny", dtype="bfloat16")
+        if args.dry
+        else cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
+    )
     try:
-        rec("generation", **generation(gen_cfg, 32, 128 if not args.dry else 16,
-                                       128 if not args.dry else 8))  # fmt: skip
+        rec(
+            "generation",
+            **generation(gen_cfg, 32, 128 if not args.dry else 16, 128 if not args.dry else 8),
+        )
     except Exception as e:  # noqa: BLE001 - record the failure, still print the step table
         rec("generation", ok=False, error=f"{type(e).__name__}: {str(e)[:400]}")
-    print(f"device {dev.device_kind}; {cfg.n_params / 1e9:.2f} B params; bf16 dot ceiling "
-          f"{ceiling / 1e12:.0f} TFLOP/s; {time.perf_counter() - T0:.0f} s in all")  # fmt: skip
-    print(table(("attention", "remat", "chunk", "seq", "pairs", "ms/step", "tokens/s", "TFLOP/s",
-                 "MFU vs 989", "vs dot", "GiB", "compile s"), rows))  # fmt: skip
+    print(
+        f"device {dev.device_kind}; {cfg.n_params / 1e9:.2f} B params; bf16 dot ceiling "
+        f"{ceiling / 1e12:.0f} TFLOP/s; {time.perf_counter() - T0:.0f} s in all"
+    )
+    print(
+        table(
+            (
+                "attention",
+                "remat",
+                "chunk",
+                "seq",
+                "pairs",
+                "ms/step",
+                "tokens/s",
+                "TFLOP/s",
+                "MFU vs 989",
+                "vs dot",
+                "GiB",
+                "compile s",
+            ),
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

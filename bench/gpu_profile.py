@@ -103,14 +103,30 @@ def main():
     flops = 3 * forward_flops(
         model_cfg, Shapes(args.pairs, seq, seq // 2), causal=True, head_tokens=seq - seq // 2
     )
-    print(f"device {jax.devices()[0].device_kind}; {variant}, pairs {args.pairs}, seq {seq}; "
-          f"wall {wall * 1e3:.1f} ms/step (traced), kernels {total:.1f} ms/step, "
-          f"model {flops / 1e12:.1f} TFLOP/step")  # fmt: skip
-    print(table(("kind", "ms/step", "share"),
-                [(k, f"{v:.1f}", f"{100 * v / max(total, 1e-9):.1f}%")
-                 for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])]))  # fmt: skip
-    rows = [(n[:90], count[n] // args.steps, f"{ms:.2f}", f"{100 * ms / max(total, 1e-9):.1f}%",
-             kind_of(n)) for n, ms in sorted(by_name.items(), key=lambda kv: -kv[1])[: args.top]]  # fmt: skip
+    print(
+        f"device {jax.devices()[0].device_kind}; {variant}, pairs {args.pairs}, seq {seq}; "
+        f"wall {wall * 1e3:.1f} ms/step (traced), kernels {total:.1f} ms/step, "
+        f"model {flops / 1e12:.1f} TFLOP/step"
+    )
+    print(
+        table(
+            ("kind", "ms/step", "share"),
+            [
+                (k, f"{v:.1f}", f"{100 * v / max(total, 1e-9):.1f}%")
+                for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])
+            ],
+        )
+    )
+    rows = [
+        (
+            n[:90],
+            count[n] // args.steps,
+            f"{ms:.2f}",
+            f"{100 * ms / max(total, 1e-9):.1f}%",
+            kind_of(n),
+        )
+        for n, ms in sorted(by_name.items(), key=lambda kv: -kv[1])[: args.top]
+    ]
     print(table(("kernel", "calls/step", "ms/step", "share", "kind"), rows))
     del state
 

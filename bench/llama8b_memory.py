@@ -70,8 +70,10 @@ def abstract_batch(pairs_total: int, seq: int, mesh):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
 
     r = 2 * pairs_total
-    batch = {k: s((r, seq), jnp.int32, rows2) for k in ("input_ids", "completion_mask",
-                                                        "positions", "segment_ids")}  # fmt: skip
+    batch = {
+        k: s((r, seq), jnp.int32, rows2)
+        for k in ("input_ids", "completion_mask", "positions", "segment_ids")
+    }
     batch["index"] = s((pairs_total,), jnp.int32, rows)
     batch["ref_chosen_logps"] = s((pairs_total,), jnp.float32, rows)
     batch["ref_rejected_logps"] = s((pairs_total,), jnp.float32, rows)
@@ -91,8 +93,12 @@ def compile_one(cfg, seq, pairs_per_device, mesh, chunk):
         compiled = jitted.lower(state, batch).compile()
     secs = time.perf_counter() - t0
     m = compiled.memory_analysis()
-    total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-             + m.temp_size_in_bytes)  # fmt: skip
+    total = (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+        + m.temp_size_in_bytes
+    )
     return m, total, secs
 
 
@@ -103,9 +109,12 @@ def main():
     ap.add_argument("--remat", default="full", help="comma list of none, full, save_dots")
     ap.add_argument("--chunk", type=int, default=ts.StepConfig().logprob_chunk)
     ap.add_argument("--preset", default="llama3_8b", help="comma list of models/config.py presets")
-    ap.add_argument("--attention", default="xla",
-                    help="xla (default: what a GPU/TPU compile without cuDNN runs; CPU's 'auto' "
-                         "would pick blocked) | blocked")  # fmt: skip
+    ap.add_argument(
+        "--attention",
+        default="xla",
+        help="xla (default: what a GPU/TPU compile without cuDNN runs; CPU's 'auto' "
+        "would pick blocked) | blocked",
+    )
     args = ap.parse_args()
     mesh = sharding.make_mesh(data=1, fsdp=8, tensor=1)
     rows = []
@@ -115,18 +124,42 @@ def main():
             for seq in map(int, args.seqs.split(",")):
                 for ppd in map(int, args.pairs.split(",")):
                     m, total, secs = compile_one(cfg, seq, ppd, mesh, args.chunk)
-                    fits = [("yes" if total / GiB + HEADROOM_GIB <= cap else "no")
-                            for _, cap in CARDS]  # fmt: skip
-                    rows.append((preset, f"{cfg.n_params / 1e9:.2f}", remat, seq, ppd,
-                                 2 * ppd * seq,
-                                 f"{(m.argument_size_in_bytes - m.alias_size_in_bytes) / GiB:.1f}",
-                                 f"{m.temp_size_in_bytes / GiB:.1f}", f"{total / GiB:.1f}",
-                                 *fits, f"{secs:.0f}"))  # fmt: skip
+                    fits = [
+                        ("yes" if total / GiB + HEADROOM_GIB <= cap else "no") for _, cap in CARDS
+                    ]
+                    rows.append(
+                        (
+                            preset,
+                            f"{cfg.n_params / 1e9:.2f}",
+                            remat,
+                            seq,
+                            ppd,
+                            2 * ppd * seq,
+                            f"{(m.argument_size_in_bytes - m.alias_size_in_bytes) / GiB:.1f}",
+                            f"{m.temp_size_in_bytes / GiB:.1f}",
+                            f"{total / GiB:.1f}",
+                            *fits,
+                            f"{secs:.0f}",
+                        )
+                    )
                     print(rows[-1], flush=True)
-    print(f"machine: {machine()}; mesh {dict(mesh.shape)}; bf16 compute, f32 master weights + "
-          f"AdamW, log-prob chunk {args.chunk}, attention {args.attention}")  # fmt: skip
-    header = ("preset", "params B", "remat", "seq", "pairs/device", "tokens/device", "args-donated GiB",
-              "temp GiB", "total GiB/device", *(f"fits {n}" for n, _ in CARDS), "compile s")  # fmt: skip
+    print(
+        f"machine: {machine()}; mesh {dict(mesh.shape)}; bf16 compute, f32 master weights + "
+        f"AdamW, log-prob chunk {args.chunk}, attention {args.attention}"
+    )
+    header = (
+        "preset",
+        "params B",
+        "remat",
+        "seq",
+        "pairs/device",
+        "tokens/device",
+        "args-donated GiB",
+        "temp GiB",
+        "total GiB/device",
+        *(f"fits {n}" for n, _ in CARDS),
+        "compile s",
+    )
     print(table(header, rows))
 
 

@@ -59,9 +59,16 @@ def main():
         mem, secs = compiled_memory(fn, shapes)
         temp = mem.temp_size_in_bytes
         naive_temp = naive_temp or temp
-        rows.append((name, f"{temp / GiB:.2f}", f"{mem.argument_size_in_bytes / GiB:.2f}",
-                     f"{mem.output_size_in_bytes / GiB:.2f}", f"{naive_temp / temp:.1f}x",
-                     f"{secs:.1f}"))  # fmt: skip
+        rows.append(
+            (
+                name,
+                f"{temp / GiB:.2f}",
+                f"{mem.argument_size_in_bytes / GiB:.2f}",
+                f"{mem.output_size_in_bytes / GiB:.2f}",
+                f"{naive_temp / temp:.1f}x",
+                f"{secs:.1f}",
+            )
+        )
     print(f"machine: {machine()}")
     print(f"forward+backward of summed log-probs: {B} rows x {T} tokens, D {D}, V {V}, {dt.name}")
     print(table(("head", "temp GiB", "args GiB", "outputs GiB", "naive / this", "compile s"), rows))

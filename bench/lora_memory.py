@@ -43,8 +43,9 @@ GiB = 2**30
 
 
 def _with_sharding(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        tree, shardings)  # fmt: skip
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
 
 
 def abstract_parts(cfg, rank: int, tx, mesh):
@@ -75,8 +76,10 @@ def abstract_batch(pairs: int, seq: int, mesh):
     rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     rows2 = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
     s = jax.ShapeDtypeStruct
-    batch = {k: s((2 * pairs, seq), jnp.int32, sharding=rows2)
-             for k in ("input_ids", "completion_mask", "positions", "segment_ids")}  # fmt: skip
+    batch = {
+        k: s((2 * pairs, seq), jnp.int32, sharding=rows2)
+        for k in ("input_ids", "completion_mask", "positions", "segment_ids")
+    }
     batch["index"] = s((pairs,), jnp.int32, sharding=rows)
     for k in ("ref_chosen_logps", "ref_rejected_logps"):
         batch[k] = s((pairs,), jnp.float32, sharding=rows)
@@ -86,45 +89,86 @@ def abstract_batch(pairs: int, seq: int, mesh):
 def compile_memory(preset: str, rank: int, reference: str, seq: int, pairs: int, mesh):
     """(memory analysis, total bytes, compile seconds) of one step."""
     param_dtype = "bfloat16" if rank else "float32"
-    cfg = get_preset(preset, dtype="bfloat16", param_dtype=param_dtype, remat="full",
-                     scan_layers=True, attention="xla")  # fmt: skip
+    cfg = get_preset(
+        preset,
+        dtype="bfloat16",
+        param_dtype=param_dtype,
+        remat="full",
+        scan_layers=True,
+        attention="xla",
+    )
     tx, sched = make_optimizer(OptimConfig(learning_rate=1e-4), 1000)
     graphdef, state, state_sh, frozen, base_graphdef = abstract_parts(cfg, rank, tx, mesh)
     step_cfg = ts.StepConfig(loss="apo_down", reference=reference)
-    fn = functools.partial(ts.train_step, graphdef=graphdef, tx=tx, cfg=step_cfg,
-                           schedule=sched, ref_graphdef=base_graphdef)  # fmt: skip
+    fn = functools.partial(
+        ts.train_step,
+        graphdef=graphdef,
+        tx=tx,
+        cfg=step_cfg,
+        schedule=sched,
+        ref_graphdef=base_graphdef,
+    )
     replicated = NamedSharding(mesh, PartitionSpec())
     jitted = jax.jit(fn, out_shardings=(state_sh, replicated), donate_argnums=(0,))
     # With LoRA an online reference is the frozen base itself (ref_params None, one argument).
     ref_params = None
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
-        compiled = jitted.lower(state, abstract_batch(pairs, seq, mesh), ref_params,
-                                frozen).compile()  # fmt: skip
+        compiled = jitted.lower(
+            state, abstract_batch(pairs, seq, mesh), ref_params, frozen
+        ).compile()
     m = compiled.memory_analysis()
-    total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-             + m.temp_size_in_bytes)  # fmt: skip
+    total = (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+        + m.temp_size_in_bytes
+    )
     return m, total, time.perf_counter() - t0, cfg
 
 
 def memory_table(args) -> None:
     mesh = sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
-    runs = (("full", 0, "precomputed"), ("lora", args.rank, "precomputed"),
-            ("lora online", args.rank, "online"))  # fmt: skip
+    runs = (
+        ("full", 0, "precomputed"),
+        ("lora", args.rank, "precomputed"),
+        ("lora online", args.rank, "online"),
+    )
     rows = []
     for seq in map(int, args.seqs.split(",")):
         for pairs in map(int, args.pairs.split(",")):
             for name, rank, ref in runs:
                 m, total, secs, cfg = compile_memory(args.preset, rank, ref, seq, pairs, mesh)
-                rows.append((name, seq, pairs,
-                             f"{(m.argument_size_in_bytes - m.alias_size_in_bytes) / GiB:.1f}",
-                             f"{m.temp_size_in_bytes / GiB:.1f}", f"{total / GiB:.1f}",
-                             f"{secs:.0f}"))  # fmt: skip
+                rows.append(
+                    (
+                        name,
+                        seq,
+                        pairs,
+                        f"{(m.argument_size_in_bytes - m.alias_size_in_bytes) / GiB:.1f}",
+                        f"{m.temp_size_in_bytes / GiB:.1f}",
+                        f"{total / GiB:.1f}",
+                        f"{secs:.0f}",
+                    )
+                )
                 print(rows[-1], flush=True)
-    print(f"machine: {machine()}; one device; {args.preset} ({cfg.n_params / 1e9:.2f} B params), "
-          f"bf16 compute, remat full, AdamW; LoRA rank {args.rank} on {lora.LoraConfig.targets}")  # fmt: skip
-    print(table(("run", "seq", "pairs", "args-donated GiB", "temp GiB", "total GiB/device",
-                 "compile s"), rows))  # fmt: skip
+    print(
+        f"machine: {machine()}; one device; {args.preset} ({cfg.n_params / 1e9:.2f} B params), "
+        f"bf16 compute, remat full, AdamW; LoRA rank {args.rank} on {lora.LoraConfig.targets}"
+    )
+    print(
+        table(
+            (
+                "run",
+                "seq",
+                "pairs",
+                "args-donated GiB",
+                "temp GiB",
+                "total GiB/device",
+                "compile s",
+            ),
+            rows,
+        )
+    )
 
 
 def time_table(args) -> None:
@@ -141,8 +185,12 @@ def time_table(args) -> None:
         else:
             (graphdef, params), frozen = ts.split_model(model), None
         state = jax.tree.map(jnp.copy, ts.init_state(params, tx, 0))
-        step = jax.jit(functools.partial(ts.train_step, graphdef=graphdef, tx=tx, cfg=step_cfg,
-                                         schedule=sched), donate_argnums=(0,))  # fmt: skip
+        step = jax.jit(
+            functools.partial(
+                ts.train_step, graphdef=graphdef, tx=tx, cfg=step_cfg, schedule=sched
+            ),
+            donate_argnums=(0,),
+        )
         live[name] = state
 
         def run(name=name, step=step, frozen=frozen):
@@ -153,9 +201,11 @@ def time_table(args) -> None:
     times = time_interleaved(fns, args.repeats)
     n_tokens = 2 * shp.pairs * shp.seq
     rows = [(name, f"{median(t):.3f}", f"{n_tokens / median(t):.0f}") for name, t in times.items()]
-    print(f"machine: {machine()}; model {dataclasses.asdict(STEP_MODEL)['n_layers']} layers "
-          f"d_model {STEP_MODEL.d_model}, {shp.pairs} pairs x {shp.seq} tokens, float32, "
-          f"median of {args.repeats}")  # fmt: skip
+    print(
+        f"machine: {machine()}; model {dataclasses.asdict(STEP_MODEL)['n_layers']} layers "
+        f"d_model {STEP_MODEL.d_model}, {shp.pairs} pairs x {shp.seq} tokens, float32, "
+        f"median of {args.repeats}"
+    )
     print(table(("run", "step s", "tokens/s"), rows))
 
 

@@ -52,8 +52,11 @@ def parse_hlo(text: str) -> dict[str, dict]:
             continue
         name, opcode = m.group(1), m.group(2)
         op_name = _OPNAME.search(line)
-        instrs[name] = {"opcode": opcode, "calls": _CALLS.findall(line),
-                        "op_name": op_name.group(1) if op_name else ""}  # fmt: skip
+        instrs[name] = {
+            "opcode": opcode,
+            "calls": _CALLS.findall(line),
+            "op_name": op_name.group(1) if op_name else "",
+        }
         comps[current].append(name)
 
     def inner(comp: str, seen: set[str]) -> set[str]:
@@ -132,6 +135,8 @@ def traced_ops(compiled, run: Callable[[], object], calls: int = 2, top: int = 1
     lines += ["", "| kind | from (JAX op) | ms per call | share |", "| --- | --- | --- | --- |"]
     for (k, src), us in sorted(by_source.items(), key=lambda kv: -kv[1])[:top]:
         lines.append(f"| {k} | `{src}` | {us / calls / 1e3:.1f} | {us / total:.0%} |")
-    lines.append(f"\nbusy time {total / calls / 1e3:.1f} ms per call over {len(leaf)} instructions"
-                 f" ({unknown / calls / 1e3:.1f} ms in events not in the module)")  # fmt: skip
+    lines.append(
+        f"\nbusy time {total / calls / 1e3:.1f} ms per call over {len(leaf)} instructions"
+        f" ({unknown / calls / 1e3:.1f} ms in events not in the module)"
+    )
     return "\n".join(lines)

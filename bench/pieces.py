@@ -99,13 +99,24 @@ def main():
         times = time_interleaved(group, args.repeats)
         base = median(next(iter(times.values())))
         for name, ts_ in times.items():
-            rows.append((name, f"{median(ts_):.3f}", " ".join(f"{x:.2f}" for x in ts_),
-                         f"{base / median(ts_):.2f}x"))  # fmt: skip
+            rows.append(
+                (
+                    name,
+                    f"{median(ts_):.3f}",
+                    " ".join(f"{x:.2f}" for x in ts_),
+                    f"{base / median(ts_):.2f}x",
+                )
+            )
     ceilings.append(dot_flops_per_s())
-    print(f"machine: {machine()}; float32 jnp.dot 2048^3: "
-          f"{' / '.join(f'{c / 1e9:.0f}' for c in ceilings)} GFLOP/s (before / after)")  # fmt: skip
-    print(table(("piece, forward+backward", "s (median)", "all rounds", "vs first of its group"),
-                rows))  # fmt: skip
+    print(
+        f"machine: {machine()}; float32 jnp.dot 2048^3: "
+        f"{' / '.join(f'{c / 1e9:.0f}' for c in ceilings)} GFLOP/s (before / after)"
+    )
+    print(
+        table(
+            ("piece, forward+backward", "s (median)", "all rounds", "vs first of its group"), rows
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -82,13 +82,31 @@ def main():
         times = time_interleaved(fns, args.repeats)
         tc, tp = median(times["concat"]), median(times["prefix"])
         toks = {k: int(b[k]["segment_ids"].sum()) for k in b}
-        rows.append((prompt, args.completion, toks["concat"], toks["prefix"], f"{tc:.2f}",
-                     f"{tp:.2f}", f"{tc / tp:.2f}x"))  # fmt: skip
+        rows.append(
+            (
+                prompt,
+                args.completion,
+                toks["concat"],
+                toks["prefix"],
+                f"{tc:.2f}",
+                f"{tp:.2f}",
+                f"{tc / tp:.2f}x",
+            )
+        )
         print(rows[-1], flush=True)
-    print(f"machine: {machine()}; model {cfg.n_layers} layers, d {cfg.d_model}, V {cfg.vocab_size}; "
-          f"{args.pairs} pair(s) per step, float32")  # fmt: skip
-    header = ("prompt", "completion", "concat tokens", "prefix tokens", "concat s/step",
-              "prefix s/step", "speedup")  # fmt: skip
+    print(
+        f"machine: {machine()}; model {cfg.n_layers} layers, d {cfg.d_model}, V {cfg.vocab_size}; "
+        f"{args.pairs} pair(s) per step, float32"
+    )
+    header = (
+        "prompt",
+        "completion",
+        "concat tokens",
+        "prefix tokens",
+        "concat s/step",
+        "prefix s/step",
+        "speedup",
+    )
     print(table(header, rows))
 
 

@@ -99,8 +99,12 @@ def build(variant: str, model_dir: str, items, lora: int):
     refs = [(rng.normal(size=n) - 50).astype(np.float32) for _ in range(2)]
     collate = loader.Collate(layout, spec, *refs)
     batch = {k: jnp.asarray(v) for k, v in collate(items).items()}
-    scfg = ts.StepConfig(loss="apo_zero", reference="precomputed", layout=layout,
-                         logprob_chunk=int(opts.get("chunk", 128)))  # fmt: skip
+    scfg = ts.StepConfig(
+        loss="apo_zero",
+        reference="precomputed",
+        layout=layout,
+        logprob_chunk=int(opts.get("chunk", 128)),
+    )
     tx, sched = make_optimizer(OptimConfig(learning_rate=1e-4, schedule="constant"), 1000)
     state = jax.tree.map(jnp.copy, ts.init_state(params, tx, 0))
     piece = opts.get("piece", "step")
@@ -154,10 +158,21 @@ def main():
             for fn in fns.values():
                 fn()
     base = median(next(iter(times.values())))
-    rows = [(v, info[v][1]["input_ids"], f"{median(t):.2f}", " ".join(f"{x:.2f}" for x in t),
-             f"{base / median(t):.2f}x", f"{info[v][0]:.1f}") for v, t in times.items()]  # fmt: skip
-    print(f"machine: {machine()}; load average {load0:.1f} -> {os.getloadavg()[0]:.1f}; "
-          f"{args.batch} pairs, lora {args.lora}")  # fmt: skip
+    rows = [
+        (
+            v,
+            info[v][1]["input_ids"],
+            f"{median(t):.2f}",
+            " ".join(f"{x:.2f}" for x in t),
+            f"{base / median(t):.2f}x",
+            f"{info[v][0]:.1f}",
+        )
+        for v, t in times.items()
+    ]
+    print(
+        f"machine: {machine()}; load average {load0:.1f} -> {os.getloadavg()[0]:.1f}; "
+        f"{args.batch} pairs, lora {args.lora}"
+    )
     print(table(("variant", "rows", "s (median)", "all rounds", "vs first", "compile s"), rows))
     if args.ops:
         from op_profile import traced_ops

@@ -73,13 +73,21 @@ def main():
         jax_run, jax_logps = jax_runner(path, batch, args.chunk)
     torch_run, torch_logps = torch_runner(model, batch)
     rel = float(np.max(np.abs(jax_logps - torch_logps) / np.abs(torch_logps)))
-    times = time_interleaved({"apo_jax reference pass": jax_run, "pytorch no_grad": torch_run},
-                             args.repeats)  # fmt: skip
+    times = time_interleaved(
+        {"apo_jax reference pass": jax_run, "pytorch no_grad": torch_run}, args.repeats
+    )
     tokens = 2 * shp.pairs * shp.seq
     t_torch = median(times["pytorch no_grad"])
-    rows = [(name, f"{median(t):.3f}", " ".join(f"{x:.2f}" for x in t),
-             f"{tokens / median(t):.0f}", f"{t_torch / median(t):.2f}x")
-            for name, t in times.items()]  # fmt: skip
+    rows = [
+        (
+            name,
+            f"{median(t):.3f}",
+            " ".join(f"{x:.2f}" for x in t),
+            f"{tokens / median(t):.0f}",
+            f"{t_torch / median(t):.2f}x",
+        )
+        for name, t in times.items()
+    ]
     print(f"machine: {machine()}; torch {torch.__version__} threads {torch.get_num_threads()}")
     print(f"shapes: {STEP_MODEL}; pairs {shp.pairs}, seq {shp.seq}, prompt {shp.prompt}")
     print(f"summed log-probs, max relative difference between the sides: {rel:.1e}")

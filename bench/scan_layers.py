@@ -68,9 +68,18 @@ def speed(rows: int, repeats: int) -> list[tuple]:
         fns[name] = lambda c=compiled, p=params: jax.block_until_ready(c(p))
     times = time_interleaved(fns, repeats)
     base = median(times["unrolled"])
-    return [(name, f"{median(t):.2f}", " ".join(f"{x:.2f}" for x in t),
-             f"{base / median(t):.2f}x", f"{info[name][0]:.0f}", info[name][1],
-             f"{info[name][2]:.1f}") for name, t in times.items()]  # fmt: skip
+    return [
+        (
+            name,
+            f"{median(t):.2f}",
+            " ".join(f"{x:.2f}" for x in t),
+            f"{base / median(t):.2f}x",
+            f"{info[name][0]:.0f}",
+            info[name][1],
+            f"{info[name][2]:.1f}",
+        )
+        for name, t in times.items()
+    ]
 
 
 def compile_8b() -> list[tuple]:
@@ -95,8 +104,15 @@ def main():
     ap.add_argument("--compile-8b", action="store_true")
     args = ap.parse_args()
     print(f"machine: {machine()}; rows {args.rows} x {T} tokens, {STEP_MODEL}")
-    header = ("body fwd+bwd", "s (median)", "all rounds", "vs unrolled", "temp MiB",
-              "stacked buffers", "compile s")  # fmt: skip
+    header = (
+        "body fwd+bwd",
+        "s (median)",
+        "all rounds",
+        "vs unrolled",
+        "temp MiB",
+        "stacked buffers",
+        "compile s",
+    )
     print(table(header, speed(args.rows, args.repeats)))
     if args.compile_8b:
         print("llama3_8b body forward+backward, bfloat16, 1 x 1024 tokens, remat none:")

@@ -85,11 +85,26 @@ def default_layout(shp: Shapes, cfg, batch_size: int) -> str:
 
     p, c = shp.prompt, shp.seq - shp.prompt
     one = lambda n: {"mean": n, "max": n, "p90": n}  # noqa: E731
-    manifest = {"settings": {"max_length": shp.seq},
-                "lengths": {"prompt": one(p), "chosen": one(c), "rejected": one(c),
-                            "row_max": one(p + c), "prefix_row": one(p + 2 * c)}}  # fmt: skip
-    return auto.choose(manifest, seq_len=None, buckets=None, batch_size=batch_size, grad_accum=1,
-                       data_ways=1, process_count=1, model_cfg=cfg).name  # fmt: skip
+    manifest = {
+        "settings": {"max_length": shp.seq},
+        "lengths": {
+            "prompt": one(p),
+            "chosen": one(c),
+            "rejected": one(c),
+            "row_max": one(p + c),
+            "prefix_row": one(p + 2 * c),
+        },
+    }
+    return auto.choose(
+        manifest,
+        seq_len=None,
+        buckets=None,
+        batch_size=batch_size,
+        grad_accum=1,
+        data_ways=1,
+        process_count=1,
+        model_cfg=cfg,
+    ).name
 
 
 def prefix_needed_flops(cfg, shp: Shapes, online: bool) -> float:
@@ -126,8 +141,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--modes", default="online,precomputed")
-    ap.add_argument("--jax", default="default,scan,unrolled",
-                    help=f"comma list of {sorted(JAX_VARIANTS)}")  # fmt: skip
+    ap.add_argument(
+        "--jax", default="default,scan,unrolled", help=f"comma list of {sorted(JAX_VARIANTS)}"
+    )
     ap.add_argument("--chunk", type=int, default=ts.StepConfig().logprob_chunk)
     ap.add_argument("--pairs", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
@@ -166,18 +182,38 @@ def main():
                 if "prefix" in name
                 else (flops, needed)
             )
-            rows.append((mode, name, f"{median(t):.2f}", " ".join(f"{x:.2f}" for x in t),
-                         f"{tokens / median(t):.0f}", f"{t_torch / median(t):.2f}x",
-                         *(f"{f / median(t) / 1e9:.1f}" if f else "n/a" for f in fl),
-                         *fl))  # fmt: skip
+            rows.append(
+                (
+                    mode,
+                    name,
+                    f"{median(t):.2f}",
+                    " ".join(f"{x:.2f}" for x in t),
+                    f"{tokens / median(t):.0f}",
+                    f"{t_torch / median(t):.2f}x",
+                    *(f"{f / median(t) / 1e9:.1f}" if f else "n/a" for f in fl),
+                    *fl,
+                )
+            )
     ceilings.append(dot_flops_per_s())
     ceiling = float(np.median(ceilings))
     print(f"machine: {machine()}; torch {torch.__version__} threads {torch.get_num_threads()}")
     print(f"shapes: {STEP_MODEL}; pairs {shp.pairs}, seq {shp.seq}, prompt {shp.prompt}")
-    print(f"float32 jnp.dot 2048^3 ceiling: {' / '.join(f'{c / 1e9:.0f}' for c in ceilings)} GFLOP/s "
-          "(before / after)")  # fmt: skip
-    header = ("reference", "step", "s/step (median)", "all rounds", "tokens/s", "vs pytorch",
-              "model GFLOP/s", "needed GFLOP/s", "model % of dot", "needed % of dot")  # fmt: skip
+    print(
+        f"float32 jnp.dot 2048^3 ceiling: {' / '.join(f'{c / 1e9:.0f}' for c in ceilings)} GFLOP/s "
+        "(before / after)"
+    )
+    header = (
+        "reference",
+        "step",
+        "s/step (median)",
+        "all rounds",
+        "tokens/s",
+        "vs pytorch",
+        "model GFLOP/s",
+        "needed GFLOP/s",
+        "model % of dot",
+        "needed % of dot",
+    )
     pct = lambda f, r: f"{100 * f / float(r[2]) / ceiling:.0f}%" if f else "n/a"  # noqa: E731
     out = [r[:-2] + (pct(r[-2], r), pct(r[-1], r)) for r in rows]
     print(table(header, out))

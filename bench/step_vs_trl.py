@@ -61,8 +61,12 @@ DEFAULT_ROWS = (
     "apo-pre,apo-online,apo-lora-pre,apo-lora-online,trl-online,trl-pre,trl-lora,trl-bf16"
 )
 # Which TRL row each apo_jax row is compared with (like with like: float32, same reference).
-BASELINE = {"apo-pre": "trl-pre", "apo-online": "trl-online", "apo-lora-pre": "trl-lora",
-            "apo-lora-online": "trl-lora"}  # fmt: skip
+BASELINE = {
+    "apo-pre": "trl-pre",
+    "apo-online": "trl-online",
+    "apo-lora-pre": "trl-lora",
+    "apo-lora-online": "trl-lora",
+}
 
 
 def short_pairs(n: int, seed: int = 0) -> list[dict]:
@@ -71,13 +75,16 @@ def short_pairs(n: int, seed: int = 0) -> list[dict]:
 
     rows = []
     for r in demo.generate_pairs(n, seed, multi_turn=0.0):
-        rows.append({"prompt": r["chosen"][:-1], "chosen": r["chosen"][-1:],
-                     "rejected": r["rejected"][-1:]})  # fmt: skip
+        rows.append(
+            {"prompt": r["chosen"][:-1], "chosen": r["chosen"][-1:], "rejected": r["rejected"][-1:]}
+        )
     return rows
 
 
-FILLER = ("The report lists the orders of the week, the stock left in each store and the notes of "
-          "the staff about late deliveries, damaged boxes and the customers who called twice. ")  # fmt: skip
+FILLER = (
+    "The report lists the orders of the week, the stock left in each store and the notes of "
+    "the staff about late deliveries, damaged boxes and the customers who called twice. "
+)
 
 
 def long_pairs(n: int, seed: int = 0) -> list[dict]:
@@ -116,24 +123,45 @@ def pair_tokens(manifest: dict) -> float:
 def run_apo(spec: dict) -> dict:
     work = tempfile.mkdtemp(prefix="apo_bench_")
     args = [
-        sys.executable, "-m", "apo_jax.train", "--config", os.path.join(ROOT, "configs/apo_zero.py"),
-        "--workdir", work,
-        f"--config.model.hf_path={spec['model']}", f"--config.data.train={spec['shards']}",
-        "--config.data.seq_len=0", f"--config.batch_size={spec['batch']}",
-        f"--config.num_steps={spec['steps']}", "--config.data.num_epochs=100",
-        "--config.optim.learning_rate=1e-4", "--config.optim.warmup_steps=0",
-        "--config.optim.schedule=constant", f"--config.reference.mode={spec['reference']}",
-        f"--config.lora.rank={8 if spec['lora'] else 0}", "--config.log_every=1",
-        "--config.eval_every=0", "--config.samples.num_prompts=0", "--config.plots=False",
-        "--config.export_hf=False", "--config.checkpoint.every=0", "--config.checkpoint.keep_best=0",
+        sys.executable,
+        "-m",
+        "apo_jax.train",
+        "--config",
+        os.path.join(ROOT, "configs/apo_zero.py"),
+        "--workdir",
+        work,
+        f"--config.model.hf_path={spec['model']}",
+        f"--config.data.train={spec['shards']}",
+        "--config.data.seq_len=0",
+        f"--config.batch_size={spec['batch']}",
+        f"--config.num_steps={spec['steps']}",
+        "--config.data.num_epochs=100",
+        "--config.optim.learning_rate=1e-4",
+        "--config.optim.warmup_steps=0",
+        "--config.optim.schedule=constant",
+        f"--config.reference.mode={spec['reference']}",
+        f"--config.lora.rank={8 if spec['lora'] else 0}",
+        "--config.log_every=1",
+        "--config.eval_every=0",
+        "--config.samples.num_prompts=0",
+        "--config.plots=False",
+        "--config.export_hf=False",
+        "--config.checkpoint.every=0",
+        "--config.checkpoint.keep_best=0",
         "--config.progress_bar=False",
-    ]  # fmt: skip
+    ]
     # One merged, unbuffered stream: JAX's compile log lines land before the step they delay.
-    env = {**os.environ, "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1", "JAX_LOG_COMPILES": "1",
-           "APO_JAX_COMPILE_CACHE": "off"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": ROOT,
+        "PYTHONUNBUFFERED": "1",
+        "JAX_LOG_COMPILES": "1",
+        "APO_JAX_COMPILE_CACHE": "off",
+    }
     t0 = time.perf_counter()
-    proc = subprocess.run(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, env=env)  # fmt: skip
+    proc = subprocess.run(
+        args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"apo_jax train failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
@@ -180,24 +208,47 @@ def run_trl(spec: dict) -> dict:
     if spec["lora"]:
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS,
-                                 task_type="CAUSAL_LM")  # fmt: skip
+        peft_config = LoraConfig(
+            r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"
+        )
     out = tempfile.mkdtemp(prefix="trl_bench_")
     cfg = DPOConfig(
-        output_dir=out, per_device_train_batch_size=spec["batch"], max_steps=spec["steps"],
-        learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, loss_type=["apo_zero"],
-        beta=0.1, max_length=spec["max_length"], precompute_ref_log_probs=spec["reference"] == "precomputed",
-        report_to=[], logging_steps=1, save_strategy="no", use_cpu=True, seed=0,
-        model_init_kwargs={"dtype": dtype}, bf16=spec["dtype"] == "bfloat16",
-        dataloader_num_workers=0, disable_tqdm=True,
-    )  # fmt: skip
+        output_dir=out,
+        per_device_train_batch_size=spec["batch"],
+        max_steps=spec["steps"],
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        loss_type=["apo_zero"],
+        beta=0.1,
+        max_length=spec["max_length"],
+        precompute_ref_log_probs=spec["reference"] == "precomputed",
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        model_init_kwargs={"dtype": dtype},
+        bf16=spec["dtype"] == "bfloat16",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     tok = transformers.AutoTokenizer.from_pretrained(spec["model"])
     t0 = time.perf_counter()
-    trainer = DPOTrainer(spec["model"], args=cfg, train_dataset=datasets.Dataset.from_list(rows),
-                         processing_class=tok, peft_config=peft_config, callbacks=[Timer()])  # fmt: skip
+    trainer = DPOTrainer(
+        spec["model"],
+        args=cfg,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tok,
+        peft_config=peft_config,
+        callbacks=[Timer()],
+    )
     trainer.train()
-    return {"step_s": times, "wall_s": time.perf_counter() - t0,
-            "note": f"torch {torch.__version__}, {torch.get_num_threads()} threads"}  # fmt: skip
+    return {
+        "step_s": times,
+        "wall_s": time.perf_counter() - t0,
+        "note": f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+    }
 
 
 # ------------------------------------------------------------------ driver
@@ -207,8 +258,12 @@ def run_row(name: str, spec: dict) -> dict:
     """Runs one row in a fresh process (each side starts as a user's command would)."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
-    proc = subprocess.run([sys.executable, __file__, "--worker", f.name], capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": ROOT})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", f.name],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -223,15 +278,25 @@ def steady(r: dict, warmup: int) -> float:
     return statistics.median(clean)
 
 
-def shape_rows(label: str, manifest: dict, shards: str, pairs_path: str, max_length: int,
-               steps: int, args) -> list:  # fmt: skip
+def shape_rows(
+    label: str, manifest: dict, shards: str, pairs_path: str, max_length: int, steps: int, args
+) -> list:
     tokens_per_step = pair_tokens(manifest) * args.batch
     results = {}
     for name in args.rows.split(","):
         side, ref, lora, dtype = ROWS[name]
-        spec = dict(side=side, reference=ref, lora=lora, dtype=dtype, model=args.model,
-                    shards=shards, pairs=pairs_path, batch=args.batch, steps=steps,
-                    max_length=max_length)  # fmt: skip
+        spec = dict(
+            side=side,
+            reference=ref,
+            lora=lora,
+            dtype=dtype,
+            model=args.model,
+            shards=shards,
+            pairs=pairs_path,
+            batch=args.batch,
+            steps=steps,
+            max_length=max_length,
+        )
         results[name] = run_row(name, spec)
         print(f"# {label} {name}: {json.dumps(results[name])}", flush=True)
     rows = []
@@ -247,8 +312,18 @@ def shape_rows(label: str, manifest: dict, shards: str, pairs_path: str, max_len
             f"{x:.1f}" + ("c" if c else "") for x, c in zip(r["step_s"], comp, strict=True)
         )
         first = f"{comp[0]:.1f}" if r.get("compile_s") else ""
-        rows.append((label, name, f"{s:.2f}", every, f"{tokens_per_step / s:.0f}", ratio, first,
-                     f"{r['wall_s']:.0f}"))  # fmt: skip
+        rows.append(
+            (
+                label,
+                name,
+                f"{s:.2f}",
+                every,
+                f"{tokens_per_step / s:.0f}",
+                ratio,
+                first,
+                f"{r['wall_s']:.0f}",
+            )
+        )
     return rows
 
 
@@ -287,12 +362,24 @@ def main() -> None:
         rows += shape_rows(label, manifest, shards, path, max_length, steps, args)
     import platform
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"load average before {load0[0]:.1f}, after {os.getloadavg()[0]:.1f}")  # fmt: skip
-    print(f"model {args.model}, {args.pairs} pairs, batch {args.batch}, steps {args.steps} "
-          f"(median of the steps after the first {args.warmup})")  # fmt: skip
-    header = ("pairs", "row", "s/step (median)", "every step (c: compiled)", "tokens/s", "vs TRL",
-              "compile s", "wall s")  # fmt: skip
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"load average before {load0[0]:.1f}, after {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"model {args.model}, {args.pairs} pairs, batch {args.batch}, steps {args.steps} "
+        f"(median of the steps after the first {args.warmup})"
+    )
+    header = (
+        "pairs",
+        "row",
+        "s/step (median)",
+        "every step (c: compiled)",
+        "tokens/s",
+        "vs TRL",
+        "compile s",
+        "wall s",
+    )
     print(table(header, rows))
 
 

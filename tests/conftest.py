@@ -46,8 +46,19 @@ def make_hf_llama(tmp_path_factory):
         bos_token_id: int = 1,
         eos_token_id: int = 2,
     ):
-        key = (n_heads, n_kv_heads, head_dim, tied, llama3, vocab_size, hidden_size, n_layers, seed,
-               bos_token_id, eos_token_id)  # fmt: skip
+        key = (
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            tied,
+            llama3,
+            vocab_size,
+            hidden_size,
+            n_layers,
+            seed,
+            bos_token_id,
+            eos_token_id,
+        )
         if key in cache:
             return cache[key]
         import torch

@@ -30,10 +30,20 @@ def small_run_config(shard_dir: str, **overrides):
     from apo_jax.config import base_config, with_overrides
 
     o = {
-        "data.train": shard_dir, "data.layout": "concat", "data.seq_len": 0,
-        "samples.num_prompts": 0, "plots": False, "export_hf": False, "progress_bar": False,
-        "batch_size": 8, "num_steps": 4, "log_every": 1, "eval_every": 0,
-        "checkpoint.every": 0, "checkpoint.async_save": False, "optim.warmup_steps": 0,
-    }  # fmt: skip
+        "data.train": shard_dir,
+        "data.layout": "concat",
+        "data.seq_len": 0,
+        "samples.num_prompts": 0,
+        "plots": False,
+        "export_hf": False,
+        "progress_bar": False,
+        "batch_size": 8,
+        "num_steps": 4,
+        "log_every": 1,
+        "eval_every": 0,
+        "checkpoint.every": 0,
+        "checkpoint.async_save": False,
+        "optim.warmup_steps": 0,
+    }
     o.update(overrides)
     return with_overrides(base_config("apo_down", None), o)

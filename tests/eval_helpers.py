@@ -20,8 +20,15 @@ def demo_prompts(n: int, seed: int = 0) -> list[dict[str, Any]]:
     rows = []
     for i, pair in enumerate(demo.generate_pairs(n, seed=seed)):
         if i % 4 == 3:
-            rows.append({"id": f"q{i}", "messages": [{"role": "system", "content": demo.SYSTEM},
-                                                      {"role": "user", "content": pair["prompt"]}]})  # fmt: skip
+            rows.append(
+                {
+                    "id": f"q{i}",
+                    "messages": [
+                        {"role": "system", "content": demo.SYSTEM},
+                        {"role": "user", "content": pair["prompt"]},
+                    ],
+                }
+            )
         else:
             rows.append({"id": f"q{i}", "prompt": pair["prompt"]})
     return rows
@@ -44,16 +51,29 @@ def make_model_dir(path: str) -> tuple[str, Any, Any]:
     import torch
     import transformers
 
-    texts = [m["content"] for r in demo.generate_pairs(300, seed=0)
-             for side in ("chosen", "rejected") for m in r[side]]  # fmt: skip
+    texts = [
+        m["content"]
+        for r in demo.generate_pairs(300, seed=0)
+        for side in ("chosen", "rejected")
+        for m in r[side]
+    ]
     demo.train_tokenizer(texts, path)
     tok = transformers.AutoTokenizer.from_pretrained(path)
     cfg = transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-        rms_norm_eps=1e-5, initializer_range=0.3, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        initializer_range=0.3,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     model.save_pretrained(path, safe_serialization=True)
@@ -76,9 +96,13 @@ def hf_greedy(model, tok, row, eos: list[int], n: int = N_NEW) -> list[int]:
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     with torch.no_grad():
         out = model.generate(
-            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=tok.pad_token_id,
-        )  # fmt: skip
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=tok.pad_token_id,
+        )
     return out[0, len(ids) :].tolist()
 
 

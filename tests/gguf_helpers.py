@@ -76,11 +76,18 @@ def hf_weights(family: str, t: Tiny, vocab: int, seed: int = 0) -> dict[str, np.
         norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
     for i in range(t.layers):
         p = f"model.layers.{i}."
-        for name, shape in (("q_proj", (q, t.d)), ("k_proj", (kv, t.d)), ("v_proj", (kv, t.d)),
-                            ("o_proj", (t.d, q))):  # fmt: skip
+        for name, shape in (
+            ("q_proj", (q, t.d)),
+            ("k_proj", (kv, t.d)),
+            ("v_proj", (kv, t.d)),
+            ("o_proj", (t.d, q)),
+        ):
             out[p + f"self_attn.{name}.weight"] = r(*shape)
-        for name, shape in (("gate_proj", (t.mlp, t.d)), ("up_proj", (t.mlp, t.d)),
-                            ("down_proj", (t.d, t.mlp))):  # fmt: skip
+        for name, shape in (
+            ("gate_proj", (t.mlp, t.d)),
+            ("up_proj", (t.mlp, t.d)),
+            ("down_proj", (t.d, t.mlp)),
+        ):
             out[p + f"mlp.{name}.weight"] = r(*shape)
         for name in norms:
             out[p + f"{name}.weight"] = r(t.d)
@@ -95,8 +102,11 @@ def hf_weights(family: str, t: Tiny, vocab: int, seed: int = 0) -> dict[str, np.
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's convert_hf_to_gguf q/k permutation (rotate-half pairs -> interleaved)."""
-    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))  # fmt: skip
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def k_quant_bytes(rows: int, cols: int, qtype: Q, rng: np.random.Generator) -> np.ndarray:
@@ -109,8 +119,12 @@ def k_quant_bytes(rows: int, cols: int, qtype: Q, rng: np.random.Generator) -> n
     return raw.reshape(rows, cols // block * size)
 
 
-_ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "gemma3": gguf.MODEL_ARCH.GEMMA3,
-          "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}  # fmt: skip
+_ARCHS = {
+    "llama": gguf.MODEL_ARCH.LLAMA,
+    "gemma3": gguf.MODEL_ARCH.GEMMA3,
+    "qwen2": gguf.MODEL_ARCH.QWEN2,
+    "qwen3": gguf.MODEL_ARCH.QWEN3,
+}
 
 
 def gguf_name(hf_name: str, family: str, layers: int) -> str:
@@ -119,8 +133,15 @@ def gguf_name(hf_name: str, family: str, layers: int) -> str:
     return gguf.get_tensor_name_map(arch, layers).get_name(stem) + "." + suffix
 
 
-def write_model(path, family: str = "llama", qtype: Q = Q.F32, t: Tiny | None = None,
-                seed: int = 0, arch: str | None = None, extra=None) -> dict:  # fmt: skip
+def write_model(
+    path,
+    family: str = "llama",
+    qtype: Q = Q.F32,
+    t: Tiny | None = None,
+    seed: int = 0,
+    arch: str | None = None,
+    extra=None,
+) -> dict:
     """Writes a tiny GGUF; returns {GGUF name: (stored array, its type)} as written.
 
     `arch` overrides `general.architecture`; `extra` adds {name: (array, raw type)} tensors.

@@ -70,10 +70,24 @@ def _communicate(proc: subprocess.Popen, timeout: float) -> str:
 
 def _train_one(tmp: str, workdir: str, steps: int, *extra: str) -> str:
     """One process with 8 CPU devices."""
-    cmd = [sys.executable, "-m", "apo_jax.train", "--config=configs/apo_down.py",
-           f"--workdir={workdir}", *_flags(os.path.join(tmp, "demo"), steps), *extra]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(tmp, 8), text=True, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "apo_jax.train",
+        "--config=configs/apo_down.py",
+        f"--workdir={workdir}",
+        *_flags(os.path.join(tmp, "demo"), steps),
+        *extra,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=_env(tmp, 8),
+        text=True,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     out = _communicate(proc, RUN_TIMEOUT)
     assert proc.returncode == 0, f"one-process run failed:\n{out[-3000:]}"
     return out
@@ -81,13 +95,37 @@ def _train_one(tmp: str, workdir: str, steps: int, *extra: str) -> str:
 
 def _train_two(tmp: str, workdir: str, steps: int, *extra: str) -> str:
     """Two processes x 4 CPU devices through launch/local.sh."""
-    cmd = ["bash", "launch/local.sh", "-n", "2", "-d", "4", "-w", workdir, "-t", "120",
-           "--python", sys.executable, "--", *_flags(os.path.join(tmp, "demo"), steps), *extra]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(tmp), text=True, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    cmd = [
+        "bash",
+        "launch/local.sh",
+        "-n",
+        "2",
+        "-d",
+        "4",
+        "-w",
+        workdir,
+        "-t",
+        "120",
+        "--python",
+        sys.executable,
+        "--",
+        *_flags(os.path.join(tmp, "demo"), steps),
+        *extra,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=_env(tmp),
+        text=True,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     out = _communicate(proc, RUN_TIMEOUT)
-    logs = "".join(open(os.path.join(workdir, "logs", f)).read()[-2000:]
-                   for f in sorted(os.listdir(os.path.join(workdir, "logs"))))  # fmt: skip
+    logs = "".join(
+        open(os.path.join(workdir, "logs", f)).read()[-2000:]
+        for f in sorted(os.listdir(os.path.join(workdir, "logs")))
+    )
     assert proc.returncode == 0, f"two-process run failed:\n{out[-2000:]}\n{logs}"
     return out + logs
 

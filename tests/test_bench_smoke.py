@@ -59,9 +59,20 @@ def test_table_is_markdown():
 @pytest.mark.slow  # compiles a bf16 rematerialized LoRA step
 def test_gpu_check_lora_step_trains_adapters_on_one_device():
     """gpu.sh's one-device LoRA step (gpu_check --llama8b), miniature model, bf16 base."""
-    cfg = get_preset("tiny", vocab_size=128, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
-                     head_dim=16, mlp_dim=64, dtype="bfloat16", param_dtype="bfloat16",
-                     remat="full", attention="xla")  # fmt: skip
+    cfg = get_preset(
+        "tiny",
+        vocab_size=128,
+        d_model=32,
+        n_layers=1,
+        n_heads=2,
+        n_kv_heads=1,
+        head_dim=16,
+        mlp_dim=64,
+        dtype="bfloat16",
+        param_dtype="bfloat16",
+        remat="full",
+        attention="xla",
+    )
     r = gpu_check.lora_step(cfg, rank=4, seqs=(16,), chunk=8, repeats=1, warmup=1)
     assert r["ok"] and r["seq"] == 16 and r["steps"] == 2 and r["tokens_s"] > 0
     # B starts at zero, so step 0's policy is the reference; the update moves it away.

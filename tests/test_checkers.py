@@ -61,50 +61,127 @@ CASES = [
 
 REAL = [
     # quoted in issue 28 from SmolLM2-135M-Instruct's greedy answers
-    ("Ravi has 17 apples and gets 12 more. How many apples does Ravi have now?", 29,
-     "Ravi has 17 apples and gets 12 more, so Ravi now has 17 + 12 = 20 apples.", False),
+    (
+        "Ravi has 17 apples and gets 12 more. How many apples does Ravi have now?",
+        29,
+        "Ravi has 17 apples and gets 12 more, so Ravi now has 17 + 12 = 20 apples.",
+        False,
+    ),
     # sampled here with python -m apo_jax.eval's generation on /work/models/smollm2-hf (greedy)
-    ("What is 59 + 63?", 122, "To add 59 and 63, we need to combine the numbers in a way that "
-     "results in a single number with the opposite of the original operation. In this case, we "
-     "can simply add the numbers together: 59 + 63 = 142.", False),
-    ("What is 50 + 75?", 125, "To add 50 and 75, you simply add them together: 50 + 75 = 125.",
-     True),
-    ("What is 2 times 6?", 12, "To find 2 times 6, we can use the formula for multiplication of "
-     "integers: 2 × 6 = 12. So, 2 times 6 is 12.", True),
-    ("What is 78 - 42?", 36, "To calculate 78 - 42, you simply subtract 42 from 78, which gives "
-     "you 78.", False),
-    ("What is 84 - 37?", 47, "To solve this problem, we need to first calculate 84 - 37, which is "
-     "21. Then, we need to find the difference between 21 and 37, which is 14.\n\nSo, 84 - 37 = "
-     "14.", False),
-    ("What is 8 times 3?", 24, "To find 8 times 3, we can use the formula for multiplication of "
-     "integers with remainders. In this case, 8 is 8, and 3 is 3. So, 8 * 3 = 24.\n\nThis is a "
-     "fundamental concept in mathematics, part", True),
-    ("What is 7 times 8?", 56, "In this case, 7 * 8 = 54, which is equivalent to 7 * 8 + 1.\n\n"
-     "This is a classic example of how modular", False),
-    ("Tom has 66 apples and buys 76 more. How many apples does he have now?", 142,
-     "Tom has 66 apples, and he buys 76 more apples. So, he has 66 + 76 = 122 apples now.", False),
-    ("Tom has 21 apples and buys 20 more. How many apples does he have now?", 41,
-     "Tom has 21 apples - 20 apples = 10 apples left.\nTom has 21 apples - 10 apples = 11 apples."
-     "\nTom has 11 apples now.\n#### 11\nThe answer is: 11", False),
-    ("Tom has 61 apples and buys 48 more. How many apples does he have now?", 109,
-     "Tom has 61 - 48 = 12 apples left.\nHe buys 12 apples, so he has 12 apples - 12 apples = 0 "
-     "apples remaining.\nTom has 61 - 12 = 48 apples remaining.\n#### 48\nThe answer is: 48",
-     False),
-    ("Compute 4 x 4.", 16, "To find 4 x 4, we can use the formula for multiplication of 4x4, "
-     "which is 4 * 4 = 16. This is the result of the multiplication of 4x4.", True),
-    ("What is 5 times 5?", 25, "To find 5 times 5, we can use the formula for multiplication of "
-     "a number by itself, which is 5 * 5 = 25. However, in this context, 5 * 5 is equivalent to "
-     "25, which is the result of 5 multiplied by itself.\n\n", True),
-    ("Which number is larger, 825 or 251?", 825, "To solve this problem, we need to find the "
-     "greatest common factor of 825 and 251.\n\nThe greatest common factor is 825, which is the "
-     "product of all prime numbers up to 825.\n\nThe least common multiple of 825 and ", False),
-    ("Which number is larger, 103 or 975?", 975, "To solve this problem, we need to find the "
-     "greatest common divisor (GCD) of 103 and 975.\n\nThe GCD of 103 and 975 is 103.", False),
-    ("What is 10 + 88?", 98, "10 + 88 = 100 + 88 = 100 * 2 = 200\n\nThis is a classic example of "
-     "a mathematical identity that is often misunderstood.", False),
-    ("Tom has 18 apples and buys 34 more. How many apples does he have now?", 52,
-     "Tom has 18 apples - 34 = 12 apples left.\nTom has 12 apples.\nTom has 12 apples.\nTom has "
-     "12 apples.\nTom has 12", False),
+    (
+        "What is 59 + 63?",
+        122,
+        "To add 59 and 63, we need to combine the numbers in a way that "
+        "results in a single number with the opposite of the original operation. In this case, we "
+        "can simply add the numbers together: 59 + 63 = 142.",
+        False,
+    ),
+    (
+        "What is 50 + 75?",
+        125,
+        "To add 50 and 75, you simply add them together: 50 + 75 = 125.",
+        True,
+    ),
+    (
+        "What is 2 times 6?",
+        12,
+        "To find 2 times 6, we can use the formula for multiplication of "
+        "integers: 2 × 6 = 12. So, 2 times 6 is 12.",
+        True,
+    ),
+    (
+        "What is 78 - 42?",
+        36,
+        "To calculate 78 - 42, you simply subtract 42 from 78, which gives you 78.",
+        False,
+    ),
+    (
+        "What is 84 - 37?",
+        47,
+        "To solve this problem, we need to first calculate 84 - 37, which is "
+        "21. Then, we need to find the difference between 21 and 37, which is 14.\n\nSo, 84 - 37 = "
+        "14.",
+        False,
+    ),
+    (
+        "What is 8 times 3?",
+        24,
+        "To find 8 times 3, we can use the formula for multiplication of "
+        "integers with remainders. In this case, 8 is 8, and 3 is 3. So, 8 * 3 = 24.\n\nThis is a "
+        "fundamental concept in mathematics, part",
+        True,
+    ),
+    (
+        "What is 7 times 8?",
+        56,
+        "In this case, 7 * 8 = 54, which is equivalent to 7 * 8 + 1.\n\n"
+        "This is a classic example of how modular",
+        False,
+    ),
+    (
+        "Tom has 66 apples and buys 76 more. How many apples does he have now?",
+        142,
+        "Tom has 66 apples, and he buys 76 more apples. So, he has 66 + 76 = 122 apples now.",
+        False,
+    ),
+    (
+        "Tom has 21 apples and buys 20 more. How many apples does he have now?",
+        41,
+        "Tom has 21 apples - 20 apples = 10 apples left.\nTom has 21 apples - 10 apples = 11 apples."
+        "\nTom has 11 apples now.\n#### 11\nThe answer is: 11",
+        False,
+    ),
+    (
+        "Tom has 61 apples and buys 48 more. How many apples does he have now?",
+        109,
+        "Tom has 61 - 48 = 12 apples left.\nHe buys 12 apples, so he has 12 apples - 12 apples = 0 "
+        "apples remaining.\nTom has 61 - 12 = 48 apples remaining.\n#### 48\nThe answer is: 48",
+        False,
+    ),
+    (
+        "Compute 4 x 4.",
+        16,
+        "To find 4 x 4, we can use the formula for multiplication of 4x4, "
+        "which is 4 * 4 = 16. This is the result of the multiplication of 4x4.",
+        True,
+    ),
+    (
+        "What is 5 times 5?",
+        25,
+        "To find 5 times 5, we can use the formula for multiplication of "
+        "a number by itself, which is 5 * 5 = 25. However, in this context, 5 * 5 is equivalent to "
+        "25, which is the result of 5 multiplied by itself.\n\n",
+        True,
+    ),
+    (
+        "Which number is larger, 825 or 251?",
+        825,
+        "To solve this problem, we need to find the "
+        "greatest common factor of 825 and 251.\n\nThe greatest common factor is 825, which is the "
+        "product of all prime numbers up to 825.\n\nThe least common multiple of 825 and ",
+        False,
+    ),
+    (
+        "Which number is larger, 103 or 975?",
+        975,
+        "To solve this problem, we need to find the "
+        "greatest common divisor (GCD) of 103 and 975.\n\nThe GCD of 103 and 975 is 103.",
+        False,
+    ),
+    (
+        "What is 10 + 88?",
+        98,
+        "10 + 88 = 100 + 88 = 100 * 2 = 200\n\nThis is a classic example of "
+        "a mathematical identity that is often misunderstood.",
+        False,
+    ),
+    (
+        "Tom has 18 apples and buys 34 more. How many apples does he have now?",
+        52,
+        "Tom has 18 apples - 34 = 12 apples left.\nTom has 12 apples.\nTom has 12 apples.\nTom has "
+        "12 apples.\nTom has 12",
+        False,
+    ),
 ]
 
 

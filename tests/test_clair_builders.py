@@ -112,13 +112,28 @@ def test_completion_score(completion, score):
 
 
 def _judged(prompt, *scores):
-    return {"prompt": prompt, "completions": [{"response": f"r{i}", "overall_score": s, "model": f"m{i}"}
-                                              for i, s in enumerate(scores)]}  # fmt: skip
+    return {
+        "prompt": prompt,
+        "completions": [
+            {"response": f"r{i}", "overall_score": s, "model": f"m{i}"}
+            for i, s in enumerate(scores)
+        ],
+    }
 
 
 def test_offpolicy_judge_best_versus_lower_and_ties_rejected(tmp_path, capsys):
-    records = [_judged("p1", 3, 9, 5), _judged("p2", 6, 6), _judged("p3", 8), {"instruction": "p4",
-               "completions": [{"response": "x", "ratings": {"a": {"Rating": "2"}}}, {"response": "y", "ratings": [4]}]}]  # fmt: skip
+    records = [
+        _judged("p1", 3, 9, 5),
+        _judged("p2", 6, 6),
+        _judged("p3", 8),
+        {
+            "instruction": "p4",
+            "completions": [
+                {"response": "x", "ratings": {"a": {"Rating": "2"}}},
+                {"response": "y", "ratings": [4]},
+            ],
+        },
+    ]
     path = tmp_path / "uf.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n[1, 2]\n")
     out = tmp_path / "off.jsonl"
@@ -178,8 +193,14 @@ def test_local_backend_renders_samples_decodes_and_resumes(tmp_path):
         return [[ord(c) for c in f"hi{len(p)}"] for p in prompts]  # completion ids only
 
     def make(cache):
-        return LocalBackend("ckpt", name="local-1b", batch_size=2, cache=cache,
-                            loader=lambda path: ("MODEL", FakeTokenizer()), generate_fn=fake_generate)  # fmt: skip
+        return LocalBackend(
+            "ckpt",
+            name="local-1b",
+            batch_size=2,
+            cache=cache,
+            loader=lambda path: ("MODEL", FakeTokenizer()),
+            generate_fn=fake_generate,
+        )
 
     chats = [[{"role": "user", "content": c}] for c in ("a", "bb", "ccc")]
     with RequestCache(tmp_path / "c.jsonl") as cache:

@@ -158,8 +158,20 @@ def other_server():
     srv.server_close()
 
 
-TAGS = ["plain", "[429]", "[500]", "[slow]", "[badjson]", "[400]", "[always500]", "[nomarker]",
-        "[empty]", "[same]", "[bold]", "another plain"]  # fmt: skip
+TAGS = [
+    "plain",
+    "[429]",
+    "[500]",
+    "[slow]",
+    "[badjson]",
+    "[400]",
+    "[always500]",
+    "[nomarker]",
+    "[empty]",
+    "[same]",
+    "[bold]",
+    "another plain",
+]
 
 
 def _write_prompts(path, tags=TAGS):
@@ -171,13 +183,24 @@ def _write_prompts(path, tags=TAGS):
 
 def _args(srv, tmp_path, *extra):
     return [
-        "clair", f"--input={tmp_path / 'prompts.jsonl'}", f"--output={tmp_path / 'out' / 'clair.jsonl'}",
-        f"--target_url={srv.url}", "--target_model=target-7b", "--target_api_key_env=CLAIR_TEST_KEY",
-        f"--reviser_url={srv.url}", "--reviser_model=reviser-xl", "--reviser_api_key_env=CLAIR_TEST_KEY",
-        "--reviser_price_in=2", "--reviser_price_out=8",
-        "--concurrency=4", "--max_retries=3", "--timeout=0.3", "--backoff_base=0.01",
-        "--noprogress", *extra,
-    ]  # fmt: skip
+        "clair",
+        f"--input={tmp_path / 'prompts.jsonl'}",
+        f"--output={tmp_path / 'out' / 'clair.jsonl'}",
+        f"--target_url={srv.url}",
+        "--target_model=target-7b",
+        "--target_api_key_env=CLAIR_TEST_KEY",
+        f"--reviser_url={srv.url}",
+        "--reviser_model=reviser-xl",
+        "--reviser_api_key_env=CLAIR_TEST_KEY",
+        "--reviser_price_in=2",
+        "--reviser_price_out=8",
+        "--concurrency=4",
+        "--max_retries=3",
+        "--timeout=0.3",
+        "--backoff_base=0.01",
+        "--noprogress",
+        *extra,
+    ]
 
 
 def _read(path):
@@ -231,9 +254,13 @@ def test_clair_pipeline_retries_rejects_and_keeps_the_key_secret(server, tmp_pat
     manifest = json.loads((out / "clair.manifest.json").read_text())
     assert (manifest["written"], manifest["rejected"], manifest["status"]) == (7, 7, "complete")
     assert manifest["reject_reasons"] == {
-        "input: malformed_json": 1, "input: missing_field": 1, "reviser: empty_revision": 1,
-        "reviser: no_revision_marker": 1, "reviser: unchanged_revision": 1, "target: request_failed": 2,
-    }  # fmt: skip
+        "input: malformed_json": 1,
+        "input: missing_field": 1,
+        "reviser: empty_revision": 1,
+        "reviser: no_revision_marker": 1,
+        "reviser: unchanged_revision": 1,
+        "target: request_failed": 2,
+    }
     usage = manifest["roles"]["reviser"]["usage"]
     assert usage["completed"] == 10 and usage["prompt_tokens"] > 0
     expected = (usage["prompt_tokens"] * 2 + usage["completion_tokens"] * 8) / 1e6
@@ -270,8 +297,14 @@ def _echo_auth(req, attempt, request_headers):
     auth = request_headers.get("Authorization", "none")
     content = req["messages"][-1]["content"]
     if "[401]" in content:
-        body = {"error": {"message": f"bad credentials: {auth}", "type": "invalid_request_error",
-                          "code": "invalid_api_key", "header": auth}}  # fmt: skip
+        body = {
+            "error": {
+                "message": f"bad credentials: {auth}",
+                "type": "invalid_request_error",
+                "code": "invalid_api_key",
+                "header": auth,
+            }
+        }
         return 401, json.dumps(body), {}
     if "[403]" in content:
         return 403, f"<html>forbidden for {auth}</html>", {}
@@ -374,7 +407,8 @@ def _backend(srv, **kw):
 
 def test_retry_after_is_honoured(server):
     server.rule = lambda req, attempt, headers: (
-        (429, None, {"Retry-After": "0.5"}) if attempt == 1 else (200, "ok", {}))  # fmt: skip
+        (429, None, {"Retry-After": "0.5"}) if attempt == 1 else (200, "ok", {})
+    )
     start = time.monotonic()
     assert _backend(server, backoff_base=0.001).complete(
         [[{"role": "user", "content": "x"}]], {}
@@ -412,18 +446,41 @@ def test_cache_survives_a_torn_last_line(tmp_path):
 def test_command_line_errors_are_one_line(tmp_path, capsys, server):
     (tmp_path / "p.jsonl").write_text("{}\n")
     cases = [
-        (["clair", f"--input={tmp_path / 'missing.jsonl'}", f"--output={tmp_path / 'o.jsonl'}",
-          f"--target_url={server.url}", "--target_model=t", f"--reviser_url={server.url}",
-          "--reviser_model=r"], "missing.jsonl: no such file or directory"),
-        (["clair", f"--input={tmp_path / 'p.jsonl'}", f"--output={tmp_path / 'o.jsonl'}",
-          f"--target_url={server.url}", f"--reviser_url={server.url}", "--reviser_model=r"],
-         "--target_model: required with --target_url"),
+        (
+            [
+                "clair",
+                f"--input={tmp_path / 'missing.jsonl'}",
+                f"--output={tmp_path / 'o.jsonl'}",
+                f"--target_url={server.url}",
+                "--target_model=t",
+                f"--reviser_url={server.url}",
+                "--reviser_model=r",
+            ],
+            "missing.jsonl: no such file or directory",
+        ),
+        (
+            [
+                "clair",
+                f"--input={tmp_path / 'p.jsonl'}",
+                f"--output={tmp_path / 'o.jsonl'}",
+                f"--target_url={server.url}",
+                f"--reviser_url={server.url}",
+                "--reviser_model=r",
+            ],
+            "--target_model: required with --target_url",
+        ),
         (["revise", "--input=x"], "the first argument must be the kind of dataset"),
         ([], "the first argument must be the kind of dataset"),
         (["offpolicy", "--output=o.jsonl"], "--input must have a value"),
-        (["offpolicy", "--input=x", "--output=y", "--concurrency=3"], "Unknown command line flag 'concurrency'"),
-        (["stronger", "--input=x", "--output=y", "--target_max_tokens=0"], "--target_max_tokens must be >= 1"),
-    ]  # fmt: skip
+        (
+            ["offpolicy", "--input=x", "--output=y", "--concurrency=3"],
+            "Unknown command line flag 'concurrency'",
+        ),
+        (
+            ["stronger", "--input=x", "--output=y", "--target_max_tokens=0"],
+            "--target_max_tokens must be >= 1",
+        ),
+    ]
     for args, message in cases:
         assert _main(*args) == 2, args
         err = capsys.readouterr().err
@@ -434,8 +491,17 @@ def test_help_lists_every_flag_of_the_kind(capsys):
     assert _main("onpolicy-judge", "--help") == 0
     out = capsys.readouterr().out
     for role in ("target", "judge"):
-        for suffix in ("model", "url", "checkpoint", "api_key_env", "temperature", "max_tokens",
-                       "rpm", "price_in", "price_out"):  # fmt: skip
+        for suffix in (
+            "model",
+            "url",
+            "checkpoint",
+            "api_key_env",
+            "temperature",
+            "max_tokens",
+            "rpm",
+            "price_in",
+            "price_out",
+        ):
             assert f"--{role}_{suffix}" in out, (role, suffix)
     assert "--reviser_url" not in out and "--[no]allow_http_key" in out
     flag_lines = [line for line in out.splitlines() if line.startswith("  --")]
@@ -465,8 +531,11 @@ def test_local_flax_target_makes_pairs_end_to_end(server, tmp_path, monkeypatch)
     n = _write_prompts(tmp_path / "prompts.jsonl", prompts)
     args = _args(server, tmp_path)
     i = args.index(f"--target_url={server.url}")
-    args[i : i + 3] = [f"--target_checkpoint={tmp_path / 'ckpt'}", "--target_max_tokens=12",
-                       "--target_temperature=0"]  # fmt: skip
+    args[i : i + 3] = [
+        f"--target_checkpoint={tmp_path / 'ckpt'}",
+        "--target_max_tokens=12",
+        "--target_temperature=0",
+    ]
     assert _main(*args) == 0
     pairs = _read(tmp_path / "out" / "clair.jsonl")
     rejects = {r["line"]: r for r in _read(tmp_path / "out" / "clair.rejects.jsonl")}

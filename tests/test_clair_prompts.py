@@ -15,8 +15,15 @@ def test_revision_prompt_carries_task_answer_and_instructions():
     [msg] = revision_messages("What is 2+2?", "It is 5.")
     text = msg["content"]
     assert msg["role"] == "user" and "What is 2+2?" in text and "It is 5." in text
-    for phrase in ("teacher", "smallest changes", "word for word", "do not mention", "Reasoning:",
-                   "Corrected answer:", "clearer, more correct and more engaging"):  # fmt: skip
+    for phrase in (
+        "teacher",
+        "smallest changes",
+        "word for word",
+        "do not mention",
+        "Reasoning:",
+        "Corrected answer:",
+        "clearer, more correct and more engaging",
+    ):
         assert phrase in text, phrase
 
 

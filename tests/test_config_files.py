@@ -62,8 +62,11 @@ def test_a_file_anywhere_and_a_local_configs_file_win(monkeypatch, tmp_path):
 
 def test_an_unknown_name_lists_the_builtins(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(commands.FlagError, match="config file nosuch does not exist: pass a "
-                       "built-in name .apo_down, apo_zero, apo_zero_unpaired, dpo, kto, sft"):  # fmt: skip
+    with pytest.raises(
+        commands.FlagError,
+        match="config file nosuch does not exist: pass a "
+        "built-in name .apo_down, apo_zero, apo_zero_unpaired, dpo, kto, sft",
+    ):
         _parse("--config=nosuch")
     with pytest.raises(commands.FlagError, match="config file sub/apo_zero.py does not exist"):
         _parse("--config=sub/apo_zero.py")  # only configs/<name>.py falls back to a built-in
@@ -83,13 +86,25 @@ def test_a_wheel_carries_the_configs_and_names_them_from_anywhere(tmp_path):
     installed into a bare directory, which is all that is importable, name configs by name."""
     src = tmp_path / "src"
     for part in ("apo_jax", "configs"):
-        shutil.copytree(os.path.join(REPO, part), src / part,
-                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+        shutil.copytree(
+            os.path.join(REPO, part), src / part, ignore=shutil.ignore_patterns("__pycache__")
+        )
     for part in ("setup.py", "pyproject.toml", "README.md"):
         shutil.copy(os.path.join(REPO, part), src / part)
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", str(src),
-                    "-w", str(tmp_path / "dist")], check=True, cwd=tmp_path)  # fmt: skip
+    subprocess.run(
+        [
+            *pip,
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            str(src),
+            "-w",
+            str(tmp_path / "dist"),
+        ],
+        check=True,
+        cwd=tmp_path,
+    )
     (wheel,) = glob.glob(str(tmp_path / "dist" / "*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert {f"apo_jax/configs/{n}.py" for n in NAMES} <= set(names)
@@ -101,6 +116,12 @@ def test_a_wheel_carries_the_configs_and_names_them_from_anywhere(tmp_path):
         "print(config_files.builtin_dir(), fv.config.loss.name, fv.config.preset)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(site)}
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True,
-                         capture_output=True, text=True).stdout.split()  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     assert out == [str(site / "apo_jax" / "configs"), "kto", "llama3_1b"]

@@ -19,17 +19,26 @@ def hf_model(make_hf_llama, tok_dir):
     import transformers
 
     tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
-    path, _ = make_hf_llama(vocab_size=512, bos_token_id=tok.bos_token_id,
-                            eos_token_id=tok.eos_token_id)  # fmt: skip
+    path, _ = make_hf_llama(
+        vocab_size=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id
+    )
     return str(path)
 
 
 def _run(workdir, **extra):
     """README: --config=configs/apo_down.py --config.model.hf_path=DIR --config.data.train=SHARDS
     --config.lora.rank=16, with only sizes made smaller."""
-    o = {"num_steps": 1, "batch_size": 4, "progress_bar": False, "export_hf": False,
-         "plots": False, "checkpoint.async_save": False, "lora.rank": 16,
-         "samples.max_new_tokens": 4, **extra}  # fmt: skip
+    o = {
+        "num_steps": 1,
+        "batch_size": 4,
+        "progress_bar": False,
+        "export_hf": False,
+        "plots": False,
+        "checkpoint.async_save": False,
+        "lora.rank": 16,
+        "samples.max_new_tokens": 4,
+        **extra,
+    }
     return loop.train_and_evaluate(with_overrides(base_config("apo_down", None), o), workdir)
 
 
@@ -40,8 +49,10 @@ def test_custom_data_without_eval_trains_with_samples_off(hf_model, small_shards
 
 
 def test_custom_data_with_eval_samples_its_prompts(hf_model, small_shards, small_pairs, tmp_path):
-    summary = _run(str(tmp_path), **{"model.hf_path": hf_model, "data.train": small_shards,
-                                     "data.eval": small_shards})  # fmt: skip
+    summary = _run(
+        str(tmp_path),
+        **{"model.hf_path": hf_model, "data.train": small_shards, "data.eval": small_shards},
+    )
     first = [r["prompt"] for r in small_pairs[1][:3]]  # the eval shards' source, in order
     assert [r["prompt"] for r in summary["samples"]] == first
     assert all("correct" not in r for r in summary["samples"])  # the demo checker stays off

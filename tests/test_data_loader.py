@@ -62,8 +62,19 @@ def test_shuffles(small_shards):
 @pytest.mark.parametrize("procs", [2, 4])
 def test_processes_disjoint_complete_and_equal_to_one_process(small_shards, procs):
     n = 5 if procs == 2 else 2  # global batch 10 / 8 divides 40
-    per = [_indices(_loader(small_shards, batch_size=n, num_epochs=1, seed=3, process_index=p, process_count=procs))
-           for p in range(procs)]  # fmt: skip
+    per = [
+        _indices(
+            _loader(
+                small_shards,
+                batch_size=n,
+                num_epochs=1,
+                seed=3,
+                process_index=p,
+                process_count=procs,
+            )
+        )
+        for p in range(procs)
+    ]
     flat = [sorted(sum(batches, [])) for batches in per]
     allidx = sum(flat, [])
     assert sorted(allidx) == list(range(N_RECORDS)) and len(set(allidx)) == N_RECORDS
@@ -203,8 +214,15 @@ def _collated(layout, seq_len=32, buckets=(16,)):
     from apo_jax.data import shards
 
     rng = np.random.default_rng(0)
-    items = [(i, shards.serialize(shards.PairRecord(*(rng.integers(8, 64, n).astype(np.int32) for n in lens), i)))
-             for i, lens in enumerate(PAD_LENGTHS)] + [(-1, b"")]  # fmt: skip
+    items = [
+        (
+            i,
+            shards.serialize(
+                shards.PairRecord(*(rng.integers(8, 64, n).astype(np.int32) for n in lens), i)
+            ),
+        )
+        for i, lens in enumerate(PAD_LENGTHS)
+    ] + [(-1, b"")]
     ref_w, ref_l = rng.normal(size=(2, len(items))).astype(np.float32) - 9
     spec = layouts.RowSpec(seq_len, PAD_ID, buckets)
     return loader.Collate(layouts.get(layout), spec, ref_w, ref_l)(items)
@@ -252,8 +270,16 @@ def test_padding_to_a_larger_shape_keeps_logps_and_loss(layout):
     from apo_jax.models.llama import Llama
     from apo_jax.train import train_step as ts
 
-    cfg = get_preset("tiny", vocab_size=64, n_layers=2, d_model=32, mlp_dim=64, n_heads=4,
-                     n_kv_heads=2, head_dim=8)  # fmt: skip
+    cfg = get_preset(
+        "tiny",
+        vocab_size=64,
+        n_layers=2,
+        d_model=32,
+        mlp_dim=64,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=8,
+    )
     graphdef, params = ts.split_model(Llama(cfg, rngs=nnx.Rngs(0)))
     step = ts.StepConfig(loss="apo_down", layout=layouts.get(layout))
     b = _collated(layout)

@@ -25,32 +25,85 @@ def _conv(answer, role="assistant"):
 CASES = [
     (pair("What is 2 + 2?", "2 + 2 = 4.", "2 + 2 = 5."), None, None),  # CLAIR layout
     ({"prompt": "Say hi.", "chosen": "Hi!", "rejected": "Bye!"}, None, None),  # TRL standard
-    ({"prompt": [USER], "chosen": [{"role": "assistant", "content": "4."}],
-      "rejected": [{"role": "assistant", "content": "5."}]}, None, None),  # TRL conversational
-    ({"chosen": [USER, {"role": "assistant", "content": "4."}, {"role": "user", "content": "Sure?"},
-                 {"role": "assistant", "content": "Yes, 4."}],
-      "rejected": [USER, {"role": "assistant", "content": "4."}, {"role": "user", "content": "Sure?"},
-                   {"role": "assistant", "content": "No, 5."}]}, None, None),  # implicit prompt, multi-turn
+    (
+        {
+            "prompt": [USER],
+            "chosen": [{"role": "assistant", "content": "4."}],
+            "rejected": [{"role": "assistant", "content": "5."}],
+        },
+        None,
+        None,
+    ),  # TRL conversational
+    (
+        {
+            "chosen": [
+                USER,
+                {"role": "assistant", "content": "4."},
+                {"role": "user", "content": "Sure?"},
+                {"role": "assistant", "content": "Yes, 4."},
+            ],
+            "rejected": [
+                USER,
+                {"role": "assistant", "content": "4."},
+                {"role": "user", "content": "Sure?"},
+                {"role": "assistant", "content": "No, 5."},
+            ],
+        },
+        None,
+        None,
+    ),  # implicit prompt, multi-turn
     (b'{"prompt": "x", "chosen": ', schema.MALFORMED_JSON, "<line>"),
     (b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}', schema.NON_UTF8, "<line>"),
     ({"prompt": "x", "rejected": "b"}, schema.MISSING_FIELD, "chosen"),
     ({"prompt": "x", "chosen": 7, "rejected": "b"}, schema.WRONG_TYPE, "chosen"),
     ({"prompt": 3, "chosen": "a", "rejected": "b"}, schema.WRONG_TYPE, "prompt"),
     ({"prompt": "x", "chosen": "   \n", "rejected": "b"}, schema.EMPTY_COMPLETION, "chosen"),
-    ({"prompt": "x", "chosen": _conv("a"), "rejected": _conv("")}, schema.EMPTY_COMPLETION, "rejected"),
-    ({"prompt": "x", "chosen": "same", "rejected": "same "}, schema.IDENTICAL_COMPLETIONS, "rejected"),
-    ({"prompt": "x", "chosen": _conv("a", role="robot"), "rejected": _conv("b")}, schema.BAD_ROLE, "chosen[1].role"),
-    ({"prompt": "x", "chosen": [USER, {"content": "a"}], "rejected": _conv("b")}, schema.MISSING_FIELD,
-     "chosen[1].role"),
-    ({"prompt": "x", "chosen": _conv("a", role="user"), "rejected": _conv("b")}, schema.BAD_ROLE, "chosen[1].role"),
-    ({"prompt": "x", "chosen": _conv("a"), "rejected": [{"role": "user", "content": "other"},
-                                                      {"role": "assistant", "content": "b"}]},
-     schema.PROMPT_MISMATCH, "rejected"),
+    (
+        {"prompt": "x", "chosen": _conv("a"), "rejected": _conv("")},
+        schema.EMPTY_COMPLETION,
+        "rejected",
+    ),
+    (
+        {"prompt": "x", "chosen": "same", "rejected": "same "},
+        schema.IDENTICAL_COMPLETIONS,
+        "rejected",
+    ),
+    (
+        {"prompt": "x", "chosen": _conv("a", role="robot"), "rejected": _conv("b")},
+        schema.BAD_ROLE,
+        "chosen[1].role",
+    ),
+    (
+        {"prompt": "x", "chosen": [USER, {"content": "a"}], "rejected": _conv("b")},
+        schema.MISSING_FIELD,
+        "chosen[1].role",
+    ),
+    (
+        {"prompt": "x", "chosen": _conv("a", role="user"), "rejected": _conv("b")},
+        schema.BAD_ROLE,
+        "chosen[1].role",
+    ),
+    (
+        {
+            "prompt": "x",
+            "chosen": _conv("a"),
+            "rejected": [
+                {"role": "user", "content": "other"},
+                {"role": "assistant", "content": "b"},
+            ],
+        },
+        schema.PROMPT_MISMATCH,
+        "rejected",
+    ),
     ({"prompt": "   ", "chosen": "a", "rejected": "b"}, schema.EMPTY_PROMPT, "prompt"),
     ([1, 2, 3], schema.NOT_AN_OBJECT, "<row>"),
     ({"prompt": "word " * 300, "chosen": "a", "rejected": "b"}, schema.PAIR_TOO_LONG, "prompt"),
-    ({"prompt": "x", "chosen": "long " * 300, "rejected": "b"}, schema.COMPLETION_TOO_LONG, "chosen"),
-]  # fmt: skip
+    (
+        {"prompt": "x", "chosen": "long " * 300, "rejected": "b"},
+        schema.COMPLETION_TOO_LONG,
+        "chosen",
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +157,12 @@ def test_field_mapping_json_and_parquet(tmp_path, tok_dir):
 
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet")
     fields = schema.FieldMap(prompt="question", chosen="good", rejected="bad", system="sys")
-    m = prepare.prepare([str(tmp_path / "rows.json"), str(tmp_path / "rows.parquet")], tok_dir,
-                        str(tmp_path / "o"), prepare.Settings(fields=fields))  # fmt: skip
+    m = prepare.prepare(
+        [str(tmp_path / "rows.json"), str(tmp_path / "rows.parquet")],
+        tok_dir,
+        str(tmp_path / "o"),
+        prepare.Settings(fields=fields),
+    )
     assert m["counts"] == {"read": 6, "written": 6, "rejected": 0, "rejected_by_reason": {}}
     assert [r.source_index for r in shards.read_records(str(tmp_path / "o"))] == list(range(6))
 
@@ -139,8 +196,15 @@ def _cli(*args):
 
 
 def test_cli_writes_shards_and_prints_the_summary(tmp_path, tok_dir, small_pairs, capsys):
-    args = [f"--input={small_pairs[0]}", f"--tokenizer={tok_dir}", f"--out={tmp_path / 'o'}",
-            "--max_length=256", "--records_per_shard=16", "--workers=0", "--noprogress"]  # fmt: skip
+    args = [
+        f"--input={small_pairs[0]}",
+        f"--tokenizer={tok_dir}",
+        f"--out={tmp_path / 'o'}",
+        "--max_length=256",
+        "--records_per_shard=16",
+        "--workers=0",
+        "--noprogress",
+    ]
     assert _cli(*args) == 0
     assert capsys.readouterr().out.startswith("read 40 = written 40 + rejected 0 (none)\n")
     assert shards.read_manifest(str(tmp_path / "o"))["settings"]["max_length"] == 256
@@ -168,8 +232,17 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, tok_dir, small_pairs, capsys, 
 
 def test_cli_strict_reject_is_one_line_exit_2(tmp_path, tok_dir, capsys):
     path = write_jsonl(tmp_path / "x.jsonl", [CASES[0][0], CASES[6][0]])
-    assert _cli(f"--input={path}", f"--tokenizer={tok_dir}", f"--out={tmp_path / 'o'}",
-                "--strict", "--workers=0", "--noprogress") == 2  # fmt: skip
+    assert (
+        _cli(
+            f"--input={path}",
+            f"--tokenizer={tok_dir}",
+            f"--out={tmp_path / 'o'}",
+            "--strict",
+            "--workers=0",
+            "--noprogress",
+        )
+        == 2
+    )
     assert capsys.readouterr().err == f"error: {path}:2: chosen: missing_field (--strict)\n"
 
 
@@ -177,10 +250,29 @@ def test_cli_help_lists_every_flag(capsys):
     assert _cli("--help") == 0
     out = capsys.readouterr().out
     flag_lines = [line for line in out.splitlines() if line.startswith("  --")]
-    names = ["input", "tokenizer", "out", "max_length", "max_prompt_length", "truncation",
-             "prompt_field", "chosen_field", "rejected_field", "system_field", "split",
-             "records_per_shard", "max_row_bytes", "workers", "strict", "records", "kl_group",
-             "completion_field", "label_field", "progress", "overwrite"]  # fmt: skip
+    names = [
+        "input",
+        "tokenizer",
+        "out",
+        "max_length",
+        "max_prompt_length",
+        "truncation",
+        "prompt_field",
+        "chosen_field",
+        "rejected_field",
+        "system_field",
+        "split",
+        "records_per_shard",
+        "max_row_bytes",
+        "workers",
+        "strict",
+        "records",
+        "kl_group",
+        "completion_field",
+        "label_field",
+        "progress",
+        "overwrite",
+    ]
     assert len(flag_lines) == len(names)
     for line, name in zip(flag_lines, names, strict=True):
         assert f"--{name}" in line or f"--[no]{name}" in line
@@ -206,8 +298,11 @@ def test_save_to_disk_dataset_dict_split(tmp_path, tok_dir, small_pairs):
 
 def test_prompt_list_with_full_conversations_is_not_doubled():
     conv = [{"role": "user", "content": "Q?"}]
-    row = {"prompt": conv, "chosen": conv + [{"role": "assistant", "content": "A."}],
-           "rejected": conv + [{"role": "assistant", "content": "B."}]}  # fmt: skip
+    row = {
+        "prompt": conv,
+        "chosen": conv + [{"role": "assistant", "content": "A."}],
+        "rejected": conv + [{"role": "assistant", "content": "B."}],
+    }
     p = schema.to_pair(row, schema.FieldMap(), source_index=0, file="f", line=1)
     assert list(p.prompt) == conv and (p.chosen, p.rejected) == ("A.", "B.")
 
@@ -258,9 +353,14 @@ def test_gzipped_jsonl_reads_like_jsonl(tmp_path, tok_dir, small_pairs):
 
 def test_oversized_rows_are_rejected_before_tokenizing(tmp_path, tok_dir, monkeypatch):
     big = "word " * 700  # 3.5 kB: more than 128 tokens of this tokenizer (25 bytes at most) cover
-    rows = [pair("A?", "yes.", "no."), {"prompt": "B?", "chosen": big, "rejected": "no."},
-            pair("C?", "yes.", "no."), {"prompt": big, "chosen": "yes.", "rejected": "no."},
-            b'{"prompt": "' + b"x" * 5000 + b'"}', pair("D?", "y.", "n.")]  # fmt: skip
+    rows = [
+        pair("A?", "yes.", "no."),
+        {"prompt": "B?", "chosen": big, "rejected": "no."},
+        pair("C?", "yes.", "no."),
+        {"prompt": big, "chosen": "yes.", "rejected": "no."},
+        b'{"prompt": "' + b"x" * 5000 + b'"}',
+        pair("D?", "y.", "n."),
+    ]
     path = write_jsonl(tmp_path / "big.jsonl", rows)
     seen = []
     real_split = tokenize.split_pair
@@ -272,8 +372,10 @@ def test_oversized_rows_are_rejected_before_tokenizing(tmp_path, tok_dir, monkey
     )
     rejects = [json.loads(line) for line in open(tmp_path / "o" / shards.REJECTS)]
     assert [(r["line"], r["field"], r["reason"]) for r in rejects] == [
-        (2, "chosen", "too_many_bytes"), (4, "prompt", "too_many_bytes"), (5, "<line>", "too_many_bytes"),
-    ]  # fmt: skip
+        (2, "chosen", "too_many_bytes"),
+        (4, "prompt", "too_many_bytes"),
+        (5, "<line>", "too_many_bytes"),
+    ]
     assert rejects[2]["detail"] == "5014 bytes > max_row_bytes 4096"
     assert m["counts"]["written"] == 3 and seen == [
         4,
@@ -282,8 +384,12 @@ def test_oversized_rows_are_rejected_before_tokenizing(tmp_path, tok_dir, monkey
     ]  # the big rows never reached the tokenizer
     per_token = tokenize.longest_token_bytes(tokenize.load_tokenizer(tok_dir))
     fits = pair("E?", "y" * (128 * per_token), "n.")  # the byte bound never rejects text that fits
-    m = prepare.prepare(write_jsonl(tmp_path / "fit.jsonl", [fits]), tok_dir, str(tmp_path / "f"),
-                        prepare.Settings(max_length=128))  # fmt: skip
+    m = prepare.prepare(
+        write_jsonl(tmp_path / "fit.jsonl", [fits]),
+        tok_dir,
+        str(tmp_path / "f"),
+        prepare.Settings(max_length=128),
+    )
     assert m["counts"]["rejected_by_reason"] == {"completion_too_long": 1}
 
 
@@ -291,12 +397,18 @@ def test_oversized_rows_are_rejected_before_tokenizing(tmp_path, tok_dir, monkey
 def test_a_huge_row_costs_little_memory(tmp_path, tok_dir):
     path = write_jsonl(tmp_path / "huge.jsonl", [pair("Q?", "word " * (3 << 20), "no.")])  # 15 MB
     # VmHWM: this process's peak resident memory (ru_maxrss would count the forked parent's).
-    code = ("import re, sys; from apo_jax.data import prepare; "
-            "m = prepare.prepare(sys.argv[1], sys.argv[2], sys.argv[3], prepare.Settings(max_length=128)); "
-            "peak = re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read()).group(1); "
-            "print(m['counts']['rejected_by_reason'], peak)")  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", code, path, tok_dir, str(tmp_path / "o")],
-                          capture_output=True, text=True, check=True)  # fmt: skip
+    code = (
+        "import re, sys; from apo_jax.data import prepare; "
+        "m = prepare.prepare(sys.argv[1], sys.argv[2], sys.argv[3], prepare.Settings(max_length=128)); "
+        "peak = re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read()).group(1); "
+        "print(m['counts']['rejected_by_reason'], peak)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, path, tok_dir, str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     reasons, peak_kb = proc.stdout.rsplit(" ", 1)
     assert reasons == "{'too_many_bytes': 1}"
     assert int(peak_kb) < 600_000  # about 150 MB; tokenizing the row took about 2.3 GB
@@ -308,8 +420,12 @@ def test_special_token_text_is_rejected_never_encoded(tmp_path, tok_dir, where):
     row = {"prompt": "Q?", "chosen": "yes.", "rejected": "no.", "sys": "Be brief."}
     row["sys" if where == "system" else where] = forged
     fields = schema.FieldMap(system="sys")
-    m = prepare.prepare(write_jsonl(tmp_path / "x.jsonl", [row, pair("Q?", "yes.", "no.")]), tok_dir,
-                        str(tmp_path / "o"), prepare.Settings(fields=fields))  # fmt: skip
+    m = prepare.prepare(
+        write_jsonl(tmp_path / "x.jsonl", [row, pair("Q?", "yes.", "no.")]),
+        tok_dir,
+        str(tmp_path / "o"),
+        prepare.Settings(fields=fields),
+    )
     [reject] = [json.loads(line) for line in open(tmp_path / "o" / shards.REJECTS)]
     field = {"prompt": "prompt[1].content", "system": "prompt[0].content"}.get(where, where)
     assert (reject["field"], reject["reason"]) == (field, "special_token_in_text")

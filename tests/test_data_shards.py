@@ -29,9 +29,10 @@ def _damage(path, *, truncate_to=None, flip_at=None):
 def test_manifest_records_size_and_hashes_of_every_shard(small_shards):
     entries = shards.read_manifest(small_shards)["shards"]
     assert [(e["file"], e["records"]) for e in entries] == [
-        ("pairs-00000.array_record", 16), ("pairs-00001.array_record", 16),
+        ("pairs-00000.array_record", 16),
+        ("pairs-00001.array_record", 16),
         ("pairs-00002.array_record", 8),
-    ]  # fmt: skip
+    ]
     for e in entries:
         path = os.path.join(small_shards, e["file"])
         assert e["bytes"] == os.path.getsize(path) and e["sha256"] == shards.file_sha256(path)

@@ -68,22 +68,35 @@ def test_demo_learns_held_out_preferences_and_shows_samples_before_and_after(tmp
     assert sum(r["correct"] for r in before) >= 10
     assert sum(legible(r) for r in after) >= 8, [r["response"] for r in after]
     text = cli.summary_text(summary)
-    assert re.search(r"before training \(step 0\): \d+ of 64 held-out prompts answered right "
-                     r"\(accuracy 0\.\d{3}\)", text), text  # fmt: skip
+    assert re.search(
+        r"before training \(step 0\): \d+ of 64 held-out prompts answered right "
+        r"\(accuracy 0\.\d{3}\)",
+        text,
+    ), text
     assert re.search(r"after training \(step 93\): \d+ of 64 held-out prompts", text), text
     assert text.count("    before: ") == text.count("    after: ") == 3, text
 
 
 def _rows(responses, correct):
-    return [{"prompt": f"What is {i} + 1?", "response": r, "correct": c}
-            for i, (r, c) in enumerate(zip(responses, correct, strict=True))]  # fmt: skip
+    return [
+        {"prompt": f"What is {i} + 1?", "response": r, "correct": c}
+        for i, (r, c) in enumerate(zip(responses, correct, strict=True))
+    ]
 
 
 def test_summary_prints_the_accuracy_before_and_after_and_both_answers():
-    s = {"loss": "apo_down", "data": "d", "steps": 9, "skipped": 0, "seconds": 1.0,
-         "tokens_per_sec": 1.0, "checkpoint": "c", "samples_step": 9,
-         "samples_before": _rows(["a0", "a1", "a2", "a3"], [True, False, False, False]),
-         "samples": _rows(["b0", "b1", "b2", "b3"], [True, True, False, False])}  # fmt: skip
+    s = {
+        "loss": "apo_down",
+        "data": "d",
+        "steps": 9,
+        "skipped": 0,
+        "seconds": 1.0,
+        "tokens_per_sec": 1.0,
+        "checkpoint": "c",
+        "samples_step": 9,
+        "samples_before": _rows(["a0", "a1", "a2", "a3"], [True, False, False, False]),
+        "samples": _rows(["b0", "b1", "b2", "b3"], [True, True, False, False]),
+    }
     text = cli.summary_text(s)
     assert (
         "  before training (step 0): 1 of 4 held-out prompts answered right (accuracy 0.250)"

@@ -44,15 +44,33 @@ OUTPUT_FLAGS = ("--out", "--output", "--workdir")  # what these name is written,
 N_TRAIN, N_EVAL = 64, 32  # the sandbox's demo data
 # Flags appended to every run of a module: sizes only (a later flag wins over the doc's).
 SIZES = {
-    "apo_jax.train": [f"--config.demo.n_train={N_TRAIN}", f"--config.demo.n_eval={N_EVAL}",
-                      "--config.num_steps=2", "--config.batch_size=8", "--config.eval_batches=1",
-                      "--config.samples.max_new_tokens=8", "--config.demo.warm_start_steps=2"],
-    "apo_jax.reference": [f"--config.demo.n_train={N_TRAIN}", f"--config.demo.n_eval={N_EVAL}",
-                          "--config.batch_size=8", "--config.demo.warm_start_steps=2"],
+    "apo_jax.train": [
+        f"--config.demo.n_train={N_TRAIN}",
+        f"--config.demo.n_eval={N_EVAL}",
+        "--config.num_steps=2",
+        "--config.batch_size=8",
+        "--config.eval_batches=1",
+        "--config.samples.max_new_tokens=8",
+        "--config.demo.warm_start_steps=2",
+    ],
+    "apo_jax.reference": [
+        f"--config.demo.n_train={N_TRAIN}",
+        f"--config.demo.n_eval={N_EVAL}",
+        "--config.batch_size=8",
+        "--config.demo.warm_start_steps=2",
+    ],
     "apo_jax.eval": ["--max_new_tokens=8"],
-    "apo_jax.lab": ["--seeds=1", "--n_sft=64", "--sft_steps=4", "--pair_prompts=16",
-                    "--pairs=8", "--heldout=8", "--steps=2", "--batch_size=4"],
-}  # fmt: skip
+    "apo_jax.lab": [
+        "--seeds=1",
+        "--n_sft=64",
+        "--sft_steps=4",
+        "--pair_prompts=16",
+        "--pairs=8",
+        "--heldout=8",
+        "--steps=2",
+        "--batch_size=4",
+    ],
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,8 +157,9 @@ def _section(doc: str, heading: str) -> list[DocCommand]:
         lines = f.read().splitlines()
     first = lines.index(heading) + 1
     level = heading.split()[0] + " "
-    last = next((i + 1 for i in range(first, len(lines)) if lines[i].startswith(level)),
-                len(lines) + 1)  # fmt: skip
+    last = next(
+        (i + 1 for i in range(first, len(lines)) if lines[i].startswith(level)), len(lines) + 1
+    )
     return [c for c in COMMANDS if c.doc == doc and first < c.line < last]
 
 
@@ -161,8 +180,9 @@ def _first_of_each_module() -> list[DocCommand]:
 
 
 FAST_RUNS = _first_of_each_module()
-SLOW_RUNS = [c for c in COMMANDS[1:]
-             if not c.why_not_run and c not in FAST_RUNS and c not in REAL_MODEL]  # fmt: skip
+SLOW_RUNS = [
+    c for c in COMMANDS[1:] if not c.why_not_run and c not in FAST_RUNS and c not in REAL_MODEL
+]
 
 
 # The sandbox: what each placeholder path of the docs holds (glob patterns, relative to the
@@ -199,15 +219,15 @@ PLACES = {
             ],
         }
         for r in s.pairs
-    ],  # fmt: skip
+    ],
     "alpaca/alpaca_eval.json": lambda s: [{"instruction": r["prompt"]} for r in s.pairs],
     "arena-hard-auto/data/*/question.jsonl": lambda s: [
         {"uid": str(i), "prompt": r["prompt"]} for i, r in enumerate(s.pairs)
-    ],  # fmt: skip
+    ],
     "mixeval_hard.jsonl": lambda s: [
         {"id": str(i), "formated_input": r["prompt"], "problem_type": "free-form"}
         for i, r in enumerate(s.pairs)
-    ],  # fmt: skip
+    ],
 }
 
 
@@ -364,12 +384,16 @@ def test_the_docs_have_commands_and_marks_say_why():
     modules = {c.module for c in COMMANDS}
     assert {"apo_jax.train", "apo_jax.eval", "apo_jax.data.prepare", "apo_jax.lab"} <= modules
     assert QUICK_START.doc == "README.md" and QUICK_START.argv[:2] == (
-        "apo_jax.train", "--config=configs/apo_down.py")  # fmt: skip
+        "apo_jax.train",
+        "--config=configs/apo_down.py",
+    )
     marked = [c for c in COMMANDS if c.why_not_run]
     assert all(len(c.why_not_run) > 5 for c in marked), marked
     assert len(marked) < len(COMMANDS) / 2, f"{len(marked)} of {len(COMMANDS)} commands marked"
-    print(f"\n{len(COMMANDS)} apo_jax commands, {len(marked)} marked not run "
-          f"({', '.join(c.id for c in marked)}); {len(OTHERS)} other programs' steps")  # fmt: skip
+    print(
+        f"\n{len(COMMANDS)} apo_jax commands, {len(marked)} marked not run "
+        f"({', '.join(c.id for c in marked)}); {len(OTHERS)} other programs' steps"
+    )
 
 
 def test_the_quick_start_runs(sandbox):
@@ -448,10 +472,18 @@ def test_the_real_model_quick_start_runs_in_order(sandbox):
     """README's real-model section, command after command in one fresh directory: only the named
     model and the shipped files are placed; every other input is an earlier command's output."""
     modules = [c.module for c in REAL_MODEL]
-    assert {"apo_jax.models.convert", "apo_jax.data.prepare", "apo_jax.train",
-            "apo_jax.eval"} <= set(modules) and not any(c.why_not_run for c in REAL_MODEL)  # fmt: skip
-    outputs = [a.split("=", 1)[1] for c in REAL_MODEL for a in c.argv[1:]
-               if a.split("=", 1)[0] in OUTPUT_FLAGS]  # fmt: skip
+    assert {
+        "apo_jax.models.convert",
+        "apo_jax.data.prepare",
+        "apo_jax.train",
+        "apo_jax.eval",
+    } <= set(modules) and not any(c.why_not_run for c in REAL_MODEL)
+    outputs = [
+        a.split("=", 1)[1]
+        for c in REAL_MODEL
+        for a in c.argv[1:]
+        if a.split("=", 1)[0] in OUTPUT_FLAGS
+    ]
     cwd = tempfile.mkdtemp(prefix="real-", dir=sandbox.root)
     _fill(sandbox, cwd, REAL_MODEL, made=tuple(outputs))
     for c in REAL_MODEL:

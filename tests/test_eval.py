@@ -35,9 +35,13 @@ def greedy_run(model, tmp_path_factory):
     rows = demo_prompts(10)
     src = write_jsonl(str(tmp / "prompts.jsonl"), rows)
     s = runner.Settings(
-        model=path, prompts=src, out=str(tmp / "out"), batch_size=4,
-        sampling=Sampling(max_new_tokens=N_NEW), checker="apo_jax.eval.checkers:demo",
-    )  # fmt: skip
+        model=path,
+        prompts=src,
+        out=str(tmp / "out"),
+        batch_size=4,
+        sampling=Sampling(max_new_tokens=N_NEW),
+        checker="apo_jax.eval.checkers:demo",
+    )
     summary = runner.run(s)
     return rows, summary, _read_jsonl(tmp / "out" / "generations.jsonl"), s
 
@@ -85,15 +89,29 @@ def test_bad_rows_go_to_rejects_with_reasons(model, tmp_path):
     ]
     src = write_jsonl(str(tmp_path / "p.jsonl"), rows)
     out = tmp_path / "out"
-    summary = runner.run(runner.Settings(model=model[0], prompts=src, out=str(out), batch_size=2,
-                                         sampling=Sampling(max_new_tokens=N_NEW)))  # fmt: skip
+    summary = runner.run(
+        runner.Settings(
+            model=model[0],
+            prompts=src,
+            out=str(out),
+            batch_size=2,
+            sampling=Sampling(max_new_tokens=N_NEW),
+        )
+    )
     rejects = _read_jsonl(out / "rejects.jsonl")
     assert [(r["index"], r["reason"]) for r in rejects] == [
-        (1, prompts.MALFORMED_JSON), (2, prompts.LAST_TURN_NOT_USER),
-        (3, prompts.PROMPT_AND_MESSAGES), (4, prompts.NO_PROMPT), (5, prompts.EMPTY_PROMPT),
-        (6, prompts.PROMPT_NOT_STRING), (7, prompts.DUPLICATE_ID), (8, prompts.BAD_ID),
-        (9, prompts.BAD_MESSAGES), (10, prompts.PROMPT_TOO_LONG), (11, prompts.NOT_AN_OBJECT),
-    ]  # fmt: skip
+        (1, prompts.MALFORMED_JSON),
+        (2, prompts.LAST_TURN_NOT_USER),
+        (3, prompts.PROMPT_AND_MESSAGES),
+        (4, prompts.NO_PROMPT),
+        (5, prompts.EMPTY_PROMPT),
+        (6, prompts.PROMPT_NOT_STRING),
+        (7, prompts.DUPLICATE_ID),
+        (8, prompts.BAD_ID),
+        (9, prompts.BAD_MESSAGES),
+        (10, prompts.PROMPT_TOO_LONG),
+        (11, prompts.NOT_AN_OBJECT),
+    ]
     assert rejects[6]["id"] == 0 and rejects[1]["line"] == 3
     c = summary["counts"]
     assert c["read"] == len(rows) == c["prompts"] + c["rejected"]
@@ -106,8 +124,14 @@ def test_export_rows_are_checked_before_generating(model, tmp_path):
     from apo_jax.eval.exports import ExportError
 
     src = write_jsonl(str(tmp_path / "p.jsonl"), demo_prompts(3))
-    s = runner.Settings(model=model[0], prompts=src, out=str(tmp_path / "out"), batch_size=2,
-                        sampling=Sampling(max_new_tokens=N_NEW), formats=("mixeval",))  # fmt: skip
+    s = runner.Settings(
+        model=model[0],
+        prompts=src,
+        out=str(tmp_path / "out"),
+        batch_size=2,
+        sampling=Sampling(max_new_tokens=N_NEW),
+        formats=("mixeval",),
+    )
     with pytest.raises(ExportError, match="row id 'q0' has no problem_type"):
         runner.run(s)
     assert not (tmp_path / "out" / "progress.jsonl").exists()
@@ -118,8 +142,9 @@ def test_killed_run_resumes_without_regenerating(model, tmp_path):
     sampling = Sampling(max_new_tokens=N_NEW, temperature=1.0, top_p=0.9, num_samples=2, seed=3)
 
     def settings(out):
-        return runner.Settings(model=model[0], prompts=src, out=str(tmp_path / out), batch_size=4,
-                               sampling=sampling)  # fmt: skip
+        return runner.Settings(
+            model=model[0], prompts=src, out=str(tmp_path / out), batch_size=4, sampling=sampling
+        )
 
     whole = runner.run(settings("whole"))
 
@@ -142,8 +167,14 @@ def test_killed_run_resumes_without_regenerating(model, tmp_path):
     again = runner.run(settings("killed"))  # nothing left to do: the model is not even loaded
     assert again["counts"]["generated"] == 0 and again["generation"]["tokens"] == 0
     with pytest.raises(progress.ResumeError, match="temperature"):
-        runner.run(runner.Settings(model=model[0], prompts=src, out=str(tmp_path / "killed"),
-                                   sampling=Sampling(max_new_tokens=N_NEW)))  # fmt: skip
+        runner.run(
+            runner.Settings(
+                model=model[0],
+                prompts=src,
+                out=str(tmp_path / "killed"),
+                sampling=Sampling(max_new_tokens=N_NEW),
+            )
+        )
 
 
 def test_sample_is_the_training_hooks_call(model, greedy_run):
@@ -154,8 +185,15 @@ def test_sample_is_the_training_hooks_call(model, greedy_run):
     rows, _, gens, _ = greedy_run
     jax_model, _ = load_hf(path)
     stops = generation.stop_token_ids(tok, path)
-    got = generation.sample(jax_model, tok, rows[:3], sampling=Sampling(max_new_tokens=N_NEW),
-                            batch_size=4, stop_tokens=stops, checker=checkers.demo)  # fmt: skip
+    got = generation.sample(
+        jax_model,
+        tok,
+        rows[:3],
+        sampling=Sampling(max_new_tokens=N_NEW),
+        batch_size=4,
+        stop_tokens=stops,
+        checker=checkers.demo,
+    )
     assert got == gens[:3]
     with pytest.raises(ValueError, match="empty_prompt"):
         generation.sample(jax_model, tok, ["  "])
@@ -163,8 +201,17 @@ def test_sample_is_the_training_hooks_call(model, greedy_run):
 
 def test_bucket_lengths_bound_the_compiled_shapes():
     assert [generation.bucket_length(n) for n in (1, 16, 17, 33, 49, 65, 97, 129, 193, 257)] == [
-        16, 16, 32, 48, 64, 96, 128, 192, 256, 384,
-    ]  # fmt: skip
+        16,
+        16,
+        32,
+        48,
+        64,
+        96,
+        128,
+        192,
+        256,
+        384,
+    ]
     assert len({generation.bucket_length(n) for n in range(1, 4097)}) == 16
     assert all(generation.bucket_length(n) < 1.5 * n for n in range(33, 5000))
     plan = generation.plan_batches({(0, 0): 9, (1, 0): 3, (2, 0): 5, (3, 0): 3}, 3)
@@ -184,10 +231,19 @@ def test_workdir_without_export_and_bad_flags_are_one_line_errors(tmp_path):
         Sampling(num_samples=2).check()
     env = {**os.environ, "PYTHONPATH": ROOT}
     proc = subprocess.run(
-        [sys.executable, "-m", "apo_jax.eval", f"--model={tmp_path / 'run'}",
-         f"--prompts={tmp_path / 'p.jsonl'}", f"--out={tmp_path / 'o'}"],
-        capture_output=True, text=True, env=env, cwd=ROOT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "apo_jax.eval",
+            f"--model={tmp_path / 'run'}",
+            f"--prompts={tmp_path / 'p.jsonl'}",
+            f"--out={tmp_path / 'o'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --model=") and "hf" in lines[0]
@@ -208,11 +264,26 @@ def test_command_sharded_over_4_devices_gives_the_same_responses(model, greedy_r
     }
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "apo_jax.eval", f"--model={model[0]}", f"--prompts={src}",
-         f"--out={out}", f"--max_new_tokens={N_NEW}", "--batch_size=4", "--mesh_data=2",
-         "--mesh_tensor=2", "--format=alpaca_eval,arena_hard,mixeval", "--model_name=tiny"],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "apo_jax.eval",
+            f"--model={model[0]}",
+            f"--prompts={src}",
+            f"--out={out}",
+            f"--max_new_tokens={N_NEW}",
+            "--batch_size=4",
+            "--mesh_data=2",
+            "--mesh_tensor=2",
+            "--format=alpaca_eval,arena_hard,mixeval",
+            "--model_name=tiny",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert _read_jsonl(out / "generations.jsonl") == [
         {k: v for k, v in g.items() if k != "correct"} for g in gens
@@ -220,8 +291,12 @@ def test_command_sharded_over_4_devices_gives_the_same_responses(model, greedy_r
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
     alpaca = json.loads((out / "alpaca_eval.json").read_text())
-    assert alpaca[0] == {"instruction": rows[0]["prompt"], "output": gens[0]["response"],
-                         "generator": "tiny", "dataset": "demo"}  # fmt: skip
+    assert alpaca[0] == {
+        "instruction": rows[0]["prompt"],
+        "output": gens[0]["response"],
+        "generator": "tiny",
+        "dataset": "demo",
+    }
     assert alpaca[3]["instruction"] == rows[3]["messages"][-1]["content"]
     arena = _read_jsonl(out / "arena_hard" / "tiny.jsonl")
     assert arena[0]["uid"] == "q0" and arena[0]["model"] == "tiny"
@@ -235,8 +310,10 @@ def test_command_sharded_over_4_devices_gives_the_same_responses(model, greedy_r
     mc = _read_jsonl(base / "tiny_close_multichoice_hard.jsonl")
     assert len(ff) == len(mc) == 5
     assert ff[0] == {**rows[1], "response": gens[1]["response"]}
-    assert summary["exports"]["mixeval"] == [str(base / "tiny_close_freeform_hard.jsonl"),
-                                             str(base / "tiny_close_multichoice_hard.jsonl")]  # fmt: skip
+    assert summary["exports"]["mixeval"] == [
+        str(base / "tiny_close_freeform_hard.jsonl"),
+        str(base / "tiny_close_multichoice_hard.jsonl"),
+    ]
 
 
 def test_rerun_with_a_judge_scores_without_regenerating(greedy_run, tmp_path):
@@ -246,8 +323,9 @@ def test_rerun_with_a_judge_scores_without_regenerating(greedy_run, tmp_path):
     from apo_jax.eval import judge
 
     rows, _, gens, s = greedy_run
-    baseline = write_jsonl(str(tmp_path / "base.jsonl"), [{**g, "response": g["response"] + "!"}
-                                                          for g in gens[:8]])  # fmt: skip
+    baseline = write_jsonl(
+        str(tmp_path / "base.jsonl"), [{**g, "response": g["response"] + "!"} for g in gens[:8]]
+    )
     with loopback_server(lambda body: chat_reply("[[A]]")) as url:
         js = judge.JudgeSettings(baseline=baseline, url=url, model="j", baseline_name="sft")
         summary = runner.run(dataclasses.replace(s, judge=js))

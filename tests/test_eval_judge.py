@@ -56,8 +56,15 @@ def _inputs(tmp_path):
     examples, rows, base = [], [], []
     for i, (key, (mine, theirs)) in enumerate(CASES.items()):
         examples.append(prompts.parse({"id": key, "prompt": f"question {key}"}, i))
-        rows.append({"id": key, "prompt": f"question {key}", "response": mine, "num_tokens": 3,
-                     "finish_reason": "stop"})  # fmt: skip
+        rows.append(
+            {
+                "id": key,
+                "prompt": f"question {key}",
+                "response": mine,
+                "num_tokens": 3,
+                "finish_reason": "stop",
+            }
+        )
         base.append({"id": key, "response": theirs, "num_tokens": 5})
     examples.append(prompts.parse({"id": "only_ours", "prompt": "q"}, len(examples)))
     rows.append({"id": "only_ours", "prompt": "q", "response": "x", "num_tokens": 1})
@@ -69,8 +76,15 @@ def _inputs(tmp_path):
 
 def test_win_rate_judges_both_orders_and_survives_malformed_replies(server, tmp_path):
     examples, rows, baseline = _inputs(tmp_path)
-    s = judge.JudgeSettings(baseline=baseline, url=server, model="judge", baseline_name="sft",
-                            concurrency=2, max_retries=2, backoff_base=0.01)  # fmt: skip
+    s = judge.JudgeSettings(
+        baseline=baseline,
+        url=server,
+        model="judge",
+        baseline_name="sft",
+        concurrency=2,
+        max_retries=2,
+        backoff_base=0.01,
+    )
     got = judge.run(s, str(tmp_path), examples, rows)
     for mine, theirs in CASES.values():  # every pair asked in both orders
         assert SEEN.count((mine, theirs)) >= 1 and SEEN.count((theirs, mine)) >= 1
@@ -97,8 +111,13 @@ def test_win_rate_judges_both_orders_and_survives_malformed_replies(server, tmp_
 
 def test_failed_requests_are_counted_not_scored(tmp_path):
     examples, rows, baseline = _inputs(tmp_path)
-    s = judge.JudgeSettings(baseline=baseline, url="http://127.0.0.1:9/v1", model="judge",
-                            max_retries=0, backoff_base=0.01)  # fmt: skip
+    s = judge.JudgeSettings(
+        baseline=baseline,
+        url="http://127.0.0.1:9/v1",
+        model="judge",
+        max_retries=0,
+        backoff_base=0.01,
+    )
     got = judge.run(s, str(tmp_path), examples, rows)
     assert got["requests_failed"] == 12 and got["pairs_scored"] == 0 and got["win_rate"] is None
     with pytest.raises(judge.JudgeError, match="--judge_url"):
@@ -108,13 +127,23 @@ def test_failed_requests_are_counted_not_scored(tmp_path):
 @pytest.mark.parametrize(
     "text, want",
     [
-        ("[[A]]", "A"), ("so... [[ b ]]", "B"), ("[[TIE]]", "tie"), ("[[C]]", "tie"),
-        ("My final verdict is tie: [[A=B]]", "tie"), ("[[B>A]]", "B"), ("[[A>>B]]", "A"),
-        ("[[A<B]]", "B"), ("[[A]] at first, but on reflection [[B]]", "B"),
-        ("Final verdict: Reply B", "B"), ("verdict - **A**", "A"), ("Verdict: tie", "tie"),
-        ("A seems better.", None), ("", None), ("[[maybe]]", None),
+        ("[[A]]", "A"),
+        ("so... [[ b ]]", "B"),
+        ("[[TIE]]", "tie"),
+        ("[[C]]", "tie"),
+        ("My final verdict is tie: [[A=B]]", "tie"),
+        ("[[B>A]]", "B"),
+        ("[[A>>B]]", "A"),
+        ("[[A<B]]", "B"),
+        ("[[A]] at first, but on reflection [[B]]", "B"),
+        ("Final verdict: Reply B", "B"),
+        ("verdict - **A**", "A"),
+        ("Verdict: tie", "tie"),
+        ("A seems better.", None),
+        ("", None),
+        ("[[maybe]]", None),
     ],
-)  # fmt: skip
+)
 def test_parser_tolerates_verdict_styles(text, want):
     assert parse_verdict(text) == want
 
@@ -122,13 +151,21 @@ def test_parser_tolerates_verdict_styles(text, want):
 def test_judge_key_rules_are_checked_before_any_request(tmp_path, monkeypatch):
     _, _, baseline = _inputs(tmp_path)
     monkeypatch.delenv("APO_JAX_TEST_JUDGE_KEY", raising=False)
-    missing = judge.JudgeSettings(baseline=baseline, url="http://127.0.0.1:9/v1", model="j",
-                                  api_key_env="APO_JAX_TEST_JUDGE_KEY")  # fmt: skip
+    missing = judge.JudgeSettings(
+        baseline=baseline,
+        url="http://127.0.0.1:9/v1",
+        model="j",
+        api_key_env="APO_JAX_TEST_JUDGE_KEY",
+    )
     with pytest.raises(keys.ApiKeyError, match=r"\$APO_JAX_TEST_JUDGE_KEY is not set"):
         judge.check(missing)
     monkeypatch.setenv("APO_JAX_TEST_JUDGE_KEY", "sk-secret")
     judge.check(missing)  # set now, and loopback http may carry it
-    remote = judge.JudgeSettings(baseline=baseline, url="http://judge.example:8000/v1", model="j",
-                                 api_key_env="APO_JAX_TEST_JUDGE_KEY")  # fmt: skip
+    remote = judge.JudgeSettings(
+        baseline=baseline,
+        url="http://judge.example:8000/v1",
+        model="j",
+        api_key_env="APO_JAX_TEST_JUDGE_KEY",
+    )
     with pytest.raises(keys.ApiKeyError, match="http"):
         judge.check(remote)

@@ -32,10 +32,21 @@ def hf_config(family: str, **kw):
     """A tiny transformers config of the family (keyword args override)."""
     import transformers
 
-    common = dict(vocab_size=V, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=12,
-                  max_position_embeddings=128, initializer_range=0.3, rms_norm_eps=1e-6,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    common = dict(
+        vocab_size=V,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,
+        max_position_embeddings=128,
+        initializer_range=0.3,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     if family == "qwen2":
         common.update(rope_parameters={"rope_type": "default", "rope_theta": 1e6})
         common.update(tie_word_embeddings=True)
@@ -44,8 +55,10 @@ def hf_config(family: str, **kw):
         return transformers.Qwen3Config(**{**common, **kw})
     if family == "mistral":
         return transformers.MistralConfig(**{**common, "sliding_window": 5, **kw})
-    rope = {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e5},
-            "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}  # fmt: skip
+    rope = {
+        "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e5},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+    }
     common.update(sliding_window=4, query_pre_attn_scalar=20, rope_parameters=rope)
     common.update(layer_types=["sliding_attention", "full_attention", "sliding_attention"])
     return transformers.Gemma3TextConfig(**{**common, **kw})
@@ -261,12 +274,23 @@ def test_multimodal_gemma3_checkpoint_loads_its_text_decoder(tmp_path):
     import torch
     import transformers
 
-    vision = dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32,
-                  num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)  # fmt: skip
+    vision = dict(
+        model_type="siglip_vision_model",
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
     cfg = transformers.Gemma3Config(
-        text_config=hf_config("gemma3").to_dict(), vision_config=vision, mm_tokens_per_image=4,
-        boi_token_index=V - 3, eoi_token_index=V - 2, image_token_index=V - 1,
-    )  # fmt: skip
+        text_config=hf_config("gemma3").to_dict(),
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        boi_token_index=V - 3,
+        eoi_token_index=V - 2,
+        image_token_index=V - 1,
+    )
     torch.manual_seed(1)
     hf_model = transformers.Gemma3ForConditionalGeneration(cfg).eval()
     with torch.no_grad():

@@ -61,15 +61,31 @@ MISTRAL = (
 )
 
 SPEC = {
-    "qwen2": (QWEN, dict(eos_token="<|im_end|>", pad_token="<|endoftext|>"),
-              ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|im_end|>"),
-    "qwen3": (QWEN3, dict(eos_token="<|im_end|>", pad_token="<|endoftext|>"),
-              ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|im_end|>"),
-    "gemma3": (GEMMA3, dict(bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"),
-               ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"], "<end_of_turn>"),
-    "mistral": (MISTRAL, dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>"),
-                ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"], "</s>"),
-}  # fmt: skip
+    "qwen2": (
+        QWEN,
+        dict(eos_token="<|im_end|>", pad_token="<|endoftext|>"),
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        "<|im_end|>",
+    ),
+    "qwen3": (
+        QWEN3,
+        dict(eos_token="<|im_end|>", pad_token="<|endoftext|>"),
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        "<|im_end|>",
+    ),
+    "gemma3": (
+        GEMMA3,
+        dict(bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"),
+        ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
+        "<end_of_turn>",
+    ),
+    "mistral": (
+        MISTRAL,
+        dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>"),
+        ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"],
+        "</s>",
+    ),
+}
 TEXTS = ["What is 2 + 3?", "2 + 3 = 5.", "2 + 3 = 6.", "Be exact.", "Let me add them."] * 4
 
 
@@ -89,9 +105,11 @@ def family_tokenizer(tmp_path_factory):
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tk.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=300, special_tokens=specials, show_progress=False,
+            vocab_size=300,
+            special_tokens=specials,
+            show_progress=False,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        )  # fmt: skip
+        )
         tk.train_from_iterator(TEXTS, trainer=trainer)
         fast = PreTrainedTokenizerFast(tokenizer_object=tk, chat_template=template, **tokens)
         if family == "qwen3":

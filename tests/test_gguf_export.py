@@ -70,13 +70,29 @@ def test_llama_export_loads_in_transformers_with_equal_logits(tmp_path, capsys):
         2,
     ]
     assert meta(out, "tokenizer.chat_template") == CHATML
-    hparams = {k: meta(out, f"llama.{k}") for k in ("context_length", "embedding_length",
-               "block_count", "feed_forward_length", "attention.head_count",
-               "attention.head_count_kv", "rope.dimension_count", "rope.freq_base")}  # fmt: skip
-    assert hparams == {"context_length": 256, "embedding_length": 64, "block_count": 2,
-                       "feed_forward_length": 128, "attention.head_count": 4,
-                       "attention.head_count_kv": 2, "rope.dimension_count": 16,
-                       "rope.freq_base": 1e5}  # fmt: skip
+    hparams = {
+        k: meta(out, f"llama.{k}")
+        for k in (
+            "context_length",
+            "embedding_length",
+            "block_count",
+            "feed_forward_length",
+            "attention.head_count",
+            "attention.head_count_kv",
+            "rope.dimension_count",
+            "rope.freq_base",
+        )
+    }
+    assert hparams == {
+        "context_length": 256,
+        "embedding_length": 64,
+        "block_count": 2,
+        "feed_forward_length": 128,
+        "attention.head_count": 4,
+        "attention.head_count_kv": 2,
+        "rope.dimension_count": 16,
+        "rope.freq_base": 1e5,
+    }
     again = str(tmp_path / "again")  # our own reader takes it back bit for bit
     convert.gguf_to_hf_dir(out, again)
     a, b = (SafetensorsFile(os.path.join(d, "model.safetensors")) for d in (hf_dir, again))

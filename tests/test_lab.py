@@ -54,8 +54,12 @@ def test_reviser_fixes_only_wrong_answers_through_the_clair_builder():
         )
 
     rows = _rows(30)
-    result = builders.build_clair(rows, builders.Role(_Fixed(taught_answer)),
-                                  builders.Role(backends.Reviser()), ledger.BuildResult())  # fmt: skip
+    result = builders.build_clair(
+        rows,
+        builders.Role(_Fixed(taught_answer)),
+        builders.Role(backends.Reviser()),
+        ledger.BuildResult(),
+    )
     wrong = [r for r in rows if not world.correct(r.prompt, taught_answer(r.prompt, 0))]
     assert sorted(result.pairs) == [r.line for r in wrong]
     assert {r["reason"] for r in result.rejects.values()} == {ledger.UNCHANGED_REVISION}
@@ -76,9 +80,13 @@ def test_checker_judge_prefers_the_right_sample_and_has_no_preference_on_ties():
         )
 
     rows = _rows(60)
-    result = builders.build_onpolicy_judge(rows, builders.Role(_Fixed(sample), {"seed": 0}),
-                                           builders.Role(backends.CheckerJudge()),
-                                           ledger.BuildResult(), seed=0)  # fmt: skip
+    result = builders.build_onpolicy_judge(
+        rows,
+        builders.Role(_Fixed(sample), {"seed": 0}),
+        builders.Role(backends.CheckerJudge()),
+        ledger.BuildResult(),
+        seed=0,
+    )
     arith = [p for p in result.pairs.values() if world.solve(p["prompt"]).kind == "arith"]
     assert arith and all(world.correct(p["prompt"], p["chosen"][-1]["content"]) for p in arith)
     ties = [p for p in result.pairs.values() if world.solve(p["prompt"]).kind != "arith"]
@@ -138,9 +146,21 @@ def test_flags_name_the_problem():
 @pytest.mark.slow  # the whole lab pipeline, twice
 def test_smoke_end_to_end_then_resume(tmp_path, capsys):
     out = str(tmp_path / "lab")
-    argv = ["lab", f"--out={out}", "--noprogress", "--n_sft=48", "--sft_steps=2",
-            "--pair_prompts=16", "--pairs=4", "--heldout=8", "--steps=1", "--batch_size=4",
-            "--seeds=1", "--sources=clair", "--objectives=apo_zero"]  # fmt: skip
+    argv = [
+        "lab",
+        f"--out={out}",
+        "--noprogress",
+        "--n_sft=48",
+        "--sft_steps=2",
+        "--pair_prompts=16",
+        "--pairs=4",
+        "--heldout=8",
+        "--steps=1",
+        "--batch_size=4",
+        "--seeds=1",
+        "--sources=clair",
+        "--objectives=apo_zero",
+    ]
     assert lab_main.run(argv) == 0
     r = json.load(open(os.path.join(out, "results.json")))
     assert [(c["dataset"], c["objective"], c["seed"]) for c in r["conditions"]] == [

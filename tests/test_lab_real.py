@@ -37,18 +37,23 @@ def test_questions_are_distinct_seeded_and_respect_exclusions():
 WORD = "Tom has 12 books and gets 3 more. How many books does Tom have now?"
 
 
-@pytest.mark.parametrize("response,want", [
-    # the wrong intermediate result and the final answer, nothing else
-    ("Tom has 12 books and gets 3 more, so he has a total of 12 + 3 = 16 books.",
-     "Tom has 12 books and gets 3 more, so he has a total of 12 + 3 = 15 books."),
-    ("12 + 3 = 16. So Tom has 16 books now.", "12 + 3 = 15. So Tom has 15 books now."),
-    # right arithmetic, wrong final statement
-    ("12 + 3 = 15, so Tom has 14 books.", "12 + 3 = 15, so Tom has 15 books."),
-    # no final answer at all: the text is kept and the answer appended
-    ("Tom likes books.", "Tom likes books. The answer is 15."),
-    # right: unchanged
-    ("Tom has 15 books now.", "Tom has 15 books now."),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "response,want",
+    [
+        # the wrong intermediate result and the final answer, nothing else
+        (
+            "Tom has 12 books and gets 3 more, so he has a total of 12 + 3 = 16 books.",
+            "Tom has 12 books and gets 3 more, so he has a total of 12 + 3 = 15 books.",
+        ),
+        ("12 + 3 = 16. So Tom has 16 books now.", "12 + 3 = 15. So Tom has 15 books now."),
+        # right arithmetic, wrong final statement
+        ("12 + 3 = 15, so Tom has 14 books.", "12 + 3 = 15, so Tom has 15 books."),
+        # no final answer at all: the text is kept and the answer appended
+        ("Tom likes books.", "Tom likes books. The answer is 15."),
+        # right: unchanged
+        ("Tom has 15 books now.", "Tom has 15 books now."),
+    ],
+)
 def test_revise_edits_the_response_minimally(response, want):
     assert tasks.revise(WORD, response) == want
     assert tasks.correct(WORD, want)
@@ -78,8 +83,12 @@ def test_clair_pairs_are_edits_of_the_targets_own_answers():
         v = sol.value + (qs.index(q) % 2)
         return f"Well, {sol.fields['a']} + {sol.fields['b']} = {v}, so the total is {v}."
 
-    clair = builders.build_clair(rows, builders.Role(_Fixed(answer)),
-                                 builders.Role(backends.Reviser(w=tasks)), ledger.BuildResult())  # fmt: skip
+    clair = builders.build_clair(
+        rows,
+        builders.Role(_Fixed(answer)),
+        builders.Role(backends.Reviser(w=tasks)),
+        ledger.BuildResult(),
+    )
     assert sorted(clair.pairs) == [r.line for r in rows if qs.index(r.prompt) % 2]
     for pair in clair.pairs.values():
         chosen, rejected = pair["chosen"][-1]["content"], pair["rejected"][-1]["content"]
@@ -119,11 +128,23 @@ def test_real_path_end_to_end_on_a_tiny_random_model(tmp_path):
     from apo_jax.lab import real_run
 
     model_dir, _, _ = make_model_dir(str(tmp_path / "model"))
-    s = real.RealSettings(families=("add", "compare", "word_add"), val_per_family=4,
-                          pair_prompts_per_family=8, test=12, pairs=6, max_new_tokens=8,
-                          max_length=128, steps=2, batch_size=2, sources=("clair",
-                          "stronger_preferred"), objectives=("apo_zero", "sft"), seeds=1,
-                          low=-0.1, high=1.1, eval_batch=16)  # fmt: skip
+    s = real.RealSettings(
+        families=("add", "compare", "word_add"),
+        val_per_family=4,
+        pair_prompts_per_family=8,
+        test=12,
+        pairs=6,
+        max_new_tokens=8,
+        max_length=128,
+        steps=2,
+        batch_size=2,
+        sources=("clair", "stronger_preferred"),
+        objectives=("apo_zero", "sft"),
+        seeds=1,
+        low=-0.1,
+        high=1.1,
+        eval_batch=16,
+    )
     out = str(tmp_path / "lab")
     r = real_run.run(out, s, model_dir, sweep=False, progress=False, command="test")
     assert r["real"]["screen"]["heldout"] == "word_add"
@@ -141,8 +162,11 @@ def test_lr_sweep_picks_the_best_validation_accuracy_and_quick_reads_it(tmp_path
     from apo_jax.lab import real_run
 
     val = {1e-4: 0.2, 5e-4: 0.4, 2e-3: 0.3}
-    monkeypatch.setattr(real, "train_cell", lambda d, s, sd, hf, o, se, lr, path: {
-        "accuracy": val[lr], "seconds": 1.0})  # fmt: skip
+    monkeypatch.setattr(
+        real,
+        "train_cell",
+        lambda d, s, sd, hf, o, se, lr, path: {"accuracy": val[lr], "seconds": 1.0},
+    )
     s = real.RealSettings(lr=2e-3)
     pairs = {"sources": {"clair": {"shards": "clair/shards"}}}
     step = lambda name, key, fn: fn(str(tmp_path / name))  # noqa: E731
@@ -172,8 +196,9 @@ def test_judges_and_offpolicy_rows_read_the_task_families():
             return [self.answer(m[-1]["content"], params["seed"]) for m in messages_list]
 
     judge = builders.Role(backends.CheckerJudge(w=tasks))
-    result = builders.build_onpolicy_judge(rows, builders.Role(Target(answer), {"seed": 0}),
-                                           judge, ledger.BuildResult(), seed=0)  # fmt: skip
+    result = builders.build_onpolicy_judge(
+        rows, builders.Role(Target(answer), {"seed": 0}), judge, ledger.BuildResult(), seed=0
+    )
     for pair in result.pairs.values():
         q = pair["prompt"]
         if qs.index(q) % 2 == 0:  # the right sample wins whatever the shown order

@@ -57,8 +57,11 @@ def test_registry_gives_hashable_layout_objects():
     assert layouts.get("concat") != layouts.get("prefix")
     steps = {ts.StepConfig(layout=layouts.get(n)) for n in layouts.NAMES}  # hashable, distinct
     assert len(steps) == 5
-    with pytest.raises(layouts.LayoutError, match="config.data.layout must be one of concat, "
-                       "prefix, packed, packed_prefix, unpaired, got 'pack'") as e:  # fmt: skip
+    with pytest.raises(
+        layouts.LayoutError,
+        match="config.data.layout must be one of concat, "
+        "prefix, packed, packed_prefix, unpaired, got 'pack'",
+    ) as e:
         layouts.get("pack")
     assert isinstance(e.value, errors.UserError)
     with pytest.raises(ValueError, match="layout must be a layouts.get"):
@@ -74,8 +77,11 @@ def test_checks_name_the_config_fields():
     with pytest.raises(layouts.LayoutError, match="each micro-batch has 6 rows"):
         layouts.get("prefix").check(**ok)  # one row per pair
     PACKED.check(batch_size=8, grad_accum=2, data_ways=4, process_count=2)
-    with pytest.raises(layouts.LayoutError, match=r"its 2 pairs \(config.batch_size 8 / 4 "
-                       r"processes\) do not split into config.grad_accum = 4") as e:  # fmt: skip
+    with pytest.raises(
+        layouts.LayoutError,
+        match=r"its 2 pairs \(config.batch_size 8 / 4 "
+        r"processes\) do not split into config.grad_accum = 4",
+    ) as e:
         PACKED.check(batch_size=8, grad_accum=4, data_ways=1, process_count=4)
     assert "make config.batch_size a multiple of 16" in str(e.value)
     # config_lib maps the layout's check to its ConfigError; packed accepts grad_accum now.
@@ -182,10 +188,14 @@ def _manifest(prompt, chosen, rejected, max_length):
     one = lambda n: {"mean": n, "max": n, "p90": n}  # noqa: E731
     return {
         "settings": {"max_length": max_length},
-        "lengths": {"prompt": one(prompt), "chosen": one(chosen), "rejected": one(rejected),
-                    "row_max": one(prompt + max(chosen, rejected)),
-                    "prefix_row": one(prompt + chosen + rejected)},
-    }  # fmt: skip
+        "lengths": {
+            "prompt": one(prompt),
+            "chosen": one(chosen),
+            "rejected": one(rejected),
+            "row_max": one(prompt + max(chosen, rejected)),
+            "prefix_row": one(prompt + chosen + rejected),
+        },
+    }
 
 
 RUN = dict(seq_len=None, buckets=None, batch_size=16, grad_accum=1, data_ways=1, process_count=1)

@@ -94,11 +94,13 @@ def test_adapters_off_equals_base_log_probs():
 
     @jax.jit
     def run(adapters, frozen, base_params):
-        lora_logps = ts.pair_logps(graphdef, nnx.merge_state(frozen, adapters), batch, online,
-                                   base_params, base_graphdef)  # fmt: skip
+        lora_logps = ts.pair_logps(
+            graphdef, nnx.merge_state(frozen, adapters), batch, online, base_params, base_graphdef
+        )
         base_logps = ts.pair_logps(base_graphdef, base_params, batch, none)
-        metrics = ts.eval_step(adapters, batch, None, frozen, graphdef=graphdef, cfg=online,
-                               ref_graphdef=base_graphdef)  # fmt: skip
+        metrics = ts.eval_step(
+            adapters, batch, None, frozen, graphdef=graphdef, cfg=online, ref_graphdef=base_graphdef
+        )
         return lora_logps, base_logps, metrics
 
     lora_logps, base_logps, metrics = run(adapters, frozen, base_params)
@@ -118,13 +120,16 @@ def test_gradients_and_optimizer_state_cover_the_adapters_only():
     n_adapter = sum(x.size for x in jax.tree.leaves(adapters))
     n_opt = sum(x.size for x in jax.tree.leaves(state.opt_state))
     assert n_opt < 2 * n_adapter + 10  # Adam's two moments of the adapters, nothing of the base
-    step = jax.jit(lambda s, b, f: ts.train_step(s, b, None, f, graphdef=graphdef, tx=tx,
-                                                   cfg=ts.StepConfig()))  # fmt: skip
+    step = jax.jit(
+        lambda s, b, f: ts.train_step(s, b, None, f, graphdef=graphdef, tx=tx, cfg=ts.StepConfig())
+    )
     batch = make_batch()
     new, m = step(state, batch, frozen)
     assert int(new.skipped) == 0 and float(m["grad_norm"]) > 0
-    changed = [not np.array_equal(a, b) for a, b in
-               zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params), strict=True)]  # fmt: skip
+    changed = [
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params), strict=True)
+    ]
     assert all(changed)  # every adapter matrix moved
     for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(frozen), strict=True):
         np.testing.assert_array_equal(a, b)  # the base is an input, never updated
@@ -198,13 +203,26 @@ def test_config_lora_errors_name_the_field():
 
 def _run(workdir, hf_path, shards, tok_dir, steps, **extra):
     o = {
-        "model.hf_path": str(hf_path), "data.train": shards, "data.tokenizer": tok_dir,
-        "data.seq_len": 144, "data.layout": "concat", "batch_size": 4, "num_steps": steps,
-        "log_every": 1, "eval_every": 0, "checkpoint.every": 2, "checkpoint.async_save": False,
-        "progress_bar": False, "lora.rank": 8, "optim.learning_rate": 1e-2,
-        "optim.schedule": "constant", "optim.warmup_steps": 0, "reference.mode": "online",
-        "samples.num_prompts": 0, "plots": False,
-    }  # fmt: skip
+        "model.hf_path": str(hf_path),
+        "data.train": shards,
+        "data.tokenizer": tok_dir,
+        "data.seq_len": 144,
+        "data.layout": "concat",
+        "batch_size": 4,
+        "num_steps": steps,
+        "log_every": 1,
+        "eval_every": 0,
+        "checkpoint.every": 2,
+        "checkpoint.async_save": False,
+        "progress_bar": False,
+        "lora.rank": 8,
+        "optim.learning_rate": 1e-2,
+        "optim.schedule": "constant",
+        "optim.warmup_steps": 0,
+        "reference.mode": "online",
+        "samples.num_prompts": 0,
+        "plots": False,
+    }
     o.update(extra)
     return loop.train_and_evaluate(with_overrides(base_config("apo_down", None), o), workdir)
 

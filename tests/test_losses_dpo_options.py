@@ -93,17 +93,23 @@ def _validate(loss, **overrides):
         ("aot", {"loss.use_weighting": True, "data.layout": "concat"}, "aot"),
         ("dpo", {"loss.ld_alpha": 0.5, "data.layout": "packed"}, "need config.data.layout=concat"),
         ("dpo", {"loss.ld_alpha": 1.5}, "ld_alpha must be in"),
-        ("dpo", {"loss.ld_alpha": 0.5, "data.layout": "concat",
-                 "reference.mode": "precomputed"}, "loss.ld_alpha needs the online"),
-        ("dpo", {"reference.sync_ref_model": True, "reference.mode": "precomputed"},
-         "sync_ref_model needs the online"),
+        (
+            "dpo",
+            {"loss.ld_alpha": 0.5, "data.layout": "concat", "reference.mode": "precomputed"},
+            "loss.ld_alpha needs the online",
+        ),
+        (
+            "dpo",
+            {"reference.sync_ref_model": True, "reference.mode": "precomputed"},
+            "sync_ref_model needs the online",
+        ),
         ("dpo", {"reference.sync_ref_model": True, "lora.rank": 8}, "LoRA run's reference"),
         ("kto", {"data.layout": "packed"}, "must be 'unpaired'"),
         ("dpo", {"data.layout": "unpaired"}, "must be 'unpaired'"),
         ("dpo", {"data.layout": "unpaired"}, "must be 'unpaired'"),
         ("kto", {"data.layout": "unpaired", "loss.use_weighting": True}, "takes no"),
     ],
-)  # fmt: skip
+)
 def test_config_refuses(loss, overrides, message):
     with pytest.raises(config_lib.ConfigError, match=message):
         _validate(loss, **overrides)
@@ -140,14 +146,22 @@ def test_trdpo_resume_continues_the_mixed_reference(tmp_path):
 
     cache = str(tmp_path / "demo")
     demo.build_demo(cache, n_train=256, n_eval=64, multi_turn=0.0)
-    overrides = small_overrides(cache, num_steps=4, **{
-        "reference.sync_ref_model": True, "reference.ref_model_sync_steps": 1,
-        "reference.ref_model_mixup_alpha": 0.6, "optim.learning_rate": 0.05})  # fmt: skip
+    overrides = small_overrides(
+        cache,
+        num_steps=4,
+        **{
+            "reference.sync_ref_model": True,
+            "reference.ref_model_sync_steps": 1,
+            "reference.ref_model_mixup_alpha": 0.6,
+            "optim.learning_rate": 0.05,
+        },
+    )
     config = with_overrides(base_config("apo_down", None), overrides)
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     loop.train_and_evaluate(config, straight)
-    shutil.copytree(os.path.join(straight, "checkpoints", "2"),
-                    os.path.join(split, "checkpoints", "2"))  # a run stopped at step 2  # fmt: skip
+    shutil.copytree(
+        os.path.join(straight, "checkpoints", "2"), os.path.join(split, "checkpoints", "2")
+    )  # a run stopped at step 2
     shutil.copy(os.path.join(straight, "config.json"), split)  # (checkpoints alone are refused)
     loop.train_and_evaluate(config, split)
     want, got = losses_by_step(straight), losses_by_step(split)

@@ -60,9 +60,10 @@ def test_use_weighting_multiplies_by_both_weights():
     wc, wr = np.array([0.5, 0.1, 0.9]), np.array([0.2, 1.0, 0.3])
     plain, _ = preference_loss("apo_zero + 0.5*sft", LOGPS)
     weighted, m = preference_loss(
-        "apo_zero + 0.5*sft", LOGPS._replace(chosen_weight=wc, rejected_weight=wr),
+        "apo_zero + 0.5*sft",
+        LOGPS._replace(chosen_weight=wc, rejected_weight=wr),
         use_weighting=True,
-    )  # fmt: skip
+    )
     np.testing.assert_allclose(weighted, plain * wc * wr, rtol=1e-6)
     np.testing.assert_allclose(m["loss"], np.mean(plain * wc * wr), rtol=1e-6)
 
@@ -116,24 +117,40 @@ def _trl_dpo_loss(token_logps, log_sum_sq, mask, ref_w, ref_l, **options):
     torch = pytest.importorskip("torch")
     dpo_trainer = pytest.importorskip("trl.trainer.dpo_trainer")
     rows, t = mask.shape
-    inputs = {"input_ids": torch.ones(rows, t, dtype=torch.long),
-              "attention_mask": torch.ones(rows, t, dtype=torch.long),
-              "completion_mask": torch.tensor(mask), "ref_chosen_logps": torch.tensor(ref_w),
-              "ref_rejected_logps": torch.tensor(ref_l)}  # fmt: skip
+    inputs = {
+        "input_ids": torch.ones(rows, t, dtype=torch.long),
+        "attention_mask": torch.ones(rows, t, dtype=torch.long),
+        "completion_mask": torch.tensor(mask),
+        "ref_chosen_logps": torch.tensor(ref_w),
+        "ref_rejected_logps": torch.tensor(ref_l),
+    }
     zeros = torch.zeros(rows, t - 1)
     outputs = types.SimpleNamespace(
-        log_probs=torch.tensor(token_logps), log_sum_sq_probs=torch.tensor(log_sum_sq),
-        entropy=zeros, mean_logits=zeros, is_top1=zeros.bool(),
-    )  # fmt: skip
+        log_probs=torch.tensor(token_logps),
+        log_sum_sq_probs=torch.tensor(log_sum_sq),
+        entropy=zeros,
+        mean_logits=zeros,
+        is_top1=zeros.bool(),
+    )
     trainer = object.__new__(dpo_trainer.DPOTrainer)  # only the loss code, no model or data
     acc = types.SimpleNamespace(device="cpu", gather_for_metrics=lambda x: x, gather=lambda x: x)
     trainer.__dict__.update(
-        accelerator=acc, model=types.SimpleNamespace(training=True), aux_loss_enabled=False,
-        precompute_ref_logps=True, beta=0.2, label_smoothing=0.0, loss_types=["sigmoid"],
-        loss_weights=[1.0], ld_alpha=None, f_divergence_type="reverse_kl",
-        f_alpha_divergence_coef=0.5, use_weighting=False, _total_train_tokens=0, _tp_size=1,
+        accelerator=acc,
+        model=types.SimpleNamespace(training=True),
+        aux_loss_enabled=False,
+        precompute_ref_logps=True,
+        beta=0.2,
+        label_smoothing=0.0,
+        loss_types=["sigmoid"],
+        loss_weights=[1.0],
+        ld_alpha=None,
+        f_divergence_type="reverse_kl",
+        f_alpha_divergence_coef=0.5,
+        use_weighting=False,
+        _total_train_tokens=0,
+        _tp_size=1,
         _metrics={"train": collections.defaultdict(list)},
-    )  # fmt: skip
+    )
     trainer.__dict__.update(options)
     return float(trainer._compute_loss(lambda **_: outputs, inputs, return_outputs=False))
 
@@ -164,10 +181,17 @@ def test_against_trl_dpo_trainer(options):
     counts = mask.sum(1).astype(np.float32)  # TRL counts ipo's tokens in input_ids coordinates
     w = np.exp(((tok - lss) * mask[:, 1:]).sum(1) / mask[:, 1:].sum(1))
     p = PairLogps(sums[:n], sums[n:], ref_w, ref_l, counts[:n], counts[n:], w[:n], w[n:])
-    spec = [(name, wt) for name, wt in zip(options.get("loss_types", ["sigmoid"]),
-                                           options.get("loss_weights", [1.0]), strict=True)]  # fmt: skip
-    hp = {k: options[k] for k in ("f_divergence_type", "f_alpha_divergence_coef", "use_weighting")
-          if k in options}  # fmt: skip
+    spec = [
+        (name, wt)
+        for name, wt in zip(
+            options.get("loss_types", ["sigmoid"]), options.get("loss_weights", [1.0]), strict=True
+        )
+    ]
+    hp = {
+        k: options[k]
+        for k in ("f_divergence_type", "f_alpha_divergence_coef", "use_weighting")
+        if k in options
+    }
     if "sft" in dict(spec):  # TRL's sft: the token mean of chosen per-token log-probs, as ours
         p = p._replace(chosen_tokens=mask[:n, 1:].sum(1).astype(np.float32))
     got, _ = preference_loss(spec, p, beta=0.2, **hp)

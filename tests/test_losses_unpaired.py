@@ -106,26 +106,43 @@ def _trl_kto_loss(loss_type, policy, ref, label, kl_policy, kl_ref, beta, wd, wu
     kto_trainer = pytest.importorskip("trl.trainer.kto_trainer")
     n = len(policy)
     ones, mask = torch.ones(n, 2, dtype=torch.long), torch.tensor([[0, 1]] * n)
-    batch = {"input_ids": ones, "attention_mask": ones, "completion_mask": mask,
-             "label": torch.tensor(label), "ref_logps": torch.tensor(ref)}  # fmt: skip
+    batch = {
+        "input_ids": ones,
+        "attention_mask": ones,
+        "completion_mask": mask,
+        "label": torch.tensor(label),
+        "ref_logps": torch.tensor(ref),
+    }
     if loss_type == "kto":
-        batch.update(KL_input_ids=2 * ones, KL_attention_mask=ones, KL_completion_mask=mask,
-                     ref_KL_logps=torch.tensor(kl_ref))  # fmt: skip
+        batch.update(
+            KL_input_ids=2 * ones,
+            KL_attention_mask=ones,
+            KL_completion_mask=mask,
+            ref_KL_logps=torch.tensor(kl_ref),
+        )
 
     def model(input_ids, **_):
         logps = policy if int(input_ids[0, 0]) == 1 else kl_policy
         zeros = torch.zeros(n, 1)
-        return types.SimpleNamespace(log_probs=torch.tensor(logps)[:, None], entropy=zeros,
-                                     mean_logits=zeros)  # fmt: skip
+        return types.SimpleNamespace(
+            log_probs=torch.tensor(logps)[:, None], entropy=zeros, mean_logits=zeros
+        )
 
     trainer = object.__new__(kto_trainer.KTOTrainer)  # only the loss code, no model or data
     trainer.__dict__.update(
         accelerator=types.SimpleNamespace(device="cpu", gather_for_metrics=lambda x: x),
-        model=types.SimpleNamespace(training=True), aux_loss_enabled=False,
-        precompute_ref_logps=True, calculate_KL=loss_type == "kto", loss_type=loss_type,
-        beta=beta, desirable_weight=wd, undesirable_weight=wu, _total_train_tokens=0,
-        _tp_size=1, _metrics={"train": collections.defaultdict(list)},
-    )  # fmt: skip
+        model=types.SimpleNamespace(training=True),
+        aux_loss_enabled=False,
+        precompute_ref_logps=True,
+        calculate_KL=loss_type == "kto",
+        loss_type=loss_type,
+        beta=beta,
+        desirable_weight=wd,
+        undesirable_weight=wu,
+        _total_train_tokens=0,
+        _tp_size=1,
+        _metrics={"train": collections.defaultdict(list)},
+    )
     loss = trainer._compute_loss(model, batch, return_outputs=False)
     return float(loss), {k: v[-1] for k, v in trainer._metrics["train"].items()}
 
@@ -135,12 +152,32 @@ def test_against_trl_kto_trainer(name):
     kl_pol = np.array([-5.0, -6.0, -7.0, -2.0, -9.0], np.float32)
     kl_ref = np.array([-6.0, -6.5, -7.0, -4.0, -8.0], np.float32)
     beta, wd, wu = 0.3, 1.0, 1.33
-    want_loss, want = _trl_kto_loss(name, POLICY.tolist(), REFERENCE.tolist(), LABEL.tolist(),
-                                    kl_pol.tolist(), kl_ref.tolist(), beta, wd, wu)  # fmt: skip
+    want_loss, want = _trl_kto_loss(
+        name,
+        POLICY.tolist(),
+        REFERENCE.tolist(),
+        LABEL.tolist(),
+        kl_pol.tolist(),
+        kl_ref.tolist(),
+        beta,
+        wd,
+        wu,
+    )
     kl = kl_estimate(kl_pol, kl_ref)
-    loss_N, got = unpaired_loss(name, UnpairedLogps(POLICY, REFERENCE, LABEL, kl), beta=beta,
-                                desirable_weight=wd, undesirable_weight=wu)  # fmt: skip
+    loss_N, got = unpaired_loss(
+        name,
+        UnpairedLogps(POLICY, REFERENCE, LABEL, kl),
+        beta=beta,
+        desirable_weight=wd,
+        undesirable_weight=wu,
+    )
     np.testing.assert_allclose(float(jnp.mean(loss_N)), want_loss, rtol=1e-5)
-    for key in ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
-                "logps/rejected"):  # fmt: skip
+    for key in (
+        "kl",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+    ):
         np.testing.assert_allclose(float(got[key]), want[key], rtol=1e-5, atol=1e-6, err_msg=key)

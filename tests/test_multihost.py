@@ -63,8 +63,11 @@ def runs(tmp_path_factory):
     timed("two_then_one", _train_one, tmp, r1, 4, *more)
     timed("one_then_two", _train_two, tmp, r2, 4, *more)
     print(f"multihost runs took {time.perf_counter() - t0:.0f} s: {took}")
-    return {"dirs": {"two": w2, "one": w1, "two_then_one": r1, "one_then_two": r2},
-            "first": first, "out": out}  # fmt: skip
+    return {
+        "dirs": {"two": w2, "one": w1, "two_then_one": r1, "one_then_two": r2},
+        "first": first,
+        "out": out,
+    }
 
 
 @pytest.mark.slow  # four multi-process training runs
@@ -111,13 +114,20 @@ def test_checkpoints_restore_across_process_counts(runs):
 
 
 def _start_alone(tmp, pid: int, port: int, timeout: int) -> tuple[int, str, float]:
-    cmd = [sys.executable, "-m", "apo_jax.train", f"--workdir={tmp}/w{pid}",
-           f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-           "--config.distributed.num_processes=2", f"--config.distributed.process_id={pid}",
-           f"--config.distributed.initialization_timeout={timeout}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "apo_jax.train",
+        f"--workdir={tmp}/w{pid}",
+        f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+        "--config.distributed.num_processes=2",
+        f"--config.distributed.process_id={pid}",
+        f"--config.distributed.initialization_timeout={timeout}",
+    ]
     t = time.perf_counter()
-    p = subprocess.run(cmd, cwd=ROOT, env=_env(str(tmp), 2), text=True, capture_output=True,
-                       timeout=120)  # fmt: skip
+    p = subprocess.run(
+        cmd, cwd=ROOT, env=_env(str(tmp), 2), text=True, capture_output=True, timeout=120
+    )
     return p.returncode, p.stderr, time.perf_counter() - t
 
 
@@ -167,12 +177,21 @@ def test_plan_reads_config_env_and_clusters():
         "JAX_PROCESS_ID": "3",
     }
     kw = distributed.plan(cfg(initialization_timeout=30), env=env)
-    assert kw == {"coordinator_address": "10.0.0.2:8476", "num_processes": 4, "process_id": 3,
-                  "initialization_timeout": 30}  # fmt: skip
+    assert kw == {
+        "coordinator_address": "10.0.0.2:8476",
+        "num_processes": 4,
+        "process_id": 3,
+        "initialization_timeout": 30,
+    }
     kw = distributed.plan(cfg(process_id=1), env=env)  # the config wins over the environment
     assert kw["process_id"] == 1
-    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "16",
-             "SLURM_PROCID": "5", "SLURM_LOCALID": "5"}  # fmt: skip
+    slurm = {
+        "SLURM_JOB_ID": "7",
+        "SLURM_STEP_NODELIST": "n[1-2]",
+        "SLURM_NTASKS": "16",
+        "SLURM_PROCID": "5",
+        "SLURM_LOCALID": "5",
+    }
     kw = distributed.plan(cfg(), env=slurm)  # JAX's SLURM detection fills the rest
     assert kw["coordinator_address"] is None and kw["num_processes"] is None
     assert distributed.plan(cfg(), env={**slurm, "SLURM_NTASKS": "1"}) is None
@@ -194,8 +213,14 @@ def test_launch_scripts_parse_and_shellcheck(script):
 
 def test_launch_dry_runs_print_and_refuse(tmp_path):
     def run(*args, env=None):
-        return subprocess.run(["bash", *args], cwd=ROOT, capture_output=True, text=True,
-                              env={**os.environ, **(env or {})}, timeout=60)  # fmt: skip
+        return subprocess.run(
+            ["bash", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env={**os.environ, **(env or {})},
+            timeout=60,
+        )
 
     p = run(
         "launch/local.sh",
@@ -216,17 +241,47 @@ def test_launch_dry_runs_print_and_refuse(tmp_path):
     assert run("launch/local.sh", "-n", "0").returncode == 2
     assert run("launch/local.sh", "--", "--config.distributed.process_id=1").returncode == 2
 
-    p = run("launch/tpu_pod.sh", "--dry-run", "--name", "pod1", "--zone", "us-east5-a",
-            "--project", "proj", "--accelerator", "v5p-32", "--workdir", "gs://bucket/run1",
-            "--", "--config.num_steps=5")  # fmt: skip
+    p = run(
+        "launch/tpu_pod.sh",
+        "--dry-run",
+        "--name",
+        "pod1",
+        "--zone",
+        "us-east5-a",
+        "--project",
+        "proj",
+        "--accelerator",
+        "v5p-32",
+        "--workdir",
+        "gs://bucket/run1",
+        "--",
+        "--config.num_steps=5",
+    )
     assert p.returncode == 0, p.stderr
     assert "--worker=all" in p.stdout and "gs://bucket/run1" in p.stdout
-    p = run("launch/tpu_pod.sh", "--dry-run", "--name", "pod1", "--zone", "us-east5-a",
-            "--project", "proj", "--accelerator", "v5p-32", "--workdir", "/local/dir")  # fmt: skip
+    p = run(
+        "launch/tpu_pod.sh",
+        "--dry-run",
+        "--name",
+        "pod1",
+        "--zone",
+        "us-east5-a",
+        "--project",
+        "proj",
+        "--accelerator",
+        "v5p-32",
+        "--workdir",
+        "/local/dir",
+    )
     assert p.returncode == 2 and "gs://" in p.stderr
 
-    env = {"SBATCH_DRY_RUN": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_ID": "42",
-           "SLURM_JOB_NODELIST": "gpu[01-02]", "WORKDIR": str(tmp_path / "w")}  # fmt: skip
+    env = {
+        "SBATCH_DRY_RUN": "1",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_JOB_ID": "42",
+        "SLURM_JOB_NODELIST": "gpu[01-02]",
+        "WORKDIR": str(tmp_path / "w"),
+    }
     p = run("launch/slurm_gpu.sbatch", "--dry-run", "--", "--config.num_steps=5", env=env)
     assert p.returncode == 0, p.stderr
     assert "srun" in p.stdout and "NCCL" in p.stdout and "--config.num_steps=5" in p.stdout

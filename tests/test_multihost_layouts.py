@@ -32,10 +32,21 @@ def test_two_processes_packed_match_one_process_concat(runs, grad_accum):
     pairs of a global micro-batch split over the batch axes)."""
     tmp = runs["tmp"]
     w = os.path.join(tmp, f"two_packed_accum{grad_accum}")
-    accum = () if grad_accum == 1 else ("--config.grad_accum=2", "--config.mesh.data=4",
-                                        "--config.mesh.tensor=2")  # fmt: skip
-    _train_two(tmp, w, 3, "--config.export_hf=False", "--config.data.layout=packed",
-               "--config.data.seq_len=128", "--config.data.buckets=(64,)", *accum)  # fmt: skip
+    accum = (
+        ()
+        if grad_accum == 1
+        else ("--config.grad_accum=2", "--config.mesh.data=4", "--config.mesh.tensor=2")
+    )
+    _train_two(
+        tmp,
+        w,
+        3,
+        "--config.export_hf=False",
+        "--config.data.layout=packed",
+        "--config.data.seq_len=128",
+        "--config.data.buckets=(64,)",
+        *accum,
+    )
     packed, one = _losses(_metrics(w)), _losses(runs["first"]["one"])
     assert set(packed) == set(one) and len(one) == 6, (packed, one)
     for key in one:
@@ -59,15 +70,28 @@ def test_two_processes_with_buckets_match_one_process_concat(runs, layout, bucke
     lengths = []  # the premise: the processes' row lengths differ for one step
     for split, epochs, steps in ((paths.train, None, 3), (paths.eval, 1, 1)):
         for p in range(2):
-            cfg = loader.LoaderConfig(batch_size=4, seq_len=128, buckets=(bucket,),
-                                      layout=layouts.get(layout), seed=c.seed,
-                                      shuffle=epochs is None, num_epochs=epochs)  # fmt: skip
+            cfg = loader.LoaderConfig(
+                batch_size=4,
+                seq_len=128,
+                buckets=(bucket,),
+                layout=layouts.get(layout),
+                seed=c.seed,
+                shuffle=epochs is None,
+                num_epochs=epochs,
+            )
             ld = loader.make_loader(split, cfg, process_index=p, process_count=2)
             lengths.append([next(ld)["input_ids"].shape[1] for _ in range(steps)])
     assert lengths == [[bucket, bucket, bucket], [bucket, 128, bucket], [bucket], [128]], lengths
     w = os.path.join(tmp, f"two_{layout}_buckets")
-    _train_two(tmp, w, 3, "--config.export_hf=False", f"--config.data.layout={layout}",
-               "--config.data.seq_len=128", f"--config.data.buckets=({bucket},)")  # fmt: skip
+    _train_two(
+        tmp,
+        w,
+        3,
+        "--config.export_hf=False",
+        f"--config.data.layout={layout}",
+        "--config.data.seq_len=128",
+        f"--config.data.buckets=({bucket},)",
+    )
     rows = _metrics(w)
     got, one = _losses(rows), _losses(runs["first"]["one"])
     assert set(got) == set(one) and len(one) == 6, (got, one)

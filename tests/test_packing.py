@@ -142,8 +142,9 @@ def test_pair_logps_equal_concat_layout(reference):
         graphdef, params, packed, dataclasses.replace(cfg, layout=layouts.get("packed")), ref_params
     )
     for name in [f for f in losses.PairLogps._fields if getattr(want, f) is not None]:
-        np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-5,
-                                   err_msg=name)  # fmt: skip
+        np.testing.assert_allclose(
+            getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-5, err_msg=name
+        )
     assert float(got.chosen[2]) == 0.0 and float(got.chosen_tokens[2]) == 0.0  # padding pair
     # Not trivially equal: the pairs differ, and a token counted for the wrong sequence moves ~4.
     assert float(jnp.std(got.chosen)) > 1.0
@@ -203,11 +204,23 @@ def _metrics(workdir):
 def test_training_packed_gives_the_concat_losses(tmp_path):
     cache = str(tmp_path / "demo")
     demo.build_demo(cache, n_train=128, n_eval=32, multi_turn=0.0)
-    over = {"demo.cache_dir": cache, "demo.n_train": 128, "demo.n_eval": 32, "batch_size": 8,
-            "num_steps": 3, "log_every": 1, "eval_every": 0, "eval_batches": 2,
-            "checkpoint.every": 0, "checkpoint.async_save": False, "export_hf": False,
-            "progress_bar": False, "samples.num_prompts": 0, "plots": False,
-            "demo.warm_start_steps": 0}  # fmt: skip
+    over = {
+        "demo.cache_dir": cache,
+        "demo.n_train": 128,
+        "demo.n_eval": 32,
+        "batch_size": 8,
+        "num_steps": 3,
+        "log_every": 1,
+        "eval_every": 0,
+        "eval_batches": 2,
+        "checkpoint.every": 0,
+        "checkpoint.async_save": False,
+        "export_hf": False,
+        "progress_bar": False,
+        "samples.num_prompts": 0,
+        "plots": False,
+        "demo.warm_start_steps": 0,
+    }
     runs = {}
     for layout in ("concat", "packed"):
         config = with_overrides(base_config("apo_down", None), {**over, "data.layout": layout})

@@ -59,13 +59,17 @@ def test_runs_overlaid_with_legends_from_their_configs(tmp_path):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     overview = written[str(tmp_path / "png" / "overview.png")]
     assert overview["loss"] == [
-        ("apo (loss.name=apo_down) train", 19), ("apo (loss.name=apo_down) held-out", 4),
-        ("dpo (loss.name=dpo) train", 19), ("dpo (loss.name=dpo) held-out", 4),
-    ]  # fmt: skip
+        ("apo (loss.name=apo_down) train", 19),
+        ("apo (loss.name=apo_down) held-out", 4),
+        ("dpo (loss.name=dpo) train", 19),
+        ("dpo (loss.name=dpo) held-out", 4),
+    ]
     assert [label for label, _ in overview["log-probs (held-out)"]] == [
-        "apo (loss.name=apo_down) chosen", "apo (loss.name=apo_down) rejected",
-        "dpo (loss.name=dpo) chosen", "dpo (loss.name=dpo) rejected",
-    ]  # fmt: skip
+        "apo (loss.name=apo_down) chosen",
+        "apo (loss.name=apo_down) rejected",
+        "dpo (loss.name=dpo) chosen",
+        "dpo (loss.name=dpo) rejected",
+    ]
     assert len(overview["learning rate"]) == 2  # train only
     assert (
         written[str(tmp_path / "png" / "margins.png")]["reward margin"] == overview["reward margin"]
@@ -80,8 +84,9 @@ def test_legend_falls_back_to_checkpoint_meta_then_directory_name(tmp_path):
     b = _workdir(tmp_path / "b")
     assert plot.run_config(a) == {"step": 187, "loss": "apo_zero", "preset": "demo"}
     assert plot.legend_labels([a, b], [plot.run_config(a), plot.run_config(b)]) == [
-        "a (loss=apo_zero, preset=demo)", "b (loss=None, preset=None)",
-    ]  # fmt: skip
+        "a (loss=apo_zero, preset=demo)",
+        "b (loss=None, preset=None)",
+    ]
     assert plot.legend_labels([b], [{}]) == ["b"]
 
 
@@ -95,15 +100,27 @@ def test_command_plots_runs_and_contrastiveness_side_by_side(tmp_path):
             f.writelines(json.dumps(r) + "\n" for r in demo.generate_pairs(40, seed=seed))
     run = _workdir(tmp_path / "run")
     env = {**os.environ, "PYTHONPATH": ROOT}
-    cmd = [sys.executable, "-m", "apo_jax.plot", run, f"--out={tmp_path / 'png'}",
-           f"--datasets={','.join(sets)}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "apo_jax.plot",
+        run,
+        f"--out={tmp_path / 'png'}",
+        f"--datasets={','.join(sets)}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "png" / "contrastiveness.png").stat().st_size > 10_000
     assert "wrote" in proc.stdout and "overview.png" in proc.stdout
     shutil.rmtree(tmp_path / "png")
-    bad = subprocess.run(cmd[:3] + [f"--out={tmp_path / 'png'}", "--datasets=/nonexistent.jsonl"],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)  # fmt: skip
+    bad = subprocess.run(
+        cmd[:3] + [f"--out={tmp_path / 'png'}", "--datasets=/nonexistent.jsonl"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [bad.stderr.strip()]
     assert bad.stderr.startswith("error: --datasets: /nonexistent.jsonl")

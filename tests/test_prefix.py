@@ -64,8 +64,9 @@ def test_pair_logps_equal_concat_layout(reference):
         graphdef, params, prefix, dataclasses.replace(cfg, layout=layouts.get("prefix")), ref_params
     )
     for name in [f for f in losses.PairLogps._fields if getattr(want, f) is not None]:
-        np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-4,
-                                   err_msg=name)  # fmt: skip
+        np.testing.assert_allclose(
+            getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-4, err_msg=name
+        )
     # Not trivially equal: the pairs differ, and a wrong boundary token would shift a sum by ~4.
     assert float(jnp.std(got.chosen[:4])) > 1.0
 

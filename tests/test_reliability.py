@@ -75,8 +75,9 @@ def test_resume_falls_back_from_a_damaged_checkpoint_and_never_changes_the_run(
 
     # Truncate the newest checkpoint's largest state file: the run falls back to step 2, moves
     # step 4 aside, trains steps 3-4 again, saves step 4 again and finishes.
-    state_files = [f for f in glob.glob(f"{wd}/checkpoints/4/state/**/*", recursive=True)
-                   if os.path.isfile(f)]  # fmt: skip
+    state_files = [
+        f for f in glob.glob(f"{wd}/checkpoints/4/state/**/*", recursive=True) if os.path.isfile(f)
+    ]
     victim = max(state_files, key=os.path.getsize)
     with open(victim, "r+b") as f:
         f.truncate(os.path.getsize(victim) // 2)
@@ -352,8 +353,9 @@ def test_read_only_splits_keep_their_reference_logps_apart_in_the_workdir(shard_
     wd, info = str(tmp_path / "run"), {"weights": "w", "seq_len": 96}
     idx = np.arange(int(shards.read_manifest(shard_copy)["counts"]["written"]))
     for d, sign in ((shard_copy, -1), (evals, 1)):
-        refs.write_reference_logps(d, idx, sign * idx, sign * idx, info,
-                                   out_dir=refs.store_dir(d, wd))  # fmt: skip
+        refs.write_reference_logps(
+            d, idx, sign * idx, sign * idx, info, out_dir=refs.store_dir(d, wd)
+        )
     np.testing.assert_array_equal(refs.load_reference_logps(shard_copy, info, wd)[0], -idx)
     np.testing.assert_array_equal(refs.load_reference_logps(evals, info, wd)[0], idx)
     with pytest.raises(refs.ReferenceMismatchError, match="no reference log-probs"):

@@ -30,15 +30,32 @@ def test_two_sigints_finish_the_save_then_exit_75(tmp_path, small_shards):
     data, wd = str(tmp_path / "shards"), str(tmp_path / "run")
     shutil.copytree(small_shards, data)
     overrides = {
-        "data.train": data, "data.layout": "concat", "data.seq_len": 0,
-        "samples.num_prompts": 0, "plots": False, "export_hf": False, "progress_bar": False,
-        "reference.mode": "online", "batch_size": 8, "num_steps": 500, "log_every": 1,
-        "eval_every": 0, "checkpoint.every": 0, "checkpoint.async_save": True,
-    }  # fmt: skip
-    args = [sys.executable, "-m", "apo_jax.train", "--config=configs/apo_down.py",
-            f"--workdir={wd}", *(f"--config.{k}={v}" for k, v in overrides.items())]  # fmt: skip
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+        "data.train": data,
+        "data.layout": "concat",
+        "data.seq_len": 0,
+        "samples.num_prompts": 0,
+        "plots": False,
+        "export_hf": False,
+        "progress_bar": False,
+        "reference.mode": "online",
+        "batch_size": 8,
+        "num_steps": 500,
+        "log_every": 1,
+        "eval_every": 0,
+        "checkpoint.every": 0,
+        "checkpoint.async_save": True,
+    }
+    args = [
+        sys.executable,
+        "-m",
+        "apo_jax.train",
+        "--config=configs/apo_down.py",
+        f"--workdir={wd}",
+        *(f"--config.{k}={v}" for k, v in overrides.items()),
+    ]
+    proc = subprocess.Popen(
+        args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     lines: queue.Queue = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stderr], daemon=True)
     reader.start()

@@ -24,8 +24,9 @@ def test_a_resume_with_another_batch_size_dtype_or_prompts_is_refused(tmp_path, 
     rows = demo_prompts(3)
     src = write_jsonl(str(tmp_path / "p.jsonl"), rows)
     sampled = Sampling(max_new_tokens=N_NEW, temperature=1.0, num_samples=1, seed=3)
-    s = runner.Settings(model=model_dir, prompts=src, out=str(tmp_path / "out"), batch_size=2,
-                        sampling=sampled)  # fmt: skip
+    s = runner.Settings(
+        model=model_dir, prompts=src, out=str(tmp_path / "out"), batch_size=2, sampling=sampled
+    )
 
     def killed(*args, **kwargs):  # as if killed while generating: run.json is written
         raise Killed

@@ -92,9 +92,12 @@ def test_a_keyed_plain_http_request_off_this_host_through_a_proxy_is_refused(pro
         keys.ApiKeyError, match=r"plain-http proxy http://127\.0\.0\.1:\d+ .*no_proxy"
     ):
         OpenAIChatBackend(
-            "http://10.255.255.1/v1", "m", api_key_env="PROXY_TEST_KEY", allow_http_key=True,
+            "http://10.255.255.1/v1",
+            "m",
+            api_key_env="PROXY_TEST_KEY",
+            allow_http_key=True,
             progress=False,
-        )  # fmt: skip
+        )
     assert proxy.seen == []
 
 
@@ -109,9 +112,12 @@ def test_a_request_without_a_key_still_uses_the_proxy(proxy_and_endpoint):
 def test_https_through_a_proxy_is_a_tunnel_the_proxy_cannot_read(proxy_and_endpoint):
     proxy, _ = proxy_and_endpoint
     backend = OpenAIChatBackend(
-        "https://api.example.invalid/v1", "m", api_key_env="PROXY_TEST_KEY", max_retries=0,
+        "https://api.example.invalid/v1",
+        "m",
+        api_key_env="PROXY_TEST_KEY",
+        max_retries=0,
         progress=False,
-    )  # fmt: skip
+    )
     reply = _ask(backend)
     assert isinstance(reply, RequestError)  # our proxy refuses the tunnel
     assert len(proxy.seen) == 1 and proxy.seen[0].startswith("CONNECT api.example.invalid:443")
@@ -123,8 +129,11 @@ def test_the_eval_judge_follows_the_same_rule(proxy_and_endpoint, tmp_path):
     baseline = tmp_path / "baseline.jsonl"
     baseline.write_text("")
     settings = judge.JudgeSettings(
-        baseline=str(baseline), url=endpoint.url + "/v1", model="j", api_key_env="PROXY_TEST_KEY",
+        baseline=str(baseline),
+        url=endpoint.url + "/v1",
+        model="j",
+        api_key_env="PROXY_TEST_KEY",
         max_retries=0,
-    )  # fmt: skip
+    )
     assert _ask(judge._backend(settings, str(tmp_path))) == "hello"
     assert proxy.seen == [] and f"Bearer {KEY}" in endpoint.seen[0]

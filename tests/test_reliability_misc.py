@@ -80,9 +80,15 @@ errors.guard(body)
 def test_a_ctrl_c_swallowed_by_a_finalizer_still_ends_the_command_with_130():
     import subprocess
 
-    proc = subprocess.run([sys.executable, "-c", _SWALLOWED_CTRL_C], cwd=REPO, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": REPO}, timeout=120,
-                          preexec_fn=ctrl_c_reaches_the_child)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", _SWALLOWED_CTRL_C],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": REPO},
+        timeout=120,
+        preexec_fn=ctrl_c_reaches_the_child,
+    )
     assert proc.returncode == 130, (proc.returncode, proc.stderr)
     assert proc.stderr == "apo_jax: interrupted (Ctrl-C)\n"  # no "Exception ignored in ..."
 
@@ -111,9 +117,15 @@ def test_a_seq_len_shorter_than_the_rows_is_one_line_naming_max_length(
     monkeypatch.chdir(REPO)
     data = str(tmp_path / "shards")
     shutil.copytree(small_shards, data)
-    argv = ["apo_jax.train", "--config=configs/apo_down.py", f"--workdir={tmp_path}/run",
-            f"--config.data.train={data}", "--config.data.layout=concat",
-            "--config.data.seq_len=16", "--config.samples.num_prompts=0"]  # fmt: skip
+    argv = [
+        "apo_jax.train",
+        "--config=configs/apo_down.py",
+        f"--workdir={tmp_path}/run",
+        f"--config.data.train={data}",
+        "--config.data.layout=concat",
+        "--config.data.seq_len=16",
+        "--config.samples.num_prompts=0",
+    ]
     monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the overrides from sys.argv
     assert _exit(lambda: cli.train_main(argv)) == 2
     err = capsys.readouterr().err

@@ -30,9 +30,12 @@ CFG = get_preset(
 
 @pytest.mark.parametrize(
     "field, value",
-    [("optim.learning_rate", float("nan")), ("loss.beta", float("inf")),
-     ("optim.b2", float("-inf"))],
-)  # fmt: skip
+    [
+        ("optim.learning_rate", float("nan")),
+        ("loss.beta", float("inf")),
+        ("optim.b2", float("-inf")),
+    ],
+)
 def test_non_finite_hyper_parameters_are_refused_at_config_time(field, value):
     c = with_overrides(base_config("apo_down", None), {field: value})
     with pytest.raises(config_lib.ConfigError, match=f"^config.{field} must be a finite number"):

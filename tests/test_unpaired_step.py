@@ -18,11 +18,15 @@ from tests.test_train_step import CFG
 def _batch(kl=True, n=4, seed=0):
     rng = np.random.default_rng(seed)
     recs = [
-        shards.UnpairedRecord(rng.integers(1, 64, 5).astype(np.int32),
-                              rng.integers(1, 64, 4 + i).astype(np.int32),
-                              rng.integers(1, 64, 7 - i).astype(np.int32), i % 2 == 0, i)
+        shards.UnpairedRecord(
+            rng.integers(1, 64, 5).astype(np.int32),
+            rng.integers(1, 64, 4 + i).astype(np.int32),
+            rng.integers(1, 64, 7 - i).astype(np.int32),
+            i % 2 == 0,
+            i,
+        )
         for i in range(n)
-    ]  # fmt: skip
+    ]
     layout = dataclasses.replace(layouts.get("unpaired"), kl=kl)
     batch = layout.collate(recs + [None], layouts.RowSpec(seq_len=16))
     batch["index"] = np.array([0, 1, 2, 3, -1])
@@ -42,9 +46,13 @@ def test_kto_step_loss_matches_unpaired_loss():
     ratio = np.asarray(kl_pol - batch["ref_rejected_logps"])[:4]
     kl = max(ratio.mean(), 0.0)
     want, _ = losses.unpaired_loss(
-        "kto", losses.UnpairedLogps(pol, batch["ref_chosen_logps"], batch["label"], kl),
-        beta=0.5, desirable_weight=1.0, undesirable_weight=1.5, where=valid,
-    )  # fmt: skip
+        "kto",
+        losses.UnpairedLogps(pol, batch["ref_chosen_logps"], batch["label"], kl),
+        beta=0.5,
+        desirable_weight=1.0,
+        undesirable_weight=1.5,
+        where=valid,
+    )
     np.testing.assert_allclose(loss, np.asarray(want)[:4].mean(), rtol=1e-5)
     np.testing.assert_allclose(m["kl"], kl, rtol=1e-5, atol=1e-6)
 

@@ -62,8 +62,10 @@ def main(argv: list[str]) -> int:
     new = splice(text, table())
     if "--check" in argv:
         if new != text:
-            print(f"{os.path.normpath(DOC)}: the config field table is stale; run "
-                  "python -m apo_jax.config.doc")  # fmt: skip
+            print(
+                f"{os.path.normpath(DOC)}: the config field table is stale; run "
+                "python -m apo_jax.config.doc"
+            )
             return 1
         return 0
     with open(DOC, "w", encoding="utf-8") as f:

@@ -32,12 +32,18 @@ class ModelSettings:
     """`config.model`: the policy's (and reference's) weights and how they compute."""
 
     preset: str = field("tiny", "models/config.py preset, random weights, when hf_path is empty")
-    hf_path: str = field("", "Hugging Face checkpoint dir or .gguf file (Llama, Qwen2/3, Mistral, Gemma 3 text; docs/models.md); a training workdir is refused: pass its export <workdir>/hf")  # fmt: skip
+    hf_path: str = field(
+        "",
+        "Hugging Face checkpoint dir or .gguf file (Llama, Qwen2/3, Mistral, Gemma 3 text; docs/models.md); a training workdir is refused: pass its export <workdir>/hf",
+    )
     dtype: str = field("float32", "compute dtype: float32 | bfloat16")
     param_dtype: str = field("float32", "master weight dtype")
     remat: str = field("none", "per-layer rematerialization: none | full | save_dots")
     scan_layers: bool = field(True, "one compiled block for all layers (False unrolls them)")
-    attention: str = field("auto", "auto (cuDNN on a GPU for 16-bit compute, blocked on a CPU, else xla) | xla | cudnn | blocked")  # fmt: skip
+    attention: str = field(
+        "auto",
+        "auto (cuDNN on a GPU for 16-bit compute, blocked on a CPU, else xla) | xla | cudnn | blocked",
+    )
 
     def overrides(self) -> dict[str, Any]:
         """The LlamaConfig fields this run sets whatever the checkpoint says."""
@@ -58,10 +64,15 @@ def model_path(c: Any) -> str:
 def check_paths(c: Any, hf: str) -> None:
     """The directories the config names exist, and a paper preset names a model and data."""
     if c.preset != "demo":
-        _need(bool(c.model.hf_path), f"preset {c.preset} trains a pretrained model: pass "
-              "--config.model.hf_path=<Hugging Face checkpoint dir>")  # fmt: skip
-        _need(bool(c.data.train), f"preset {c.preset} needs data: pass "
-              "--config.data.train=<prepared shard dir>")  # fmt: skip
+        _need(
+            bool(c.model.hf_path),
+            f"preset {c.preset} trains a pretrained model: pass "
+            "--config.model.hf_path=<Hugging Face checkpoint dir>",
+        )
+        _need(
+            bool(c.data.train),
+            f"preset {c.preset} needs data: pass --config.data.train=<prepared shard dir>",
+        )
     for name, path in (
         ("model.hf_path", hf),
         ("data.train", c.data.train),
@@ -72,8 +83,10 @@ def check_paths(c: Any, hf: str) -> None:
     if hf and os.path.isdir(os.path.join(hf, "checkpoints")):  # a training workdir, not a model
         export = os.path.join(hf, "hf")
         later = "" if os.path.isdir(export) else " (written when that run finishes, export_hf=True)"
-        raise ConfigError(f"config.model.hf_path: {hf} is a training workdir; pass its Hugging "
-                          f"Face export {export}{later}")  # fmt: skip
+        raise ConfigError(
+            f"config.model.hf_path: {hf} is a training workdir; pass its Hugging "
+            f"Face export {export}{later}"
+        )
     if c.data.train:
         _need(
             os.path.exists(os.path.join(c.data.train, "manifest.json")),
@@ -86,8 +99,12 @@ def check_paths(c: Any, hf: str) -> None:
 class MeshShape:
     """`config.mesh`: the device mesh; validated, every axis holds its real size."""
 
-    data: int = field(-1, "data-parallel axis; -1 takes the devices the other axes leave (docs/scaling.md)")  # fmt: skip
-    fsdp: int = field(1, "fully sharded data-parallel axis (parameters and optimizer state sharded)")  # fmt: skip
+    data: int = field(
+        -1, "data-parallel axis; -1 takes the devices the other axes leave (docs/scaling.md)"
+    )
+    fsdp: int = field(
+        1, "fully sharded data-parallel axis (parameters and optimizer state sharded)"
+    )
     tensor: int = field(1, "tensor-parallel axis")
 
     @property
@@ -116,8 +133,10 @@ def lora(c: Any) -> lora_lib.LoraConfig:
         c.model.hf_path if lora_lib.is_adapter_dir(c.model.hf_path) else ""
     )
     if adapter and (c.lora.rank or c.lora.adapter):
-        _need(lora_lib.is_adapter_dir(adapter),
-              f"config.lora.adapter: {adapter} has no {lora_lib.ADAPTER_CONFIG}")  # fmt: skip
+        _need(
+            lora_lib.is_adapter_dir(adapter),
+            f"config.lora.adapter: {adapter} has no {lora_lib.ADAPTER_CONFIG}",
+        )
         try:
             return lora_lib.read_adapter_config(adapter)[0]
         except (lora_lib.LoraError, KeyError, ValueError) as e:
@@ -146,17 +165,29 @@ class CheckpointSettings:
 class SamplesSettings:
     """`config.samples`: greedy generations at each held-out evaluation (one process only)."""
 
-    num_prompts: int = field(0, "prompts generated each time (0: off); -1 (demo preset): 64 on the demo data, 3 on yours (validated: the count)", at_least(-1, "0 (or -1)"))  # fmt: skip
-    prompts: str = field("", "prompt or messages rows; '': the demo's held-out pairs, else the file your data.eval shards were prepared from")  # fmt: skip
+    num_prompts: int = field(
+        0,
+        "prompts generated each time (0: off); -1 (demo preset): 64 on the demo data, 3 on yours (validated: the count)",
+        at_least(-1, "0 (or -1)"),
+    )
+    prompts: str = field(
+        "",
+        "prompt or messages rows; '': the demo's held-out pairs, else the file your data.eval shards were prepared from",
+    )
     max_new_tokens: int = field(128, "tokens generated per prompt at most", above(0))
-    checker: str = field("", "module:function scoring each response (samples/accuracy); '': apo_jax.eval.checkers:demo on the demo data only")  # fmt: skip
+    checker: str = field(
+        "",
+        "module:function scoring each response (samples/accuracy); '': apo_jax.eval.checkers:demo on the demo data only",
+    )
 
 
 def samples(c: Any) -> SamplesSettings:
     """config.samples validated: the prompts file exists, the checker imports, -1 resolved."""
     s = c.samples
-    _need(not s.prompts or os.path.exists(s.prompts),
-          f"config.samples.prompts: {s.prompts} does not exist")  # fmt: skip
+    _need(
+        not s.prompts or os.path.exists(s.prompts),
+        f"config.samples.prompts: {s.prompts} does not exist",
+    )
     if s.checker:
         from apo_jax.eval import scoring  # imports the checker's module: fail now, not mid-run
 
@@ -174,8 +205,16 @@ def samples(c: Any) -> SamplesSettings:
 class DemoSettings:
     """`config.demo`: the embedded demo's data, used when data.train is empty."""
 
-    cache_dir: str = field("", "where the demo's data and warm start are cached; '': ~/.cache/apo_jax/demo")  # fmt: skip
+    cache_dir: str = field(
+        "", "where the demo's data and warm start are cached; '': ~/.cache/apo_jax/demo"
+    )
     n_train: int = field(3000, "generated training pairs")
     n_eval: int = field(300, "generated held-out pairs")
-    multi_turn: float = field(0.0, "fraction of multi-turn conversations (long rows, slower on a CPU)")  # fmt: skip
-    warm_start_steps: int = field(300, "sft steps of the model the demo starts from (cached; 0: random weights; ignored with a model.hf_path)", at_least(0))  # fmt: skip
+    multi_turn: float = field(
+        0.0, "fraction of multi-turn conversations (long rows, slower on a CPU)"
+    )
+    warm_start_steps: int = field(
+        300,
+        "sft steps of the model the demo starts from (cached; 0: random weights; ignored with a model.hf_path)",
+        at_least(0),
+    )

@@ -47,21 +47,42 @@ class RunConfig:
     reference: ReferenceSettings = section(ReferenceSettings, "the reference log-probs")
     optim: OptimConfig = section(OptimConfig, "the optimizer and its schedule")
     mesh: MeshShape = section(MeshShape, "the device mesh")
-    batch_size: int = field(16, "pairs per optimizer step (completions for an unpaired loss), all processes together; the demo preset's 32 is 64 for an unpaired loss", above(0))  # fmt: skip
+    batch_size: int = field(
+        16,
+        "pairs per optimizer step (completions for an unpaired loss), all processes together; the demo preset's 32 is 64 for an unpaired loss",
+        above(0),
+    )
     grad_accum: int = field(1, "micro-batches per step (batch_size must divide)", above(0))
-    num_steps: int = field(0, "0: as many as data.num_epochs give; else exactly this many steps, the data repeating as needed", at_least(0, "0 (0: as the epochs give)"))  # fmt: skip
-    logprob_chunk: int = field(128, "time steps per chunk of the log-prob head; memory grows with it (docs/performance.md)", above(0))  # fmt: skip
+    num_steps: int = field(
+        0,
+        "0: as many as data.num_epochs give; else exactly this many steps, the data repeating as needed",
+        at_least(0, "0 (0: as the epochs give)"),
+    )
+    logprob_chunk: int = field(
+        128,
+        "time steps per chunk of the log-prob head; memory grows with it (docs/performance.md)",
+        above(0),
+    )
     max_bad_steps: int = field(5, "consecutive skipped (non-finite) steps before the run stops")
     log_every: int = field(10, "console / metrics.jsonl / TensorBoard every N steps", above(0))
-    eval_every: int = field(100, "held-out evaluation every N steps (0: only at the end)", at_least(0))  # fmt: skip
+    eval_every: int = field(
+        100, "held-out evaluation every N steps (0: only at the end)", at_least(0)
+    )
     eval_batches: int = field(0, "held-out batches per evaluation (0: the whole held-out split)")
     progress_bar: bool = field(True, "tqdm bar on a terminal")
     wandb_project: str = field("", "log to Weights & Biases when set and wandb is installed")
     checkpoint: CheckpointSettings = section(CheckpointSettings, "checkpoints")
-    export_hf: bool = field(True, "write <workdir>/hf at the end (safetensors + config + tokenizer)")  # fmt: skip
-    plots: bool = field(False, "write PNG figures of metrics.jsonl to <workdir>/plots at the end (docs/evaluation.md)")  # fmt: skip
+    export_hf: bool = field(
+        True, "write <workdir>/hf at the end (safetensors + config + tokenizer)"
+    )
+    plots: bool = field(
+        False,
+        "write PNG figures of metrics.jsonl to <workdir>/plots at the end (docs/evaluation.md)",
+    )
     samples: SamplesSettings = section(SamplesSettings, "greedy samples")
-    distributed: distributed_lib.DistributedConfig = section(distributed_lib.DistributedConfig, "multi-process runs (docs/scaling.md)")  # fmt: skip
+    distributed: distributed_lib.DistributedConfig = section(
+        distributed_lib.DistributedConfig, "multi-process runs (docs/scaling.md)"
+    )
     demo: DemoSettings = section(DemoSettings, "the embedded demo")
 
     @property

@@ -299,8 +299,9 @@ def unpaired_shards(assets: DemoAssets, *, kl_group: int = 8) -> tuple[str, str]
         tmp = tempfile.mkdtemp(prefix=".build-", dir=assets.root)
         try:
             rows = unpaired.unpair_file(pairs, os.path.join(tmp, f"{split}_unpaired.jsonl"))
-            settings = prepare.Settings(max_length=256, records_per_shard=2048, kl_group=kl_group,
-                                        records="unpaired")  # fmt: skip
+            settings = prepare.Settings(
+                max_length=256, records_per_shard=2048, kl_group=kl_group, records="unpaired"
+            )
             manifest = prepare.prepare(rows, assets.tokenizer_dir, os.path.join(tmp, "s"), settings)
             if manifest["counts"]["rejected"]:  # generated data is valid by construction
                 raise RuntimeError(f"demo unpaired {split} rows rejected: {manifest['counts']}")

@@ -227,9 +227,14 @@ class PairLoader:
         # The batch number counts global batches, so a position saved by P processes is valid
         # for any process count with the same global batch (a resume on another topology).
         c = self.config
-        return {"seed": c.seed, "shuffle": c.shuffle, "global_batch_size": c.batch_size * self._process[1],
-                "num_epochs": c.num_epochs, "drop_remainder": c.drop_remainder,
-                "num_records": self.num_records}  # fmt: skip
+        return {
+            "seed": c.seed,
+            "shuffle": c.shuffle,
+            "global_batch_size": c.batch_size * self._process[1],
+            "num_epochs": c.num_epochs,
+            "drop_remainder": c.drop_remainder,
+            "num_records": self.num_records,
+        }
 
     def get_state(self) -> dict[str, Any]:
         """The iterator position (JSON-able), independent of ``worker_count``.
@@ -237,8 +242,13 @@ class PairLoader:
         The batches form a random-access grain MapDataset, so the position is the number of the
         next batch; :meth:`set_state` restarts the pipeline there.
         """
-        return {"next_batch": self._next_batch, **self._signature(), "batch_size": self.config.batch_size,
-                "process_index": self._process[0], "process_count": self._process[1]}  # fmt: skip
+        return {
+            "next_batch": self._next_batch,
+            **self._signature(),
+            "batch_size": self.config.batch_size,
+            "process_index": self._process[0],
+            "process_count": self._process[1],
+        }
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Moves to a position from :meth:`get_state`: the next batch is the one that followed it.

@@ -93,25 +93,32 @@ def _process_chunk(
         try:
             out.append(_process_row(tok, settings, raw))
         except Exception as e:  # noqa: BLE001 - any failure of one row is that row's reject
-            out.append(("reject", schema.reject_of_exception(raw.source_index, raw.file,
-                                                             raw.line, e)))  # fmt: skip
+            out.append(
+                ("reject", schema.reject_of_exception(raw.source_index, raw.file, raw.line, e))
+            )
     return out
 
 
 def _process_row(tok: Any, settings: Settings, raw: ingest.RawRow) -> tuple:
     """("ok", record, similarity) or ("reject", Reject) for one row."""
     if settings.records == "unpaired":
-        lengths = dict(max_length=settings.max_length, truncation=settings.truncation,
-                       max_prompt_length=settings.max_prompt_length)  # fmt: skip
+        lengths = dict(
+            max_length=settings.max_length,
+            truncation=settings.truncation,
+            max_prompt_length=settings.max_prompt_length,
+        )
         return unpaired_lib.encode_row(tok, raw, settings.fields, **lengths)
     pair = ingest.parse_row(raw, settings.fields)
     if isinstance(pair, schema.Reject):
         return ("reject", pair)
     try:
         p, c, r = tokenize.encode_pair(
-            tok, pair, max_length=settings.max_length,
-            max_prompt_length=settings.max_prompt_length, truncation=settings.truncation,
-        )  # fmt: skip
+            tok,
+            pair,
+            max_length=settings.max_length,
+            max_prompt_length=settings.max_prompt_length,
+            truncation=settings.truncation,
+        )
     except schema.RowError as e:
         reject = schema.Reject(raw.source_index, raw.file, raw.line, e.field, e.reason, e.detail)
         return ("reject", reject)
@@ -246,8 +253,13 @@ class _Tally:
 
     def add_unpaired(self, rec: shards.UnpairedRecord) -> None:
         p, c, k = len(rec.prompt), len(rec.completion), len(rec.kl_completion)
-        for key, n in (("prompt", p), ("completion", c), ("kl_completion", k),
-                       ("row_max", p + max(c, k)), ("prefix_row", p + c + k)):  # fmt: skip
+        for key, n in (
+            ("prompt", p),
+            ("completion", c),
+            ("kl_completion", k),
+            ("row_max", p + max(c, k)),
+            ("prefix_row", p + c + k),
+        ):
             self.lengths.setdefault(key, []).append(n)
         self.labels[rec.label] += 1
 
@@ -277,8 +289,9 @@ def _write(
     tally = _Tally()
     unpaired = settings.records == "unpaired"
     if unpaired:
-        tally.lengths = {k: [] for k in ("prompt", "completion", "kl_completion", "row_max",
-                                         "prefix_row")}  # fmt: skip
+        tally.lengths = {
+            k: [] for k in ("prompt", "completion", "kl_completion", "row_max", "prefix_row")
+        }
     bar = tqdm(desc="prepare", unit="row" if unpaired else "pair", disable=not settings.progress)
     rejects_path = os.path.join(writer.out_dir, shards.REJECTS)
     with open(rejects_path, "w", encoding="utf-8", errors="backslashreplace") as rejects:
@@ -412,8 +425,12 @@ _RECORD_LAYOUTS = {
 def _record_stats(tally: _Tally, records: str) -> dict[str, Any]:
     if records == "unpaired":
         return {"labels": {"desirable": tally.labels[True], "undesirable": tally.labels[False]}}
-    return {"contrastiveness": {"jaccard_tokens": stats.summarize(tally.jaccard),
-                                "levenshtein_chars": stats.summarize(tally.levenshtein)}}  # fmt: skip
+    return {
+        "contrastiveness": {
+            "jaccard_tokens": stats.summarize(tally.jaccard),
+            "levenshtein_chars": stats.summarize(tally.levenshtein),
+        }
+    }
 
 
 def _write_manifest(out_dir: str, manifest: dict[str, Any]) -> None:
@@ -485,11 +502,20 @@ def _flag_values() -> flags.FlagValues:
         **kw,
     )
     flags.DEFINE_bool("strict", False, "stop at the first rejected row (exit 2)", **kw)
-    flags.DEFINE_enum("records", d.records, ["auto", "pairs", "unpaired"],
-                      "pairs (prompt/chosen/rejected) or unpaired (prompt/completion/label); "
-                      "auto: from the first row's fields", **kw)  # fmt: skip
-    flags.DEFINE_integer("kl_group", d.kl_group, "unpaired: records per KL rotation group "
-                         "(TRL: the per-device batch size)", **kw)  # fmt: skip
+    flags.DEFINE_enum(
+        "records",
+        d.records,
+        ["auto", "pairs", "unpaired"],
+        "pairs (prompt/chosen/rejected) or unpaired (prompt/completion/label); "
+        "auto: from the first row's fields",
+        **kw,
+    )
+    flags.DEFINE_integer(
+        "kl_group",
+        d.kl_group,
+        "unpaired: records per KL rotation group (TRL: the per-device batch size)",
+        **kw,
+    )
     flags.DEFINE_string("completion_field", d.fields.completion, "unpaired: completion field", **kw)
     flags.DEFINE_string("label_field", d.fields.label, "unpaired: bool label field", **kw)
     flags.DEFINE_bool("progress", True, "show a progress bar on stderr", **kw)
@@ -509,14 +535,28 @@ def run(argv: Sequence[str]) -> int:
     usage = "python -m apo_jax.data.prepare --input=PATH --tokenizer=DIR --out=DIR [flags]"
     if commands.parse(fv, argv, usage, __doc__.splitlines()[0])[1:]:
         raise commands.FlagError(f"unexpected arguments {list(argv)[1:]}: use --input=PATH")
-    fields = schema.FieldMap(fv.prompt_field, fv.chosen_field, fv.rejected_field, fv.system_field,
-                             fv.completion_field, fv.label_field)  # fmt: skip
+    fields = schema.FieldMap(
+        fv.prompt_field,
+        fv.chosen_field,
+        fv.rejected_field,
+        fv.system_field,
+        fv.completion_field,
+        fv.label_field,
+    )
     settings = Settings(
-        max_length=fv.max_length, max_prompt_length=fv.max_prompt_length, truncation=fv.truncation,
-        fields=fields, split=fv.split, records_per_shard=fv.records_per_shard,
-        max_row_bytes=fv.max_row_bytes, workers=fv.workers, strict=fv.strict, progress=fv.progress,
-        records=fv.records, kl_group=fv.kl_group,
-    )  # fmt: skip
+        max_length=fv.max_length,
+        max_prompt_length=fv.max_prompt_length,
+        truncation=fv.truncation,
+        fields=fields,
+        split=fv.split,
+        records_per_shard=fv.records_per_shard,
+        max_row_bytes=fv.max_row_bytes,
+        workers=fv.workers,
+        strict=fv.strict,
+        progress=fv.progress,
+        records=fv.records,
+        kl_group=fv.kl_group,
+    )
     check_out_dir(fv.out, fv.overwrite)
     manifest = prepare(fv.input, fv.tokenizer, fv.out, settings)
     print(summary_line(manifest))

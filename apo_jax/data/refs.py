@@ -120,8 +120,13 @@ def write_reference_logps(
     fd, tmp = tempfile.mkstemp(prefix=f".{REFERENCE_PREFIX}-", suffix=".npz", dir=out_dir)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, index=index_M, chosen=chosen_M, rejected=rejected_M,
-                     meta=np.array(json.dumps(meta)))  # fmt: skip
+            np.savez(
+                f,
+                index=index_M,
+                chosen=chosen_M,
+                rejected=rejected_M,
+                meta=np.array(json.dumps(meta)),
+            )
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

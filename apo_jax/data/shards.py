@@ -87,8 +87,17 @@ _UNPAIRED = -2  # first header word of an unpaired record
 def serialize(rec: PairRecord | UnpairedRecord) -> bytes:
     """Encodes a record as header + token bytes."""
     if isinstance(rec, UnpairedRecord):
-        header = np.array([_UNPAIRED, rec.source_index, len(rec.prompt), len(rec.completion),
-                           len(rec.kl_completion), int(rec.label)], _HEADER)  # fmt: skip
+        header = np.array(
+            [
+                _UNPAIRED,
+                rec.source_index,
+                len(rec.prompt),
+                len(rec.completion),
+                len(rec.kl_completion),
+                int(rec.label),
+            ],
+            _HEADER,
+        )
         tokens = np.concatenate([rec.prompt, rec.completion, rec.kl_completion]).astype(_TOKENS)
         return header.tobytes() + tokens.tobytes()
     header = np.array(
@@ -112,8 +121,10 @@ def deserialize(data: bytes) -> PairRecord | UnpairedRecord:
     if words == 6:
         _, source_index, n_p, n_c, n_k, label = header
         if tokens.size != n_p + n_c + n_k:
-            raise ShardError(f"corrupt record: {tokens.size} tokens, header says {n_p + n_c + n_k}; "
-                             "run apo_jax.data.shards.verify")  # fmt: skip
+            raise ShardError(
+                f"corrupt record: {tokens.size} tokens, header says {n_p + n_c + n_k}; "
+                "run apo_jax.data.shards.verify"
+            )
         p, c, k = np.split(tokens, [n_p, n_p + n_c])
         return UnpairedRecord(p, c, k, bool(label), source_index)
     source_index, n_p, n_c, n_r = header

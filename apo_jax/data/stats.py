@@ -82,8 +82,10 @@ def _shard_pairs(
 
     manifest = shards.read_manifest(shard_dir)
     if shards.record_kind(manifest) == "unpaired":
-        raise StatsError(f"{shard_dir} holds unpaired records: contrastiveness compares the two "
-                         "completions of a pair; run it on the pair data instead")  # fmt: skip
+        raise StatsError(
+            f"{shard_dir} holds unpaired records: contrastiveness compares the two "
+            "completions of a pair; run it on the pair data instead"
+        )
     tok_dir = tokenizer_dir or manifest["tokenizer"]["dir"]
     tok = tokenize.load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
     rows = []
@@ -141,13 +143,25 @@ def pair_stats(
                 "tokenizer",
             )
         pairs, skipped = _raw_pairs(path, split)
-        rows = [{"index": i, "source_index": src, "jaccard": jaccard(encode(c), encode(r)),
-                 "levenshtein": levenshtein(c, r)} for i, (src, c, r) in enumerate(pairs)]  # fmt: skip
+        rows = [
+            {
+                "index": i,
+                "source_index": src,
+                "jaccard": jaccard(encode(c), encode(r)),
+                "levenshtein": levenshtein(c, r),
+            }
+            for i, (src, c, r) in enumerate(pairs)
+        ]
     result = {
-        "path": path, "jaccard_tokens": unit_j, "levenshtein_unit": unit_l, "count": len(rows),
-        "skipped": skipped, "jaccard": summarize([r["jaccard"] for r in rows]),
-        "levenshtein": summarize([r["levenshtein"] for r in rows]), "per_pair": rows,
-    }  # fmt: skip
+        "path": path,
+        "jaccard_tokens": unit_j,
+        "levenshtein_unit": unit_l,
+        "count": len(rows),
+        "skipped": skipped,
+        "jaccard": summarize([r["jaccard"] for r in rows]),
+        "levenshtein": summarize([r["levenshtein"] for r in rows]),
+        "per_pair": rows,
+    }
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "pair_stats.jsonl"), "w") as f:
@@ -201,8 +215,10 @@ def _print_table(res: dict[str, Any]) -> None:
     ):
         s = res[name]
         if s["count"]:
-            print(f"{name:12s} [{unit}] mean {s['mean']:.3f} median {s['median']:.3f} "
-                  f"p10 {s['p10']:.3f} p90 {s['p90']:.3f} min {s['min']:.3f} max {s['max']:.3f}")  # fmt: skip
+            print(
+                f"{name:12s} [{unit}] mean {s['mean']:.3f} median {s['median']:.3f} "
+                f"p10 {s['p10']:.3f} p90 {s['p90']:.3f} min {s['min']:.3f} max {s['max']:.3f}"
+            )
 
 
 def run(argv: Sequence[str]) -> int:

@@ -50,23 +50,39 @@ def detect(
 
 
 def encode_row(
-    tok: Any, raw: ingest.RawRow, fields: schema.FieldMap, *, max_length: int,
-    max_prompt_length: int | None, truncation: str,
-) -> tuple:  # fmt: skip
+    tok: Any,
+    raw: ingest.RawRow,
+    fields: schema.FieldMap,
+    *,
+    max_length: int,
+    max_prompt_length: int | None,
+    truncation: str,
+) -> tuple:
     """("ok", (prompt_ids, completion_ids, label, source_index), None) or ("reject", Reject)."""
     try:
         ex = schema.to_unpaired(
-            ingest.decode_row(raw), fields, source_index=raw.source_index, file=raw.file,
+            ingest.decode_row(raw),
+            fields,
+            source_index=raw.source_index,
+            file=raw.file,
             line=raw.line,
-        )  # fmt: skip
-        as_pair = schema.Pair(ex.prompt, ex.completion, ex.completion, ex.source_index, ex.file,
-                              ex.line)  # fmt: skip
-        p, c, _ = tokenize.encode_pair(tok, as_pair, max_length=max_length,
-                                       max_prompt_length=max_prompt_length, truncation=truncation)  # fmt: skip
+        )
+        as_pair = schema.Pair(
+            ex.prompt, ex.completion, ex.completion, ex.source_index, ex.file, ex.line
+        )
+        p, c, _ = tokenize.encode_pair(
+            tok,
+            as_pair,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            truncation=truncation,
+        )
     except schema.RowError as e:
         field = fields.completion if e.field in ("chosen", "rejected") else e.field
-        return ("reject", schema.Reject(raw.source_index, raw.file, raw.line, field, e.reason,
-                                        e.detail[:200]))  # fmt: skip
+        return (
+            "reject",
+            schema.Reject(raw.source_index, raw.file, raw.line, field, e.reason, e.detail[:200]),
+        )
     return ("ok", (p, c, ex.label, raw.source_index), None)
 
 

@@ -19,9 +19,15 @@ def flag_values() -> flags.FlagValues:
     """The command's flags, in their own FlagValues (see apo_jax.commands)."""
     fv = flags.FlagValues()
     kw = {"flag_values": fv}
-    flags.DEFINE_string("model", None, "HF checkpoint dir, training workdir (its hf/) or .gguf file.", **kw)
-    flags.DEFINE_string("prompts", None, "Prompt rows: .jsonl, .json, .parquet or a datasets dir.", **kw)
-    flags.DEFINE_string("out", None, "Output dir: generations.jsonl, summary.json, rejects.jsonl.", **kw)
+    flags.DEFINE_string(
+        "model", None, "HF checkpoint dir, training workdir (its hf/) or .gguf file.", **kw
+    )
+    flags.DEFINE_string(
+        "prompts", None, "Prompt rows: .jsonl, .json, .parquet or a datasets dir.", **kw
+    )
+    flags.DEFINE_string(
+        "out", None, "Output dir: generations.jsonl, summary.json, rejects.jsonl.", **kw
+    )
     flags.DEFINE_string("tokenizer", "", "Tokenizer dir (default: the model dir).", **kw)
     flags.DEFINE_string("prompt_field", "prompt", "Field holding the prompt string of a row.", **kw)
     flags.DEFINE_string("split", "train", "Split to read from a DatasetDict directory.", **kw)
@@ -29,25 +35,45 @@ def flag_values() -> flags.FlagValues:
     flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 = greedy.", **kw)
     flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1.0 = off).", **kw)
     flags.DEFINE_integer("num_samples", 1, "Responses per prompt (needs --temperature > 0).", **kw)
-    flags.DEFINE_integer("batch_size", 16, "Prompts per generate call (multiple of data x fsdp).", **kw)
+    flags.DEFINE_integer(
+        "batch_size", 16, "Prompts per generate call (multiple of data x fsdp).", **kw
+    )
     flags.DEFINE_integer("seed", 0, "Sampling seed.", **kw)
     flags.DEFINE_string("dtype", "float32", "Weights and compute dtype: float32 or bfloat16.", **kw)
-    flags.DEFINE_integer("mesh_data", -1, "Mesh 'data' axis (prompts); -1 = the devices left.", **kw)
+    flags.DEFINE_integer(
+        "mesh_data", -1, "Mesh 'data' axis (prompts); -1 = the devices left.", **kw
+    )
     flags.DEFINE_integer("mesh_fsdp", 1, "Mesh 'fsdp' axis (weights sharded, prompts too).", **kw)
-    flags.DEFINE_integer("mesh_tensor", 1, "Mesh 'tensor' axis (weights sharded by heads/mlp).", **kw)
-    flags.DEFINE_list("format", [], "Exports: alpaca_eval, arena_hard, mixeval (comma-separated).", **kw)
-    flags.DEFINE_string("model_name", "", "Model name in exports (default: the model dir's name).", **kw)
-    flags.DEFINE_string("mixeval_benchmark", "mixeval_hard", "MixEval export: mixeval or mixeval_hard.", **kw)
-    flags.DEFINE_string("mixeval_version", "2024-06-01", "MixEval export: the benchmark version.", **kw)
-    flags.DEFINE_string("checker", "", "module:function(row, response) -> bool; adds `correct`.", **kw)
+    flags.DEFINE_integer(
+        "mesh_tensor", 1, "Mesh 'tensor' axis (weights sharded by heads/mlp).", **kw
+    )
+    flags.DEFINE_list(
+        "format", [], "Exports: alpaca_eval, arena_hard, mixeval (comma-separated).", **kw
+    )
+    flags.DEFINE_string(
+        "model_name", "", "Model name in exports (default: the model dir's name).", **kw
+    )
+    flags.DEFINE_string(
+        "mixeval_benchmark", "mixeval_hard", "MixEval export: mixeval or mixeval_hard.", **kw
+    )
+    flags.DEFINE_string(
+        "mixeval_version", "2024-06-01", "MixEval export: the benchmark version.", **kw
+    )
+    flags.DEFINE_string(
+        "checker", "", "module:function(row, response) -> bool; adds `correct`.", **kw
+    )
     flags.DEFINE_string("judge_baseline", "", "Baseline generations.jsonl to judge against.", **kw)
     flags.DEFINE_string("judge_url", "", "Judge's OpenAI-compatible base URL (e.g. .../v1).", **kw)
     flags.DEFINE_string("judge_model", "", "Judge model name.", **kw)
-    flags.DEFINE_string("judge_api_key_env", "", "Env variable holding the judge's key ('' = none).", **kw)
+    flags.DEFINE_string(
+        "judge_api_key_env", "", "Env variable holding the judge's key ('' = none).", **kw
+    )
     flags.DEFINE_integer("judge_concurrency", 8, "Judge requests in flight.", **kw)
     flags.DEFINE_integer("judge_max_tokens", 1024, "Most tokens of a judge reply.", **kw)
     flags.DEFINE_float("judge_rpm", 0.0, "Judge requests per minute (0 = no limit).", **kw)
-    flags.DEFINE_string("baseline_name", "baseline", "Name of the baseline in the judge summary.", **kw)
+    flags.DEFINE_string(
+        "baseline_name", "baseline", "Name of the baseline in the judge summary.", **kw
+    )
     for name in ("model", "prompts", "out"):
         flags.mark_flag_as_required(name, flag_values=fv)
     return fv

@@ -96,18 +96,23 @@ _STATED = re.compile(
 )
 _HEDGE = re.compile(
     r"\b(?:maybe|perhaps|possibly|probably|either|or|might|could be|around|about|approximately|"
-    r"between|roughly)\b", re.I
+    r"between|roughly)\b",
+    re.I,
 )
 _CUE = re.compile(
     r"(?:=|\bis|\bare|\bwas|\bwere|\bequals?|\bequal to|\bbe|:|\bof|\bgets?|\bhas|\bhave|"
     r"\bhad|\bmakes?|\bgives?|\btotals?|\bleaves?|\bleft with|\bremains?|\bcomes to|\bto)"
-    r"\s*(?:a total of\s*|exactly\s*|only\s*)?\$?\s*\Z", re.I
+    r"\s*(?:a total of\s*|exactly\s*|only\s*)?\$?\s*\Z",
+    re.I,
 )
-_LEADS = re.compile(r"\s*(?:is|was)\s+(?:the\s+)?(?:larger|bigger|greater|higher|answer|result)\b",
-                    re.I)  # fmt: skip
-_CHOSEN = re.compile(r"(?:larger|bigger|greater|higher|largest|biggest|greatest|highest)"
-                     r"(?:\s+(?:number|one|value))?\s*(?:is|=|:|would be)\s*(" + _NUM + ")",
-                     re.I)  # fmt: skip
+_LEADS = re.compile(
+    r"\s*(?:is|was)\s+(?:the\s+)?(?:larger|bigger|greater|higher|answer|result)\b", re.I
+)
+_CHOSEN = re.compile(
+    r"(?:larger|bigger|greater|higher|largest|biggest|greatest|highest)"
+    r"(?:\s+(?:number|one|value))?\s*(?:is|=|:|would be)\s*(" + _NUM + ")",
+    re.I,
+)
 _QUOTED = re.compile(r"'([^'\s]{1,30})'|\"([^\"]{1,60})\"")
 
 

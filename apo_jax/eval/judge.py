@@ -148,11 +148,16 @@ def _backend(s: JudgeSettings, out: str) -> clair_client.OpenAIChatBackend:
     env = s.api_key_env or None
     redact = keys.Redactor({env: os.environ.get(env, "")} if env else {})
     return clair_client.OpenAIChatBackend(
-        s.url, s.model, api_key_env=env,
+        s.url,
+        s.model,
+        api_key_env=env,
         cache=clair_cache.RequestCache(os.path.join(out, "judge_cache.jsonl"), redact=redact),
-        concurrency=s.concurrency, rpm=s.rpm, max_retries=s.max_retries,
-        backoff_base=s.backoff_base, progress=False,
-    )  # fmt: skip
+        concurrency=s.concurrency,
+        rpm=s.rpm,
+        max_retries=s.max_retries,
+        backoff_base=s.backoff_base,
+        progress=False,
+    )
 
 
 def _chats(pairs: Sequence[tuple[Example, dict, dict]]) -> list[list[dict[str, str]]]:
@@ -199,10 +204,13 @@ def _tally(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "losses": sum(x < 0.5 for x in scores),
         "win_rate": float(np.mean(scores)) if scores else None,
         "ci95": bootstrap_ci(scores),
-        "orders_agree": float(np.mean([r["ours_first"]["score"] == r["baseline_first"]["score"]
-                                       for r in both])) if both else None,
+        "orders_agree": float(
+            np.mean([r["ours_first"]["score"] == r["baseline_first"]["score"] for r in both])
+        )
+        if both
+        else None,
         "first_position_picked": float(np.mean([v == "A" for v in verdicts])) if verdicts else None,
-    }  # fmt: skip
+    }
 
 
 def run(

@@ -147,9 +147,16 @@ def _prepare(s: Settings, model_dir: str, tokenizer: Any):
         if ex.index in bad:
             reason, detail = bad[ex.index]
             rejects.append(
-                {"index": ex.index, "file": s.prompts, "line": None, "id": ex.id,
-                 "field": "prompt", "reason": reason, "detail": detail[:200]}
-            )  # fmt: skip
+                {
+                    "index": ex.index,
+                    "file": s.prompts,
+                    "line": None,
+                    "id": ex.id,
+                    "field": "prompt",
+                    "reason": reason,
+                    "detail": detail[:200],
+                }
+            )
     examples = [ex for ex in examples if ex.index in ids]
     rejects.sort(key=lambda r: r["index"])
     _write_jsonl(os.path.join(s.out, "rejects.jsonl"), rejects)
@@ -277,9 +284,13 @@ def _score_and_write(s, model_dir, checker, row_examples, rows, summary) -> None
     name = s.model_name or default_model_name(s.model, model_dir)
     pairs = list(zip(row_examples, rows, strict=True)) if s.sampling.num_samples == 1 else []
     summary["exports"] = exports.write(
-        s.formats, s.out, pairs, name,
-        mixeval_benchmark=s.mixeval_benchmark, mixeval_version=s.mixeval_version,
-    )  # fmt: skip
+        s.formats,
+        s.out,
+        pairs,
+        name,
+        mixeval_benchmark=s.mixeval_benchmark,
+        mixeval_version=s.mixeval_version,
+    )
     if s.judge is not None:
         from apo_jax.eval import judge
 
@@ -292,13 +303,21 @@ def _summary(s, model_dir, tok_dir, identity, examples, rejects, rows, resumed, 
     finish = Counter(r["finish_reason"] for r in rows)
     tokens = sum(r["num_tokens"] for r in rows)
     return {
-        "model": {"path": os.path.abspath(model_dir), "fingerprint": identity["weights_fingerprint"]},
-        "tokenizer": {"path": os.path.abspath(tok_dir), "fingerprint": identity["tokenizer_fingerprint"]},
+        "model": {
+            "path": os.path.abspath(model_dir),
+            "fingerprint": identity["weights_fingerprint"],
+        },
+        "tokenizer": {
+            "path": os.path.abspath(tok_dir),
+            "fingerprint": identity["tokenizer_fingerprint"],
+        },
         "prompts": os.path.abspath(s.prompts),
         "sampling": identity["sampling"],
         "batch_size": s.batch_size,
         "dtype": s.dtype,
-        "mesh": dict(gen.mesh.shape) if gen else dict(zip(("data", "fsdp", "tensor"), s.mesh, strict=True)),
+        "mesh": dict(gen.mesh.shape)
+        if gen
+        else dict(zip(("data", "fsdp", "tensor"), s.mesh, strict=True)),
         "counts": {
             "read": len(examples) + len(rejects),
             "rejected": len(rejects),
@@ -316,4 +335,4 @@ def _summary(s, model_dir, tok_dir, identity, examples, rejects, rows, resumed, 
             "seconds": gen.seconds if gen else 0.0,
             "tokens_per_sec": gen.generated_tokens / gen.seconds if gen and gen.seconds else None,
         },
-    }  # fmt: skip
+    }

@@ -14,8 +14,10 @@ from absl import flags
 from apo_jax import commands, errors
 from apo_jax.lab import pipeline
 
-USAGE = ("python -m apo_jax.lab [--target=<smollm2-135m | HF dir | .gguf>] --out=DIR [--quick] "
-         "[--seeds=N] [--lora_rank=16] [--full] [--rounds=N] [flags]")  # fmt: skip
+USAGE = (
+    "python -m apo_jax.lab [--target=<smollm2-135m | HF dir | .gguf>] --out=DIR [--quick] "
+    "[--seeds=N] [--lora_rank=16] [--full] [--rounds=N] [flags]"
+)
 ABOUT = """\
 Trains an under-trained target on a toy world with checkable answers, builds four pair sources
 from its own samples (CLAIR, stronger-preferred, on-policy judge, off-policy judge) with the clair
@@ -23,13 +25,34 @@ builders, trains DPO, APO-zero, APO-down and SFT on each, scores held-out greedy
 writes <out>/results.json and <out>/report.md. Every step is cached: rerun to resume.
 With --target, the same design on a real instruct model: generated arithmetic task families,
 a strict checker, a rule-based reviser that edits the target's own answers, LoRA cells."""
-QUICK = {"sources": ("clair", "stronger_preferred"), "objectives": ("dpo", "apo_zero", "sft"),
-         "seeds": 1, "pair_prompts": 384, "pairs": 128, "heldout": 200}  # fmt: skip
-REAL_QUICK = {"sources": ("clair", "stronger_preferred"), "objectives": ("apo_zero", "dpo", "sft"),
-              "seeds": 1, "test": 300, "pairs": 64, "pair_prompts_per_family": 64, "steps": 16,
-              "val_per_family": 16}  # fmt: skip
-TOY_ONLY = ("n_sft", "sft_noise", "sft_steps", "sft_lr", "model", "rounds", "heldout",
-            "pair_prompts")  # fmt: skip
+QUICK = {
+    "sources": ("clair", "stronger_preferred"),
+    "objectives": ("dpo", "apo_zero", "sft"),
+    "seeds": 1,
+    "pair_prompts": 384,
+    "pairs": 128,
+    "heldout": 200,
+}
+REAL_QUICK = {
+    "sources": ("clair", "stronger_preferred"),
+    "objectives": ("apo_zero", "dpo", "sft"),
+    "seeds": 1,
+    "test": 300,
+    "pairs": 64,
+    "pair_prompts_per_family": 64,
+    "steps": 16,
+    "val_per_family": 16,
+}
+TOY_ONLY = (
+    "n_sft",
+    "sft_noise",
+    "sft_steps",
+    "sft_lr",
+    "model",
+    "rounds",
+    "heldout",
+    "pair_prompts",
+)
 REAL_FIELDS = ("seed", "pairs", "temperature", "steps", "batch_size", "lr", "beta")
 FIELDS = {f.name: f for f in dataclasses.fields(pipeline.Settings)}
 HELP = {
@@ -55,28 +78,51 @@ HELP = {
 def _flag_values() -> flags.FlagValues:
     fv = flags.FlagValues()
     flags.DEFINE_string("out", None, "output directory (steps are cached there)", flag_values=fv)
-    flags.DEFINE_string("target", None, "a real instruct target: smollm2-135m, an HF directory "
-                        "or a .gguf file (default: the toy world)", flag_values=fv)  # fmt: skip
+    flags.DEFINE_string(
+        "target",
+        None,
+        "a real instruct target: smollm2-135m, an HF directory "
+        "or a .gguf file (default: the toy world)",
+        flag_values=fv,
+    )
     flags.DEFINE_integer("lora_rank", 16, "LoRA rank of the cells (--target)", flag_values=fv)
-    flags.DEFINE_boolean("full", False, "full fine-tuning instead of LoRA (--target)",
-                         flag_values=fv)  # fmt: skip
-    flags.DEFINE_integer("test", None, "test prompts (--target; default 1000, --quick 300)",
-                         flag_values=fv)  # fmt: skip
-    flags.DEFINE_boolean("quick", False, "2 sources x 3 objectives x 1 seed, smaller world",
-                         flag_values=fv)  # fmt: skip
-    flags.DEFINE_list("sources", None, f"pair sources, of {','.join(pipeline.SOURCES)}",
-                      flag_values=fv)  # fmt: skip
-    flags.DEFINE_list("objectives", None, f"objectives, of {','.join(pipeline.OBJECTIVES)}",
-                      flag_values=fv)  # fmt: skip
+    flags.DEFINE_boolean(
+        "full", False, "full fine-tuning instead of LoRA (--target)", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "test", None, "test prompts (--target; default 1000, --quick 300)", flag_values=fv
+    )
+    flags.DEFINE_boolean(
+        "quick", False, "2 sources x 3 objectives x 1 seed, smaller world", flag_values=fv
+    )
+    flags.DEFINE_list(
+        "sources", None, f"pair sources, of {','.join(pipeline.SOURCES)}", flag_values=fv
+    )
+    flags.DEFINE_list(
+        "objectives", None, f"objectives, of {','.join(pipeline.OBJECTIVES)}", flag_values=fv
+    )
     flags.DEFINE_integer("seeds", None, "training seeds per cell (full grid: 3)", flag_values=fv)
     for name, meaning in HELP.items():
         define = {int: flags.DEFINE_integer, float: flags.DEFINE_float}.get(
-            type(FIELDS[name].default), flags.DEFINE_string)  # fmt: skip
+            type(FIELDS[name].default), flags.DEFINE_string
+        )
         define(name, None, f"{meaning} (default {FIELDS[name].default})", flag_values=fv)
     flags.DEFINE_boolean("progress", True, "show the progress bar with ETA", flag_values=fv)
     flags.mark_flag_as_required("out", flag_values=fv)
-    commands.positive(fv, "seeds", "n_sft", "sft_steps", "pair_prompts", "pairs", "heldout",
-                      "steps", "batch_size", "rounds", "lora_rank", "test")  # fmt: skip
+    commands.positive(
+        fv,
+        "seeds",
+        "n_sft",
+        "sft_steps",
+        "pair_prompts",
+        "pairs",
+        "heldout",
+        "steps",
+        "batch_size",
+        "rounds",
+        "lora_rank",
+        "test",
+    )
     return fv
 
 
@@ -158,10 +204,12 @@ def run(argv: Sequence[str]) -> int:
             f"round {r['round']}: {r['accuracy']:.3f}, {r['delta']:+.3f} "
             f"[{r['delta_ci95'][0]:+.3f}, {r['delta_ci95'][1]:+.3f}] over round {r['round'] - 1}"
         )
-    print(f"target {results['baseline']['accuracy']:.3f}; "
-          f"claim (i) {results['claims']['contrastive']['verdict']}, "
-          f"claim (ii) {results['claims']['anchored']['verdict']}; "
-          f"{fv.out}/report.md ({results['seconds'] / 60:.1f} min)")  # fmt: skip
+    print(
+        f"target {results['baseline']['accuracy']:.3f}; "
+        f"claim (i) {results['claims']['contrastive']['verdict']}, "
+        f"claim (ii) {results['claims']['anchored']['verdict']}; "
+        f"{fv.out}/report.md ({results['seconds'] / 60:.1f} min)"
+    )
     return 0
 
 
@@ -175,12 +223,13 @@ def _run_real(fv: flags.FlagValues, argv: Sequence[str]) -> int:
     _compilation_cache(fv.out)
     command = "python -m apo_jax.lab " + " ".join(shlex.quote(a) for a in list(argv)[1:])
     sweep = not fv.quick and fv["lr"].value is None  # --lr given: no sweep
-    results = real_run.run(fv.out, s, fv.target, sweep=sweep, progress=fv.progress,
-                           command=command)  # fmt: skip
-    print(f"target {results['baseline']['accuracy']:.3f}; "
-          f"claim (i) {results['claims']['contrastive']['verdict']}, "
-          f"claim (ii) {results['claims']['anchored']['verdict']}; "
-          f"{fv.out}/report.md ({results['seconds'] / 60:.1f} min)")  # fmt: skip
+    results = real_run.run(fv.out, s, fv.target, sweep=sweep, progress=fv.progress, command=command)
+    print(
+        f"target {results['baseline']['accuracy']:.3f}; "
+        f"claim (i) {results['claims']['contrastive']['verdict']}, "
+        f"claim (ii) {results['claims']['anchored']['verdict']}; "
+        f"{fv.out}/report.md ({results['seconds'] / 60:.1f} min)"
+    )
     return 0
 
 

@@ -44,10 +44,13 @@ def summary(m_SxP: np.ndarray, base_SxP: np.ndarray) -> dict[str, Any]:
     """Mean accuracy and interval, and the change from the target with its interval."""
     delta_ci = interval(m_SxP, base_SxP)
     return {
-        "accuracy": float(m_SxP.mean()), "ci95": interval(m_SxP), "seeds": int(m_SxP.shape[0]),
-        "delta": float(m_SxP.mean() - base_SxP.mean()), "delta_ci95": delta_ci,
+        "accuracy": float(m_SxP.mean()),
+        "ci95": interval(m_SxP),
+        "seeds": int(m_SxP.shape[0]),
+        "delta": float(m_SxP.mean() - base_SxP.mean()),
+        "delta_ci95": delta_ci,
         "moved": delta_ci[0] > 0 or delta_ci[1] < 0,
-    }  # fmt: skip
+    }
 
 
 def compare(a_SxP: np.ndarray, b_SxP: np.ndarray) -> dict[str, Any]:
@@ -74,15 +77,21 @@ def claim_contrastive(mats: Mapping[tuple[str, str], np.ndarray]) -> dict[str, A
     objectives = sorted({o for _, o in mats if o != "sft"})
     sources = sorted({s for s, _ in mats})
     if "clair" not in sources or len(sources) < 2 or not objectives:
-        return {"verdict": "inconclusive", "why": "needs CLAIR, another source and a preference "
-                "objective in the grid", "comparisons": {}}  # fmt: skip
+        return {
+            "verdict": "inconclusive",
+            "why": "needs CLAIR, another source and a preference objective in the grid",
+            "comparisons": {},
+        }
 
     def pooled(source: str) -> np.ndarray:
         return np.concatenate([mats[(source, o)] for o in objectives if (source, o) in mats])
 
     comps = {s: compare(pooled("clair"), pooled(s)) for s in sources if s != "clair"}
-    return {"verdict": _verdict([c["sign"] for c in comps.values()]), "objectives": objectives,
-            "comparisons": comps}  # fmt: skip
+    return {
+        "verdict": _verdict([c["sign"] for c in comps.values()]),
+        "objectives": objectives,
+        "comparisons": comps,
+    }
 
 
 def expected_apo(chosen_correct: float, target_accuracy: float) -> str:
@@ -112,7 +121,14 @@ def claim_anchored(
         if a:
             comps[rival] = {**compare(np.concatenate(a), np.concatenate(b)), "sources": len(a)}
     if not comps:
-        return {"verdict": "inconclusive", "why": "needs the prescribed APO variant and a rival "
-                "in the grid", "comparisons": {}, "expected": dict(expected)}  # fmt: skip
-    return {"verdict": _verdict([c["sign"] for c in comps.values()]), "comparisons": comps,
-            "expected": dict(expected)}  # fmt: skip
+        return {
+            "verdict": "inconclusive",
+            "why": "needs the prescribed APO variant and a rival in the grid",
+            "comparisons": {},
+            "expected": dict(expected),
+        }
+    return {
+        "verdict": _verdict([c["sign"] for c in comps.values()]),
+        "comparisons": comps,
+        "expected": dict(expected),
+    }

@@ -74,8 +74,10 @@ class Reviser(_RuleBackend):
             return f"Reasoning: the answer is right.\nCorrected answer: {answer}"
         if hasattr(self.world, "revise"):
             fixed = self.world.revise(task, answer)
-            return ("Reasoning: I fix each wrong result and the final answer.\n"
-                    f"Corrected answer: {fixed}")
+            return (
+                "Reasoning: I fix each wrong result and the final answer.\n"
+                f"Corrected answer: {fixed}"
+            )
         fixed = world.render(world.solve(task), "taught")
         return f"Reasoning: the stated result is wrong; I state the right one.\nCorrected answer: {fixed}"
 

@@ -79,8 +79,12 @@ def build_world(d: str, s: Settings) -> dict[str, Any]:
         sol = world.solve(q)
         texts += [world.render(sol, style) for style in world.STYLES]
     demo.train_tokenizer(texts, os.path.join(d, "tokenizer"))
-    manifest = prepare.prepare(os.path.join(d, "sft.jsonl"), os.path.join(d, "tokenizer"),
-                               os.path.join(d, "sft_shards"), prepare.Settings(max_length=128))  # fmt: skip
+    manifest = prepare.prepare(
+        os.path.join(d, "sft.jsonl"),
+        os.path.join(d, "tokenizer"),
+        os.path.join(d, "sft_shards"),
+        prepare.Settings(max_length=128),
+    )
     return {"sft_pairs": manifest["counts"]["written"], "heldout": len(heldout)}
 
 
@@ -95,10 +99,14 @@ def evaluate(hf_dir: str, heldout_path: str, out_path: str) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     rows = read_jsonl(heldout_path)
     out = generation.sample(
-        model, tokenizer, rows, sampling=generation.Sampling(max_new_tokens=MAX_NEW_TOKENS),
-        batch_size=100, stop_tokens=generation.stop_token_ids(tokenizer, hf_dir),
+        model,
+        tokenizer,
+        rows,
+        sampling=generation.Sampling(max_new_tokens=MAX_NEW_TOKENS),
+        batch_size=100,
+        stop_tokens=generation.stop_token_ids(tokenizer, hf_dir),
         checker=checkers.demo,
-    )  # fmt: skip
+    )
     write_jsonl(out_path, [{k: r[k] for k in ("id", "prompt", "response", "correct")} for r in out])
     return {"accuracy": sum(r["correct"] for r in out) / len(out), "count": len(out)}
 
@@ -108,8 +116,10 @@ def _train(config: Any, workdir: str) -> dict[str, Any]:
 
     summary = train.train_and_evaluate(config, workdir)
     if summary["interrupted"] or not summary["hf_export"]:
-        raise Interrupted(f"training in {workdir} stopped at step {summary['steps']}; its "
-                          "checkpoint is saved: rerun the same command to resume")  # fmt: skip
+        raise Interrupted(
+            f"training in {workdir} stopped at step {summary['steps']}; its "
+            "checkpoint is saved: rerun the same command to resume"
+        )
     return summary
 
 
@@ -117,24 +127,41 @@ def _config(loss: str, overrides: dict[str, Any]) -> Any:
     from apo_jax.config import base_config, with_overrides
 
     common = {
-        "data.seq_len": 128, "samples.num_prompts": 0, "plots": False, "progress_bar": False,
-        "checkpoint.every": 0, "checkpoint.keep": 1, "checkpoint.keep_best": 0,
-        "checkpoint.async_save": False, "export_hf": True, "eval_every": 0, "log_every": 5,
+        "data.seq_len": 128,
+        "samples.num_prompts": 0,
+        "plots": False,
+        "progress_bar": False,
+        "checkpoint.every": 0,
+        "checkpoint.keep": 1,
+        "checkpoint.keep_best": 0,
+        "checkpoint.async_save": False,
+        "export_hf": True,
+        "eval_every": 0,
+        "log_every": 5,
         "optim.warmup_steps": 5,
-    }  # fmt: skip
+    }
     return with_overrides(base_config(loss, "demo"), {**common, **overrides})
 
 
 def train_target(d: str, s: Settings, world_dir: str) -> dict[str, Any]:
     """SFT of a fresh model on the demonstrations, briefly; then its held-out generations."""
-    config = _config("sft", {
-        "model.preset": s.model, "data.train": os.path.join(world_dir, "sft_shards"),
-        "num_steps": s.sft_steps, "optim.learning_rate": s.sft_lr, "batch_size": s.batch_size,
-        "seed": s.seed,
-    })  # fmt: skip
+    config = _config(
+        "sft",
+        {
+            "model.preset": s.model,
+            "data.train": os.path.join(world_dir, "sft_shards"),
+            "num_steps": s.sft_steps,
+            "optim.learning_rate": s.sft_lr,
+            "batch_size": s.batch_size,
+            "seed": s.seed,
+        },
+    )
     _train(config, os.path.join(d, "run"))
-    scores = evaluate(os.path.join(d, "run", "hf"), os.path.join(world_dir, "heldout.jsonl"),
-                      os.path.join(d, "generations.jsonl"))  # fmt: skip
+    scores = evaluate(
+        os.path.join(d, "run", "hf"),
+        os.path.join(world_dir, "heldout.jsonl"),
+        os.path.join(d, "generations.jsonl"),
+    )
     return {"hf": "run/hf", "generations": "generations.jsonl", **scores}
 
 
@@ -142,13 +169,24 @@ def train_cell(
     d: str, s: Settings, shard_dir: str, target_hf: str, objective: str, seed: int, heldout: str
 ) -> dict[str, Any]:
     """Preference (or SFT) training of the target on one source; then its held-out generations."""
-    config = _config(objective, {
-        "model.hf_path": target_hf, "data.train": shard_dir, "num_steps": s.steps,
-        "optim.learning_rate": s.lr, "loss.beta": s.beta, "batch_size": s.batch_size,
-        "seed": seed,
-    })  # fmt: skip
+    config = _config(
+        objective,
+        {
+            "model.hf_path": target_hf,
+            "data.train": shard_dir,
+            "num_steps": s.steps,
+            "optim.learning_rate": s.lr,
+            "loss.beta": s.beta,
+            "batch_size": s.batch_size,
+            "seed": seed,
+        },
+    )
     summary = _train(config, os.path.join(d, "run"))
     scores = evaluate(os.path.join(d, "run", "hf"), heldout, os.path.join(d, "generations.jsonl"))
     keep = ("train/loss", "train/logps/chosen", "train/logps/rejected", "train/rewards/margins")
-    return {"generations": "generations.jsonl", "run": "run", **scores,
-            **{k.replace("train/", ""): summary[k] for k in keep if k in summary}}  # fmt: skip
+    return {
+        "generations": "generations.jsonl",
+        "run": "run",
+        **scores,
+        **{k.replace("train/", ""): summary[k] for k in keep if k in summary},
+    }

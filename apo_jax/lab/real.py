@@ -70,8 +70,10 @@ def resolve_target(target: str) -> str:
         except ImportError:
             if os.path.isdir(target):
                 return _check_dir(target)
-            raise TargetError(f"{target}: GGUF targets need apo_jax.models.convert (the GGUF "
-                              "importer); pass an HF directory instead") from None  # fmt: skip
+            raise TargetError(
+                f"{target}: GGUF targets need apo_jax.models.convert (the GGUF "
+                "importer); pass an HF directory instead"
+            ) from None
         return _check_dir(resolve_model_path(target))
     raise TargetError(f"--target={target}: not smollm2-135m, a .gguf file or an HF directory")
 
@@ -87,8 +89,9 @@ def _rows(qs: list[str], prefix: str) -> list[dict[str, Any]]:
     out = []
     for i, q in enumerate(qs):
         sol = tasks.solve(q)
-        out.append({"id": f"{prefix}-{sol.kind}-{i}", "prompt": q, "family": sol.kind,
-                    "answer": sol.value})  # fmt: skip
+        out.append(
+            {"id": f"{prefix}-{sol.kind}-{i}", "prompt": q, "family": sol.kind, "answer": sol.value}
+        )
     return out
 
 
@@ -100,16 +103,18 @@ def build_world(d: str, s: RealSettings) -> dict[str, Any]:
     for fam in s.families:
         val = tasks.questions(fam, s.val_per_family, s.seed + 1)
         pairs = tasks.questions(fam, s.pair_prompts_per_family, s.seed + 2, exclude=set(val))
-        test = tasks.questions(fam, per_test, s.seed + 3, exclude=set(val) | set(pairs),
-                               strict=False)  # fmt: skip
+        test = tasks.questions(
+            fam, per_test, s.seed + 3, exclude=set(val) | set(pairs), strict=False
+        )
         for split, qs in (("val", val), ("pairs", pairs), ("test", test)):
             write_jsonl(os.path.join(d, f"{split}-{fam}.jsonl"), _rows(qs, split))
         counts[fam] = {"val": len(val), "pairs": len(pairs), "test": len(test)}
     return {"families": counts}
 
 
-def evaluate(hf_dir: str, rows: list[dict[str, Any]], out_path: str, s: RealSettings,
-             model: Any = None) -> dict[str, Any]:  # fmt: skip
+def evaluate(
+    hf_dir: str, rows: list[dict[str, Any]], out_path: str, s: RealSettings, model: Any = None
+) -> dict[str, Any]:
     """Greedy answers of the checkpoint, checked by `final_number`; writes the generations JSONL
     (id, prompt, response, correct, family, answer)."""
     from transformers import AutoTokenizer
@@ -121,17 +126,32 @@ def evaluate(hf_dir: str, rows: list[dict[str, Any]], out_path: str, s: RealSett
         model, _ = hf.load_hf(hf_dir)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     out = generation.sample(
-        model, tokenizer, rows, sampling=generation.Sampling(max_new_tokens=s.max_new_tokens),
-        batch_size=s.eval_batch, stop_tokens=generation.stop_token_ids(tokenizer, hf_dir),
+        model,
+        tokenizer,
+        rows,
+        sampling=generation.Sampling(max_new_tokens=s.max_new_tokens),
+        batch_size=s.eval_batch,
+        stop_tokens=generation.stop_token_ids(tokenizer, hf_dir),
         checker=checkers.final_number,
-    )  # fmt: skip
+    )
     by_id = {r["id"]: r for r in rows}
-    keep = [{"id": r["id"], "prompt": r["prompt"], "response": r["response"],
-             "correct": bool(r["correct"]), "family": by_id[r["id"]]["family"],
-             "answer": by_id[r["id"]]["answer"]} for r in out]  # fmt: skip
+    keep = [
+        {
+            "id": r["id"],
+            "prompt": r["prompt"],
+            "response": r["response"],
+            "correct": bool(r["correct"]),
+            "family": by_id[r["id"]]["family"],
+            "answer": by_id[r["id"]]["answer"],
+        }
+        for r in out
+    ]
     write_jsonl(out_path, keep)
-    return {"accuracy": sum(r["correct"] for r in keep) / len(keep), "count": len(keep),
-            "families": family_accuracy(keep)}  # fmt: skip
+    return {
+        "accuracy": sum(r["correct"] for r in keep) / len(keep),
+        "count": len(keep),
+        "families": family_accuracy(keep),
+    }
 
 
 def family_accuracy(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -148,18 +168,29 @@ def screen(d: str, s: RealSettings, world_dir: str, target_hf: str) -> dict[str,
     scores = evaluate(target_hf, val, os.path.join(d, "generations.jsonl"), s)
     kept = [f for f in s.families if s.low < scores["families"][f] < s.high]
     if len(kept) < 2:
-        raise TargetError(f"the target is in ({s.low}, {s.high}) on fewer than 2 families: "
-                          f"{scores['families']}; it cannot show the paper's effects")  # fmt: skip
+        raise TargetError(
+            f"the target is in ({s.low}, {s.high}) on fewer than 2 families: "
+            f"{scores['families']}; it cannot show the paper's effects"
+        )
     heldout = s.heldout_family if s.heldout_family in kept else kept[-1]
     trained = [f for f in kept if f != heldout]
-    test = balanced({f: read_jsonl(os.path.join(world_dir, f"test-{f}.jsonl")) for f in kept},
-                    s.test)  # fmt: skip
-    pair_rows = [r for f in trained for r in read_jsonl(os.path.join(world_dir, f"pairs-{f}.jsonl"))]
+    test = balanced(
+        {f: read_jsonl(os.path.join(world_dir, f"test-{f}.jsonl")) for f in kept}, s.test
+    )
+    pair_rows = [
+        r for f in trained for r in read_jsonl(os.path.join(world_dir, f"pairs-{f}.jsonl"))
+    ]
     write_jsonl(os.path.join(d, "test.jsonl"), test)
     write_jsonl(os.path.join(d, "val.jsonl"), [r for r in val if r["family"] in kept])
     write_jsonl(os.path.join(d, "pair_prompts.jsonl"), pair_rows)
-    return {"val_accuracy": scores["families"], "kept": kept, "heldout": heldout,
-            "trained": trained, "test": len(test), "pair_prompts": len(pair_rows)}  # fmt: skip
+    return {
+        "val_accuracy": scores["families"],
+        "kept": kept,
+        "heldout": heldout,
+        "trained": trained,
+        "test": len(test),
+        "pair_prompts": len(pair_rows),
+    }
 
 
 def balanced(pools: dict[str, list[dict[str, Any]]], n: int) -> list[dict[str, Any]]:
@@ -178,36 +209,70 @@ def balanced(pools: dict[str, list[dict[str, Any]]], n: int) -> list[dict[str, A
 
 def build_pairs(d: str, s: RealSettings, screen_dir: str, target_hf: str) -> dict[str, Any]:
     """The pair sources of `s.sources` from the target's own samples (`sources.build_pairs`)."""
-    return sources.build_pairs(d, s, screen_dir, target_hf, w=tasks, tokenizer=target_hf,
-                               max_new_tokens=s.max_new_tokens, max_length=s.max_length,
-                               batch_size=s.eval_batch)  # fmt: skip
+    return sources.build_pairs(
+        d,
+        s,
+        screen_dir,
+        target_hf,
+        w=tasks,
+        tokenizer=target_hf,
+        max_new_tokens=s.max_new_tokens,
+        max_length=s.max_length,
+        batch_size=s.eval_batch,
+    )
 
 
-def train_cell(d: str, s: RealSettings, shard_dir: str, target_hf: str, objective: str,
-               seed: int, lr: float, eval_path: str) -> dict[str, Any]:  # fmt: skip
+def train_cell(
+    d: str,
+    s: RealSettings,
+    shard_dir: str,
+    target_hf: str,
+    objective: str,
+    seed: int,
+    lr: float,
+    eval_path: str,
+) -> dict[str, Any]:
     """LoRA (or full) training of the target on one source; then its greedy answers."""
     from apo_jax.lab import pipeline
 
-    config = pipeline._config(objective, {
-        "model.hf_path": target_hf, "data.train": shard_dir, "num_steps": s.steps,
-        "optim.learning_rate": lr, "loss.beta": s.beta, "batch_size": s.batch_size,
-        "seed": seed, "lora.rank": 0 if s.full else s.lora_rank, "data.seq_len": 0,
-        "data.num_epochs": 1000,  # num_steps ends the run; small pair sets are cycled
-    })  # fmt: skip
+    config = pipeline._config(
+        objective,
+        {
+            "model.hf_path": target_hf,
+            "data.train": shard_dir,
+            "num_steps": s.steps,
+            "optim.learning_rate": lr,
+            "loss.beta": s.beta,
+            "batch_size": s.batch_size,
+            "seed": seed,
+            "lora.rank": 0 if s.full else s.lora_rank,
+            "data.seq_len": 0,
+            "data.num_epochs": 1000,  # num_steps ends the run; small pair sets are cycled
+        },
+    )
     t0 = time.perf_counter()
     summary = pipeline._train(config, os.path.join(d, "run"))
     t1 = time.perf_counter()
-    scores = evaluate(os.path.join(d, "run", "hf"), read_jsonl(eval_path),
-                      os.path.join(d, "generations.jsonl"), s)  # fmt: skip
+    scores = evaluate(
+        os.path.join(d, "run", "hf"), read_jsonl(eval_path), os.path.join(d, "generations.jsonl"), s
+    )
     scores["train_seconds"] = round(t1 - t0, 1)
     scores["eval_seconds"] = round(time.perf_counter() - t1, 1)
     keep = ("train/loss", "train/logps/chosen", "train/logps/rejected", "train/rewards/margins")
-    return {"generations": "generations.jsonl", "run": "run", **scores,
-            **{k.replace("train/", ""): summary[k] for k in keep if k in summary}}  # fmt: skip
+    return {
+        "generations": "generations.jsonl",
+        "run": "run",
+        **scores,
+        **{k.replace("train/", ""): summary[k] for k in keep if k in summary},
+    }
 
 
 def baseline(d: str, s: RealSettings, screen_dir: str, target_hf: str) -> dict[str, Any]:
     """The target's greedy answers to the test split."""
-    scores = evaluate(target_hf, read_jsonl(os.path.join(screen_dir, "test.jsonl")),
-                      os.path.join(d, "generations.jsonl"), s)  # fmt: skip
+    scores = evaluate(
+        target_hf,
+        read_jsonl(os.path.join(screen_dir, "test.jsonl")),
+        os.path.join(d, "generations.jsonl"),
+        s,
+    )
     return {"generations": "generations.jsonl", **scores}

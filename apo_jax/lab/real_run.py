@@ -47,22 +47,36 @@ def machine() -> dict[str, str]:
     except OSError:
         pass
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=os.path.dirname(__file__)).stdout.strip()  # fmt: skip
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(__file__),
+        ).stdout.strip()
     except OSError:
         commit = ""
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "load": " ".join(
-        f"{x:.1f}" for x in os.getloadavg()), "commit": commit or "unknown"}  # fmt: skip
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "load": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+        "commit": commit or "unknown",
+    }
 
 
-def run(out: str, s: RealSettings, target: str, *, sweep: bool, progress: bool = True,
-        command: str = "") -> dict[str, Any]:  # fmt: skip
+def run(
+    out: str, s: RealSettings, target: str, *, sweep: bool, progress: bool = True, command: str = ""
+) -> dict[str, Any]:
     """Runs (or resumes) the real-target lab into `out`; returns results.json's content."""
     os.makedirs(out, exist_ok=True)
     target_hf = real.resolve_target(target)
     todo = cells(s)
-    bar = tqdm(total=4 + len(todo) + (len(s.lr_sweep) if sweep else 0), unit="step",
-               disable=not progress, file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=4 + len(todo) + (len(s.lr_sweep) if sweep else 0),
+        unit="step",
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     started, ran, at_start = time.perf_counter(), 0, machine()  # the commit that runs
 
     def step(name: str, key: dict[str, Any], fn) -> dict[str, Any]:
@@ -89,25 +103,46 @@ def run(out: str, s: RealSettings, target: str, *, sweep: bool, progress: bool =
         name = os.path.join("cells", f"{source}-{objective}-s{seed}")
         shards = os.path.join(out, "pairs", pairs["sources"][source]["shards"])
         key = _key(s, CELL, pairs=pkey, lr=lr, source=source, objective=objective, seed=seed)
-        result = step(name, key, lambda d, sd=shards, o=objective, se=seed: real.train_cell(
-            d, s, sd, target_hf, o, se, lr, test))  # fmt: skip
-        conditions.append({"dataset": source, "objective": objective, "seed": seed, **result,
-                           "generations": os.path.join(name, result["generations"]),
-                           "run": os.path.join(name, result["run"])})  # fmt: skip
+        result = step(
+            name,
+            key,
+            lambda d, sd=shards, o=objective, se=seed: real.train_cell(
+                d, s, sd, target_hf, o, se, lr, test
+            ),
+        )
+        conditions.append(
+            {
+                "dataset": source,
+                "objective": objective,
+                "seed": seed,
+                **result,
+                "generations": os.path.join(name, result["generations"]),
+                "run": os.path.join(name, result["run"]),
+            }
+        )
     bar.close()
     meta = {
         "settings": {**dataclasses.asdict(s), "lr": lr, "model": target, "target_hf": target_hf},
-        "real": {"screen": screen, "lr": lr_info,
-                 "machine": {**at_start, "load_start": at_start["load"], "load": machine()["load"]},
-                 "command": command, "target_families": base["families"],
-                 "phases": phases(screen, base, pairs, lr_info, conditions)},
-        "seconds": round(time.perf_counter() - started, 1), "steps_run": ran,
+        "real": {
+            "screen": screen,
+            "lr": lr_info,
+            "machine": {**at_start, "load_start": at_start["load"], "load": machine()["load"]},
+            "command": command,
+            "target_families": base["families"],
+            "phases": phases(screen, base, pairs, lr_info, conditions),
+        },
+        "seconds": round(time.perf_counter() - started, 1),
+        "steps_run": ran,
         "steps_total": 4 + len(todo) + len(lr_info.get("sweep", {})),
-        "step_seconds": {"world": 0, "target": base["seconds"], "pairs": pairs["seconds"],
-                         "cell_mean": round(sum(c["seconds"] for c in conditions)
-                                            / max(len(conditions), 1), 1),
-                         "cells": len(conditions), "full_grid_estimate": 0},
-    }  # fmt: skip
+        "step_seconds": {
+            "world": 0,
+            "target": base["seconds"],
+            "pairs": pairs["seconds"],
+            "cell_mean": round(sum(c["seconds"] for c in conditions) / max(len(conditions), 1), 1),
+            "cells": len(conditions),
+            "full_grid_estimate": 0,
+        },
+    }
     return report.write(out, meta, {"generations": base["generations"]}, pairs, conditions)
 
 
@@ -121,12 +156,20 @@ def _learning_rate(out, s, pkey, pairs, target_hf, screen_dir, sweep, step):
             name = os.path.join("sweep", f"lr{lr:g}")
             key = _key(s, CELL, pairs=pkey, lr=lr, source="clair", objective="apo_zero", seed=0)
             shards = os.path.join(out, "pairs", pairs["sources"]["clair"]["shards"])
-            r = step(name, key, lambda d, lr=lr, sd=shards: real.train_cell(
-                d, s, sd, target_hf, "apo_zero", 0, lr, val))  # fmt: skip
+            r = step(
+                name,
+                key,
+                lambda d, lr=lr, sd=shards: real.train_cell(
+                    d, s, sd, target_hf, "apo_zero", 0, lr, val
+                ),
+            )
             runs[f"{lr:g}"] = {"val_accuracy": r["accuracy"], "seconds": r["seconds"]}
         best = max(runs, key=lambda k: (runs[k]["val_accuracy"], -abs(float(k) - s.lr)))
-        info = {"chosen": float(best), "how": "validation sweep (CLAIR, APO-zero, seed 0)",
-                "sweep": runs}  # fmt: skip
+        info = {
+            "chosen": float(best),
+            "how": "validation sweep (CLAIR, APO-zero, seed 0)",
+            "sweep": runs,
+        }
         from apo_jax.lab.steps import write_json
 
         write_json(os.path.join(out, "sweep", "chosen.json"), {"pairs": pkey, **info})
@@ -147,6 +190,7 @@ def phases(screen, base, pairs, lr_info, conditions) -> dict[str, float]:
         "sampling and pairs": pairs["seconds"],
         "lr sweep": sum(r["seconds"] for r in lr_info.get("sweep", {}).values()),
         "training (reference pass included)": round(
-            sum(c.get("train_seconds", 0) for c in conditions), 1),
+            sum(c.get("train_seconds", 0) for c in conditions), 1
+        ),
         "evaluation of cells": round(sum(c.get("eval_seconds", 0) for c in conditions), 1),
-    }  # fmt: skip
+    }

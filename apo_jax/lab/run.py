@@ -48,9 +48,15 @@ def run(out: str, s: Settings, *, progress: bool = True) -> dict[str, Any]:
     weight = {"world": 0.1, "target": s.sft_steps / 100, "pairs": 0.3}  # measured ratios
     cell = 1.0
     extra = (s.rounds - 1) * (0.15 + cell)  # each later round: CLAIR pairs and one cell
-    bar = tqdm(total=round(sum(weight.values()) + cell * len(todo) + extra, 1), unit="cell",
-               disable=not progress, file=sys.stderr, dynamic_ncols=True, smoothing=0.1,
-               bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")  # fmt: skip
+    bar = tqdm(
+        total=round(sum(weight.values()) + cell * len(todo) + extra, 1),
+        unit="cell",
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        smoothing=0.1,
+        bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]",
+    )
     started = time.perf_counter()
     ran = 0
 
@@ -81,11 +87,23 @@ def run(out: str, s: Settings, *, progress: bool = True) -> dict[str, Any]:
         name = os.path.join("cells", f"{source}-{objective}-s{seed}")
         shard_dir = os.path.join(out, "pairs", pairs["sources"][source]["shards"])
         key = _key(s, CELL_FIELDS, pairs=pairs_key, source=source, objective=objective, seed=seed)
-        result = step(name, key, lambda d, sd=shard_dir, o=objective, se=seed: pipeline.train_cell(
-            d, s, sd, target_hf, o, se, heldout))  # fmt: skip
-        conditions.append({"dataset": source, "objective": objective, "seed": seed, **result,
-                           "generations": os.path.join(name, result["generations"]),
-                           "run": os.path.join(name, result["run"])})  # fmt: skip
+        result = step(
+            name,
+            key,
+            lambda d, sd=shard_dir, o=objective, se=seed: pipeline.train_cell(
+                d, s, sd, target_hf, o, se, heldout
+            ),
+        )
+        conditions.append(
+            {
+                "dataset": source,
+                "objective": objective,
+                "seed": seed,
+                **result,
+                "generations": os.path.join(name, result["generations"]),
+                "run": os.path.join(name, result["run"]),
+            }
+        )
     chain, extra_steps = [], 2 * (s.rounds - 1)
     if s.rounds > 1:
         # Round 1 is the CLAIR cell with the prescribed APO variant, seed 0 (from the grid, or
@@ -95,38 +113,76 @@ def run(out: str, s: Settings, *, progress: bool = True) -> dict[str, Any]:
         name = os.path.join("cells", f"clair-{objective}-s0")
         key = _key(s, CELL_FIELDS, pairs=pairs_key, source="clair", objective=objective, seed=0)
         shard_dir = os.path.join(out, "pairs", clair["shards"])
-        result = next((c for c in conditions if c["dataset"] == "clair"
-                       and c["objective"] == objective and c["seed"] == 0), None)  # fmt: skip
+        result = next(
+            (
+                c
+                for c in conditions
+                if c["dataset"] == "clair" and c["objective"] == objective and c["seed"] == 0
+            ),
+            None,
+        )
         if result is None:
             bar.total = round(bar.total + cell, 1)
             extra_steps += 1
-            result = step(name, key, lambda d: pipeline.train_cell(
-                d, s, shard_dir, target_hf, objective, 0, heldout))  # fmt: skip
+            result = step(
+                name,
+                key,
+                lambda d: pipeline.train_cell(d, s, shard_dir, target_hf, objective, 0, heldout),
+            )
         hf = os.path.join(out, name, os.path.basename(result["run"]), "hf")
-        chain.append({"round": 1, "objective": objective, "pairs": pairs["pairs_per_source"],
-                      "chosen_correct": clair["chosen_correct"], "seconds": result["seconds"],
-                      "generations": os.path.join(name, os.path.basename(result["generations"]))})  # fmt: skip
+        chain.append(
+            {
+                "round": 1,
+                "objective": objective,
+                "pairs": pairs["pairs_per_source"],
+                "chosen_correct": clair["chosen_correct"],
+                "seconds": result["seconds"],
+                "generations": os.path.join(name, os.path.basename(result["generations"])),
+            }
+        )
         for r in range(2, s.rounds + 1):
             # The previous round's model is the target: re-sample, revise, prepare, then a cell
             # whose reference pass runs on its weights (train_cell starts from `hf`).
             rdir = os.path.join("rounds", f"r{r}")
             pkey = _key(s, ("temperature", "pairs"), previous=key, round=r)
-            rpairs = step(os.path.join(rdir, "pairs"), pkey, lambda d, h=hf: sources.build_pairs(
-                d, dataclasses.replace(s, sources=("clair",)), world_dir, h), w=0.15)  # fmt: skip
+            rpairs = step(
+                os.path.join(rdir, "pairs"),
+                pkey,
+                lambda d, h=hf: sources.build_pairs(
+                    d, dataclasses.replace(s, sources=("clair",)), world_dir, h
+                ),
+                w=0.15,
+            )
             rclair = rpairs["sources"]["clair"]
             shard_dir = os.path.join(out, rdir, "pairs", rclair["shards"])
             key = _key(s, CELL_FIELDS, pairs=pkey, objective=objective, seed=0)
             name = os.path.join(rdir, "cell")
-            result = step(name, key, lambda d, sd=shard_dir, h=hf: pipeline.train_cell(
-                d, s, sd, h, objective, 0, heldout))  # fmt: skip
+            result = step(
+                name,
+                key,
+                lambda d, sd=shard_dir, h=hf: pipeline.train_cell(
+                    d, s, sd, h, objective, 0, heldout
+                ),
+            )
             hf = os.path.join(out, name, result["run"], "hf")
-            chain.append({"round": r, "objective": objective, "pairs": rpairs["pairs_per_source"],
-                          "chosen_correct": rclair["chosen_correct"], "seconds": result["seconds"],
-                          "generations": os.path.join(name, result["generations"])})  # fmt: skip
+            chain.append(
+                {
+                    "round": r,
+                    "objective": objective,
+                    "pairs": rpairs["pairs_per_source"],
+                    "chosen_correct": rclair["chosen_correct"],
+                    "seconds": result["seconds"],
+                    "generations": os.path.join(name, result["generations"]),
+                }
+            )
     bar.close()
-    meta = {"settings": dataclasses.asdict(s), "seconds": round(time.perf_counter() - started, 1),
-            "steps_run": ran, "steps_total": 3 + len(todo) + extra_steps,
-            "step_seconds": step_seconds(world, target, pairs, conditions)}  # fmt: skip
+    meta = {
+        "settings": dataclasses.asdict(s),
+        "seconds": round(time.perf_counter() - started, 1),
+        "steps_run": ran,
+        "steps_total": 3 + len(todo) + extra_steps,
+        "step_seconds": step_seconds(world, target, pairs, conditions),
+    }
     return report.write(out, meta, target, pairs, conditions, chain)
 
 
@@ -136,6 +192,11 @@ def step_seconds(world, target, pairs, conditions) -> dict[str, float]:
     full = Settings()
     n_full = len(full.sources) * len(full.objectives) * full.seeds
     fixed = world["seconds"] + target["seconds"] + pairs["seconds"]
-    return {"world": world["seconds"], "target": target["seconds"], "pairs": pairs["seconds"],
-            "cell_mean": round(per_cell, 1), "cells": len(conditions),
-            "full_grid_estimate": round(fixed * 2 + n_full * per_cell, 1)}  # fmt: skip
+    return {
+        "world": world["seconds"],
+        "target": target["seconds"],
+        "pairs": pairs["seconds"],
+        "cell_mean": round(per_cell, 1),
+        "cells": len(conditions),
+        "full_grid_estimate": round(fixed * 2 + n_full * per_cell, 1),
+    }

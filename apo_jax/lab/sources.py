@@ -35,16 +35,23 @@ def _offpolicy_rows(rows: list[ledger.PromptRow], seed: int, w: Any = world) -> 
         completions = []
         for name, _, _ in OFFPOLICY_POOL:
             text = answers[name][i]
-            ratings = {"correctness": 10 if w.correct(row.prompt, text) else 1,
-                       "helpfulness": rng.randint(1, 5)}  # fmt: skip
+            ratings = {
+                "correctness": 10 if w.correct(row.prompt, text) else 1,
+                "helpfulness": rng.randint(1, 5),
+            }
             completions.append({"model": name, "response": text, "ratings": ratings})
         out.append(ledger.Row(row.line, {"prompt": row.prompt, "completions": completions}))
     return out
 
 
 def build_all(
-    d: str, s: Any, prompts_path: str, target_hf: str, w: Any = world,
-    max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 128,
+    d: str,
+    s: Any,
+    prompts_path: str,
+    target_hf: str,
+    w: Any = world,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    batch_size: int = 128,
 ) -> dict[str, ledger.BuildResult]:
     """Builds every source of `s.sources` into `d/<source>/all.jsonl` (+ rejects), answering
     from world `w` (`apo_jax.lab.world` or `apo_jax.lab.tasks`)."""
@@ -52,7 +59,7 @@ def build_all(
     params = {"temperature": s.temperature, "max_tokens": max_new_tokens, "seed": s.seed}
     target = builders.Role(
         LocalBackend(target_hf, name="target", batch_size=batch_size, cache=cache), params
-    )  # fmt: skip
+    )
     results = {}
     for source in s.sources:
         result = ledger.BuildResult()
@@ -80,16 +87,30 @@ def _side_correct(pair: dict[str, Any], side: str, w: Any = world) -> bool:
 
 
 def build_pairs(
-    d: str, s: Any, world_dir: str, target_hf: str, *, w: Any = world,
-    tokenizer: str | None = None, max_new_tokens: int = MAX_NEW_TOKENS, max_length: int = 128,
+    d: str,
+    s: Any,
+    world_dir: str,
+    target_hf: str,
+    *,
+    w: Any = world,
+    tokenizer: str | None = None,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    max_length: int = 128,
     batch_size: int = 128,
 ) -> dict[str, Any]:
     """Builds the sources, keeps the prompts every source has a pair for (the first `s.pairs`),
     prepares shards (with `tokenizer`, default the world's) and measures each source."""
     from apo_jax.data import prepare, stats
 
-    results = build_all(d, s, os.path.join(world_dir, "pair_prompts.jsonl"), target_hf, w,
-                        max_new_tokens, batch_size)  # fmt: skip
+    results = build_all(
+        d,
+        s,
+        os.path.join(world_dir, "pair_prompts.jsonl"),
+        target_hf,
+        w,
+        max_new_tokens,
+        batch_size,
+    )
     common = sorted(set.intersection(*(set(r.pairs) for r in results.values())))[: s.pairs]
     if not common:
         raise RuntimeError("no prompt has a pair in every source; raise --pair_prompts")
@@ -99,15 +120,23 @@ def build_pairs(
         pairs = [result.pairs[line] for line in common]
         write_jsonl(os.path.join(d, source, "train.jsonl"), pairs)
         shard_dir = os.path.join(d, source, "shards")
-        manifest = prepare.prepare(os.path.join(d, source, "train.jsonl"), tokenizer, shard_dir,
-                                   prepare.Settings(max_length=max_length))  # fmt: skip
+        manifest = prepare.prepare(
+            os.path.join(d, source, "train.jsonl"),
+            tokenizer,
+            shard_dir,
+            prepare.Settings(max_length=max_length),
+        )
         st = stats.pair_stats(shard_dir)
         out["sources"][source] = {
-            "built": len(result.pairs), "rejects": result.counts()["reject_reasons"],
-            "prepared": manifest["counts"]["written"], "shards": f"{source}/shards",
-            "jaccard": st["jaccard"]["mean"], "levenshtein": st["levenshtein"]["mean"],
-            "jaccard_median": st["jaccard"]["median"], "levenshtein_median": st["levenshtein"]["median"],
+            "built": len(result.pairs),
+            "rejects": result.counts()["reject_reasons"],
+            "prepared": manifest["counts"]["written"],
+            "shards": f"{source}/shards",
+            "jaccard": st["jaccard"]["mean"],
+            "levenshtein": st["levenshtein"]["mean"],
+            "jaccard_median": st["jaccard"]["median"],
+            "levenshtein_median": st["levenshtein"]["median"],
             "chosen_correct": sum(_side_correct(p, "chosen", w) for p in pairs) / len(pairs),
             "rejected_correct": sum(_side_correct(p, "rejected", w) for p in pairs) / len(pairs),
-        }  # fmt: skip
+        }
     return out

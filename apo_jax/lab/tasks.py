@@ -70,11 +70,23 @@ def _compare(rng: random.Random) -> str:
 
 
 def _minutes(rng: random.Random) -> str:
-    return f"How many minutes are there in {rng.randint(1, 9)} hours and {rng.randint(5, 55)} minutes?"
+    return (
+        f"How many minutes are there in {rng.randint(1, 9)} hours and {rng.randint(5, 55)} minutes?"
+    )
 
 
-FAMILIES = {"add": _add, "add1": _add1, "sub": _sub, "mul1": _mul1, "mul": _mul, "word_mul": _word_mul, "word_add": _word_add,
-            "word_sub": _word_sub, "compare": _compare, "minutes": _minutes}  # fmt: skip
+FAMILIES = {
+    "add": _add,
+    "add1": _add1,
+    "sub": _sub,
+    "mul1": _mul1,
+    "mul": _mul,
+    "word_mul": _word_mul,
+    "word_add": _word_add,
+    "word_sub": _word_sub,
+    "compare": _compare,
+    "minutes": _minutes,
+}
 HELDOUT = "word_add"  # the family no pair is built from (when it is kept; else the last kept one)
 
 _PATTERNS = {
@@ -116,8 +128,14 @@ def solve(question: str) -> Solution:
                 h, m = int(g[0]), int(g[1])
                 return Solution(kind, {"a": h, "b": m, "c": h * 60}, h * 60 + m)
             a, b = int(g[0]), int(g[1])
-            value = {"add": a + b, "add1": a + b, "sub": a - b, "mul": a * b, "mul1": a * b,
-                     "compare": max(a, b)}[kind]  # fmt: skip
+            value = {
+                "add": a + b,
+                "add1": a + b,
+                "sub": a - b,
+                "mul": a * b,
+                "mul1": a * b,
+                "compare": max(a, b),
+            }[kind]
             return Solution(kind, {"a": a, "b": b}, value)
     raise ValueError(f"not a lab task: {question[:80]!r}")
 
@@ -173,16 +191,24 @@ def _fmt(x: float) -> str:
 
 def _fix_expressions(text: str) -> str:
     """Every "a op b = c" with the right c (left to right, so chained results follow)."""
-    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "x": lambda a, b: a * b,
-           "×": lambda a, b: a * b, "*": lambda a, b: a * b}  # fmt: skip
+    ops = {
+        "+": lambda a, b: a + b,
+        "-": lambda a, b: a - b,
+        "x": lambda a, b: a * b,
+        "×": lambda a, b: a * b,
+        "*": lambda a, b: a * b,
+    }
     pos, fixed = 0, {}  # wrong result -> right one, carried into later operands
     while m := _EXPR.search(text, pos):
         a, b = fixed.get(m[1], m[1]), fixed.get(m[3], m[3])
         right = _fmt(ops[m[2]](float(a), float(b)))
         if right != m[4]:
             fixed[m[4]] = right
-        text = text[: m.start()] + f"{a} {m[2]} {b} = {right}" + text[m.end() :] if (
-            a != m[1] or b != m[3]) else text[: m.start(4)] + right + text[m.end(4) :]
+        text = (
+            text[: m.start()] + f"{a} {m[2]} {b} = {right}" + text[m.end() :]
+            if (a != m[1] or b != m[3])
+            else text[: m.start(4)] + right + text[m.end(4) :]
+        )
         pos = m.start() + len(m[0].split("=")[0]) + 1  # the result may be the next operand
     return text
 

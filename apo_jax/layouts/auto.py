@@ -52,8 +52,13 @@ def _attn_weight(model_cfg: Any) -> float:
     against 2 FLOPs per matmul parameter of a layer per token."""
     if model_cfg is None:
         return 0.0
-    D, H, K, Dh, F = (model_cfg.d_model, model_cfg.n_heads, model_cfg.n_kv_heads,
-                      model_cfg.head_dim, model_cfg.mlp_dim)  # fmt: skip
+    D, H, K, Dh, F = (
+        model_cfg.d_model,
+        model_cfg.n_heads,
+        model_cfg.n_kv_heads,
+        model_cfg.head_dim,
+        model_cfg.mlp_dim,
+    )
     matmul_params = D * Dh * (2 * H + 2 * K) + 3 * D * F
     return 4 * H * Dh / (2 * matmul_params)
 
@@ -101,8 +106,12 @@ def choose(
     skipped = []
     for name in ("packed", "prefix", "packed_prefix"):  # on a tie the first wins
         try:
-            layouts.get(name).check(batch_size=batch_size, grad_accum=grad_accum,
-                                    data_ways=data_ways, process_count=process_count)  # fmt: skip
+            layouts.get(name).check(
+                batch_size=batch_size,
+                grad_accum=grad_accum,
+                data_ways=data_ways,
+                process_count=process_count,
+            )
         except base.LayoutError:
             skipped.append(f"{name} (batch/mesh)")
             continue
@@ -126,8 +135,10 @@ def choose(
         best = "concat"
     rel = {k: v / costs["concat"] for k, v in costs.items()}
     est = ", ".join(f"{k} {v:.2f}" for k, v in rel.items())
-    why = (f"estimated work per pair relative to concat: {est} (mean prompt {seqs[0]:.0f}, "
-           f"chosen {seqs[1]:.0f}, rejected {seqs[2]:.0f} tokens; rows of {t_concat})")  # fmt: skip
+    why = (
+        f"estimated work per pair relative to concat: {est} (mean prompt {seqs[0]:.0f}, "
+        f"chosen {seqs[1]:.0f}, rejected {seqs[2]:.0f} tokens; rows of {t_concat})"
+    )
     if skipped:
         why += "; not possible: " + ", ".join(skipped)
     return Choice(best, rel, why)

@@ -87,8 +87,13 @@ class Concat(base.Layout):
         if ld_alpha == 1.0 and not wpo:
             return self.pair_logps(graphdef, params, batch, chunk), None, None
         model = nnx.merge(graphdef, params)
-        hidden_BxTxD = model(batch["input_ids"], positions_BxT=batch["positions"],
-                             segment_ids_BxT=None, attn_mask_BxTxT=None, return_hidden=True)  # fmt: skip
+        hidden_BxTxD = model(
+            batch["input_ids"],
+            positions_BxT=batch["positions"],
+            segment_ids_BxT=None,
+            attn_mask_BxTxT=None,
+            return_hidden=True,
+        )
         mask_BxT = batch["completion_mask"]
         n = mask_BxT.shape[0] // 2
         ld_w, ld_l = logprobs.ld_mask(mask_BxT[:n], mask_BxT[n:], ld_alpha)
@@ -100,8 +105,9 @@ class Concat(base.Layout):
         side = base.SideLogps(logps_B[:n], logps_B[n:], counts_B[:n], counts_B[n:])
         if not wpo:
             return side, None, None
-        w_B = logprobs.wpo_weights(hidden_BxTxD, model.unembedding(), batch["input_ids"],
-                                   mask_BxT, chunk_size=chunk)  # fmt: skip
+        w_B = logprobs.wpo_weights(
+            hidden_BxTxD, model.unembedding(), batch["input_ids"], mask_BxT, chunk_size=chunk
+        )
         return side, w_B[:n], w_B[n:]
 
     def micro_batches(self, batch: base.Batch, k: int) -> dict[str, Any]:

@@ -131,10 +131,13 @@ def gguf_to_hf(path: str, out_dir: str) -> dict:
     reader = gguf_read.open_gguf(path)
     cfg = gguf_read.config_from_gguf(reader)
     os.makedirs(out_dir, exist_ok=True)
-    write_safetensors(os.path.join(out_dir, "model.safetensors"),
-                      dict(gguf_read.read_tensors(reader, cfg)))  # fmt: skip
-    ids = {f"{key}_token_id": gguf_read.metadata(reader, f"tokenizer.ggml.{name}_token_id", None)
-           for key, name in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))}  # fmt: skip
+    write_safetensors(
+        os.path.join(out_dir, "model.safetensors"), dict(gguf_read.read_tensors(reader, cfg))
+    )
+    ids = {
+        f"{key}_token_id": gguf_read.metadata(reader, f"tokenizer.ggml.{name}_token_id", None)
+        for key, name in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))
+    }
     ids = {k: int(v) for k, v in ids.items() if v is not None}
     hf_cfg = {**families.to_hf(cfg), **ids}
     _dump(os.path.join(out_dir, "config.json"), hf_cfg)
@@ -205,8 +208,9 @@ def to_gguf(path: str, out: str, dtype: str = "f32", overwrite: bool = False) ->
     src = model_dir(path)
     tok_dir = lora.config_dir(src, "tokenizer.json")
     if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
-        raise ConvertError(f"--input={path}: no tokenizer.json in {tok_dir}; a GGUF file carries "
-                           "its tokenizer")  # fmt: skip
+        raise ConvertError(
+            f"--input={path}: no tokenizer.json in {tok_dir}; a GGUF file carries its tokenizer"
+        )
     gguf_write.check_exportable(families.config_from_hf(lora.config_dir(src)))  # before loading
     model, cfg = lora.load_merged(src)
     for hf_name, arr in gguf_write.hf_tensors(model, cfg):  # a diverged run is never exported
@@ -237,9 +241,14 @@ def _check_out(out: str, overwrite: bool) -> None:
 def _flag_values() -> flags.FlagValues:
     fv = flags.FlagValues()
     kw = {"flag_values": fv}
-    flags.DEFINE_string("input", None, "a .gguf file, an installed model's name ("
-                        f"{', '.join(NAMED_GGUF)}), or a HF dir / training workdir / PEFT "
-                        "adapter dir", **kw)  # fmt: skip
+    flags.DEFINE_string(
+        "input",
+        None,
+        "a .gguf file, an installed model's name ("
+        f"{', '.join(NAMED_GGUF)}), or a HF dir / training workdir / PEFT "
+        "adapter dir",
+        **kw,
+    )
     flags.DEFINE_string("out", None, "a directory (from .gguf) or a .gguf file (to GGUF)", **kw)
     flags.DEFINE_enum("dtype", "f32", list(gguf_write.DTYPES), "to GGUF: type of 2-D weights", **kw)
     flags.DEFINE_bool("overwrite", False, "replace an existing output", **kw)
@@ -260,8 +269,10 @@ def run(argv: Sequence[str]) -> int:
     if is_gguf(fv.input):
         _check_out(fv.out, fv.overwrite)
         hf_cfg = gguf_to_hf_dir(fv.input, fv.out, fv.overwrite)
-        print(f"wrote {fv.out}: {hf_cfg['model_type']}, {hf_cfg['num_hidden_layers']} layers, "
-              f"vocab {hf_cfg['vocab_size']}, float32")  # fmt: skip
+        print(
+            f"wrote {fv.out}: {hf_cfg['model_type']}, {hf_cfg['num_hidden_layers']} layers, "
+            f"vocab {hf_cfg['vocab_size']}, float32"
+        )
     elif is_gguf(fv.out):
         counts = to_gguf(fv.input, fv.out, fv.dtype, fv.overwrite)
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))

@@ -42,16 +42,28 @@ MODEL_TYPES = {
 _FAMILY_TYPE = {family: model_type for model_type, (family, _) in MODEL_TYPES.items()}
 
 # The fields a family's Hugging Face class fixes; to_hf refuses a config that departs from them.
-_PLAIN = dict(norm_offset=0.0, embed_scale=False, mlp_activation="silu", post_norms=False,
-              rope_local_theta=None, query_pre_attn_scalar=None)  # fmt: skip
+_PLAIN = dict(
+    norm_offset=0.0,
+    embed_scale=False,
+    mlp_activation="silu",
+    post_norms=False,
+    rope_local_theta=None,
+    query_pre_attn_scalar=None,
+)
 FIXED: dict[str, dict[str, Any]] = {
     "llama": dict(_PLAIN, qkv_bias=False, qk_norm=False, sliding_window=None),
     "qwen2": dict(_PLAIN, qkv_bias=True, qk_norm=False),
     "qwen3": dict(_PLAIN, qkv_bias=False, qk_norm=True),
     "mistral": dict(_PLAIN, qkv_bias=False, qk_norm=False, layer_types=None),
-    "gemma3": dict(qkv_bias=False, qk_norm=True, norm_offset=1.0, embed_scale=True,
-                   mlp_activation="gelu_tanh", post_norms=True),
-}  # fmt: skip
+    "gemma3": dict(
+        qkv_bias=False,
+        qk_norm=True,
+        norm_offset=1.0,
+        embed_scale=True,
+        mlp_activation="gelu_tanh",
+        post_norms=True,
+    ),
+}
 
 _ROPE_TYPES = ("default", "linear", "llama3")  # what `_rope` reads
 
@@ -99,8 +111,13 @@ def config_from_hf(config: dict[str, Any] | str | os.PathLike, **overrides: Any)
     if model_type == "gemma3":  # multimodal: the text decoder's config is nested
         hf = {**(hf.get("text_config") or {}), "model_type": "gemma3_text"}
         model_type = "gemma3_text"
-    readers = {"llama": _llama, "qwen2": _qwen, "qwen3": _qwen, "mistral": _mistral,
-               "gemma3_text": _gemma3}  # fmt: skip
+    readers = {
+        "llama": _llama,
+        "qwen2": _qwen,
+        "qwen3": _qwen,
+        "mistral": _mistral,
+        "gemma3_text": _gemma3,
+    }
     if model_type not in readers:
         raise ConfigError(
             f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(MODEL_TYPES))}"
@@ -229,15 +246,28 @@ def _mistral(hf: dict[str, Any]) -> dict[str, Any]:
 
 
 # Gemma3TextConfig's defaults: a multimodal checkpoint's text_config leaves most of them out.
-_GEMMA3_DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216,
-                        num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
-                        head_dim=256, rms_norm_eps=1e-6, max_position_embeddings=131_072)  # fmt: skip
+_GEMMA3_DEFAULTS = dict(
+    vocab_size=262_208,
+    hidden_size=2304,
+    intermediate_size=9216,
+    num_hidden_layers=26,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=256,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=131_072,
+)
 
 # Where a multimodal Gemma 3 checkpoint keeps the text decoder ("model." of Gemma3ForCausalLM):
 # the Hub's transformers-4 files, then what transformers 5 writes. Vision tensors are skipped.
 MULTIMODAL_PREFIXES = ("language_model.model.", "model.language_model.")
-MULTIMODAL_SKIPPED = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
-                      "model.multi_modal_projector.", "language_model.lm_head.")  # fmt: skip
+MULTIMODAL_SKIPPED = (
+    "vision_tower.",
+    "multi_modal_projector.",
+    "model.vision_tower.",
+    "model.multi_modal_projector.",
+    "language_model.lm_head.",
+)
 
 
 def text_tensor_names(names: list[str]) -> dict[str, str] | None:
@@ -280,13 +310,20 @@ def _gemma3(hf: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError("unsupported Gemma 3 variant: scaled RoPE in sliding layers")
     window = hf.get("sliding_window", 4096)
     fields.update(
-        family="gemma3", rope_theta=theta, rope_scaling=scaling, rope_local_theta=local_theta,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", True)), qk_norm=True, norm_offset=1.0,
-        embed_scale=True, mlp_activation="gelu_tanh", post_norms=True,
+        family="gemma3",
+        rope_theta=theta,
+        rope_scaling=scaling,
+        rope_local_theta=local_theta,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        qk_norm=True,
+        norm_offset=1.0,
+        embed_scale=True,
+        mlp_activation="gelu_tanh",
+        post_norms=True,
         query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
         sliding_window=None if window is None else int(window),
         layer_types=tuple(types) if "sliding_attention" in types else None,
-    )  # fmt: skip
+    )
     return fields
 
 
@@ -352,11 +389,15 @@ def to_hf(cfg: LlamaConfig) -> dict[str, Any]:
     if cfg.family == "gemma3":
         local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
         out.update(
-            hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=_scalar(cfg),
-            sliding_window=cfg.sliding_window, layer_types=types, attention_bias=False,
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=_scalar(cfg),
+            sliding_window=cfg.sliding_window,
+            layer_types=types,
+            attention_bias=False,
             rope_parameters={"full_attention": rope, "sliding_attention": local},
-            final_logit_softcapping=None, attn_logit_softcapping=None,
-        )  # fmt: skip
+            final_logit_softcapping=None,
+            attn_logit_softcapping=None,
+        )
         return out
     out.update(hidden_act="silu", rope_parameters=rope)
     if cfg.family == "llama":

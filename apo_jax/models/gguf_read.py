@@ -76,8 +76,10 @@ def open_gguf(path: str) -> gguf.GGUFReader:
         block, type_size = gguf.GGML_QUANT_SIZES[t.tensor_type]
         want = int(t.n_elements) // block * type_size
         if t.data.nbytes != want or t.data_offset + want > size:
-            raise GGUFError(f"{path}: truncated: tensor {t.name!r} needs {want} bytes at offset "
-                            f"{t.data_offset}, the file has {size} bytes")  # fmt: skip
+            raise GGUFError(
+                f"{path}: truncated: tensor {t.name!r} needs {want} bytes at offset "
+                f"{t.data_offset}, the file has {size} bytes"
+            )
         if t.tensor_type not in _FLOAT_TYPES and t.tensor_type not in gguf.quants._type_traits:
             raise GGUFError(
                 f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which cannot be "
@@ -138,8 +140,9 @@ def config_from_gguf(reader: gguf.GGUFReader, **overrides: Any) -> LlamaConfig:
         raise GGUFError(f"{path}: no tensor 'token_embd.weight'")
     d_model = int(meta("embedding_length"))
     n_heads = _one(meta("attention.head_count"), "attention.head_count", path)
-    head_dim = int(meta("attention.key_length", 0) or meta("rope.dimension_count", 0)
-                   or d_model // n_heads)  # fmt: skip
+    head_dim = int(
+        meta("attention.key_length", 0) or meta("rope.dimension_count", 0) or d_model // n_heads
+    )
     fields: dict[str, Any] = dict(
         family=family,
         vocab_size=int(names["token_embd.weight"].data.shape[0]),
@@ -192,8 +195,10 @@ def _rope_scaling(reader, arch: str, fields: dict[str, Any], path: str) -> Any:
     if kind == "linear":
         return LinearRopeScaling(float(metadata(reader, f"{arch}.rope.scaling.factor")))
     if kind not in ("none", ""):
-        raise GGUFError(f"{path}: unsupported rope scaling type {kind!r}; supported: linear, "
-                        "llama3 (a rope_freqs tensor)")  # fmt: skip
+        raise GGUFError(
+            f"{path}: unsupported rope scaling type {kind!r}; supported: linear, "
+            "llama3 (a rope_freqs tensor)"
+        )
     if freqs is None:
         return None
     return _llama3_scaling(np.asarray(freqs.data, np.float32), fields, path)
@@ -210,8 +215,10 @@ def _llama3_scaling(factors: np.ndarray, fields: dict[str, Any], path: str) -> L
         got = base / layers.rope_inv_freq(plain.replace(rope_scaling=rs))
         if got.shape == factors.shape and np.allclose(got, factors, rtol=1e-4):
             return rs
-    raise GGUFError(f"{path}: rope_freqs.weight matches no llama3 RoPE setting known here "
-                    f"(tried low/high/original {_LLAMA3_CANDIDATES})")  # fmt: skip
+    raise GGUFError(
+        f"{path}: rope_freqs.weight matches no llama3 RoPE setting known here "
+        f"(tried low/high/original {_LLAMA3_CANDIDATES})"
+    )
 
 
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -277,11 +284,20 @@ def _hf_shape(cfg: LlamaConfig, name: str) -> tuple[int, ...]:
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     d, f = cfg.d_model, cfg.mlp_dim
     table = {
-        "embed_tokens.weight": (cfg.vocab_size, d), "lm_head.weight": (cfg.vocab_size, d),
-        "q_proj.weight": (q, d), "k_proj.weight": (kv, d), "v_proj.weight": (kv, d),
-        "o_proj.weight": (d, q), "q_proj.bias": (q,), "k_proj.bias": (kv,), "v_proj.bias": (kv,),
-        "q_norm.weight": (cfg.head_dim,), "k_norm.weight": (cfg.head_dim,),
-        "gate_proj.weight": (f, d), "up_proj.weight": (f, d), "down_proj.weight": (d, f),
-    }  # fmt: skip
+        "embed_tokens.weight": (cfg.vocab_size, d),
+        "lm_head.weight": (cfg.vocab_size, d),
+        "q_proj.weight": (q, d),
+        "k_proj.weight": (kv, d),
+        "v_proj.weight": (kv, d),
+        "o_proj.weight": (d, q),
+        "q_proj.bias": (q,),
+        "k_proj.bias": (kv,),
+        "v_proj.bias": (kv,),
+        "q_norm.weight": (cfg.head_dim,),
+        "k_norm.weight": (cfg.head_dim,),
+        "gate_proj.weight": (f, d),
+        "up_proj.weight": (f, d),
+        "down_proj.weight": (d, f),
+    }
     key = ".".join(name.split(".")[-2:])
     return table.get(key, (d,))  # every other tensor is a [D] norm

@@ -66,14 +66,18 @@ def vocab_metadata(tok: Any, vocab_size: int, tok_dir: str) -> dict[str, Any]:
     spec = json.loads(tok.backend_tokenizer.to_str())
     model = spec["model"]
     if model.get("type") != "BPE":
-        raise VocabError(f"{tok_dir}: tokenizer model {model.get('type')!r} cannot be written to "
-                         "GGUF here; supported: byte-level BPE, byte-fallback BPE")  # fmt: skip
+        raise VocabError(
+            f"{tok_dir}: tokenizer model {model.get('type')!r} cannot be written to "
+            "GGUF here; supported: byte-level BPE, byte-fallback BPE"
+        )
     added = {a["id"]: a for a in spec.get("added_tokens", [])}
     # an added token past the embedding (transformers' Gemma tokenizer appends <mask>) is dropped
     vocab = {t: i for t, i in tok.get_vocab().items() if i < vocab_size or i not in added}
     if max(vocab.values()) >= vocab_size:
-        raise VocabError(f"{tok_dir}: the tokenizer has ids up to {max(vocab.values())}, the "
-                         f"model's embedding only {vocab_size} rows")  # fmt: skip
+        raise VocabError(
+            f"{tok_dir}: the tokenizer has ids up to {max(vocab.values())}, the "
+            f"model's embedding only {vocab_size} rows"
+        )
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [int(T.UNUSED)] * vocab_size
     for token, i in vocab.items():
@@ -83,8 +87,10 @@ def vocab_metadata(tok: Any, vocab_size: int, tok_dir: str) -> dict[str, Any]:
             types[i] = int(T.CONTROL if a.get("special") else T.USER_DEFINED)
     byte_level = _is_byte_level(spec)
     if not byte_level and not model.get("byte_fallback"):
-        raise VocabError(f"{tok_dir}: a BPE tokenizer that is neither byte-level nor byte-fallback "
-                         "cannot be written to GGUF here")  # fmt: skip
+        raise VocabError(
+            f"{tok_dir}: a BPE tokenizer that is neither byte-level nor byte-fallback "
+            "cannot be written to GGUF here"
+        )
     out: dict[str, Any] = dict(tokens=tokens, types=types, scores=None, merges=None, pre=None)
     if byte_level:
         out.update(model="gpt2", merges=_merges(model), pre=_pre_name(tok_dir, spec))
@@ -97,9 +103,13 @@ def vocab_metadata(tok: Any, vocab_size: int, tok_dir: str) -> dict[str, Any]:
                 types[i] = int(T.UNKNOWN)
         out.update(model="llama", scores=[-float(i) for i in range(vocab_size)])
     out.update(
-        bos=tok.bos_token_id, eos=tok.eos_token_id, pad=tok.pad_token_id, unk=tok.unk_token_id,
-        add_bos=getattr(tok, "add_bos_token", None), chat_template=tok.chat_template,
-    )  # fmt: skip
+        bos=tok.bos_token_id,
+        eos=tok.eos_token_id,
+        pad=tok.pad_token_id,
+        unk=tok.unk_token_id,
+        add_bos=getattr(tok, "add_bos_token", None),
+        chat_template=tok.chat_template,
+    )
     return out
 
 
@@ -135,8 +145,12 @@ def write_vocab(writer: gguf.GGUFWriter, v: dict[str, Any]) -> None:
         writer.add_token_scores(v["scores"])
     if v["merges"] is not None:
         writer.add_token_merges(v["merges"])
-    for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
-                     ("pad", writer.add_pad_token_id), ("unk", writer.add_unk_token_id)):  # fmt: skip
+    for key, add in (
+        ("bos", writer.add_bos_token_id),
+        ("eos", writer.add_eos_token_id),
+        ("pad", writer.add_pad_token_id),
+        ("unk", writer.add_unk_token_id),
+    ):
         if v[key] is not None:
             add(int(v[key]))
     if v["add_bos"] is not None:

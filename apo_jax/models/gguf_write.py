@@ -47,18 +47,24 @@ class ExportError(UserError, ValueError):
 def check_exportable(cfg: LlamaConfig) -> str:
     """The GGUF architecture for `cfg`; raises ExportError for what llama.cpp's family fixes."""
     if cfg.family not in _ARCH:
-        raise ExportError(f"family {cfg.family!r} has no GGUF architecture here; supported: "
-                          f"{', '.join(sorted(_ARCH))}")  # fmt: skip
+        raise ExportError(
+            f"family {cfg.family!r} has no GGUF architecture here; supported: "
+            f"{', '.join(sorted(_ARCH))}"
+        )
     if cfg.family == "gemma3":
-        want = dict(rope_local_theta=gguf_read.GEMMA3_LOCAL_THETA,
-                    query_pre_attn_scalar=float(cfg.head_dim))  # fmt: skip
+        want = dict(
+            rope_local_theta=gguf_read.GEMMA3_LOCAL_THETA, query_pre_attn_scalar=float(cfg.head_dim)
+        )
         for field, value in want.items():
             if getattr(cfg, field) != value:
-                raise ExportError(f"gemma3 in llama.cpp has {field}={value}; this model has "
-                                  f"{getattr(cfg, field)}")  # fmt: skip
+                raise ExportError(
+                    f"gemma3 in llama.cpp has {field}={value}; this model has {getattr(cfg, field)}"
+                )
     elif cfg.sliding_window is not None and any(cfg.sliding_layers):
-        raise ExportError(f"family {cfg.family!r} with sliding-window layers: llama.cpp's "
-                          f"{_ARCH[cfg.family]} runs every layer with full attention")  # fmt: skip
+        raise ExportError(
+            f"family {cfg.family!r} with sliding-window layers: llama.cpp's "
+            f"{_ARCH[cfg.family]} runs every layer with full attention"
+        )
     return _ARCH[cfg.family]
 
 

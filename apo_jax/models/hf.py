@@ -251,9 +251,11 @@ def save_hf(
         shards[-1].append(entry)
         size += nbytes
     n = len(shards)
-    names = ["model.safetensors"] if n == 1 else [
-        f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)
-    ]  # fmt: skip
+    names = (
+        ["model.safetensors"]
+        if n == 1
+        else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    )
     weight_map, total = {}, 0
     # Every file is written under a temporary name and renamed when all are written: a full
     # disk leaves the previous export as it was (atomic.WriteError, one line naming the file).

@@ -146,12 +146,14 @@ def attach(model: nnx.Module, cfg: LoraConfig, *, seed: int, mesh: Any = None) -
         *lead, d_in, d_out = kernel.shape
         axes = tuple(kernel.get_metadata().get("out_sharding") or (None,) * kernel.ndim)
         bound = 1.0 / math.sqrt(d_in)
-        a = jax.random.uniform(jax.random.fold_in(key, i), (*lead, d_in, cfg.rank), jnp.float32,
-                               -bound, bound)  # fmt: skip
+        a = jax.random.uniform(
+            jax.random.fold_in(key, i), (*lead, d_in, cfg.rank), jnp.float32, -bound, bound
+        )
         lin.lora_a = LoraParam(a, out_sharding=(*axes[:-1], "lora_rank"), eager_sharding=False)
         b = jnp.zeros((*lead, cfg.rank, d_out), jnp.float32)
-        lin.lora_b = LoraParam(b, out_sharding=(*axes[:-2], "lora_rank", axes[-1]),
-                               eager_sharding=False)  # fmt: skip
+        lin.lora_b = LoraParam(
+            b, out_sharding=(*axes[:-2], "lora_rank", axes[-1]), eager_sharding=False
+        )
         lin.lora_scale = cfg.scale
         if cfg.dropout:
             bits = jnp.zeros((*lead, 3), jnp.uint32)
@@ -190,8 +192,11 @@ def fill_dropout_keys(frozen: nnx.State, key: jax.Array) -> nnx.State:
 def _pairs(adapters: nnx.State) -> dict[tuple, tuple[Any, Any]]:
     """Linear path -> (lora_a, lora_b) arrays."""
     flat = dict(nnx.to_flat_state(adapters))
-    return {p[:-1]: (flat[p].get_value(), flat[(*p[:-1], "lora_b")].get_value())
-            for p in flat if p[-1] == "lora_a"}  # fmt: skip
+    return {
+        p[:-1]: (flat[p].get_value(), flat[(*p[:-1], "lora_b")].get_value())
+        for p in flat
+        if p[-1] == "lora_a"
+    }
 
 
 def merged_base(base: nnx.State, adapters: nnx.State, cfg: LoraConfig) -> nnx.State:
@@ -247,8 +252,10 @@ def save_peft(
             prefix = f"base_model.model.model.layers.{layer}.{_PARENT[name]}.{name}"
             tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a_l.T, np.float32)
             tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b_l.T, np.float32)
-    atomic.write_file(os.path.join(out_dir, ADAPTER_WEIGHTS),  # a full disk keeps the old file
-                      lambda tmp: write_safetensors(tmp, dict(sorted(tensors.items()))))  # fmt: skip
+    atomic.write_file(
+        os.path.join(out_dir, ADAPTER_WEIGHTS),  # a full disk keeps the old file
+        lambda tmp: write_safetensors(tmp, dict(sorted(tensors.items()))),
+    )
     peft_cfg = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -288,9 +295,14 @@ def read_adapter_config(path: str) -> tuple[LoraConfig, str]:
         raise LoraError(f"{path}: per-module ranks, alphas and biases are not supported")
     targets = c.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else targets
-    cfg = LoraConfig(rank=int(c["r"]), alpha=float(c["lora_alpha"]),
-                     dropout=float(c.get("lora_dropout") or 0.0), targets=",".join(targets),
-                     rslora=bool(c.get("use_rslora")), adapter=path)  # fmt: skip
+    cfg = LoraConfig(
+        rank=int(c["r"]),
+        alpha=float(c["lora_alpha"]),
+        dropout=float(c.get("lora_dropout") or 0.0),
+        targets=",".join(targets),
+        rslora=bool(c.get("use_rslora")),
+        adapter=path,
+    )
     return cfg, c.get("base_model_name_or_path") or ""
 
 
@@ -314,8 +326,9 @@ def load_peft(model: nnx.Module, path: str, cfg: LoraConfig) -> nnx.Module:
                 arr = np.stack([per_layer[i] for i in sorted(per_layer)]) if per_layer else None
             if arr is None or arr.shape != var.shape:
                 got = None if arr is None else arr.shape
-                raise LoraError(f"{path}: {module}.lora_{ab} has shape {got}, the model needs "
-                                f"{var.shape}")  # fmt: skip
+                raise LoraError(
+                    f"{path}: {module}.lora_{ab} has shape {got}, the model needs {var.shape}"
+                )
             target = getattr(var.get_value(), "sharding", None)
             value = jnp.asarray(arr, jnp.float32)
             var.set_value(jax.device_put(value, target) if target is not None else value)

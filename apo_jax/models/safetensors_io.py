@@ -51,11 +51,14 @@ class SafetensorsFile:
                 if 8 + n > size:
                     raise ValueError(f"header of {n} bytes")
                 header = json.loads(f.read(n))
-            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
-                      default=0)  # fmt: skip
+            end = max(
+                (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+                default=0,
+            )
         except (struct.error, ValueError, KeyError, TypeError, IndexError) as e:
-            raise SafetensorsError(f"{self.path}: not a readable safetensors file ({e}): "
-                                   "download or export it again") from None  # fmt: skip
+            raise SafetensorsError(
+                f"{self.path}: not a readable safetensors file ({e}): download or export it again"
+            ) from None
         if 8 + n + end > size:
             raise SafetensorsError(
                 f"{self.path}: truncated: {size} bytes, its header needs {8 + n + end}; "

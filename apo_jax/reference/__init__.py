@@ -76,9 +76,14 @@ def fingerprint_info(
     tokenizer = manifest.get("tokenizer", {})
     settings = manifest.get("settings", {})
     truncation = {k: v for k, v in settings.items() if "length" in k or "trunc" in k}
-    return {"weights": weights_fp, "tokenizer": tokenizer.get("fingerprint", ""), "dtype": dtype,
-            "seq_len": seq_len or settings.get("max_length"), "truncation": truncation,
-            "chunk": chunk}  # fmt: skip
+    return {
+        "weights": weights_fp,
+        "tokenizer": tokenizer.get("fingerprint", ""),
+        "dtype": dtype,
+        "seq_len": seq_len or settings.get("max_length"),
+        "truncation": truncation,
+        "chunk": chunk,
+    }
 
 
 def stored_matches(shard_dir: str, info: dict[str, Any], workdir: str = "") -> bool:
@@ -144,9 +149,13 @@ def compute_and_store(
     path = os.path.join(out_dir or shard_dir, refs.reference_file(info))
     if jax.process_index() == 0:
         path = refs.write_reference_logps(
-            shard_dir, np.concatenate(index), np.concatenate(chosen), np.concatenate(rejected),
-            info, out_dir,
-        )  # fmt: skip
+            shard_dir,
+            np.concatenate(index),
+            np.concatenate(chosen),
+            np.concatenate(rejected),
+            info,
+            out_dir,
+        )
         log.info("reference log-probs of %d records written to %s", sum(map(len, index)), path)
     multihost_utils.sync_global_devices("reference_logps_written")
     return path
@@ -221,8 +230,9 @@ def prepare(
         ref_params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
     if mode == "online":
         return Reference(mode, ref_graphdef, ref_params, None)
-    info = fingerprint_info(shard_dirs[0], weights_fp, dtype, seq_len=rc.data.seq_len,
-                            chunk=rc.logprob_chunk)  # fmt: skip
+    info = fingerprint_info(
+        shard_dirs[0], weights_fp, dtype, seq_len=rc.data.seq_len, chunk=rc.logprob_chunk
+    )
     for shard_dir in filter(None, shard_dirs):
         if stored_matches(shard_dir, info, workdir):
             continue
@@ -235,11 +245,22 @@ def prepare(
                     "the workdir)"
                 )
             out_dir = refs.store_dir(shard_dir, workdir)
-        log.info("no matching reference log-probs for %s: computing them into %s first",
-                 shard_dir, out_dir or shard_dir)  # fmt: skip
-        compute_and_store(shard_dir, ref_graphdef, ref_params, mesh, info,
-                          batch_size=rc.batch_size, seq_len=rc.data.seq_len,
-                          chunk=rc.logprob_chunk, out_dir=out_dir)  # fmt: skip
+        log.info(
+            "no matching reference log-probs for %s: computing them into %s first",
+            shard_dir,
+            out_dir or shard_dir,
+        )
+        compute_and_store(
+            shard_dir,
+            ref_graphdef,
+            ref_params,
+            mesh,
+            info,
+            batch_size=rc.batch_size,
+            seq_len=rc.data.seq_len,
+            chunk=rc.logprob_chunk,
+            out_dir=out_dir,
+        )
     return Reference(
         mode, ref_graphdef, None, info, workdir
     )  # read from the data: one model in memory

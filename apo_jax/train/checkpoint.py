@@ -283,8 +283,11 @@ class Checkpointer:
         self.manager.reload()
         log.warning(
             "checkpoint step %d is damaged (%s);\n  moved it to %s and resumed from step %d",
-            step, why, dst, restored,
-        )  # fmt: skip
+            step,
+            why,
+            dst,
+            restored,
+        )
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are complete.
@@ -415,14 +418,26 @@ class StopSignal:
             self._event.set()
             self.signal_step = self.stop_step
             which = "this step" if self.stop_step is None else f"step {self.stop_step}"
-            print(f"apo_jax: {name}: stopping after {which} with a checkpoint (a second signal "
-                  "waits for it, a third abandons it)", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"apo_jax: {name}: stopping after {which} with a checkpoint (a second signal "
+                "waits for it, a third abandons it)",
+                file=sys.stderr,
+                flush=True,
+            )
         elif self.count == 2:
-            print(f"apo_jax: {name} again: finishing the checkpoint save in flight, then stopping "
-                  "(a third signal abandons it)", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"apo_jax: {name} again: finishing the checkpoint save in flight, then stopping "
+                "(a third signal abandons it)",
+                file=sys.stderr,
+                flush=True,
+            )
         else:
-            print(f"apo_jax: {name}: abandoning the save in flight; the newest committed "
-                  "checkpoint is kept", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"apo_jax: {name}: abandoning the save in flight; the newest committed "
+                "checkpoint is kept",
+                file=sys.stderr,
+                flush=True,
+            )
             if self.on_abandon is not None:
                 self.on_abandon()
             os._exit(EXIT_STOPPED)

@@ -47,15 +47,18 @@ def _flags(train: bool, argv: Sequence[str]) -> flags.FlagValues:
         sys_argv=list(argv),  # the --config.<field> overrides are read from these
     )
     flags.DEFINE_string(
-        "workdir", "", "Checkpoints, metrics and exports (default runs/<loss>_<preset>).",
+        "workdir",
+        "",
+        "Checkpoints, metrics and exports (default runs/<loss>_<preset>).",
         flag_values=fv,
-    )  # fmt: skip
+    )
     if train:
         flags.DEFINE_boolean(
-            "allow_config_change", False,
+            "allow_config_change",
+            False,
             "Resume even though the config changes what defines the run (recorded in metrics.jsonl).",
             flag_values=fv,
-        )  # fmt: skip
+        )
     return fv
 
 
@@ -186,12 +189,16 @@ def _samples_lines(s: dict[str, Any]) -> list[str]:
     if s.get("samples_step") == 0:
         after = []  # the run has not sampled since its start
     lines = []
-    for name, step, rows in (("before training", 0, before),
-                             ("after training", s.get("samples_step"), after)):  # fmt: skip
+    for name, step, rows in (
+        ("before training", 0, before),
+        ("after training", s.get("samples_step"), after),
+    ):
         scored = [r["correct"] for r in rows if r.get("correct") is not None]
         if scored:
-            lines.append(f"  {name} (step {step}): {sum(scored)} of {len(scored)} held-out "
-                         f"prompts answered right (accuracy {sum(scored) / len(scored):.3f})")  # fmt: skip
+            lines.append(
+                f"  {name} (step {step}): {sum(scored)} of {len(scored)} held-out "
+                f"prompts answered right (accuracy {sum(scored) / len(scored):.3f})"
+            )
     by_prompt = {r["prompt"]: r for r in before}
     for row in (after or before)[:SHOWN_SAMPLES]:
         lines.append(f"  sample: {_one_line(row['prompt'])!r}")
@@ -211,8 +218,10 @@ def train_main(argv: Sequence[str] | None = None) -> None:
     """`python -m apo_jax.train`: trains and prints the summary."""
     argv = sys.argv if argv is None else argv
     # Ctrl-C outside the training loop (which turns it into a stop): one line, exit 130.
-    summary = errors.guard(lambda: _run(argv, TRAIN_USAGE, TRAIN_ABOUT, _train, train=True),
-                           interrupted="interrupted outside the training loop")  # fmt: skip
+    summary = errors.guard(
+        lambda: _run(argv, TRAIN_USAGE, TRAIN_ABOUT, _train, train=True),
+        interrupted="interrupted outside the training loop",
+    )
     import jax
 
     if jax.process_index() == 0:

@@ -121,9 +121,11 @@ def make_loader(
     )
     kind = shards.record_kind(shards.read_manifest(shard_dir))
     if (kind == "unpaired") != (rc.data.layout.name == "unpaired"):
-        raise ConfigError(f"{shard_dir} holds {kind} records but loss {rc.loss.name!r} trains on "
-                          f"{'unpaired examples' if kind == 'pairs' else 'pairs'}: prepare the "
-                          "matching data or pick a matching loss")  # fmt: skip
+        raise ConfigError(
+            f"{shard_dir} holds {kind} records but loss {rc.loss.name!r} trains on "
+            f"{'unpaired examples' if kind == 'pairs' else 'pairs'}: prepare the "
+            "matching data or pick a matching loss"
+        )
     try:
         return loader_lib.make_loader(shard_dir, cfg)
     except ValueError as e:  # the loader's checks of seq_len, batch size and shards

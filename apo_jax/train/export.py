@@ -22,8 +22,16 @@ class ExportHF(Hook):
     Returns ``hf_export``: that directory.
     """
 
-    def __init__(self, workdir: str, policy: Policy, model_cfg: Any, *, tokenizer_dir: str,
-                 lora_cfg: Any, base: dict[str, str]):  # fmt: skip
+    def __init__(
+        self,
+        workdir: str,
+        policy: Policy,
+        model_cfg: Any,
+        *,
+        tokenizer_dir: str,
+        lora_cfg: Any,
+        base: dict[str, str],
+    ):
         self.workdir, self.policy, self.model_cfg = workdir, policy, model_cfg
         self.tokenizer_dir, self.lora_cfg, self.base = tokenizer_dir, lora_cfg, base
 
@@ -60,16 +68,23 @@ class ExportHF(Hook):
             return
         tok = self.tokenizer_dir or None
         merged = lora.merged_base(base, adapters, self.lora_cfg)
-        hf.save_hf(nnx.merge(policy.base_graphdef, merged), self.model_cfg, out_dir,
-                   tokenizer_dir=tok)  # fmt: skip
+        hf.save_hf(
+            nnx.merge(policy.base_graphdef, merged), self.model_cfg, out_dir, tokenizer_dir=tok
+        )
         base_dir = self.base.get("path", "")
         if not base_dir:
             base_dir = os.path.join(self.workdir, "hf_base")
-            hf.save_hf(nnx.merge(policy.base_graphdef, base), self.model_cfg, base_dir,
-                       tokenizer_dir=tok)  # fmt: skip
-        lora.save_peft(adapters, self.lora_cfg, self.model_cfg.n_layers,
-                       os.path.join(self.workdir, "hf_adapter"), base_path=base_dir,
-                       tokenizer_dir=tok)  # fmt: skip
+            hf.save_hf(
+                nnx.merge(policy.base_graphdef, base), self.model_cfg, base_dir, tokenizer_dir=tok
+            )
+        lora.save_peft(
+            adapters,
+            self.lora_cfg,
+            self.model_cfg.n_layers,
+            os.path.join(self.workdir, "hf_adapter"),
+            base_path=base_dir,
+            tokenizer_dir=tok,
+        )
 
 
 def _host(tree: Any) -> Any:

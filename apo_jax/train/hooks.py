@@ -80,7 +80,9 @@ class Hook:
         return NONE
 
 
-def run_hooks(hooks: Sequence[Hook], info: StepInfo, call: Callable[[Hook, StepInfo], Outputs]) -> dict[str, Any]:  # fmt: skip
+def run_hooks(
+    hooks: Sequence[Hook], info: StepInfo, call: Callable[[Hook, StepInfo], Outputs]
+) -> dict[str, Any]:
     """`call(hook, info)` for each hook in order, each seeing the outputs of those before it;
     returns all their outputs."""
     produced: dict[str, Any] = {}
@@ -148,9 +150,17 @@ class HeldOutEval(Hook):
     Returns them as ``eval/<name>``.
     """
 
-    def __init__(self, every: int, make_loader: Callable[[], Any], max_batches: int, *,
-                 evaluate: Callable[[Any, Any], Any], row_sharding: Any, writer: Any,
-                 say: Callable[[str], None]):  # fmt: skip
+    def __init__(
+        self,
+        every: int,
+        make_loader: Callable[[], Any],
+        max_batches: int,
+        *,
+        evaluate: Callable[[Any, Any], Any],
+        row_sharding: Any,
+        writer: Any,
+        say: Callable[[str], None],
+    ):
         self.every, self.make_loader, self.max_batches = every, make_loader, max_batches
         self.evaluate, self.row_sharding = evaluate, row_sharding
         self.writer, self.say = writer, say
@@ -171,8 +181,11 @@ class HeldOutEval(Hook):
             total += n
         measured = {f"eval/{k}": v / max(total, 1) for k, v in sums.items()}
         self.writer.write(info.step, measured)
-        shown = {k: measured[f"eval/{k}"] for k in ("loss", "rewards/accuracies", "kl")
-                 if f"eval/{k}" in measured}  # fmt: skip
+        shown = {
+            k: measured[f"eval/{k}"]
+            for k in ("loss", "rewards/accuracies", "kl")
+            if f"eval/{k}" in measured
+        }
         line = metrics_lib.console_line(info.step, info.num_steps, shown)
         self.say(line.replace("loss", "held-out loss", 1))
         return measured
@@ -214,11 +227,17 @@ class Checkpoint(Hook):
         return NONE
 
 
-def checkpoint_meta(rc: Any, train_dir: str, data_fp: Mapping[str, str], base: Mapping[str, str]) -> dict[str, Any]:  # fmt: skip
+def checkpoint_meta(
+    rc: Any, train_dir: str, data_fp: Mapping[str, str], base: Mapping[str, str]
+) -> dict[str, Any]:
     """The run's facts a checkpoint records: preset, loss, data and its fingerprints, and under
     LoRA the base its adapters need (`model.base_record`)."""
-    meta = {"preset": rc.preset, "loss": rc.loss.name, "data": train_dir,
-            workdir_lib.DATA_KEY: dict(data_fp)}  # fmt: skip
+    meta = {
+        "preset": rc.preset,
+        "loss": rc.loss.name,
+        "data": train_dir,
+        workdir_lib.DATA_KEY: dict(data_fp),
+    }
     if base:  # LoRA: adapters and optimizer only; the base they need is recorded
         meta["base"] = dict(base)
     return meta

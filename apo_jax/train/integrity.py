@@ -123,8 +123,11 @@ def check_tokenizer(manifest: dict[str, Any], model_dir: str, eval_manifest: dic
         if _identity(os.path.abspath(tok["dir"]))["vocab"] != model_side["vocab"]:
             diff = "same size, other token ids"
     elif not diff:
-        log.warning("the shards' tokenizer %s is gone: only its size and special ids were "
-                    "compared with the model's", tok.get("dir"))  # fmt: skip
+        log.warning(
+            "the shards' tokenizer %s is gone: only its size and special ids were "
+            "compared with the model's",
+            tok.get("dir"),
+        )
     if diff:
         raise TokenizerMismatchError(
             f"the shards were tokenized with {tok.get('dir', '?')}, not the tokenizer of the "

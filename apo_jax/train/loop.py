@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import os
 import sys
@@ -69,37 +70,55 @@ def train_and_evaluate(
             lock.release()
 
 
-def _train(config: Any, rc: config_lib.RunConfig, workdir: str, allow_config_change: bool,
-           lock: workdir_lib.Lock | None) -> dict[str, Any]:  # fmt: skip
+def _train(
+    config: Any,
+    rc: config_lib.RunConfig,
+    workdir: str,
+    allow_config_change: bool,
+    lock: workdir_lib.Lock | None,
+) -> dict[str, Any]:
     changes = resume.check_config(config, workdir, allow_config_change)
     paths = data_lib.resolve_data(rc)
     integrity.verify_shards((paths.train, paths.eval), rc.data.verify)
     rc = warm_start.apply(rc, paths.demo_root, train_and_evaluate)  # the demo's cached warm start
     data_fp = integrity.data_identity(paths.train, paths.eval)
     changes.update(resume.check_data(workdir, data_fp, allow_config_change))  # before the reference
-    integrity.check_tokenizer(paths.manifest, model_lib.model_config_dir(rc),
-                              shards.read_manifest(paths.eval) if paths.eval else None)  # fmt: skip
+    integrity.check_tokenizer(
+        paths.manifest,
+        model_lib.model_config_dir(rc),
+        shards.read_manifest(paths.eval) if paths.eval else None,
+    )
     mesh = sharding.make_mesh(rc.mesh.data, rc.mesh.fsdp, rc.mesh.tensor)
     model, model_cfg, weights_fp = model_lib.build_model(rc, paths, mesh)
     rc = data_lib.resolve_layout(rc, paths, model_cfg)  # config.data.layout=auto
     policy = model_lib.split_policy(rc, model, mesh)  # LoRA: adapters train, the base is frozen
-    ref = reference.prepare(rc, (paths.train, paths.eval), policy.base_graphdef,
-                            policy.base_params, model_cfg, weights_fp, mesh, workdir,
-                            shared=policy.frozen is not None)  # fmt: skip
+    ref = reference.prepare(
+        rc,
+        (paths.train, paths.eval),
+        policy.base_graphdef,
+        policy.base_params,
+        model_cfg,
+        weights_fp,
+        mesh,
+        workdir,
+        shared=policy.frozen is not None,
+    )
 
     train_data = data_lib.make_loader(
         rc, paths.train, ref.info, train=True, reference_workdir=ref.workdir
     )
     num_steps = rc.num_steps or (train_data.num_batches or 0)
     if num_steps <= 0:
-        raise config_lib.ConfigError(f"{paths.train} gives no full batch of {rc.batch_size} "
-                                     "pairs: lower config.batch_size")  # fmt: skip
+        raise config_lib.ConfigError(
+            f"{paths.train} gives no full batch of {rc.batch_size} pairs: lower config.batch_size"
+        )
     tx, schedule = make_optimizer(rc.optim, num_steps)
     moving_ref = ref.params if rc.reference.sync_ref_model else None  # TR-DPO's is train state
     state_sh = steps.state_shardings(policy.params, tx, mesh, moving_ref)
     state = steps.init_state(policy.params, tx, rc.seed, state_sh, moving_ref)
-    steps_fn = steps.Steps(rc, policy.graphdef, ref, tx, schedule, state_sh, mesh, model_cfg,
-                           frozen=policy.frozen)  # fmt: skip
+    steps_fn = steps.Steps(
+        rc, policy.graphdef, ref, tx, schedule, state_sh, mesh, model_cfg, frozen=policy.frozen
+    )
     base = model_lib.base_record(rc, weights_fp)
 
     ckpt = Checkpointer(
@@ -109,13 +128,19 @@ def _train(config: Any, rc: config_lib.RunConfig, workdir: str, allow_config_cha
         async_save=rc.checkpoint.async_save,
     )
     start_step, state, meta = resume.restore(ckpt, state, train_data, base)
-    changes.update(workdir_lib.check_data(meta.get(workdir_lib.DATA_KEY), data_fp,
-                                          allow=allow_config_change,
-                                          where=f"checkpoint {ckpt.directory}/{start_step}"))  # fmt: skip
+    changes.update(
+        workdir_lib.check_data(
+            meta.get(workdir_lib.DATA_KEY),
+            data_fp,
+            allow=allow_config_change,
+            where=f"checkpoint {ckpt.directory}/{start_step}",
+        )
+    )
     if jax.process_index() == 0:  # the run's config, compared by the next resume; figures' labels
         workdir_lib.write_config(workdir, config.to_dict())
-    writer = metrics_lib.MetricWriter(workdir, wandb_project=rc.wandb_project,
-                                      resume_step=start_step)  # fmt: skip
+    writer = metrics_lib.MetricWriter(
+        workdir, wandb_project=rc.wandb_project, resume_step=start_step
+    )
     if changes:
         writer.write_event(start_step, {"config_change": changes})
 
@@ -124,20 +149,43 @@ def _train(config: Any, rc: config_lib.RunConfig, workdir: str, allow_config_cha
     row_sharding = sharding.batch_sharding(mesh)
     side_tasks: list[hooks.Hook] = [hooks.TrainMetrics(rc.log_every, rc.max_bad_steps, writer, say)]
     if paths.eval:
-        eval_loader = lambda: data_lib.make_loader(rc, paths.eval, ref.info, train=False,  # noqa: E731
-                                                   reference_workdir=ref.workdir)  # fmt: skip
-        side_tasks.append(hooks.HeldOutEval(rc.eval_every, eval_loader, rc.eval_batches,
-                                            evaluate=steps_fn.evaluate, row_sharding=row_sharding,
-                                            writer=writer, say=say))  # fmt: skip
-    samples = samples_lib.samples_hook(rc, paths, mesh, workdir=workdir, writer=writer,
-                                       model=policy.module)  # fmt: skip
+        eval_loader = functools.partial(
+            data_lib.make_loader,
+            rc,
+            paths.eval,
+            ref.info,
+            train=False,
+            reference_workdir=ref.workdir,
+        )
+        side_tasks.append(
+            hooks.HeldOutEval(
+                rc.eval_every,
+                eval_loader,
+                rc.eval_batches,
+                evaluate=steps_fn.evaluate,
+                row_sharding=row_sharding,
+                writer=writer,
+                say=say,
+            )
+        )
+    samples = samples_lib.samples_hook(
+        rc, paths, mesh, workdir=workdir, writer=writer, model=policy.module
+    )
     if samples is not None:
         side_tasks.append(samples)
     facts = hooks.checkpoint_meta(rc, paths.train, data_fp, base)
     side_tasks.append(hooks.Checkpoint(rc.checkpoint.every, ckpt, train_data, facts))
     if rc.export_hf:
-        side_tasks.append(ExportHF(workdir, policy, model_cfg, tokenizer_dir=paths.tokenizer,
-                                   lora_cfg=rc.lora, base=base))  # fmt: skip
+        side_tasks.append(
+            ExportHF(
+                workdir,
+                policy,
+                model_cfg,
+                tokenizer_dir=paths.tokenizer,
+                lora_cfg=rc.lora,
+                base=base,
+            )
+        )
     if rc.plots:
         side_tasks.append(hooks.Plots(workdir, writer))
 
@@ -202,8 +250,9 @@ class _Loop:
     writer: metrics_lib.MetricWriter
     bar: Any  # the tqdm progress bar
 
-    def run(self, state: ts.TrainState, start_step: int, num_steps: int, *,
-            on_abandon: Any = None) -> LoopEnd:  # fmt: skip
+    def run(
+        self, state: ts.TrainState, start_step: int, num_steps: int, *, on_abandon: Any = None
+    ) -> LoopEnd:
         """batch -> step -> hooks, from `start_step` to `num_steps` or a stop signal."""
         stop = StopSignal(on_abandon=on_abandon)
         t_start, step, stopping, tokens_seen = time.perf_counter(), start_step, False, 0
@@ -222,11 +271,19 @@ class _Loop:
                     stop.stop_step = min(step + 1, num_steps)  # a later signal: the next step
                     if not stopping and jax.process_count() == 1 and stop.signal_step == step:
                         stopping = True  # the signal came between the check and the line above
-                    info = hooks.StepInfo(step=step, num_steps=num_steps, state=state,
-                                          metrics=metrics, batch=batch, flops=self.steps_fn.flops,
-                                          tokens_seen=tokens_seen, stopping=stopping)  # fmt: skip
-                    outputs.update(hooks.run_hooks(self.side_tasks, info,
-                                                   lambda h, i: h.after_step(i)))  # fmt: skip
+                    info = hooks.StepInfo(
+                        step=step,
+                        num_steps=num_steps,
+                        state=state,
+                        metrics=metrics,
+                        batch=batch,
+                        flops=self.steps_fn.flops,
+                        tokens_seen=tokens_seen,
+                        stopping=stopping,
+                    )
+                    outputs.update(
+                        hooks.run_hooks(self.side_tasks, info, lambda h, i: h.after_step(i))
+                    )
                     if stopping:
                         break
             finally:
@@ -237,11 +294,17 @@ class _Loop:
             if stopping:
                 _announce_stop(stop, step, num_steps, self.ckpt)
             seconds = time.perf_counter() - t_start
-            info = hooks.StepInfo(step=step, num_steps=num_steps, state=state,
-                                  tokens_seen=tokens_seen, stopping=stopping)  # fmt: skip
+            info = hooks.StepInfo(
+                step=step,
+                num_steps=num_steps,
+                state=state,
+                tokens_seen=tokens_seen,
+                stopping=stopping,
+            )
             # A stop at the last step still finished: exports run.
-            outputs.update(hooks.run_hooks(self.side_tasks, info,
-                                           lambda h, i: h.at_end(i, finished=i.last)))  # fmt: skip
+            outputs.update(
+                hooks.run_hooks(self.side_tasks, info, lambda h, i: h.at_end(i, finished=i.last))
+            )
             self.ckpt.close()
             self.writer.close()
         finally:
@@ -255,14 +318,21 @@ def _announce_stop(stop: StopSignal, step: int, num_steps: int, ckpt: Checkpoint
     if step == num_steps:
         log.warning("%s received at the last step: the run is complete", name)
     elif step in ckpt.steps():
-        log.warning("%s received: checkpoint of step %d committed in %s; stopping (exit %d: "
-                    "rerun the same command to resume)", name, step, ckpt.directory,
-                    EXIT_STOPPED)  # fmt: skip
+        log.warning(
+            "%s received: checkpoint of step %d committed in %s; stopping (exit %d: "
+            "rerun the same command to resume)",
+            name,
+            step,
+            ckpt.directory,
+            EXIT_STOPPED,
+        )
     else:
         log.warning("%s received: stopping at step %d without a checkpoint of it", name, step)
 
 
-def _summary(rc: config_lib.RunConfig, train_dir: str, ckpt_dir: str, end: LoopEnd) -> dict[str, Any]:  # fmt: skip
+def _summary(
+    rc: config_lib.RunConfig, train_dir: str, ckpt_dir: str, end: LoopEnd
+) -> dict[str, Any]:
     out = end.outputs
     return {
         "steps": end.step,
@@ -301,5 +371,14 @@ def precompute_reference(config: Any, workdir: str = "") -> None:
     mesh = sharding.make_mesh(rc.mesh.data, rc.mesh.fsdp, rc.mesh.tensor)
     model, model_cfg, weights_fp = model_lib.build_model(rc, paths, mesh)
     graphdef, params = ts.split_model(model)
-    reference.prepare(rc, (paths.train, paths.eval), graphdef, params, model_cfg, weights_fp, mesh,
-                      workdir, shared=rc.lora.enabled)  # fmt: skip
+    reference.prepare(
+        rc,
+        (paths.train, paths.eval),
+        graphdef,
+        params,
+        model_cfg,
+        weights_fp,
+        mesh,
+        workdir,
+        shared=rc.lora.enabled,
+    )

@@ -32,8 +32,11 @@ def check_config(config: Any, workdir: str, allow: bool) -> dict[str, list[Any]]
     new = config.to_dict()
     changes = workdir_lib.check_resume(workdir, new, allow=allow) if has_checkpoint(workdir) else {}
     if changes:
-        log.warning("resuming %s with a changed config (--allow_config_change): %s", workdir,
-                    ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))  # fmt: skip
+        log.warning(
+            "resuming %s with a changed config (--allow_config_change): %s",
+            workdir,
+            ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()),
+        )
     return changes
 
 
@@ -43,8 +46,9 @@ def check_data(workdir: str, data_fp: Mapping[str, str], allow: bool) -> dict[st
     if not has_checkpoint(workdir):
         return {}
     meta = workdir_lib.newest_checkpoint_meta(workdir)
-    return workdir_lib.check_data(meta.get(workdir_lib.DATA_KEY), data_fp, allow=allow,
-                                  where=f"{workdir}/checkpoints")  # fmt: skip
+    return workdir_lib.check_data(
+        meta.get(workdir_lib.DATA_KEY), data_fp, allow=allow, where=f"{workdir}/checkpoints"
+    )
 
 
 def restore(

@@ -34,9 +34,20 @@ class Samples(Hook):
     ``samples_before`` (step 0's rows).
     """
 
-    def __init__(self, every: int, rows: list[dict[str, Any]], tokenizer: Any, *,
-                 max_new_tokens: int, checker: Any, stop_tokens: list[int], mesh: Any,
-                 workdir: str, writer: Any, model: Callable[[Any], Any]):  # fmt: skip
+    def __init__(
+        self,
+        every: int,
+        rows: list[dict[str, Any]],
+        tokenizer: Any,
+        *,
+        max_new_tokens: int,
+        checker: Any,
+        stop_tokens: list[int],
+        mesh: Any,
+        workdir: str,
+        writer: Any,
+        model: Callable[[Any], Any],
+    ):
         self.every, self.rows, self.tokenizer = every, rows, tokenizer
         self.max_new_tokens, self.checker = max_new_tokens, checker
         self.stop_tokens, self.mesh = stop_tokens, mesh
@@ -53,11 +64,15 @@ class Samples(Hook):
 
         ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         out = generation.sample(
-            self.model(info.state.params), self.tokenizer, self.rows,
+            self.model(info.state.params),
+            self.tokenizer,
+            self.rows,
             sampling=generation.Sampling(max_new_tokens=self.max_new_tokens),
             batch_size=-(-min(len(self.rows), 8) // ways) * ways,
-            stop_tokens=self.stop_tokens, checker=self.checker, mesh=self.mesh,
-        )  # fmt: skip
+            stop_tokens=self.stop_tokens,
+            checker=self.checker,
+            mesh=self.mesh,
+        )
         with open(os.path.join(self.workdir, "samples.jsonl"), "a", encoding="utf-8") as f:
             for row in out:
                 f.write(json.dumps({"step": info.step, **row}, ensure_ascii=False) + "\n")
@@ -88,8 +103,15 @@ def read_rounds(workdir: str, step: int) -> Outputs:
     return out
 
 
-def samples_hook(rc: RunConfig, paths: DataPaths, mesh: jax.sharding.Mesh, *, workdir: str,
-                 writer: Any, model: Callable[[Any], Any]) -> Samples | None:  # fmt: skip
+def samples_hook(
+    rc: RunConfig,
+    paths: DataPaths,
+    mesh: jax.sharding.Mesh,
+    *,
+    workdir: str,
+    writer: Any,
+    model: Callable[[Any], Any],
+) -> Samples | None:
     """The samples hook of the run, or None (off, several processes, no tokenizer, no prompts);
     `model(params)` is the policy with trained `params` as a module."""
     if not rc.samples.num_prompts:
@@ -106,11 +128,17 @@ def samples_hook(rc: RunConfig, paths: DataPaths, mesh: jax.sharding.Mesh, *, wo
     tokenizer = transformers.AutoTokenizer.from_pretrained(paths.tokenizer)
     checker = paths.sample_checker
     return Samples(
-        rc.eval_every, rows, tokenizer, max_new_tokens=rc.samples.max_new_tokens,
+        rc.eval_every,
+        rows,
+        tokenizer,
+        max_new_tokens=rc.samples.max_new_tokens,
         checker=scoring.load_checker(checker) if checker else None,
-        stop_tokens=generation.stop_token_ids(tokenizer, rc.model.hf_path or None), mesh=mesh,
-        workdir=workdir, writer=writer, model=model,
-    )  # fmt: skip
+        stop_tokens=generation.stop_token_ids(tokenizer, rc.model.hf_path or None),
+        mesh=mesh,
+        workdir=workdir,
+        writer=writer,
+        model=model,
+    )
 
 
 def sample_rows(paths: DataPaths, n: int) -> tuple[list[dict[str, Any]], str]:
@@ -131,7 +159,9 @@ def sample_rows(paths: DataPaths, n: int) -> tuple[list[dict[str, Any]], str]:
         path, split = inputs[0], settings.get("split", split)
         field = settings.get("fields", {}).get("prompt", field)
         if not os.path.exists(path):
-            return [], (f"the held-out shards' source {path or '?'} is not on this machine; "
-                        "pass config.samples.prompts")  # fmt: skip
+            return [], (
+                f"the held-out shards' source {path or '?'} is not on this machine; "
+                "pass config.samples.prompts"
+            )
     examples, _ = prompts.read(path, prompt_field=field, split=split)
     return [ex.record for ex in examples[:n]], f"no prompt rows in {path}"

@@ -35,8 +35,15 @@ def state_shardings(
         transform_non_params=lambda _: replicated,
     )
     ref_sh = None if ref_params is None else jax.tree.map(lambda x: x.sharding, ref_params)
-    return ts.TrainState(step=replicated, params=params_sh, opt_state=opt_sh, rng=replicated,
-                         bad_steps=replicated, skipped=replicated, ref_params=ref_sh)  # fmt: skip
+    return ts.TrainState(
+        step=replicated,
+        params=params_sh,
+        opt_state=opt_sh,
+        rng=replicated,
+        bad_steps=replicated,
+        skipped=replicated,
+        ref_params=ref_sh,
+    )
 
 
 def init_state(
@@ -77,27 +84,49 @@ class Steps:
     kept, so its model FLOPs are known for MFU (`flops` is the last call's).
     """
 
-    def __init__(self, rc: RunConfig, graphdef, ref, tx, schedule, state_sh, mesh, model_cfg,
-                 frozen=None):  # fmt: skip
+    def __init__(
+        self, rc: RunConfig, graphdef, ref, tx, schedule, state_sh, mesh, model_cfg, frozen=None
+    ):
         scfg = step_config(rc)
         replicated = NamedSharding(mesh, PartitionSpec())
         ref_graphdef = ref.graphdef
 
         def train_fn(state, batch, ref_params, frozen):
-            return ts.train_step(state, batch, ref_params, frozen, graphdef=graphdef, tx=tx,
-                                 cfg=scfg, schedule=schedule, ref_graphdef=ref_graphdef)  # fmt: skip
+            return ts.train_step(
+                state,
+                batch,
+                ref_params,
+                frozen,
+                graphdef=graphdef,
+                tx=tx,
+                cfg=scfg,
+                schedule=schedule,
+                ref_graphdef=ref_graphdef,
+            )
 
         def eval_fn(state, batch, ref_params, frozen):
             if state.ref_params is not None:  # TR-DPO: the reference mixed so far
                 ref_params = state.ref_params
-            return ts.eval_step(state.params, batch, ref_params, frozen, graphdef=graphdef,
-                                cfg=scfg, ref_graphdef=ref_graphdef)  # fmt: skip
+            return ts.eval_step(
+                state.params,
+                batch,
+                ref_params,
+                frozen,
+                graphdef=graphdef,
+                cfg=scfg,
+                ref_graphdef=ref_graphdef,
+            )
 
         # The frozen LoRA base keeps the sharding it was placed with; only the state is donated.
-        self._train = jax.jit(train_fn, in_shardings=(state_sh, None, None, None),
-                              out_shardings=(state_sh, replicated), donate_argnames=("state",))  # fmt: skip
-        self._eval = jax.jit(eval_fn, in_shardings=(state_sh, None, None, None),
-                             out_shardings=replicated)  # fmt: skip
+        self._train = jax.jit(
+            train_fn,
+            in_shardings=(state_sh, None, None, None),
+            out_shardings=(state_sh, replicated),
+            donate_argnames=("state",),
+        )
+        self._eval = jax.jit(
+            eval_fn, in_shardings=(state_sh, None, None, None), out_shardings=replicated
+        )
         # LoRA: the online reference is the frozen base itself, found inside the step; TR-DPO's
         # moves, so it lives in the state (`init_state`).
         self.ref_params = None if frozen is not None or scfg.sync_every else ref.params

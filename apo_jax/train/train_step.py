@@ -165,8 +165,9 @@ def unpaired_logps(logps: losses.PairLogps, batch: Batch, name: str) -> losses.U
     return losses.UnpairedLogps(logps.chosen, logps.ref_chosen, batch["label"], kl)
 
 
-def loss_fn(params, graphdef, batch, cfg: StepConfig, ref_params=None, ref_graphdef=None,
-            frozen=None):  # fmt: skip
+def loss_fn(
+    params, graphdef, batch, cfg: StepConfig, ref_params=None, ref_graphdef=None, frozen=None
+):
     """Mean preference loss of a batch and its metrics.
 
     With LoRA, `frozen` is the frozen base; an online reference given as None is that base itself
@@ -181,9 +182,13 @@ def loss_fn(params, graphdef, batch, cfg: StepConfig, ref_params=None, ref_graph
     if losses.is_unpaired(cfg.loss):
         wd, wu = cfg.unpaired_weights
         loss_N, metrics = losses.unpaired_loss(
-            cfg.loss, unpaired_logps(logps, batch, cfg.loss), beta=cfg.beta,
-            desirable_weight=wd, undesirable_weight=wu, where=valid_N,
-        )  # fmt: skip
+            cfg.loss,
+            unpaired_logps(logps, batch, cfg.loss),
+            beta=cfg.beta,
+            desirable_weight=wd,
+            undesirable_weight=wu,
+            where=valid_N,
+        )
     else:
         loss_N, metrics = losses.preference_loss(
             cfg.loss, logps, beta=cfg.beta, where=valid_N, **dict(cfg.loss_hparams)
@@ -191,8 +196,9 @@ def loss_fn(params, graphdef, batch, cfg: StepConfig, ref_params=None, ref_graph
     return jnp.sum(jnp.where(valid_N, loss_N, 0.0)) / jnp.maximum(jnp.sum(valid_N), 1), metrics
 
 
-def _grads(state: TrainState, graphdef, batch: Batch, cfg: StepConfig, ref_params, ref_graphdef,
-           frozen):  # fmt: skip
+def _grads(
+    state: TrainState, graphdef, batch: Batch, cfg: StepConfig, ref_params, ref_graphdef, frozen
+):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if frozen is not None:  # LoRA dropout keys of this step (none without dropout)
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 1)

@@ -52,9 +52,14 @@ def apply(rc: RunConfig, demo_root: str, train: Callable[[Any, str], dict[str, A
             f"the demo's warm start ({root}) is built by one process: run the same command once "
             "on one process first, or pass --config.demo.warm_start_steps=0 (random weights)"
         )
-    hf_dir = build(demo_root, os.path.join(demo_root, "train_shards"),
-                   steps=rc.demo.warm_start_steps, preset=rc.model.preset, seed=rc.seed,
-                   train=train)  # fmt: skip
+    hf_dir = build(
+        demo_root,
+        os.path.join(demo_root, "train_shards"),
+        steps=rc.demo.warm_start_steps,
+        preset=rc.model.preset,
+        seed=rc.seed,
+        train=train,
+    )
     return dataclasses.replace(rc, model=dataclasses.replace(rc.model, hf_path=hf_dir))
 
 
@@ -85,14 +90,20 @@ def build(
     hf_dir = os.path.join(root, "hf")
     if os.path.exists(os.path.join(hf_dir, "config.json")):
         return hf_dir
-    log.info("building the demo's warm start: %d sft steps on the demo's chosen answers "
-             "(once; cached in %s)", steps, root)  # fmt: skip
+    log.info(
+        "building the demo's warm start: %d sft steps on the demo's chosen answers "
+        "(once; cached in %s)",
+        steps,
+        root,
+    )
     tmp = tempfile.mkdtemp(prefix=".build-", dir=demo_root)
     try:
         summary = train(_config(train_shards, steps, preset, seed), os.path.join(tmp, "run"))
         if not summary["finished"] or not summary["hf_export"]:
-            raise Interrupted(f"the demo's warm start stopped at step {summary['steps']} of "
-                              f"{steps}: rerun the command to build it again")  # fmt: skip
+            raise Interrupted(
+                f"the demo's warm start stopped at step {summary['steps']} of "
+                f"{steps}: rerun the command to build it again"
+            )
         os.makedirs(os.path.join(tmp, "out"))
         os.rename(summary["hf_export"], os.path.join(tmp, "out", "hf"))
         try:
@@ -108,11 +119,26 @@ def build(
 def _config(train_shards: str, steps: int, preset: str, seed: int) -> Any:
     from apo_jax.config import DEMO_SEQ_LEN, base_config, with_overrides
 
-    return with_overrides(base_config("sft", "demo"), {
-        "data.train": train_shards, "data.seq_len": DEMO_SEQ_LEN, "model.preset": preset, "seed": seed,
-        "num_steps": steps, "batch_size": BATCH_SIZE, "optim.learning_rate": LEARNING_RATE,
-        "log_every": 50, "eval_every": 0, "samples.num_prompts": 0, "plots": False,
-        "progress_bar": False, "checkpoint.every": 0, "checkpoint.keep": 1,
-        "checkpoint.keep_best": 0, "checkpoint.async_save": False, "export_hf": True,
-        "demo.warm_start_steps": 0,
-    })  # fmt: skip
+    return with_overrides(
+        base_config("sft", "demo"),
+        {
+            "data.train": train_shards,
+            "data.seq_len": DEMO_SEQ_LEN,
+            "model.preset": preset,
+            "seed": seed,
+            "num_steps": steps,
+            "batch_size": BATCH_SIZE,
+            "optim.learning_rate": LEARNING_RATE,
+            "log_every": 50,
+            "eval_every": 0,
+            "samples.num_prompts": 0,
+            "plots": False,
+            "progress_bar": False,
+            "checkpoint.every": 0,
+            "checkpoint.keep": 1,
+            "checkpoint.keep_best": 0,
+            "checkpoint.async_save": False,
+            "export_hf": True,
+            "demo.warm_start_steps": 0,
+        },
+    )

@@ -147,8 +147,11 @@ class Lock:
             if current:
                 log.warning(
                     "taking over %s: its run (pid %s on %s, started %s) is no longer alive",
-                    self.path, dead.get("pid"), dead.get("host"), dead.get("start"),
-                )  # fmt: skip
+                    self.path,
+                    dead.get("pid"),
+                    dead.get("host"),
+                    dead.get("start"),
+                )
                 try:
                     os.remove(self.path)
                 except FileNotFoundError:

@@ -22,51 +22,80 @@ from apo_jax.eval.checkers import final_number
 N_PAIRS, N_PROMPTS, SEED = 160, 64, 2026
 PAIRS_FILE, PROMPTS_FILE = "arith_pairs.jsonl", "arith_prompts.jsonl"
 NAMES = ("Sara", "Tom", "Mia", "Leo", "Anna", "Omar", "Lena", "Ravi", "Nora", "Ben")
-ITEMS = (("boxes", "pencils"), ("bags", "apples"), ("shelves", "books"), ("packs", "cards"),
-         ("trays", "cookies"), ("rows", "chairs"))  # fmt: skip
+ITEMS = (
+    ("boxes", "pencils"),
+    ("bags", "apples"),
+    ("shelves", "books"),
+    ("packs", "cards"),
+    ("trays", "cookies"),
+    ("rows", "chairs"),
+)
 
 
 def _sum(r: random.Random) -> tuple[str, int, Callable[[int], str]]:
     a, b = r.randint(120, 899), r.randint(120, 899)
-    return (f"What is {a} + {b}?", a + b,
-            lambda v: f"To find the sum, we add {a} and {b}: {a} + {b} = {v}. The answer is {v}.")
+    return (
+        f"What is {a} + {b}?",
+        a + b,
+        lambda v: f"To find the sum, we add {a} and {b}: {a} + {b} = {v}. The answer is {v}.",
+    )
 
 
 def _difference(r: random.Random) -> tuple[str, int, Callable[[int], str]]:
     a = r.randint(400, 999)
     b = r.randint(110, a - 100)
-    return (f"What is {a} - {b}?", a - b,
-            lambda v: f"To find the difference, we subtract {b} from {a}: {a} - {b} = {v}. "
-                      f"The answer is {v}.")  # fmt: skip
+    return (
+        f"What is {a} - {b}?",
+        a - b,
+        lambda v: (
+            f"To find the difference, we subtract {b} from {a}: {a} - {b} = {v}. The answer is {v}."
+        ),
+    )
 
 
 def _product(r: random.Random) -> tuple[str, int, Callable[[int], str]]:
     a, b = r.randint(12, 98), r.randint(3, 29)
-    return (f"What is {a} * {b}?", a * b,
-            lambda v: f"To find the product, we multiply {a} by {b}: {a} * {b} = {v}. "
-                      f"The answer is {v}.")  # fmt: skip
+    return (
+        f"What is {a} * {b}?",
+        a * b,
+        lambda v: (
+            f"To find the product, we multiply {a} by {b}: {a} * {b} = {v}. The answer is {v}."
+        ),
+    )
 
 
 def _groups(r: random.Random) -> tuple[str, int, Callable[[int], str]]:
     name, (group, thing) = r.choice(NAMES), r.choice(ITEMS)
     a, b = r.randint(4, 36), r.randint(6, 48)
     q = f"{name} has {a} {group} with {b} {thing} in each. How many {thing} does {name} have?"
-    return (q, a * b,
-            lambda v: f"{name} has {a} {group}, and each has {b} {thing}. To find the total, we "
-                      f"multiply: {a} * {b} = {v}. So {name} has {v} {thing}. The answer is {v}.")
+    return (
+        q,
+        a * b,
+        lambda v: (
+            f"{name} has {a} {group}, and each has {b} {thing}. To find the total, we "
+            f"multiply: {a} * {b} = {v}. So {name} has {v} {thing}. The answer is {v}."
+        ),
+    )
 
 
 def _money_left(r: random.Random) -> tuple[str, int, Callable[[int], str]]:
     name = r.choice(NAMES)
     x, y = r.randint(21, 99), r.randint(21, 99)
     have = r.randint(x + y + 12, 500)
-    q = (f"{name} has ${have}. {name} buys a jacket for ${x} and shoes for ${y}. How many "
-         f"dollars does {name} have left?")  # fmt: skip
+    q = (
+        f"{name} has ${have}. {name} buys a jacket for ${x} and shoes for ${y}. How many "
+        f"dollars does {name} have left?"
+    )
     spent = x + y
-    return (q, have - spent,
-            lambda v: f"First, we find how much {name} spent: ${x} + ${y} = ${spent}. Then we "
-                      f"subtract it from ${have}: ${have} - ${spent} = ${v}. {name} has ${v} left. "
-                      f"The answer is {v}.")  # fmt: skip
+    return (
+        q,
+        have - spent,
+        lambda v: (
+            f"First, we find how much {name} spent: ${x} + ${y} = ${spent}. Then we "
+            f"subtract it from ${have}: ${have} - ${spent} = ${v}. {name} has ${v} left. "
+            f"The answer is {v}."
+        ),
+    )
 
 
 KINDS = (_sum, _difference, _product, _groups, _money_left)
@@ -77,8 +106,11 @@ def _mistake(r: random.Random, value: int) -> int:
     one, or two neighbouring digits swapped (never `value` itself, never negative)."""
     digits = str(value)
     options = [value + 10, value - 10, value + 1, value - 1, value + 100, value - 100]
-    swaps = [int(digits[:i] + digits[i + 1] + digits[i] + digits[i + 2 :])
-             for i in range(len(digits) - 1) if digits[i] != digits[i + 1]]  # fmt: skip
+    swaps = [
+        int(digits[:i] + digits[i + 1] + digits[i] + digits[i + 2 :])
+        for i in range(len(digits) - 1)
+        if digits[i] != digits[i + 1]
+    ]
     options += [s for s in swaps if len(str(s)) == len(digits)]
     return r.choice([v for v in options if v > 0 and v != value])
 
@@ -99,7 +131,9 @@ def make(seed: int = SEED) -> tuple[list[dict], list[dict]]:
         chosen, rejected = say(value), say(wrong)
         row = {"prompt": q, "answer": value}
         if not (final_number(row, chosen) and not final_number(row, rejected)):
-            raise AssertionError(f"row {i}: the checker does not separate {chosen!r} and {rejected!r}")
+            raise AssertionError(
+                f"row {i}: the checker does not separate {chosen!r} and {rejected!r}"
+            )
         if i < N_PAIRS:
             pairs.append({"prompt": q, "chosen": chosen, "rejected": rejected, "answer": value})
         else:

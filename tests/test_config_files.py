@@ -9,7 +9,8 @@ import zipfile
 
 import pytest
 
-from apo_jax import commands, config_files
+from apo_jax import commands
+from apo_jax.config import files as config_files
 from apo_jax.train import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,7 +112,7 @@ def test_a_wheel_carries_the_configs_and_names_them_from_anywhere(tmp_path):
     site = tmp_path / "site"
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), wheel], check=True)
     code = (
-        "from apo_jax import config_files\nfrom apo_jax.train import cli\n"
+        "from apo_jax.config import files as config_files\nfrom apo_jax.train import cli\n"
         "fv, _ = cli._parse(['x', '--config=configs/kto.py:llama3_1b'], 'u', 'a', True)\n"
         "print(config_files.builtin_dir(), fv.config.loss.name, fv.config.preset)\n"
     )

@@ -1,6 +1,6 @@
 """The training commands: `python -m apo_jax.train` and `python -m apo_jax.reference`.
 
-Flags (`--config=<built-in name or file>[:preset]`, which `apo_jax.config_files` resolves,
+Flags (`--config=<built-in name or file>[:preset]`, which `apo_jax.config.files` resolves,
 `--config.<field>=value`, `--workdir`), the console summary and the user-error mapping live here
 and nowhere else; the library (`apo_jax.train.loop`) never imports this module. Errors a user can
 fix print one line and exit 2 (`apo_jax.errors`); `APO_JAX_DEBUG=1` shows the traceback.
@@ -17,13 +17,14 @@ from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from apo_jax import commands, config_files, distributed, errors
+from apo_jax import commands, distributed, errors
+from apo_jax.config import files as config_files
 from apo_jax.train import loop
 from apo_jax.train.checkpoint import EXIT_STOPPED
 
 log = logging.getLogger("apo_jax")
 
-DEFAULT_CONFIG = "apo_down"  # a built-in name (apo_jax.config_files)
+DEFAULT_CONFIG = "apo_down"  # a built-in name (apo_jax.config.files)
 TRAIN_USAGE = "python -m apo_jax.train --config=<built-in name or file.py>[:preset] [--config.<field>=value ...] [--workdir=DIR]"
 TRAIN_ABOUT = """Trains a preference objective; with no data or model paths, the embedded demo on a CPU.
 Restarting the same command resumes from the newest complete checkpoint in the workdir; a resume

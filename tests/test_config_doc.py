@@ -69,7 +69,7 @@ def test_field_checks_name_the_field():
 def test_validate_returns_the_tree_with_validated_values():
     rc = config_lib.validate(presets.base_config("apo_down", None), device_count=1)
     assert isinstance(rc, RunConfig)
-    assert (rc.loss.beta, rc.data.seq_len, rc.samples.num_prompts) == (5.0, 128, 64)  # demo -1s
+    assert (rc.loss.beta, rc.data.seq_len, rc.samples.num_prompts) == (10.0, 128, 64)  # demo -1s
     assert rc.reference.mode == "precomputed" and rc.data.layout is None  # auto, resolved later
     assert rc.mesh.data == 1 and rc.data.buckets is None
-    assert dataclasses.is_dataclass(rc.optim) and rc.optim.learning_rate == 1e-4
+    assert dataclasses.is_dataclass(rc.optim) and rc.optim.learning_rate == 2e-5

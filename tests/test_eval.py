@@ -350,6 +350,12 @@ def test_demo_checker_accepts_every_chosen_answer_and_no_rejected_one():
         assert checkers.demo(chat, chosen)
     with pytest.raises(ValueError, match="not a demo question"):
         checkers.demo({"prompt": "Hello?"}, "hi")
+    count = {"prompt": "How many times does the letter 'o' appear in the word 'cocoa'?"}
+    assert checkers.demo(count, "The letter 'o' appears 2 times in the word 'cocoa'.")
+    assert checkers.demo(count, "It appears 2 times.")
+    # the right number about another word or letter (a demo sample after training) is wrong
+    assert not checkers.demo(count, "The letter 'o' appears 2 times in the word 'committee'.")
+    assert not checkers.demo(count, "The letter 'c' appears 2 times in the word 'cocoa'.")
     assert checkers.contains_answer({"answer": ["Paris", "paris, france"]}, "It is PARIS.")
     assert not checkers.contains_answer({"answer": 42}, "41")
     rows = [{"id": i, "response": "x"} for i in range(4)]

@@ -16,7 +16,7 @@ from apo_jax import layouts, losses
 from apo_jax.config.fields import above, at_least, build, field, one_of
 from apo_jax.errors import ConfigError
 
-DEMO_BETA = 5.0  # loss.beta=-1 on the demo data (docs/training.md, "The demo")
+DEMO_BETA = 10.0  # loss.beta=-1 on the demo data (docs/training.md, "The demo")
 DEMO_SEQ_LEN = 128  # data.seq_len=-1 on the demo data: single-turn rows are at most about 80 tokens
 REFERENCE_MODES = ("auto", "precomputed", "online", "none")
 
@@ -48,7 +48,7 @@ class LossSettings:
     )
     beta: float = field(
         0.1,
-        "the paper's and TRL's default; -1 (demo preset): 5 on the demo data, 0.1 on yours (validated: the number)",
+        "the paper's and TRL's default; -1 (demo preset): 10 on the demo data, 0.1 on yours (validated: the number)",
         _beta,
     )
     label_smoothing: float = field(

@@ -28,8 +28,8 @@ def demo_overrides(loss: str) -> dict[str, Any]:
     return {
         "model.preset": "tiny",
         "data.seq_len": -1,  # 128 on the demo's rows; your shards' max_length on your data
-        "loss.beta": -1,  # 5.0 on the demo data; 0.1 (the paper's) on yours
-        "optim.learning_rate": 1e-4,
+        "loss.beta": -1,  # 10.0 on the demo data; 0.1 (the paper's) on yours
+        "optim.learning_rate": 2e-5,
         "optim.warmup_steps": 10,
         # 32 pairs a step; an unpaired loss takes as many completions (64 rows)
         "batch_size": 64 if losses.is_unpaired(loss) else 32,

@@ -67,7 +67,9 @@ def demo(row: Mapping[str, Any], response: str) -> bool:
     parsed = demo_question(q)
     if parsed is None:
         raise ValueError(f"not a demo question: {q[:80]!r}")
-    kind, _, want = parsed
+    kind, fields, want = parsed
+    if kind == "count" and not _names_only(response, letter=fields["l"], word=fields["w"]):
+        return False  # the right number about another letter or word
     if kind == "sort":
         return [int(x) for x in re.findall(r"\d+", response.rsplit(":", 1)[-1])] == want
     if kind == "reverse":
@@ -75,6 +77,14 @@ def demo(row: Mapping[str, Any], response: str) -> bool:
         return bool(quoted) and quoted[-1] == want
     after = {"arith": r"answer is", "count": r"appears", "compare": r"larger number is"}[kind]
     return _last_int(response, after) == want
+
+
+def _names_only(response: str, *, letter: str, word: str) -> bool:
+    """Whether every letter and word the response quotes in the demo's count wording ("the letter
+    'x'", "the word 'y'") is the question's."""
+    letters = re.findall(r"letter '([^']*)'", response)
+    words = re.findall(r"word '([^']*)'", response)
+    return all(x == letter for x in letters) and all(w == word for w in words)
 
 
 def contains_answer(row: Mapping[str, Any], response: str) -> bool:

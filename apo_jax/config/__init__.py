@@ -15,7 +15,7 @@ from apo_jax.config.objective import (
     LossSettings,
     ReferenceSettings,
 )
-from apo_jax.config.presets import RUN_PRESETS, base_config, with_overrides
+from apo_jax.config.presets import RUN_PRESETS, base_config, inner_run_overrides, with_overrides
 from apo_jax.config.sections import (
     DEMO_SAMPLE_PROMPTS,
     SAMPLE_PROMPTS,
@@ -48,4 +48,5 @@ __all__ = [
     "base_config",
     "validate",
     "with_overrides",
+    "inner_run_overrides",
 ]

@@ -44,6 +44,23 @@ def demo_overrides(loss: str) -> dict[str, Any]:
     }
 
 
+def inner_run_overrides() -> dict[str, Any]:
+    """The overrides of a run that another command starts and reads back (the demo's warm start,
+    the lab's cells): quiet, no samples, plots or held-out evaluation before the end, one
+    synchronous checkpoint kept at the end, and the Hugging Face export the caller loads."""
+    return {
+        "samples.num_prompts": 0,
+        "plots": False,
+        "progress_bar": False,
+        "eval_every": 0,
+        "checkpoint.every": 0,
+        "checkpoint.keep": 1,
+        "checkpoint.keep_best": 0,
+        "checkpoint.async_save": False,
+        "export_hf": True,
+    }
+
+
 def paper_overrides(preset: str) -> dict[str, Any]:
     """The paper's setting for Llama-3-8B-Instruct on CLAIR pairs, for any family's checkpoint of
     about that size (models/config.py presets); the model and data paths come from the command."""

@@ -124,19 +124,11 @@ def _train(config: Any, workdir: str) -> dict[str, Any]:
 
 
 def _config(loss: str, overrides: dict[str, Any]) -> Any:
-    from apo_jax.config import base_config, with_overrides
+    from apo_jax.config import base_config, inner_run_overrides, with_overrides
 
     common = {
+        **inner_run_overrides(),
         "data.seq_len": 128,
-        "samples.num_prompts": 0,
-        "plots": False,
-        "progress_bar": False,
-        "checkpoint.every": 0,
-        "checkpoint.keep": 1,
-        "checkpoint.keep_best": 0,
-        "checkpoint.async_save": False,
-        "export_hf": True,
-        "eval_every": 0,
         "log_every": 5,
         "optim.warmup_steps": 5,
     }

@@ -117,11 +117,12 @@ def build(
 
 
 def _config(train_shards: str, steps: int, preset: str, seed: int) -> Any:
-    from apo_jax.config import DEMO_SEQ_LEN, base_config, with_overrides
+    from apo_jax.config import DEMO_SEQ_LEN, base_config, inner_run_overrides, with_overrides
 
     return with_overrides(
         base_config("sft", "demo"),
         {
+            **inner_run_overrides(),
             "data.train": train_shards,
             "data.seq_len": DEMO_SEQ_LEN,
             "model.preset": preset,
@@ -130,15 +131,6 @@ def _config(train_shards: str, steps: int, preset: str, seed: int) -> Any:
             "batch_size": BATCH_SIZE,
             "optim.learning_rate": LEARNING_RATE,
             "log_every": 50,
-            "eval_every": 0,
-            "samples.num_prompts": 0,
-            "plots": False,
-            "progress_bar": False,
-            "checkpoint.every": 0,
-            "checkpoint.keep": 1,
-            "checkpoint.keep_best": 0,
-            "checkpoint.async_save": False,
-            "export_hf": True,
             "demo.warm_start_steps": 0,
         },
     )

@@ -5,7 +5,8 @@ each row gets its own RoPE positions (0 at its first real token) and padded keys
 row's tokens are what it would get alone. Sliding-window layers (Mistral, Gemma 3) count their
 window in positions, so left padding never shifts it. One jitted function runs the prefill and a
 `lax.while_loop` of single-token decode steps over a cache of length P + max_new_tokens, one
-buffer per layer, with the layers unrolled (`Llama.unrolled`).
+buffer per layer; the prefill runs the layers as the model has them (scanned by default), the
+decode steps unrolled (`Llama.unrolled`).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def _generate(
 ):
     if greedy:
         temperature = 0.0
-    model: Llama = nnx.merge(graphdef, state).unrolled()  # weights sliced once, before the loop
+    model: Llama = nnx.merge(graphdef, state)
     cfg = model.cfg
     B, P = tokens_BxP.shape
     S = P + max_new_tokens
@@ -90,6 +91,7 @@ def _generate(
     )
     rng, sub = jax.random.split(rng)
     token_B = sample_token(model.logits(hidden_BxPxD[:, -1:])[:, 0], sub, temperature, top_p)
+    model = model.unrolled()  # the decode loop's layer weights, sliced once before it
     out_BxN = jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(token_B)
     done_B = jnp.isin(token_B, stops_S)
 

@@ -282,8 +282,8 @@ class Llama(nnx.Module):
           positions_BxT: RoPE positions.
           mask_BxTxS: boolean attention mask over the S keys (S = T without a cache, else the
             cache length); None = causal over T keys.
-          cache: one (k, v) pair of shape [B, K, S, Dh] per layer, or None; only with unrolled
-            layers (`unrolled`).
+          cache: one (k, v) pair of shape [B, K, S, Dh] per layer, or None. Scanned layers copy
+            it whole (a prefill); decode steps run unrolled (`unrolled`).
           cache_index: where this call's T keys are written in the cache.
           local_mask_BxTxS: the mask of sliding-window layers (`window_mask`); None = the same
             as `mask_BxTxS` (the window covers every key).
@@ -302,14 +302,16 @@ class Llama(nnx.Module):
             layer = nnx.merge(graphdef, state)
             return layer(x, *pick(flag if local is None else local), kv, cache_index)
 
-        if cache is not None and cfg.scan_layers:
-            raise ValueError("a KV cache needs unrolled layers: call `unrolled()` first")
         if cfg.scan_layers:
             graphdef, state = nnx.split(self.layers)
             local = None if mixed else sliding[0]
             step = _remat(functools.partial(layer_fn, graphdef, local), cfg.remat, scanned=True)
-            xs = (state, None, jnp.asarray(sliding)) if mixed else (state, None)
-            x_BxTxD, _ = jax.lax.scan(lambda x, xs: step(x, *xs), x_BxTxD, xs)
+            # a cache goes in and out stacked, copied whole: fine for a prefill, not per decode step
+            kv = None if cache is None else tuple(jnp.stack(c) for c in zip(*cache, strict=True))
+            xs = (state, kv, jnp.asarray(sliding)) if mixed else (state, kv)
+            x_BxTxD, kv = jax.lax.scan(lambda x, xs: step(x, *xs), x_BxTxD, xs)
+            if cache is not None:
+                cache = [(kv[0][i], kv[1][i]) for i in range(cfg.n_layers)]
         else:
             new_cache = []
             for i, block in enumerate(self.layers):

@@ -4,7 +4,9 @@ Prompts are left-padded to one length P (rounded up to a multiple of 16 to limit
 each row gets its own RoPE positions (0 at its first real token) and padded keys are masked, so a
 row's tokens are what it would get alone. Sliding-window layers (Mistral, Gemma 3) count their
 window in positions, so left padding never shifts it. One jitted function runs the prefill and a
-`lax.while_loop` of single-token decode steps over a cache of length P + max_new_tokens.
+`lax.while_loop` of single-token decode steps over a cache of length P + max_new_tokens, one
+buffer per layer; the prefill runs the layers as the model has them (scanned by default), the
+decode steps unrolled (`Llama.unrolled`).
 """
 
 from __future__ import annotations
@@ -72,8 +74,8 @@ def _generate(
     S = P + max_new_tokens
     pad_B = P - lengths_B
     key_valid_BxS = jnp.arange(S)[None, :] >= pad_B[:, None]
-    shape = (cfg.n_layers, B, S, cfg.n_kv_heads, cfg.head_dim)
-    cache = (jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+    shape = (B, cfg.n_kv_heads, S, cfg.head_dim)  # heads-major: `layers.cached_attention`
+    cache = [(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))] * cfg.n_layers
 
     q_P, k_S = jnp.arange(P)[:, None], jnp.arange(S)[None, :]
     mask_BxPxS = ((k_S <= q_P) & key_valid_BxS[:, None, :]) | (
@@ -89,6 +91,7 @@ def _generate(
     )
     rng, sub = jax.random.split(rng)
     token_B = sample_token(model.logits(hidden_BxPxD[:, -1:])[:, 0], sub, temperature, top_p)
+    model = model.unrolled()  # the decode loop's layer weights, sliced once before it
     out_BxN = jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(token_B)
     done_B = jnp.isin(token_B, stops_S)
 

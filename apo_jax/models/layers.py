@@ -243,6 +243,48 @@ def sliding_window_mask(
     return mask_BxTxS & (dist_BxTxS < window)
 
 
+def cached_attention(
+    q_BxTxHxDh: jax.Array,
+    k_BxKxSxDh: jax.Array,
+    v_BxKxSxDh: jax.Array,
+    mask_BxTxS: jax.Array,
+    scale: float,
+) -> jax.Array:
+    """Grouped-query attention of T queries over a KV cache stored heads-major, [B, K, S, Dh].
+
+    The arithmetic of `jax.nn.dot_product_attention`'s XLA path (float32 logits scaled after the
+    dot, masked to a large negative, float32 softmax). The layout is the point: with the batch
+    dimensions (B, K) leading, XLA:CPU's batched matmuls read the cache where it is; a cache of
+    [B, S, K, Dh] was transposed whole by every layer of every decode step.
+
+    Args:
+      q_BxTxHxDh: queries; head h reads kv head h // (H // K), as Hugging Face's `repeat_kv`.
+      k_BxKxSxDh: cached keys.
+      v_BxKxSxDh: cached values.
+      mask_BxTxS: True = may attend.
+      scale: logit scale.
+
+    Returns:
+      [B, T, H, Dh] in the dtype of `q_BxTxHxDh`.
+    """
+    B, T, H, Dh = q_BxTxHxDh.shape
+    K = k_BxKxSxDh.shape[1]
+    q_BxKxGxTxDh = q_BxTxHxDh.reshape(B, T, K, H // K, Dh).transpose(0, 2, 3, 1, 4)
+    logits_BxKxGxTxS = jnp.einsum(
+        "bkgtd,bksd->bkgts",
+        q_BxKxGxTxDh,
+        k_BxKxSxDh.astype(q_BxTxHxDh.dtype),
+        preferred_element_type=jnp.float32,
+    ) * jnp.float32(scale)
+    large_negative = jnp.float32(-0.7 * float(jnp.finfo(jnp.float32).max))
+    logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS, large_negative)
+    probs_BxKxGxTxS = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(q_BxTxHxDh.dtype)
+    out_BxTxKxGxDh = jnp.einsum(
+        "bkgts,bksd->btkgd", probs_BxKxGxTxS, v_BxKxSxDh.astype(q_BxTxHxDh.dtype)
+    )
+    return out_BxTxKxGxDh.reshape(B, T, H, Dh)
+
+
 def blocked_causal_attention(
     q_BxTxHxDh: jax.Array,
     k_BxTxKxDh: jax.Array,

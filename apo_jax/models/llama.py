@@ -11,6 +11,7 @@ of two kinds (Gemma 3's sliding and global) scan a per-layer flag with the param
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -26,12 +27,13 @@ from apo_jax.models.layers import (
     apply_rope,
     attention_mask,
     blocked_causal_attention,
+    cached_attention,
     rope_cos_sin,
     sliding_window_mask,
     stacked_matmul,
 )
 
-KVCache = tuple[jax.Array, jax.Array]  # (k_LxBxSxKxDh, v_LxBxSxKxDh)
+KVCache = list[tuple[jax.Array, jax.Array]]  # per layer (k_BxKxSxDh, v_BxKxSxDh)
 
 
 class Attention(nnx.Module):
@@ -81,11 +83,18 @@ class Attention(nnx.Module):
         k_BxTxKxDh = apply_rope(k_BxTxKxDh, cos_BxTxDh, sin_BxTxDh)
         q_BxTxHxDh = sharding.constrain(q_BxTxHxDh, ("batch", "length", "act_heads", "head_dim"))
         if kv is not None:  # write this step's keys/values into the cache, attend over all of it
-            start = (0, cache_index, 0, 0)
-            k_BxTxKxDh = jax.lax.dynamic_update_slice(kv[0], k_BxTxKxDh.astype(kv[0].dtype), start)
-            v_BxTxKxDh = jax.lax.dynamic_update_slice(kv[1], v_BxTxKxDh.astype(kv[1].dtype), start)
-            kv = (k_BxTxKxDh, v_BxTxKxDh)
-        impl = self.implementation(q_BxTxHxDh.dtype, cached=kv is not None)
+            start = (0, 0, cache_index, 0)
+            k_BxKxSxDh = jax.lax.dynamic_update_slice(
+                kv[0], k_BxTxKxDh.transpose(0, 2, 1, 3).astype(kv[0].dtype), start
+            )
+            v_BxKxSxDh = jax.lax.dynamic_update_slice(
+                kv[1], v_BxTxKxDh.transpose(0, 2, 1, 3).astype(kv[1].dtype), start
+            )
+            out_BxTxHxDh = cached_attention(
+                q_BxTxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask_BxTxS, self.scale
+            )
+            return self.o_proj(out_BxTxHxDh.reshape(B, T, H * Dh)), (k_BxKxSxDh, v_BxKxSxDh)
+        impl = self.implementation(q_BxTxHxDh.dtype, cached=False)
         if impl == "blocked":
             out_BxTxHxDh = blocked_causal_attention(
                 q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask_BxTxS, self.scale
@@ -273,7 +282,8 @@ class Llama(nnx.Module):
           positions_BxT: RoPE positions.
           mask_BxTxS: boolean attention mask over the S keys (S = T without a cache, else the
             cache length); None = causal over T keys.
-          cache: (k, v) of shape [L, B, S, K, Dh] or None.
+          cache: one (k, v) pair of shape [B, K, S, Dh] per layer, or None. Scanned layers copy
+            it whole (a prefill); decode steps run unrolled (`unrolled`).
           cache_index: where this call's T keys are written in the cache.
           local_mask_BxTxS: the mask of sliding-window layers (`window_mask`); None = the same
             as `mask_BxTxS` (the window covers every key).
@@ -292,56 +302,49 @@ class Llama(nnx.Module):
             layer = nnx.merge(graphdef, state)
             return layer(x, *pick(flag if local is None else local), kv, cache_index)
 
-        if cfg.scan_layers and cache is not None:
-            x_BxTxD, cache = self._scan_with_cache(layer_fn, x_BxTxD, cache, cache_index)
-        elif cfg.scan_layers:
+        if cfg.scan_layers:
             graphdef, state = nnx.split(self.layers)
             local = None if mixed else sliding[0]
             step = _remat(functools.partial(layer_fn, graphdef, local), cfg.remat, scanned=True)
-            xs = (state, None, jnp.asarray(sliding)) if mixed else (state, None)
-            x_BxTxD, _ = jax.lax.scan(lambda x, xs: step(x, *xs), x_BxTxD, xs)
+            # a cache goes in and out stacked, copied whole: fine for a prefill, not per decode step
+            kv = None if cache is None else tuple(jnp.stack(c) for c in zip(*cache, strict=True))
+            xs = (state, kv, jnp.asarray(sliding)) if mixed else (state, kv)
+            x_BxTxD, kv = jax.lax.scan(lambda x, xs: step(x, *xs), x_BxTxD, xs)
+            if cache is not None:
+                cache = [(kv[0][i], kv[1][i]) for i in range(cfg.n_layers)]
         else:
-            new_kv = []
+            new_cache = []
             for i, block in enumerate(self.layers):
                 graphdef, state = nnx.split(block)
-                kv = None if cache is None else (cache[0][i], cache[1][i])
+                kv = None if cache is None else cache[i]
                 step = _remat(
                     functools.partial(layer_fn, graphdef, sliding[i]), cfg.remat, scanned=False
                 )
                 x_BxTxD, kv = step(x_BxTxD, state, kv)
-                new_kv.append(kv)
-            if cache is not None:
-                cache = tuple(jnp.stack([kv[j] for kv in new_kv]) for j in range(2))
+                new_cache.append(kv)
+            cache = None if cache is None else new_cache
         return self.norm(x_BxTxD), cache
 
-    def _scan_with_cache(self, layer_fn, x_BxTxD, cache, cache_index):
-        """The scanned layers with a KV cache carried through the scan: layer i reads its slice
-        of the stacked cache and writes back only this call's T positions, in place. (Passing the
-        cache as the scan's input and its output copied the whole cache two or three times per
-        decode step: docs/performance.md, benchmark 7.)"""
-        sliding = self.cfg.sliding_layers
-        mixed = len(set(sliding)) > 1
-        graphdef, state = nnx.split(self.layers)
-        local = None if mixed else sliding[0]
-        step = functools.partial(layer_fn, graphdef, local)
-        T = x_BxTxD.shape[1]
+    def unrolled(self) -> Llama:
+        """This model with its layers unrolled: a Python list of blocks, each holding its own
+        slice of the stacked parameters (the same model when the layers are not scanned).
 
-        def body(carry, xs):
-            x, k_LxBxSxKxDh, v_LxBxSxKxDh = carry
-            state_i, i, *flag = xs
-            kv = (k_LxBxSxKxDh[i], v_LxBxSxKxDh[i])
-            x, (k_BxSxKxDh, v_BxSxKxDh) = step(x, state_i, kv, *flag)
-            start = (i, 0, cache_index, 0, 0)
-            k_new = jax.lax.dynamic_slice_in_dim(k_BxSxKxDh, cache_index, T, axis=1)[None]
-            v_new = jax.lax.dynamic_slice_in_dim(v_BxSxKxDh, cache_index, T, axis=1)[None]
-            k_LxBxSxKxDh = jax.lax.dynamic_update_slice(k_LxBxSxKxDh, k_new, start)
-            v_LxBxSxKxDh = jax.lax.dynamic_update_slice(v_LxBxSxKxDh, v_new, start)
-            return (x, k_LxBxSxKxDh, v_LxBxSxKxDh), None
-
-        layer_ids = jnp.arange(len(sliding), dtype=jnp.int32)
-        xs = (state, layer_ids, jnp.asarray(sliding)) if mixed else (state, layer_ids)
-        (x_BxTxD, k, v), _ = jax.lax.scan(body, (x_BxTxD, *cache), xs)
-        return x_BxTxD, (k, v)
+        Decoding with a KV cache runs unrolled: inside the decode loop each layer's weights are
+        then loop-invariant arrays, read where they are, and each layer's cache is its own buffer
+        updated in place. Under `lax.scan` every step sliced each layer's weights and cache out of
+        the stacked arrays and wrote the cache back (docs/performance.md, benchmark 7).
+        """
+        if not self.cfg.scan_layers:
+            return self
+        graphdef, state = nnx.split(self)
+        view = nnx.merge(graphdef, state)
+        layers_graphdef, layers_state = nnx.split(self.layers)
+        view.layers = nnx.List(
+            nnx.merge(layers_graphdef, jax.tree.map(lambda a, i=i: a[i], layers_state))
+            for i in range(self.cfg.n_layers)
+        )
+        view.cfg = dataclasses.replace(self.cfg, scan_layers=False)
+        return view
 
     def window_mask(
         self, mask_BxTxS: jax.Array | None, q_positions_BxT: jax.Array, k_positions_BxS: jax.Array

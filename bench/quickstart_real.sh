@@ -20,7 +20,7 @@ timed() {
   end=$(date +%s.%N)
   printf '%7.1f s  %s\n         %s\n' "$(echo "$end - $start" | bc)" "$*" "$(uptime)" | tee -a times.txt
 }
-head -c 0 /dev/null > times.txt
+: > times.txt
 lscpu | grep -E "Model name|^CPU\(s\)" | tee -a times.txt
 # README's commands (the pip install line is left to the caller):
 timed python -m apo_jax.models.convert --input=smollm2-135m --out=ckpt/smollm2
